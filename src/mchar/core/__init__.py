@@ -1,0 +1,1 @@
+"""MegaContext core: a pure-torch library (no Lightning, Hydra or MLflow imports)."""
