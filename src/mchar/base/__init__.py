@@ -1,0 +1,1 @@
+"""Frozen base language models: the HF adapter and the small local LM mchar can train for offline use."""
