@@ -1,0 +1,150 @@
+"""LensNet: score every working-context entry (positive = worth expanding, negative = safe to collapse).
+
+Why it looks like this:
+
+* **Bidirectional** self-attention over all entries (upstream's LensNet was causal, so early entries could not
+  see what came after them, including the cursor). Every entry attends to every other and to the tail.
+* The **recent tail** (the newest raw tokens, i.e. the "query") is appended as extra sequence positions with
+  its own type embedding and learned from-the-end positions, so scores can depend on what is being asked now.
+* Per-entry features: entry embedding (RMS-normalised, projected ``d_model -> width``), LOD embedding,
+  ``log(span width)`` and ``log1p(distance to cursor)`` (log-scaled so a 1M-token history does not blow up
+  the input; divided by ``log(2**20)`` so typical values are O(1)).
+* Output: one **unsquashed** signed score per entry (no tanh: the allocator only compares and thresholds, and
+  a ranking loss does not need a bounded range). Padded entries score 0.
+* Entry embedding convention (see :func:`entry_embedding`): a raw block is the mean of its K token
+  embeddings; a gist is its own vector. Callers (the ``lensnet`` policy) build the inputs with it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mchar.core.gistnet import Block, _rms_normalise, load_config_and_state, save_module
+
+_FEATURE_SCALE = math.log(2.0**20)
+
+
+def entry_embedding(level: int, vectors: torch.Tensor) -> torch.Tensor:
+    """LensNet's view of one entry: mean of the K token embeddings for a raw block, the gist itself otherwise."""
+    return vectors.mean(dim=0) if level == 0 else vectors.reshape(-1)
+
+
+class LensNet(nn.Module):
+    """``scores = lensnet(entry_embeds, levels, widths, distances, tail_embeds, mask=None)`` -> ``[B, W]``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        width: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        max_level: int = 2,
+        tail_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.width, self.n_layers, self.n_heads = d_model, width, n_layers, n_heads
+        self.max_level, self.tail_tokens = max_level, tail_tokens
+        self.entry_proj = nn.Linear(d_model, width)
+        self.tail_proj = nn.Linear(d_model, width)
+        self.level = nn.Embedding(max_level + 1, width)
+        self.features = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
+        self.tail_type = nn.Parameter(torch.randn(width) * 0.02)
+        self.tail_pos = nn.Parameter(torch.randn(max(tail_tokens, 1), width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.score = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+        nn.init.normal_(self.level.weight, std=0.02)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "lensnet",
+            "d_model": self.d_model,
+            "width": self.width,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "max_level": self.max_level,
+            "tail_tokens": self.tail_tokens,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LensNet:
+        cfg = {k: v for k, v in config.items() if k != "kind"}
+        return cls(**cfg)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_module(self, self.config_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:
+        config, state = load_config_and_state(directory)
+        net = cls.from_config(config)
+        net.load_state_dict(state)
+        return net.to(map_location)
+
+    def forward(
+        self,
+        entry_embeds: torch.Tensor,
+        levels: torch.Tensor,
+        widths: torch.Tensor,
+        distances: torch.Tensor,
+        tail_embeds: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        tail_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score entries.
+
+        entry_embeds [B, W, d] (or [W, d]); levels [B, W] int; widths [B, W] tokens covered; distances [B, W]
+        tokens from the entry's end to the cursor; tail_embeds [B, T, d] token embeddings of the recent tail
+        (only the last ``tail_tokens`` are used; T may be 0 or None); mask [B, W] bool, True = real entry;
+        tail_mask [B, T] bool, True = real tail token (pad tails on the left: the last column is the newest). Returns [B, W] (or [W]).
+        """
+        squeeze = entry_embeds.dim() == 2
+        if squeeze:
+            entry_embeds, levels, widths, distances = (
+                t.unsqueeze(0) for t in (entry_embeds, levels, widths, distances)
+            )
+            tail_embeds = None if tail_embeds is None else tail_embeds.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+            tail_mask = None if tail_mask is None else tail_mask.unsqueeze(0)
+        b, w, _ = entry_embeds.shape
+        dtype = self.entry_proj.weight.dtype
+        feats = torch.stack(
+            [widths.to(dtype).clamp_min(1).log(), distances.to(dtype).clamp_min(0).log1p()], -1
+        )
+        h = (
+            self.entry_proj(_rms_normalise(entry_embeds.to(dtype)))
+            + self.level(levels.long().clamp(0, self.max_level))
+            + self.features(feats / _FEATURE_SCALE)
+        )
+        key_mask = (
+            torch.ones(b, w, dtype=torch.bool, device=h.device) if mask is None else mask.to(torch.bool)
+        )
+        if tail_embeds is not None and tail_embeds.shape[1] > 0 and self.tail_tokens > 0:
+            tail = tail_embeds[:, -self.tail_tokens :].to(dtype)
+            t = tail.shape[1]
+            tail_h = self.tail_proj(_rms_normalise(tail)) + self.tail_type + self.tail_pos[-t:]
+            h = torch.cat([h, tail_h], dim=1)
+            tmask = (
+                torch.ones(b, t, dtype=torch.bool, device=h.device)
+                if tail_mask is None
+                else tail_mask[:, -self.tail_tokens :].to(torch.bool)
+            )
+            key_mask = torch.cat([key_mask, tmask], dim=1)
+        # A row with no valid key at all would give NaN attention; let it attend to itself instead.
+        empty = ~key_mask.any(dim=1, keepdim=True)
+        attn_mask = key_mask | empty
+        for block in self.blocks:
+            h = block(h, attn_mask)
+        scores = self.score(self.ln_f(h[:, :w])).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~key_mask[:, :w], 0.0)
+        return scores[0] if squeeze else scores
+
+
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:
+    return LensNet.from_pretrained(directory, map_location)

@@ -1,0 +1,90 @@
+"""GistNet: shapes, scale matching, pooling variants, levels, CLS sees the block, gradients, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mchar.core.gistnet import GistNet, MeanPoolGistNet, from_config, from_pretrained, make_gistnet
+
+D, K = 32, 8
+
+
+def _x(n: int = 5, scale: float = 0.02, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, K, D, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("pooling", ["mean", "query", "cls"])
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_shapes_and_scale(pooling: str, head: str) -> None:
+    net = GistNet(D, K, pooling=pooling, head=head, width=16, out_scale=0.02)
+    y = net(_x(), 1)
+    assert y.shape == (5, D)
+    rms = y.pow(2).mean(dim=-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.02), rtol=1e-3)
+    # scale invariance of the input: gists of gists (any scale) land at the same output scale
+    assert torch.allclose(net(_x(scale=5.0), 2).pow(2).mean(-1).sqrt(), rms, rtol=1e-3)
+
+
+def test_level_embedding_and_per_level_nets() -> None:
+    x = _x()
+    shared = GistNet(D, K, max_level=3)
+    assert not torch.allclose(shared(x, 1), shared(x, 2))
+    per_level = GistNet(D, K, max_level=3, shared=False)
+    assert len(per_level.nets) == 3
+    assert not torch.allclose(per_level(x, 1), per_level(x, 3))
+    with pytest.raises(ValueError):
+        per_level(x, 4)
+    with pytest.raises(ValueError):
+        shared(torch.zeros(2, K + 1, D), 1)
+
+
+def test_cls_is_bidirectional() -> None:
+    """Upstream's causal CLS ignored the block; ours must change when any (non-first) token changes."""
+    net = GistNet(D, K, pooling="cls")
+    x = _x(1)
+    y0 = net(x, 1)
+    x2 = x.clone()
+    x2[0, -1] += 0.05
+    assert not torch.allclose(y0, net(x2, 1))
+    x3 = x.clone()
+    x3[0, 3] += 0.05
+    assert not torch.allclose(y0, net(x3, 1))
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mean"])
+def test_gradients_reach_every_param(kind: str) -> None:
+    net = make_gistnet(kind, d_model=D, block_size=K, pooling="query", head="mlp", width=16)
+    x = _x()
+    y = net(x, 1)
+    (y * torch.randn_like(y)).sum().backward()
+    for name, p in net.named_parameters():
+        if kind == "transformer" and name.startswith("nets.0.level"):
+            assert p.grad is not None and p.grad[1].abs().sum() > 0, name
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_mean_baseline_is_block_mean_at_init() -> None:
+    net = MeanPoolGistNet(D, K, rescale=False)
+    x = _x()
+    assert torch.allclose(net(x, 1), x.mean(dim=1), atol=1e-6)
+    scaled = MeanPoolGistNet(D, K, out_scale=0.5)
+    assert torch.allclose(scaled(x, 1).pow(2).mean(-1).sqrt(), torch.full((5,), 0.5), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mean"])
+def test_save_load_round_trip(tmp_path, kind: str) -> None:
+    net = make_gistnet(kind, d_model=D, block_size=K, pooling="cls", shared=False, max_level=2, out_scale=0.3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    net.save_pretrained(tmp_path / "g")
+    assert (tmp_path / "g" / "model.safetensors").exists() and (tmp_path / "g" / "config.json").exists()
+    again = from_pretrained(tmp_path / "g")
+    assert type(again) is type(net)
+    x = _x()
+    assert torch.equal(net(x, 2), again(x, 2))
+    rebuilt = from_config(net.config_dict())
+    assert type(rebuilt) is type(net)
+    assert type(net).from_pretrained(tmp_path / "g").config_dict() == net.config_dict()
