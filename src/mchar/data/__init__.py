@@ -1,0 +1,31 @@
+"""Data: local corpus discovery/splitting, BPE tokenizer, synthetic long-context tasks, DataModules.
+
+Heavy imports (lightning, datasets) live in ``mchar.data.datamodules`` only, so importing this package
+stays cheap.
+"""
+
+from mchar.data.corpus import CorpusSplits, DataError, SplitReport, discover_corpus, split_of
+from mchar.data.tokenizer import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    load_tokenizer,
+    make_encoder,
+    make_token_counter,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+__all__ = [
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "CorpusSplits",
+    "DataError",
+    "SplitReport",
+    "discover_corpus",
+    "load_tokenizer",
+    "make_encoder",
+    "make_token_counter",
+    "split_of",
+    "tokenizer_fingerprint",
+    "train_tokenizer",
+]
