@@ -1,0 +1,5 @@
+import sys
+
+from mchar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""Base-LM training throughput under a Lightning Trainer vs a plain PyTorch loop, same model and batches.
+
+Both sides run the identical step (forward, backward, AdamW step, zero_grad) on the same pre-generated batches
+from the same initial weights; repeats alternate the two sides and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from mchar.bench.common import environment
+from mchar.lit.base_lm import BaseLMModule
+
+
+class _StepClock(L.Callback):
+    """Timestamps after every optimizer step (so setup/teardown of the Trainer is not counted)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.stamps.append(time.perf_counter())
+
+
+def _throughput(stamps: list[float], warmup: int, tokens_per_step: int) -> float:
+    window = stamps[warmup:]
+    return tokens_per_step * (len(window) - 1) / (window[-1] - window[0])
+
+
+def _plain(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
+    module = BaseLMModule(model, lr=lr, warmup_steps=0, max_steps=len(batches))
+    opt = module.configure_optimizers()["optimizer"]
+    stamps = []
+    module.train()
+    for ids in batches:
+        loss = module._loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def _lightning(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
+    module = BaseLMModule(model, lr=lr, warmup_steps=0, max_steps=len(batches))
+    # Same optimizer as the plain loop (no scheduler): the comparison is about the loop, not the LR schedule.
+    module.configure_optimizers = lambda: torch.optim.AdamW(  # type: ignore[method-assign]
+        module.configure_optimizers_plain(), lr=lr, betas=(0.9, 0.95))
+    clock = _StepClock()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return clock.stamps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="mchar bench train-overhead", description=__doc__)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from mchar.base.adapter import tiny_causal_lm
+
+    torch.manual_seed(args.seed)
+    init = tiny_causal_lm("llama", vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers,
+                          heads=max(1, args.hidden // 64), seed=args.seed)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq)) for _ in range(args.steps)]
+    tokens = args.batch * args.seq
+    plain, light = [], []
+    for _ in range(args.repeats):
+        plain.append(_throughput(_plain(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
+        light.append(_throughput(_lightning(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
+    result = {
+        "benchmark": "train-overhead",
+        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "params": sum(p.numel() for p in init.parameters())},
+        "batch": [args.batch, args.seq], "steps": args.steps, "repeats": args.repeats,
+        "plain_tokens_per_s": statistics.median(plain), "lightning_tokens_per_s": statistics.median(light),
+        "plain_runs": plain, "lightning_runs": light,
+        "ratio_lightning_over_plain": statistics.median(light) / statistics.median(plain),
+        "target": ">= 0.95", **environment(),
+    }
+    print(json.dumps(result))
+    return result

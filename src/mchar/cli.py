@@ -1,0 +1,110 @@
+"""``python -m mchar {fit,eval,sweep,report,ui,bench}``.
+
+Heavy libraries (torch, Lightning, MLflow) are imported inside the subcommands only, so ``--help`` is instant.
+Lightning re-launches ``sys.argv`` for extra DDP ranks, so every subcommand is a pure function of its argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE_OVERRIDES = "Hydra overrides, e.g. +experiment=quickstart allocator.budget=1024 tree.depth=3"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mchar",
+        description="MegaContext research harness: train GistNet/LensNet on a frozen LM, evaluate, sweep, report.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fit = sub.add_parser("fit", help="run the experiment's stages (base LM, GistNet, LensNet, eval, report)")
+    fit.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    fit.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ev = sub.add_parser("eval", help="evaluate at budget: perplexity for every policy, lm-eval tasks")
+    ev.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sw = sub.add_parser("sweep", help="run (or resume) an Optuna study described by a YAML spec")
+    sw.add_argument("spec", help="sweeps/NAME.yaml")
+    sw.add_argument("--n-trials", type=int, default=None, help="override the spec's n_trials")
+    sw.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every trial")
+    rp = sub.add_parser("report", help="build reports/<name>.md with tables and plots from MLflow runs")
+    rp.add_argument("--name", default="quickstart", help="report name (reports/<name>.md)")
+    rp.add_argument("--experiment", default="mchar", help="MLflow experiment name")
+    rp.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)")
+    rp.add_argument("--run-id", default=None, help="parent run to report on (default: the latest)")
+    rp.add_argument("--out-dir", default="reports")
+    ui = sub.add_parser("ui", help="serve the MLflow UI for mchar's tracking store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", default=None)
+    bn = sub.add_parser("bench", help="run a benchmark and print one JSON object")
+    bn.add_argument("name", help="train-overhead | train-step | decode | tree-io | fault")
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options (see: bench NAME --help)")
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("fit", "eval"):
+        from mchar.compose import compose_config, to_yaml
+
+        overrides = list(args.overrides)
+        if args.command == "eval" and not any(o.split("=")[0].lstrip("+") == "stages" for o in overrides):
+            overrides.append("stages=[eval]")
+        cfg = compose_config(overrides)
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        from mchar.pipeline import run_pipeline
+
+        run_pipeline(cfg, command=args.command)
+        return 0
+    if args.command == "sweep":
+        from mchar.sweep import run_sweep
+
+        run_sweep(args.spec, n_trials=args.n_trials, extra_overrides=args.overrides)
+        return 0
+    if args.command == "report":
+        from mchar.report import build_report
+
+        path = build_report(name=args.name, experiment=args.experiment, tracking_uri=args.tracking_uri,
+                            run_id=args.run_id, out_dir=args.out_dir)
+        print(path)
+        return 0
+    if args.command == "ui":
+        from mchar.ui import serve_ui
+
+        return serve_ui(host=args.host, port=args.port, tracking_uri=args.tracking_uri)
+    if args.command == "bench":
+        import importlib
+
+        module_name = "mchar.bench." + args.name.replace("-", "_")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            from mchar.errors import MCharError
+
+            raise MCharError(f"bench: unknown benchmark {args.name!r}") from None
+        module.main(args.args)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mchar.errors import MCharError
+
+    try:
+        return _dispatch(args)
+    except MCharError as err:
+        print(f"mchar: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mchar: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

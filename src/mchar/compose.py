@@ -1,0 +1,91 @@
+"""Compose and validate the run configuration from ``conf/`` (Hydra) into a :class:`RootConfig`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mchar.config import ConfigError, RootConfig, check_semantics
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory: $MCHAR_CONF_DIR, else the repository's (this package is installed editable)."""
+    env = os.environ.get("MCHAR_CONF_DIR")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parents[2] / "conf").resolve()
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def _check_experiment(overrides: list[str]) -> None:
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key == "experiment" and value not in available_experiments():
+            raise ConfigError(
+                f"experiment: unknown experiment {value!r} (available: {', '.join(available_experiments())})"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    """First line of the error, plus the first line of its cause (Hydra wraps the useful part)."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else type(err).__name__
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause).strip():
+        first = f"{first}: {str(cause).strip().splitlines()[0]}"
+    full_key = getattr(err, "full_key", None)
+    if full_key and full_key not in first:
+        first = f"{full_key}: {first}"
+    return first
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> RootConfig:
+    """Hydra-compose ``conf/`` with ``overrides`` and validate it; raises :class:`ConfigError` (one line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    _check_experiment(overrides)
+    ConfigStore.instance().store(name="schema", node=RootConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        obj = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"config: {_one_line(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    assert isinstance(obj, RootConfig)
+    check_semantics(obj)
+    return obj
+
+
+def to_yaml(cfg: RootConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: RootConfig) -> dict[str, str]:
+    """Dotted-key view of the config, e.g. ``allocator.budget`` -> ``"512"``, for MLflow params."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return out

@@ -1,0 +1,265 @@
+"""Structured configuration: the schema every Hydra composition is validated against.
+
+Hydra composes YAML from ``conf/``; OmegaConf merges it into these dataclasses, which rejects unknown keys and
+wrong types; :func:`check_semantics` then rejects impossible combinations. All of it happens before any model
+or data is touched, and every failure is a :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mchar.errors import MCharError
+
+STAGES = ("base_lm", "gistnet", "lensnet", "e2e", "eval", "report")
+POLICIES = ("lensnet", "recency", "sink_recent", "gists_only", "similarity", "random", "oracle")
+
+
+class ConfigError(MCharError, ValueError):
+    """A configuration problem, reported as one line naming the offending key."""
+
+
+@dataclass
+class LocalLMConfig:
+    """Architecture of the small Llama-style base LM mchar trains itself (used when ``model.kind=local``)."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    vocab_size: int = 8192
+    max_positions: int = 8192
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base LM: an HF hub id or local directory; ``kind=local`` builds it first if missing."""
+
+    kind: str = "local"  # "local" (mchar builds it) | "hf" (any AutoModelForCausalLM)
+    name: str = "local_small"
+    name_or_path: str = ""
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    local: LocalLMConfig = field(default_factory=LocalLMConfig)
+
+
+@dataclass
+class DataConfig:
+    """Local corpus (split by file) and the windows the LightningDataModules cut from it."""
+
+    globs: list[str] = field(default_factory=lambda: ["stdlib"])
+    split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
+    max_files: int | None = None
+    window: int = 512
+    stride: int | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+    task_mix_fraction: float = 0.3
+    tokenizer_max_chars: int = 20_000_000
+    cache_dir: str = ""
+
+
+@dataclass
+class TreeConfig:
+    """Shape and storage of the MegaContext tree."""
+
+    block_size: int = 32
+    depth: int = 2
+    storage: str = "memory"  # memory | disk
+    gist_dtype: str = "float16"
+    position_mode: str = "centre"  # centre | start | end
+
+
+@dataclass
+class AllocatorConfig:
+    """Working-context budget (W_max) and the focus policy that spends it."""
+
+    budget: int = 512
+    policy: str = "lensnet"
+    n_diff: int = 4
+    tau_expand: float = 0.1
+    tau_collapse: float = 0.1
+    cooldown: int = 2
+    protect_recent: int = 64
+    stochastic: bool = False
+    temperature: float = 1.0
+    top_k: int = 4
+    refocus_every: int | None = None  # default: every block
+
+
+@dataclass
+class GistNetConfig:
+    """GistNet architecture and its substitutability training."""
+
+    kind: str = "transformer"  # transformer | mean
+    layers: int = 2
+    heads: int = 4
+    width: int = 128
+    pooling: str = "mean"  # mean | query | cls
+    head: str = "mlp"  # linear | mlp
+    shared: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_steps: int = 200
+    horizon: int = 64
+    loss: str = "kl+nll"  # kl | nll | kl+nll
+    contrastive_weight: float = 0.0
+    substitutable_threshold: float = 0.5
+
+
+@dataclass
+class LensNetConfig:
+    """LensNet architecture and its counterfactual-utility training."""
+
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_steps: int = 200
+    horizon: int = 64
+    loss: str = "bradley_terry"  # bradley_terry | regression
+    candidates: int = 16
+
+
+@dataclass
+class BaseLMTrainConfig:
+    """Training of mchar's own small base LM (stage ``base_lm``)."""
+
+    max_steps: int = 600
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    val_batches: int = 8
+    task_eval_examples: int = 32
+    task_eval_length: int = 512
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of ``lightning.Trainer`` arguments mchar exposes (anything else: ``trainer.extra``)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int | None = None  # overrides the stage's own max_steps when set
+    val_check_interval: int | None = None
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    """MLflow tracking: ``tracking_uri`` empty means $MLFLOW_TRACKING_URI, else SQLite in the run directory."""
+
+    tracking_uri: str = ""
+    experiment_name: str = "mchar"
+    run_name: str = ""
+    log_checkpoints: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation at budget (stage ``eval``)."""
+
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    history_multiple: int = 8
+    documents: int = 8
+    final_tokens: int = 64
+    tasks: list[str] = field(default_factory=list)
+    task_lengths: list[int] = field(default_factory=list)
+    task_examples: int = 8
+
+
+@dataclass
+class RootConfig:
+    """The whole run: which stages to execute and every group's settings."""
+
+    name: str = "default"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["base_lm"])
+    run_dir: str = "runs"
+    artifacts_dir: str = "artifacts"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
+    gistnet: GistNetConfig = field(default_factory=GistNetConfig)
+    lensnet: LensNetConfig = field(default_factory=LensNetConfig)
+    base_lm: BaseLMTrainConfig = field(default_factory=BaseLMTrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+
+
+def check_semantics(cfg: RootConfig) -> None:
+    """Reject impossible combinations that types alone cannot catch."""
+    for stage in cfg.stages:
+        _choice("stages", stage, STAGES)
+    _choice("model.kind", cfg.model.kind, ("local", "hf"))
+    if cfg.model.kind == "hf" and not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path: required when model.kind=hf (a hub id or a local directory)")
+    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
+    t = cfg.tree
+    if isinstance(t.block_size, bool) or t.block_size < 2:
+        raise ConfigError(f"tree.block_size: must be an integer >= 2, got {t.block_size!r}")
+    if t.depth < 1:
+        raise ConfigError(f"tree.depth: must be >= 1, got {t.depth}")
+    _choice("tree.storage", t.storage, ("memory", "disk"))
+    _choice("tree.gist_dtype", t.gist_dtype, ("float32", "float16", "bfloat16"))
+    _choice("tree.position_mode", t.position_mode, ("centre", "start", "end"))
+    a = cfg.allocator
+    if a.budget < t.block_size:
+        raise ConfigError(
+            f"allocator.budget: {a.budget} is smaller than one block (tree.block_size={t.block_size})"
+        )
+    _choice("allocator.policy", a.policy, POLICIES)
+    for p in cfg.eval.policies:
+        _choice("eval.policies", p, POLICIES)
+    _positive("allocator.n_diff", a.n_diff)
+    if a.protect_recent < 0 or a.cooldown < 0:
+        raise ConfigError("allocator.protect_recent/allocator.cooldown: must be >= 0")
+    g = cfg.gistnet
+    _choice("gistnet.kind", g.kind, ("transformer", "mean"))
+    _choice("gistnet.pooling", g.pooling, ("mean", "query", "cls"))
+    _choice("gistnet.head", g.head, ("linear", "mlp"))
+    _choice("gistnet.loss", g.loss, ("kl", "nll", "kl+nll"))
+    if g.width % g.heads:
+        raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
+    _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
+    if cfg.lensnet.width % cfg.lensnet.heads:
+        raise ConfigError(f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}")
+    d = cfg.data
+    _positive("data.window", d.window)
+    _positive("data.batch_size", d.batch_size)
+    if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6 or min(d.split) <= 0:
+        raise ConfigError(f"data.split: need three positive fractions summing to 1, got {list(d.split)}")
+    if not 0.0 <= d.task_mix_fraction <= 1.0:
+        raise ConfigError(f"data.task_mix_fraction: must be in [0, 1], got {d.task_mix_fraction}")
+    m = cfg.model.local
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.local.hidden_size: {m.hidden_size} not divisible by model.local.num_heads")
+    if cfg.model.kind == "local" and d.window > m.max_positions:
+        raise ConfigError(f"data.window: {d.window} exceeds model.local.max_positions={m.max_positions}")
+    if cfg.eval.history_multiple < 1:
+        raise ConfigError("eval.history_multiple: must be >= 1")
+    _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)

@@ -1,0 +1,1 @@
+"""LightningModules: the base LM, GistNet, LensNet and end-to-end training."""

@@ -1,0 +1,65 @@
+"""LightningModule that pre-trains mchar's small base LM (next-token loss on corpus windows)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BaseLMModule(L.LightningModule):
+    """Causal-LM training of an HF model; validation perplexity through torchmetrics."""
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.1, warmup_steps: int = 50,
+                 max_steps: int = 1000) -> None:
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self.val_nll = torchmetrics.MeanMetric()
+
+    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=ids).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+
+    @staticmethod
+    def _ids(batch: torch.Tensor | dict) -> torch.Tensor:
+        return batch["input_ids"] if isinstance(batch, dict) else batch
+
+    def training_step(self, batch: torch.Tensor | dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self._ids(batch))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor | dict, batch_idx: int) -> None:
+        ids = self._ids(batch)
+        self.val_nll.update(self._loss(ids), weight=ids[:, 1:].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.log_dict({"val/nll": nll, "val/ppl": torch.exp(nll)}, prog_bar=True, sync_dist=True)
+        self.val_nll.reset()
+
+    def configure_optimizers_plain(self) -> list[dict]:
+        """Parameter groups: weight decay on matrices only."""
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union type
+        opt = torch.optim.AdamW(self.configure_optimizers_plain(), lr=self.hparams.lr, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

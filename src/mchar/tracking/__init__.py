@@ -1,0 +1,1 @@
+"""MLflow tracking helpers (rank-zero only side effects)."""
