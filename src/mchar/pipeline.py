@@ -1,0 +1,61 @@
+"""Runs an experiment's stages in order under one MLflow parent run, a nested run per stage."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mchar.config import RootConfig
+from mchar.tracking.mlflow_tracking import Tracker
+
+STAGE_MODULES = {
+    "base_lm": "mchar.stages.base_lm:run",
+    "gistnet": "mchar.stages.gistnet:run",
+    "lensnet": "mchar.stages.lensnet:run",
+    "e2e": "mchar.stages.e2e:run",
+    "eval": "mchar.stages.evaluate:run",
+    "report": "mchar.stages.report:run",
+}
+
+
+@dataclass
+class RunContext:
+    """What every stage needs: the config, the tracker, where to write, and results of earlier stages."""
+
+    cfg: RootConfig
+    tracker: Tracker
+    run_dir: Path
+    artifacts_dir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.run_dir / self.cfg.name / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
+    module, _, fn = STAGE_MODULES[stage].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run_pipeline(cfg: RootConfig, command: str = "fit") -> RunContext:
+    """Seed, open the parent run, run each stage in its nested run; returns the context with results."""
+    import lightning as L
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tracker = Tracker(cfg, command)
+    ctx = RunContext(cfg=cfg, tracker=tracker, run_dir=Path(cfg.run_dir).resolve(),
+                     artifacts_dir=Path(cfg.artifacts_dir).resolve())
+    fns = [(s, _stage_fn(s)) for s in cfg.stages]
+    with tracker.parent() as parent_id:
+        for stage, fn in fns:
+            with tracker.stage(stage) as run_id:
+                ctx.results[stage] = fn(ctx, run_id)
+        ctx.results["parent_run_id"] = parent_id
+    return ctx

@@ -1,0 +1,1 @@
+"""Pipeline stages run by ``mchar fit``: each takes the :class:`~mchar.pipeline.RunContext`."""
