@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mchar.errors import MCharError
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
 
-class BaseModelError(ValueError):
+class BaseModelError(MCharError, ValueError):
     """A base model could not be loaded or cannot serve the request (one clear line)."""
 
 

@@ -1,0 +1,94 @@
+"""Every experiment composes and validates; bad configs fail with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mchar.compose import available_experiments, compose_config, flatten
+from mchar.config import ConfigError
+
+
+@pytest.mark.parametrize("name", available_experiments())
+def test_every_experiment_composes(name: str) -> None:
+    cfg = compose_config([f"+experiment={name}"])
+    assert cfg.allocator.budget >= cfg.tree.block_size
+    assert cfg.stages
+
+
+def test_experiment_required_files_exist() -> None:
+    assert {"smoke", "quickstart", "base_lm"} <= set(available_experiments())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["allocator.budget=4"], "allocator.budget"),
+        (["allocator.budget=abc"], "allocator.budget"),
+        (["tree.depth=0"], "tree.depth"),
+        (["tree.block_size=0"], "tree.block_size"),
+        (["tree.block_size=1.5"], "tree.block_size"),
+        (["tree.bogus=1"], "tree.bogus"),
+        (["allocator.policy=nope"], "allocator.policy"),
+        (["model=hf"], "model.name_or_path"),
+        (["+experiment=does_not_exist"], "available: "),
+        (["model=nope"], "model"),
+        (["data.split=[0.5,0.2]"], "data.split"),
+        (["gistnet.pooling=max"], "gistnet.pooling"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_config(overrides)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_overrides_reach_flattened_params() -> None:
+    cfg = compose_config(["+experiment=smoke", "allocator.budget=96", "tree.depth=3"])
+    params = flatten(cfg)
+    assert params["allocator.budget"] == "96"
+    assert params["tree.depth"] == "3"
+    assert params["tree.block_size"] == "8"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mchar", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_is_light() -> None:
+    out = _cli("--help")
+    assert out.returncode == 0
+    for verb in ("fit", "eval", "sweep", "report", "ui", "bench"):
+        assert verb in out.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, mchar.cli; mchar.cli._parser(); print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["fit", "+experiment=nope"], "unknown experiment 'nope' (available:"),
+        (["fit", "+experiment=smoke", "allocator.budget=3"], "allocator.budget"),
+        (["fit", "+experiment=smoke", "tree.depth=0"], "tree.depth"),
+        (["bench", "no-such-bench"], "unknown benchmark"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_without_traceback(args: list[str], needle: str) -> None:
+    out = _cli(*args)
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_print_config_shows_resolved_values() -> None:
+    out = _cli("fit", "+experiment=smoke", "allocator.budget=80", "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert "budget: 80" in out.stdout
