@@ -128,6 +128,7 @@ class LensNetConfig:
 class BaseLMTrainConfig:
     """Training of mchar's own small base LM (stage ``base_lm``)."""
 
+    force: bool = False  # retrain even when artifacts/base_lm/<name> exists
     max_steps: int = 600
     lr: float = 3e-3
     weight_decay: float = 0.1

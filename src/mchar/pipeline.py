@@ -31,6 +31,7 @@ class RunContext:
     run_dir: Path
     artifacts_dir: Path
     results: dict[str, Any] = field(default_factory=dict)
+    callbacks: list[Any] = field(default_factory=list)  # extra Lightning callbacks (e.g. Optuna pruning)
 
     def stage_dir(self, stage: str) -> Path:
         path = self.run_dir / self.cfg.name / stage
@@ -43,15 +44,16 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
     return getattr(importlib.import_module(module), fn)
 
 
-def run_pipeline(cfg: RootConfig, command: str = "fit") -> RunContext:
+def run_pipeline(cfg: RootConfig, command: str = "fit", callbacks: list[Any] | None = None,
+                 tracker: Tracker | None = None) -> RunContext:
     """Seed, open the parent run, run each stage in its nested run; returns the context with results."""
     import lightning as L
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tracker = Tracker(cfg, command)
+    tracker = tracker or Tracker(cfg, command)
     ctx = RunContext(cfg=cfg, tracker=tracker, run_dir=Path(cfg.run_dir).resolve(),
-                     artifacts_dir=Path(cfg.artifacts_dir).resolve())
+                     artifacts_dir=Path(cfg.artifacts_dir).resolve(), callbacks=list(callbacks or []))
     fns = [(s, _stage_fn(s)) for s in cfg.stages]
     with tracker.parent() as parent_id:
         for stage, fn in fns:

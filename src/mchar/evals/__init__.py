@@ -1,0 +1,1 @@
+"""Evaluation: task accuracy, perplexity at budget, the lm-eval model, focus telemetry."""

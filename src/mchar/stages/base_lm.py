@@ -1,0 +1,127 @@
+"""Stage ``base_lm``: train mchar's tokenizer and small Llama base LM on the local corpus, save in HF format.
+
+The result lands in ``artifacts/base_lm/<model.name>`` atomically (built in a temp dir, marker written last,
+then renamed), so a killed build never leaves a half-written model that later stages would load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mchar.base.local_lm import READY_MARKER, build_local_lm, is_built
+
+if TYPE_CHECKING:
+    from mchar.pipeline import RunContext
+
+TASK_NAMES = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
+
+
+def model_dir(ctx: RunContext) -> Path:
+    cfg = ctx.cfg.model
+    if cfg.kind == "hf" or cfg.name_or_path:
+        return Path(cfg.name_or_path)
+    return ctx.artifacts_dir / "base_lm" / cfg.name
+
+
+def corpus_splits(ctx: RunContext) -> Any:
+    from mchar.data.corpus import discover_corpus
+
+    d = ctx.cfg.data
+    globs = [g for g in d.globs if g != "stdlib"]
+    kwargs: dict[str, Any] = {"fractions": tuple(d.split), "seed": ctx.cfg.seed, "max_files": d.max_files}
+    if globs:
+        kwargs["globs"] = globs
+    return discover_corpus(**kwargs)
+
+
+def ensure_base_lm(ctx: RunContext, run_id: str | None = None) -> Path:
+    """The base model directory, training it first when it is a local model that is missing."""
+    path = model_dir(ctx)
+    if ctx.cfg.model.kind == "local" and not is_built(path):
+        if run_id is None:
+            with ctx.tracker.stage("base_lm") as rid:
+                ctx.results["base_lm"] = run(ctx, rid)
+        else:
+            run(ctx, run_id)
+    return path
+
+
+def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    cfg = ctx.cfg
+    target = model_dir(ctx)
+    if cfg.model.kind == "hf":
+        return {"model_dir": str(target), "trained": False}
+    if is_built(target) and not cfg.base_lm.force:
+        info = json.loads((target / READY_MARKER).read_text())
+        ctx.tracker.set_tags(run_id, {"mchar.base_lm": "reused", "mchar.model_dir": str(target)})
+        ctx.tracker.log_metrics(run_id, {k: v for k, v in info.get("metrics", {}).items()})
+        return {"model_dir": str(target), "trained": False, **info}
+    return _train(ctx, run_id, target)
+
+
+def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from mchar.data.datamodules import LongDocDataModule
+    from mchar.data.tasks import generate_examples
+    from mchar.data.tokenizer import train_tokenizer
+    from mchar.evals.task_accuracy import answer_accuracy, full_context_greedy
+    from mchar.lit.base_lm import BaseLMModule
+    from mchar.lit.trainer import build_trainer
+
+    cfg, tcfg = ctx.cfg, ctx.cfg.base_lm
+    stage_dir = ctx.stage_dir("base_lm")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    splits = corpus_splits(ctx)
+    report = {s: vars(r) for s, r in splits.report.items()}
+    ctx.tracker.log_json(run_id, report, "data/corpus_report.json")
+    tokenizer = train_tokenizer(tmp, files=splits["train"], vocab_size=cfg.model.local.vocab_size,
+                                max_chars=cfg.data.tokenizer_max_chars)
+    model = build_local_lm(cfg.model.local, vocab_size=len(tokenizer), bos_id=None,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed)
+    dm = LongDocDataModule(files_by_split=splits, tokenizer=tokenizer, window=cfg.data.window,
+                           stride=cfg.data.stride, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                           seed=cfg.seed, task_mix_fraction=cfg.data.task_mix_fraction,
+                           cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"))
+    steps = cfg.trainer.max_steps or tcfg.max_steps
+    module = BaseLMModule(model, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
+                          max_steps=steps)
+    trainer = build_trainer(cfg.trainer, steps, stage_dir / "checkpoints", logger=ctx.tracker.lightning_logger(run_id),
+                            val_check_interval=max(1, steps // 4), limit_val_batches=tcfg.val_batches,
+                            callbacks=ctx.callbacks)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer.fit(module, datamodule=dm)
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    metrics: dict[str, float] = {"final/val_nll": float(val["val/nll"]), "final/val_ppl": float(val["val/ppl"])}
+
+    if trainer.is_global_zero:
+        model = module.model.cpu().eval()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        from mchar.base.adapter import FrozenBaseLM
+
+        base = FrozenBaseLM(model, tokenizer, name_or_path=str(target))
+        examples = []
+        for task in TASK_NAMES:
+            examples += generate_examples(task, tcfg.task_eval_examples, tcfg.task_eval_length, tokenizer=tokenizer,
+                                          seed=cfg.seed + 1, files=splits["test"])
+        with torch.no_grad():
+            acc = answer_accuracy(full_context_greedy(base), tokenizer, examples)
+        metrics.update({f"final/task_acc/{k}": v for k, v in acc.items()})
+        info = {"metrics": metrics, "steps": steps, "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
+                "corpus": report, "train_files": len(splits["train"]), "test_files": len(splits["test"])}
+        (tmp / READY_MARKER).write_text(json.dumps(info, indent=2, default=str))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        ctx.tracker.log_metrics(run_id, metrics, step=steps)
+        ctx.tracker.set_tags(run_id, {"mchar.model_dir": str(target), "mchar.checkpoints": str(stage_dir)})
+        ctx.tracker.log_json(run_id, info, "base_lm/summary.json")
+    return {"model_dir": str(target), "trained": True, "metrics": metrics}
