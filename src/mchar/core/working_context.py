@@ -96,7 +96,7 @@ def coarsest_cover(block_size: int, depth: int, num_tokens: int, tree: Any = Non
                     b += w
                     break
         else:  # pragma: no cover - level 0 always exists for a complete block
-            raise AssertionError("no node covers block %d" % b)
+            raise AssertionError(f"no node covers block {b}")
     return out
 
 
@@ -112,9 +112,18 @@ FitFn = Callable[["WorkingContext"], None]
 class WorkingContext:
     """Entries tiling ``[0, n_full*K)`` plus the raw tail ``[n_full*K, T)``, with ``cost <= budget`` always."""
 
-    def __init__(self, block_size: int, depth: int, budget: int, num_tokens: int = 0,
-                 entries: Sequence[Entry] | None = None, dropped: Sequence[bool] | None = None,
-                 allows_drop: bool = False, tree: Any = None, strict: bool = False) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        depth: int,
+        budget: int,
+        num_tokens: int = 0,
+        entries: Sequence[Entry] | None = None,
+        dropped: Sequence[bool] | None = None,
+        allows_drop: bool = False,
+        tree: Any = None,
+        strict: bool = False,
+    ) -> None:
         """``entries=None`` means every complete block raw. ``tree`` (optional, anything with ``num_tokens`` and
         ``num_nodes(level)``) adds a tree-consistency check to every edit; ``strict`` re-runs the full
         :meth:`validate` after every mutation (tests)."""
@@ -134,12 +143,16 @@ class WorkingContext:
         self.strict = bool(strict)
         self._num_tokens = int(num_tokens)
         n_full = self._num_tokens // self.block_size
-        self._entries: list[Entry] = list(entries) if entries is not None else [Entry(0, b) for b in range(n_full)]
+        self._entries: list[Entry] = (
+            list(entries) if entries is not None else [Entry(0, b) for b in range(n_full)]
+        )
         self._dropped: list[bool] = list(dropped) if dropped is not None else [False] * len(self._entries)
         if len(self._dropped) != len(self._entries):
             raise IllegalEdit(f"dropped has {len(self._dropped)} flags for {len(self._entries)} entries")
         if any(self._dropped) and not self.allows_drop:
-            raise IllegalEdit("dropped entries need allows_drop=True (only truncation baselines drop history)")
+            raise IllegalEdit(
+                "dropped entries need allows_drop=True (only truncation baselines drop history)"
+            )
         self._cost = self._recompute_cost()
         self._staging = False
         self.validate()
@@ -228,17 +241,31 @@ class WorkingContext:
     def telemetry(self) -> dict[str, float]:
         """Budget utilisation and coverage numbers for logging."""
         k = self.block_size
-        raw_tokens = sum(k for e, d in zip(self._entries, self._dropped, strict=True) if not d and e.level == 0)
-        return {"cost": float(self._cost), "budget": float(self.budget),
-                "utilisation": self._cost / self.budget if self.budget else 0.0,
-                "entries": float(len(self._entries)), "dropped_entries": float(self.num_dropped),
-                "dropped_tokens": float(self.dropped_tokens), "raw_tokens": float(raw_tokens + self.tail_len),
-                "num_tokens": float(self._num_tokens)}
+        raw_tokens = sum(
+            k for e, d in zip(self._entries, self._dropped, strict=True) if not d and e.level == 0
+        )
+        return {
+            "cost": float(self._cost),
+            "budget": float(self.budget),
+            "utilisation": self._cost / self.budget if self.budget else 0.0,
+            "entries": float(len(self._entries)),
+            "dropped_entries": float(self.num_dropped),
+            "dropped_tokens": float(self.dropped_tokens),
+            "raw_tokens": float(raw_tokens + self.tail_len),
+            "num_tokens": float(self._num_tokens),
+        }
 
     # ------------------------------------------------------------------ equality / copy
     def _key(self) -> tuple[Any, ...]:
-        return (self.block_size, self.depth, self.budget, self._num_tokens, self.allows_drop,
-                tuple(self._entries), tuple(self._dropped))
+        return (
+            self.block_size,
+            self.depth,
+            self.budget,
+            self._num_tokens,
+            self.allows_drop,
+            tuple(self._entries),
+            tuple(self._dropped),
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WorkingContext):
@@ -249,9 +276,11 @@ class WorkingContext:
 
     def __repr__(self) -> str:
         hist = ", ".join(f"L{lv}:{n}" for lv, n in self.lod_histogram().items())
-        return (f"WorkingContext(K={self.block_size}, depth={self.depth}, T={self._num_tokens}, "
-                f"cost={self._cost}/{self.budget}, entries={len(self._entries)} [{hist}], "
-                f"dropped={self.num_dropped}, tail={self.tail_len})")
+        return (
+            f"WorkingContext(K={self.block_size}, depth={self.depth}, T={self._num_tokens}, "
+            f"cost={self._cost}/{self.budget}, entries={len(self._entries)} [{hist}], "
+            f"dropped={self.num_dropped}, tail={self.tail_len})"
+        )
 
     def copy(self, budget: int | None = None) -> WorkingContext:
         """An independent copy (optionally with another budget, which must still hold)."""
@@ -266,20 +295,36 @@ class WorkingContext:
         return new
 
     def to_dict(self) -> dict[str, Any]:
-        return {"block_size": self.block_size, "depth": self.depth, "budget": self.budget,
-                "num_tokens": self._num_tokens, "allows_drop": self.allows_drop,
-                "entries": [[e.level, e.index] for e in self._entries], "dropped": list(self._dropped)}
+        return {
+            "block_size": self.block_size,
+            "depth": self.depth,
+            "budget": self.budget,
+            "num_tokens": self._num_tokens,
+            "allows_drop": self.allows_drop,
+            "entries": [[e.level, e.index] for e in self._entries],
+            "dropped": list(self._dropped),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], tree: Any = None) -> WorkingContext:
-        return cls(data["block_size"], data["depth"], data["budget"], data["num_tokens"],
-                   entries=[Entry(int(lv), int(ix)) for lv, ix in data["entries"]], dropped=data["dropped"],
-                   allows_drop=data.get("allows_drop", False), tree=tree)
+        return cls(
+            data["block_size"],
+            data["depth"],
+            data["budget"],
+            data["num_tokens"],
+            entries=[Entry(int(lv), int(ix)) for lv, ix in data["entries"]],
+            dropped=data["dropped"],
+            allows_drop=data.get("allows_drop", False),
+            tree=tree,
+        )
 
     # ------------------------------------------------------------------ invariants
     def _recompute_cost(self) -> int:
         k = self.block_size
-        return sum(0 if d else e.cost(k) for e, d in zip(self._entries, self._dropped, strict=True)) + self.tail_len
+        return (
+            sum(0 if d else e.cost(k) for e, d in zip(self._entries, self._dropped, strict=True))
+            + self.tail_len
+        )
 
     def _exists(self, e: Entry) -> bool:
         return node_exists(e, self.block_size, self.depth, self._num_tokens, self.tree)
@@ -297,7 +342,9 @@ class WorkingContext:
             start, end = e.span(k)
             if start != pos:
                 kind = "gap" if start > pos else "overlap"
-                raise IllegalEdit(f"entry {i} {e}: {kind}: starts at token {start}, previous entry ended at {pos}")
+                raise IllegalEdit(
+                    f"entry {i} {e}: {kind}: starts at token {start}, previous entry ended at {pos}"
+                )
             if start % e.width(k) or end - start != e.width(k):  # alignment + level consistency
                 raise IllegalEdit(f"entry {i} {e}: span [{start}, {end}) not aligned to its level")
             if not node_exists(e, k, self.depth, self._num_tokens, tree):
@@ -316,7 +363,9 @@ class WorkingContext:
     def _after_mutation(self, lo: int, hi: int) -> None:
         """Cheap local re-check after a splice of entries [lo, hi); full validate when strict."""
         if self._cost > self.budget and not self._staging:
-            raise AssertionError(f"internal error: cost {self._cost} > budget {self.budget} after a checked edit")
+            raise AssertionError(
+                f"internal error: cost {self._cost} > budget {self.budget} after a checked edit"
+            )
         k = self.block_size
         for j in range(max(lo, 1), min(hi + 1, len(self._entries))):
             if self._entries[j - 1].end(k) != self._entries[j].start(k):
@@ -378,15 +427,21 @@ class WorkingContext:
             group = 1
         else:
             if e.index % k:
-                raise IllegalEdit(f"collapse({i}): {e} is not the first of its K={k} siblings (index % K != 0)")
+                raise IllegalEdit(
+                    f"collapse({i}): {e} is not the first of its K={k} siblings (index % K != 0)"
+                )
             group = k
             if i + k > len(self._entries):
-                raise IllegalEdit(f"collapse({i}): only {len(self._entries) - i} entries from {e}, need K={k}")
+                raise IllegalEdit(
+                    f"collapse({i}): only {len(self._entries) - i} entries from {e}, need K={k}"
+                )
             for j in range(1, k):
                 want = Entry(e.level, e.index + j)
                 if self._entries[i + j] != want:
-                    raise IllegalEdit(f"collapse({i}): entry {i + j} is {self._entries[i + j]}, expected sibling "
-                                      f"{want} (all K siblings must be present at the same level)")
+                    raise IllegalEdit(
+                        f"collapse({i}): entry {i + j} is {self._entries[i + j]}, expected sibling "
+                        f"{want} (all K siblings must be present at the same level)"
+                    )
                 if self._dropped[i + j]:
                     raise IllegalEdit(f"collapse({i}): sibling {want} at entry {i + j} is dropped")
         if not self._exists(parent):
@@ -402,8 +457,8 @@ class WorkingContext:
     def expand(self, i: int) -> list[Entry]:
         """Replace gist ``i`` by its children (an LOD1 gist by its raw block). Returns the new entries."""
         children = self._expand_plan(i)
-        self._entries[i:i + 1] = children
-        self._dropped[i:i + 1] = [False] * len(children)
+        self._entries[i : i + 1] = children
+        self._dropped[i : i + 1] = [False] * len(children)
         self._cost += sum(c.cost(self.block_size) for c in children) - 1
         self._after_mutation(i, i + len(children))
         return children
@@ -412,8 +467,8 @@ class WorkingContext:
         """Replace K aligned siblings starting at ``i`` (or raw block ``i``) by their parent gist."""
         group, parent = self._collapse_plan(i)
         old = sum(self._entries[j].cost(self.block_size) for j in range(i, i + group))
-        self._entries[i:i + group] = [parent]
-        self._dropped[i:i + group] = [False]
+        self._entries[i : i + group] = [parent]
+        self._dropped[i : i + group] = [False]
         self._cost += 1 - old
         self._after_mutation(i, i + 1)
         return parent
@@ -421,7 +476,9 @@ class WorkingContext:
     def drop(self, i: int) -> None:
         """Mark entry ``i`` dropped (truncation baselines only)."""
         if not self.allows_drop:
-            raise IllegalEdit(f"drop({i}): this WC does not allow drops (only truncation baselines drop history)")
+            raise IllegalEdit(
+                f"drop({i}): this WC does not allow drops (only truncation baselines drop history)"
+            )
         e = self._check_index(i, "drop")
         self._dropped[i] = True
         self._cost -= e.cost(self.block_size)
@@ -465,20 +522,26 @@ class WorkingContext:
         if staged._cost > staged.budget:
             raise BudgetExceeded(
                 f"advance({new_num_tokens}): cost {staged._cost} still exceeds budget {self.budget} after "
-                f"fitting (minimum possible {min_cost(self.block_size, self.depth, new_num_tokens, self.tree)})")
+                f"fitting (minimum possible {min_cost(self.block_size, self.depth, new_num_tokens, self.tree)})"
+            )
         staged.validate()
         self._num_tokens, self._entries, self._dropped, self._cost = (
-            staged._num_tokens, staged._entries, staged._dropped, staged._cost)
+            staged._num_tokens,
+            staged._entries,
+            staged._dropped,
+            staged._cost,
+        )
         return new
 
     # ------------------------------------------------------------------ assembly
-    def slot_map(self) -> SlotMap:
-        """Per slot: entry index (-1 = tail), level, tree node index (raw tokens -> token nodes (0, t))."""
+    def _slot_arrays(self, j: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entry index, level, node index) per slot, for entries ``j:`` and the tail."""
         k = self.block_size
-        n = len(self._entries)
-        lv = self.levels()
-        ix = np.fromiter((e.index for e in self._entries), dtype=np.int64, count=n)
-        live = ~np.asarray(self._dropped, dtype=bool) if n else np.zeros(0, dtype=bool)
+        ents = self._entries[j:]
+        n = len(ents)
+        lv = np.fromiter((e.level for e in ents), dtype=np.int64, count=n)
+        ix = np.fromiter((e.index for e in ents), dtype=np.int64, count=n)
+        live = ~np.asarray(self._dropped[j:], dtype=bool).reshape(-1)
         counts = np.where(lv == 0, k, 1) * live
         ent = np.repeat(np.arange(n, dtype=np.int64), counts)
         first = np.cumsum(counts) - counts
@@ -486,11 +549,16 @@ class WorkingContext:
         lv_rep, ix_rep = lv[ent], ix[ent]
         node = np.where(lv_rep == 0, ix_rep * k + offs, ix_rep)
         tail = np.arange(self.tail_start, self._num_tokens, dtype=np.int64)
-        return SlotMap(
-            entry_index=torch.from_numpy(np.concatenate([ent, np.full(tail.size, -1, dtype=np.int64)])),
-            levels=torch.from_numpy(np.concatenate([lv_rep, np.zeros(tail.size, dtype=np.int64)])),
-            node_index=torch.from_numpy(np.concatenate([node, tail])),
+        return (
+            np.concatenate([ent + j, np.full(tail.size, -1, dtype=np.int64)]),
+            np.concatenate([lv_rep, np.zeros(tail.size, dtype=np.int64)]),
+            np.concatenate([node, tail]),
         )
+
+    def slot_map(self) -> SlotMap:
+        """Per slot: entry index (-1 = tail), level, tree node index (raw tokens -> token nodes (0, t))."""
+        ent, lv, node = self._slot_arrays()
+        return SlotMap(torch.from_numpy(ent), torch.from_numpy(lv), torch.from_numpy(node))
 
     def position_ids(self, position_mode: str = "centre", slots: SlotMap | None = None) -> torch.Tensor:
         """Position id per slot: raw tokens their true position, gists per :mod:`mchar.core.positions`."""
@@ -502,8 +570,12 @@ class WorkingContext:
         gpos = gist_positions(node * width, width, position_mode)
         return torch.from_numpy(np.where(lv == 0, node, gpos))
 
-    def assemble(self, tree: Any, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 position_mode: str = "centre") -> tuple[torch.Tensor, torch.Tensor, SlotMap]:
+    def assemble(
+        self,
+        tree: Any,
+        embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        position_mode: str = "centre",
+    ) -> tuple[torch.Tensor, torch.Tensor, SlotMap]:
         """Materialise the WC: ``(inputs_embeds [1,W,d], position_ids [1,W], slot map)``.
 
         Live entries come from ``tree.entry_embeddings`` (raw block -> its K token embeddings, gist -> 1 vector),
@@ -511,7 +583,9 @@ class WorkingContext:
         """
         check_mode(position_mode)
         if int(tree.num_tokens) < self._num_tokens:
-            raise IllegalEdit(f"assemble: the tree has {tree.num_tokens} tokens, the WC covers {self._num_tokens}")
+            raise IllegalEdit(
+                f"assemble: the tree has {tree.num_tokens} tokens, the WC covers {self._num_tokens}"
+            )
         slots = self.slot_map()
         live = [e for e, d in zip(self._entries, self._dropped, strict=True) if not d]
         parts: list[torch.Tensor] = []
@@ -540,24 +614,22 @@ class WorkingContext:
         """
         if self.block_size != other.block_size:
             return 0
-        k = self.block_size
         s = 0
         j = 0
         n = min(len(self._entries), len(other._entries))
         while j < n and self._entries[j] == other._entries[j] and self._dropped[j] == other._dropped[j]:
             s += self.entry_cost(j)
             j += 1
-        a = self._slots_from(j, s)
-        b = other._slots_from(j, s)
+        a = self._slots_from(j)
+        b = other._slots_from(j)
         m = min(a.shape[1], b.shape[1])
         diff = np.nonzero((a[:, :m] != b[:, :m]).any(axis=0))[0]
-        del k
         return s + (int(diff[0]) if diff.size else m)
 
-    def _slots_from(self, j: int, s: int) -> np.ndarray:
-        """Slot nodes ([2, n] levels/index) from entry ``j`` (slot ``s``) to the end."""
-        sm = self.slot_map()
-        return np.stack([sm.levels.numpy()[s:], sm.node_index.numpy()[s:]])
+    def _slots_from(self, j: int) -> np.ndarray:
+        """Slot nodes ([2, n]: level, node index) from entry ``j`` to the end."""
+        _, lv, node = self._slot_arrays(j)
+        return np.stack([lv, node])
 
 
 def collapse_oldest(wc: WorkingContext) -> None:
