@@ -828,8 +828,10 @@ class DiskStorage(TreeStorage):
             sf.crc = sf.payload_crc(sf.count)
             pending["levels"][str(level)] = {"crc32": sf.crc}
             sf.close()
-        # 1) publish intent (after this point a crash rolls the refresh forward on open)
+        # 1) publish intent: from here on the only valid outcome is the new gists (open() rolls forward),
+        # so an error below must not delete the staging files (abort_refresh becomes a no-op)
         self._publish(refresh_pending=pending)
+        self._staging = None
         # 2) swap files in, 3) publish the final state
         for level, sf in staged.items():
             old = self._files[level]
@@ -839,7 +841,6 @@ class DiskStorage(TreeStorage):
             old.fh = open(old.path, "r+b")  # noqa: SIM115
         if self.fsync_metadata:
             _fsync_dir(self.path)
-        self._staging = None
         self._meta["gist_version"] = int(version)
         self._publish(refresh_pending=None)
 
