@@ -75,17 +75,27 @@ def node_exists(entry: Entry, block_size: int, depth: int, num_tokens: int, tree
         return False
     if tree is None:
         return True
+    if entry.level > int(tree.depth):
+        return False
     if entry.level == 0:
         return entry.end(block_size) <= int(tree.num_tokens)
     return entry.index < int(tree.num_nodes(entry.level))
 
 
-def coarsest_cover(block_size: int, depth: int, num_tokens: int, tree: Any = None) -> list[Entry]:
-    """The cheapest legal tiling of the complete blocks: at each aligned position the coarsest existing node."""
+def coarsest_cover(
+    block_size: int,
+    depth: int,
+    num_tokens: int,
+    tree: Any = None,
+    start_block: int = 0,
+    end_block: int | None = None,
+) -> list[Entry]:
+    """The cheapest legal tiling of complete blocks ``[start_block, end_block)`` (default: all of them): at each
+    aligned position the coarsest existing node that fits inside the range."""
     k = block_size
-    n_full = num_tokens // k
+    n_full = num_tokens // k if end_block is None else min(end_block, num_tokens // k)
     out: list[Entry] = []
-    b = 0
+    b = start_block
     while b < n_full:
         for level in range(depth, -1, -1):
             w = k ** max(level - 1, 0)  # width in blocks
