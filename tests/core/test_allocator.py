@@ -1,0 +1,137 @@
+"""FocusAllocator: greedy/stochastic refocus, cooldown, protected tail, hard budget, initial context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mchar.core.allocator import FocusAllocator, initial_context
+from mchar.core.entries import Entry
+from mchar.core.working_context import BudgetExceeded, WorkingContext, coarsest_cover, min_cost
+
+from .test_working_context import FakeTree
+
+PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_initial_context_expands_recent_first() -> None:
+    tree = FakeTree(4, 2, 70)
+    wc = initial_context(tree, 30)
+    wc.validate(tree)
+    assert wc.cost <= 30 and wc.cost > 30 - 3
+    levels = [e.level for e in wc.entries]
+    assert levels[-1] == 0 and levels[0] == 2  # newest raw, oldest coarse
+    assert levels == sorted(levels, reverse=True)
+
+
+def test_initial_context_names_budget_when_too_small() -> None:
+    tree = FakeTree(4, 1, 70)  # 17 LOD1 gists + 2 tail tokens = 19
+    with pytest.raises(BudgetExceeded, match=r"allocator\.budget=18"):
+        initial_context(tree, 18)
+    assert initial_context(tree, 19).cost == 19
+
+
+def test_greedy_expands_best_and_collapses_worst() -> None:
+    wc = WorkingContext(4, 1, 20, 16, entries=[Entry(1, j) for j in range(4)])
+    alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1, max_edits=4, cooldown=0)
+    edits = alloc.refocus(wc, torch.tensor([0.0, 0.9, 0.5, 0.0]))
+    assert [e.kind for e in edits] == ["expand", "expand"]
+    assert wc.entries == (Entry(1, 0), Entry(0, 1), Entry(0, 2), Entry(1, 3)) and wc.cost == 10
+    # now a raw block is worthless and a gist is valuable, but the budget is tight -> swap
+    wc2 = WorkingContext(4, 1, 10, 16, entries=[Entry(1, 0), Entry(0, 1), Entry(0, 2), Entry(1, 3)])
+    edits = alloc.refocus(wc2, torch.tensor([0.0, -0.5, 0.3, 0.8]))
+    assert [e.kind for e in edits] == ["collapse", "expand"]
+    assert wc2.entries == (Entry(1, 0), Entry(1, 1), Entry(0, 2), Entry(0, 3)) and wc2.cost == 10
+
+
+def test_no_swap_when_collapse_would_lose_more_than_expand_gains() -> None:
+    wc = WorkingContext(4, 1, 10, 16, entries=[Entry(1, 0), Entry(0, 1), Entry(0, 2), Entry(1, 3)])
+    alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1)
+    before = wc.copy()
+    assert alloc.refocus(wc, torch.tensor([0.0, 0.9, 0.9, 0.5])) == []
+    assert wc == before and alloc.stats.skipped_no_room == 1
+
+
+def test_cooldown_blocks_flip_back() -> None:
+    wc = WorkingContext(4, 1, 40, 16, entries=[Entry(1, j) for j in range(4)])
+    alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1, cooldown=2)
+    alloc.refocus(wc, torch.tensor([0.9, 0.0, 0.0, 0.0]))
+    assert wc[0] == Entry(0, 0)
+    for _ in range(2):  # the newly expanded block cannot be collapsed for 2 refocuses
+        assert alloc.refocus(wc, torch.tensor([-0.9, 0.0, 0.0, 0.0])) == []
+    assert [e.kind for e in alloc.refocus(wc, torch.tensor([-0.9, 0.0, 0.0, 0.0]))] == ["collapse"]
+
+
+def test_protected_tail_never_collapses_voluntarily() -> None:
+    wc = WorkingContext(4, 1, 100, 18)
+    alloc = FocusAllocator(tau_collapse=0.1, max_edits=10, protect_tokens=8)
+    alloc.refocus(wc, -torch.ones(len(wc)))
+    assert wc.entries[-2:] == (Entry(0, 2), Entry(0, 3))  # blocks ending after token 10
+    assert all(e.level == 1 for e in wc.entries[:2])
+
+
+def test_max_edits_cap_and_telemetry() -> None:
+    wc = WorkingContext(4, 1, 100, 64)
+    alloc = FocusAllocator(tau_collapse=0.1, max_edits=3)
+    assert len(alloc.refocus(wc, -torch.ones(len(wc)))) == 3
+    t = alloc.telemetry()
+    assert t["collapses"] == 3 and t["refocuses"] == 1 and 0 < t["budget_utilisation"] <= 1
+    assert t["swap_rate"] == pytest.approx(3 / len(wc))
+
+
+def test_advance_fits_by_worst_score_and_keeps_protected() -> None:
+    tree = FakeTree(4, 2, 80)
+    wc = WorkingContext(4, 2, 24, 20, tree=tree)  # 5 raw blocks = 20
+    alloc = FocusAllocator(protect_tokens=4)
+    alloc.refocus(wc, torch.tensor([0.0, 0.0, -0.05, 0.0, 0.0]))  # under threshold: no edits
+    alloc.advance(wc, 28)  # 7 blocks = 28 > 24 -> collapse the worst-scored block (2) first
+    assert wc.entries[2] == Entry(1, 2) and wc.cost <= 24
+    wc.validate(tree)
+
+
+def test_stochastic_is_seeded() -> None:
+    def run(seed: int) -> list:
+        wc = WorkingContext(4, 1, 100, 64, entries=[Entry(1, j) for j in range(16)])
+        alloc = FocusAllocator(stochastic=True, top_k=8, seed=seed, max_edits=3)
+        return [e.before for e in alloc.refocus(wc, torch.linspace(0.3, 1.0, 16))]
+
+    assert run(1) == run(1)
+    assert any(run(1) != run(s) for s in range(2, 8))
+
+
+@PROPS
+@given(
+    k=st.sampled_from([2, 3, 4]),
+    depth=st.integers(1, 3),
+    t=st.integers(0, 120),
+    slack=st.integers(0, 40),
+    stochastic=st.booleans(),
+    seed=st.integers(0, 10**6),
+    steps=st.integers(1, 6),
+)
+def test_refocus_and_advance_never_exceed_budget(
+    k: int, depth: int, t: int, slack: int, stochastic: bool, seed: int, steps: int
+) -> None:
+    tree = FakeTree(k, depth, t + 40 * steps)
+    # the cheapest cover is not monotone in T (a tail token costs 1): budget for the worst point on the way
+    budget = max(min_cost(k, depth, x) for x in range(t, t + 40 * steps + 1)) + slack
+    wc = WorkingContext(k, depth, budget, t, entries=coarsest_cover(k, depth, t), tree=tree, strict=True)
+    g = torch.Generator().manual_seed(seed)
+    alloc = FocusAllocator(
+        tau_expand=0.0,
+        tau_collapse=0.0,
+        max_edits=int(torch.randint(0, 6, (1,), generator=g)),
+        cooldown=int(torch.randint(0, 3, (1,), generator=g)),
+        protect_tokens=int(torch.randint(0, 2 * k, (1,), generator=g)),
+        stochastic=stochastic,
+        seed=seed,
+    )
+    for _ in range(steps):
+        alloc.refocus(wc, torch.randn(len(wc), generator=g))
+        wc.validate(tree)
+        assert wc.cost <= budget
+        alloc.advance(wc, wc.num_tokens + int(torch.randint(0, 40, (1,), generator=g)))
+        wc.validate(tree)
+        assert wc.cost <= budget
