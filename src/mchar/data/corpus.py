@@ -121,8 +121,8 @@ def discover_corpus(
 ) -> CorpusSplits:
     """Discover text files and split them by file.
 
-    ``max_files`` keeps a deterministic hash-ordered subset, giving every split with a positive fraction
-    at least one file, so tiny configs still have held-out data. Empty and unreadable/undecodable files
+    ``max_files`` keeps a deterministic hash-ordered subset of *usable* files, giving every split with a
+    positive fraction at least one file (when it has any), so tiny configs still have held-out data. Empty and unreadable/undecodable files
     are skipped and counted per split. Raises ``DataError`` when nothing usable remains.
     """
     root_path = Path(root) if root is not None else default_root()
@@ -131,25 +131,28 @@ def discover_corpus(
     for rel, path in iter_matching(root_path, globs, exclude):
         by_split[split_of(rel, seed, fr)].append((_unit_hash(f"order:{seed}:{rel}"), rel, path))
 
+    quota: dict[str, float] = dict.fromkeys(SPLITS, float("inf"))
     if max_files is not None:
         if max_files < 1:
             raise DataError(f"max_files must be >= 1, got {max_files}")
         active = [s for s, f in zip(SPLITS, fr, strict=True) if f > 0]
-        quota = {s: max(1, round(max_files * f / sum(fr))) for s, f in zip(SPLITS, fr, strict=True) if f > 0}
+        q = {s: max(1, round(max_files * f / sum(fr))) for s, f in zip(SPLITS, fr, strict=True) if f > 0}
         # Trim the largest quota until the total fits (never below one file per active split).
-        while sum(quota.values()) > max(max_files, len(active)):
-            biggest = max(quota, key=lambda s: quota[s])
-            if quota[biggest] <= 1:
+        while sum(q.values()) > max(max_files, len(active)):
+            biggest = max(q, key=lambda s: q[s])
+            if q[biggest] <= 1:
                 break
-            quota[biggest] -= 1
-        for s in SPLITS:
-            by_split[s] = sorted(by_split[s])[: quota.get(s, 0)]
+            q[biggest] -= 1
+        quota = {s: float(q.get(s, 0)) for s in SPLITS}
 
     out = CorpusSplits(root=root_path)
     for s in SPLITS:
         rep = SplitReport()
         kept: list[Path] = []
-        for _, _, path in sorted(by_split[s], key=lambda t: t[1]):
+        # Hash order picks a deterministic subset under max_files; usable files count toward the quota.
+        for _, _, path in sorted(by_split[s]):
+            if len(kept) >= quota[s]:
+                break
             text = read_text(path)
             if text is None:
                 rep.skipped_unreadable += 1
@@ -159,7 +162,7 @@ def discover_corpus(
                 rep.files_used += 1
                 rep.chars += len(text)
                 kept.append(path)
-        setattr(out, s, kept)
+        setattr(out, s, sorted(kept))
         out.report[s] = rep
     if not any(out.report[s].files_used for s in SPLITS):
         raise DataError(
