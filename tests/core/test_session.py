@@ -1,0 +1,141 @@
+"""MegaContextSession: exactness vs the plain base, KV reuse == no reuse, bounded per-token work."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
+from mchar.core.allocator import FocusAllocator
+from mchar.core.gistnet import GistNet
+from mchar.core.session import MegaContextSession, common_prefix_slots
+from mchar.core.tree import MegaContextTree
+
+K = 8
+VOCAB = 128
+
+
+class ZeroPolicy:
+    """No opinion strong enough to edit: the WC only changes through advance/fit."""
+
+    allows_drop = False
+
+    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
+        return torch.zeros(len(wc))
+
+
+class RandomPolicy:
+    """Seeded random signed scores: forces expands and collapses at every refocus."""
+
+    allows_drop = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
+        return torch.randn(len(wc), generator=self.gen) * 2
+
+
+def _base(family: str) -> FrozenBaseLM:
+    return FrozenBaseLM(tiny_causal_lm(family, vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, seed=1))
+
+
+def _session(
+    base: FrozenBaseLM, budget: int, policy, reuse: bool = True, depth: int = 2
+) -> MegaContextSession:  # noqa: ANN001
+    torch.manual_seed(0)
+    gist = GistNet(base.hidden_size, K, max_level=depth, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, depth, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(tau_expand=0.2, tau_collapse=0.2, max_edits=4, cooldown=1, protect_tokens=K)
+    return MegaContextSession(base, tree, alloc, policy, budget, refocus_every=K, reuse_cache=reuse)
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_all_raw_reproduces_base_logits(family: str) -> None:
+    base = _base(family)
+    s = _session(base, budget=128, policy=ZeroPolicy())
+    hist, cont = _ids(43), _ids(9, seed=1)
+    s.ingest(hist[:20])
+    s.ingest(hist[20:])
+    assert all(e.level == 0 for e in s.wc.entries)
+    ref = base.forward_ids(torch.cat([hist, cont]).unsqueeze(0))[0]
+    # one uncached forward of the WC is bit-for-bit the plain forward
+    assert torch.equal(s.context_logits(), base.forward_ids(hist.unsqueeze(0))[0])
+    # scoring through the KV cache matches the plain log-probs
+    total, lp = s.score(cont)
+    want = torch.log_softmax(ref[42:-1], -1).gather(-1, cont.unsqueeze(-1))[:, 0]
+    torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+    assert abs(total - float(want.sum())) < 1e-4
+    assert s.num_tokens == 43  # commit=False leaves history alone
+    # ... and a second score reuses the cache without drift
+    torch.testing.assert_close(s.score(cont)[1], want, atol=1e-5, rtol=1e-5)
+    # commit=True streams through ingest and gives the same numbers
+    torch.testing.assert_close(s.score(cont, commit=True)[1], want, atol=1e-5, rtol=1e-5)
+    assert s.num_tokens == 52
+    torch.testing.assert_close(s.next_token_logits(), ref[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_with_kv_reuse_equals_recompute(family: str) -> None:
+    base = _base(family)
+    prompt = _ids(150, seed=2)
+    runs = {}
+    for reuse in (True, False):
+        s = _session(base, budget=48, policy=RandomPolicy(3), reuse=reuse)
+        s.ingest(prompt)
+        edits_before = s.stats.edits
+        greedy = s.generate(40)
+        sampled = s.generate(16, greedy=False, temperature=0.8, top_k=20, seed=5)
+        runs[reuse] = (greedy, sampled, s.stats.edits - edits_before, list(s.stats.fed_slots), s)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
+    assert runs[True][2] > 0, "refocus edits must happen mid-generation"
+    s = runs[True][4]
+    assert s.wc.cost <= 48 and s.stats.max_wc_slots <= 48
+    # the cached run feeds mostly one slot per token; the reference recomputes the whole WC each time
+    assert statistics.median(runs[True][3]) == 1
+    assert sum(runs[True][3]) < sum(runs[False][3]) / 4
+
+
+def test_stop_ids_and_sampling_seed() -> None:
+    base = _base("llama")
+    s = _session(base, budget=40, policy=ZeroPolicy())
+    s.ingest(_ids(30))
+    first = s.generate(5)
+    s2 = _session(base, budget=40, policy=ZeroPolicy())
+    s2.ingest(_ids(30))
+    out = s2.generate(20, stop_ids=[first[2]])
+    assert out == first[:3]
+
+
+def test_per_token_work_is_bounded() -> None:
+    base = _base("llama")
+    budget = 32
+    per_token = {}
+    for mult in (2, 16):
+        s = _session(base, budget=budget, policy=RandomPolicy(1), depth=3)
+        s.ingest(_ids(budget * mult, seed=mult))
+        s.stats.reset()
+        s.generate(2 * K)
+        assert s.wc.cost <= budget and len(s.wc) <= budget
+        assert s.stats.max_wc_slots <= budget
+        per_token[mult] = sum(s.stats.fed_slots) / (2 * K)
+        assert max(s.stats.fed_slots) <= budget
+    # 8x more history does not mean more slots fed per generated token
+    assert per_token[16] <= per_token[2] * 1.5 + 1
+
+
+def test_common_prefix_matches_wc_first_difference() -> None:
+    base = _base("llama")
+    s = _session(base, budget=48, policy=RandomPolicy(7))
+    s.ingest(_ids(120))
+    for step in range(30):
+        before_wc, before = s.wc.copy(), s.segments()
+        s.ingest([step % VOCAB])
+        assert common_prefix_slots(before, s.segments()) == before_wc.first_difference(s.wc)
