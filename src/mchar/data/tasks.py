@@ -305,7 +305,7 @@ def fit_lines(
         text, offsets = insert_at_depths(lines[:k], inserts)
         return counter(text + suffix), text, offsets
 
-    lo, hi = 1, len(lines)
+    lo, hi = 0, len(lines)
     best = measure(lo)
     if best[0] > length:
         return best
