@@ -1,0 +1,178 @@
+"""Policies: registry, truncation builds, score shapes/signs, lensnet wrapping, batched oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mchar.core.allocator import FocusAllocator, initial_context
+from mchar.core.entries import Entry
+from mchar.core.policies import POLICIES, PolicyContext, make_policy
+from mchar.core.working_context import WorkingContext
+
+from .test_working_context import FakeTree
+
+
+def test_registry_and_unknown_name() -> None:
+    assert set(POLICIES) == {
+        "recency",
+        "sink_recent",
+        "gists_only",
+        "similarity",
+        "random",
+        "lensnet",
+        "oracle",
+    }
+    with pytest.raises(ValueError, match=r"unknown policy 'x' \(available: gists_only, lensnet"):
+        make_policy("x")
+
+
+def test_recency_keeps_only_recent_raw_and_drops_the_rest() -> None:
+    tree = FakeTree(4, 2, 70)
+    pol = make_policy("recency")
+    wc = pol.build(tree, 30)
+    wc.validate(tree)
+    assert pol.allows_drop and wc.cost == 30 - 2 + 2 == 30 and wc.tail_len == 2
+    live = [e for e, d in zip(wc.entries, wc.dropped, strict=True) if not d]
+    assert live == [Entry(0, b) for b in range(10, 17)]
+    assert wc.dropped_tokens == 40 and wc.telemetry()["dropped_tokens"] == 40
+    assert wc.slot_map()[0] == (0, 40)
+
+
+def test_sink_recent_keeps_first_block() -> None:
+    tree = FakeTree(4, 2, 70)
+    wc = make_policy("sink_recent", sink_blocks=1).build(tree, 30)
+    wc.validate(tree)
+    live = [e for e, d in zip(wc.entries, wc.dropped, strict=True) if not d]
+    assert live[0] == Entry(0, 0) and live[1:] == [Entry(0, b) for b in range(11, 17)]
+    assert wc.cost <= 30
+
+
+def test_gists_only_never_expands_and_collapses_raw() -> None:
+    tree = FakeTree(4, 2, 70)
+    pol = make_policy("gists_only")
+    wc = pol.build(tree, 30)
+    assert all(e.level >= 1 for e in wc.entries)
+    alloc = FocusAllocator(max_edits=50)
+    wc = WorkingContext(4, 2, 100, 70, tree=tree)  # all raw
+    scores = pol.scores(wc, tree)
+    assert torch.all(scores < 0)
+    alloc.refocus(wc, scores)
+    assert all(e.level >= 1 for e in wc.entries)
+    assert alloc.refocus(wc, pol.scores(wc, tree)) == []  # gists are left alone
+
+
+def test_similarity_prefers_blocks_like_the_query() -> None:
+    tree = FakeTree(4, 1, 40)
+    tree.ids[8:12] = tree.ids[36:40]  # block 2 repeats the tail query exactly
+    tree._build()
+    wc = initial_context(tree, 10 + 3, expand_recent=False)
+    s = make_policy("similarity").scores(wc, tree)
+    assert s.shape == (len(wc),) and int(s[:-1].argmax()) == 2 and s.max() > 0 > s.min()
+
+
+def test_random_is_seeded() -> None:
+    tree = FakeTree(4, 1, 40)
+    wc = initial_context(tree, 20)
+    a = make_policy("random", seed=3).scores(wc, tree)
+    b = make_policy("random", seed=3).scores(wc, tree)
+    assert torch.equal(a, b) and a.abs().max() <= 1
+
+
+def test_lensnet_policy_passes_features_and_works_with_real_lensnet() -> None:
+    tree = FakeTree(4, 2, 70)
+    wc = initial_context(tree, 30)
+    seen = {}
+
+    def fake(entry_embeds, levels, widths, distances, tail_embeds):  # noqa: ANN001, ANN202
+        seen.update(e=entry_embeds, l=levels, w=widths, d=distances, t=tail_embeds)
+        return -distances.float()
+
+    s = make_policy("lensnet", lensnet=fake).scores(wc, tree)
+    assert s.shape == (len(wc),) and seen["e"].shape == (len(wc), 8)
+    assert seen["w"].tolist() == [e.width(4) for e in wc.entries]
+    assert seen["d"][-1] == 70 - wc.entries[-1].end(4) and seen["t"].shape == (4, 8)
+    from mchar.core.lensnet import LensNet
+
+    net = LensNet(d_model=8, width=16, n_layers=1, n_heads=2, max_level=2, tail_tokens=4)
+    s = make_policy("lensnet", lensnet=net).scores(wc, tree)
+    assert s.shape == (len(wc),) and torch.isfinite(s).all()
+    FocusAllocator().refocus(wc, s)
+    assert wc.cost <= 30
+
+
+def test_run_policy_rebuilds_truncation_and_refocuses_others() -> None:
+    tree = FakeTree(4, 2, 70)
+    wc = initial_context(tree, 30)
+    alloc = FocusAllocator()
+    new, edits = alloc.run_policy(wc, make_policy("recency"), tree)
+    assert new is not wc and new.num_dropped > 0 and edits == []
+    same, _ = alloc.run_policy(wc, make_policy("random", seed=0), tree)
+    assert same is wc and wc.cost <= 30
+
+
+@pytest.fixture(scope="module")
+def base_lm():  # noqa: ANN201
+    from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
+
+    return FrozenBaseLM(tiny_causal_lm("llama", vocab_size=64, hidden_size=16, layers=1, heads=2))
+
+
+def test_oracle_matches_unbatched_counterfactuals(base_lm) -> None:  # noqa: ANN001
+    k = 4
+    tree = FakeTree(k, 2, 42, d=16, vocab=64)
+    tree.table = base_lm.embed(torch.arange(64)).detach()
+    tree._build()
+    wc = initial_context(tree, 20)
+    fut = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(0))
+    ctx = PolicyContext(base_lm=base_lm, future_tokens=fut)
+    scores = make_policy("oracle", batch_size=3).scores(wc, tree, ctx)
+    assert scores.shape == (len(wc),) and torch.isfinite(scores).all()
+
+    def horizon_nll(w: WorkingContext) -> float:
+        emb, pos, _ = w.assemble(tree)
+        x = torch.cat([emb, base_lm.embed(fut[:-1]).unsqueeze(0)], 1)
+        p = torch.cat([pos, torch.arange(42, 47).unsqueeze(0)], 1)
+        logits, _ = base_lm.forward_embeds(x, p)
+        lg = logits[0, emb.shape[1] - 1 : emb.shape[1] - 1 + 6]
+        return float(torch.nn.functional.cross_entropy(lg, fut))
+
+    base = horizon_nll(wc)
+    big = wc.copy(budget=10**6)
+    for i, e in enumerate(wc.entries):
+        v = big.copy()
+        if e.level > 0:
+            v.expand(i)
+            want = base - horizon_nll(v)
+        else:
+            v.collapse(i)
+            want = horizon_nll(v) - base
+        assert scores[i].item() == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="future_tokens"):
+        make_policy("oracle").scores(wc, tree, PolicyContext(base_lm=base_lm))
+
+
+def test_policies_work_on_the_real_tree() -> None:
+    from mchar.core.tree import MegaContextTree
+
+    table = torch.randn(50, 8)
+
+    def gist_fn(children: torch.Tensor, level: int) -> torch.Tensor:
+        return children.mean(1)
+
+    tree = MegaContextTree.in_memory(4, 2, 8, embed_fn=lambda ids: table[ids], gist_fn=gist_fn)
+    tree.ingest(torch.randint(0, 50, (70,)))
+    for name in ("similarity", "random", "gists_only"):
+        wc = initial_context(tree, 30)
+        FocusAllocator().refocus(wc, make_policy(name).scores(wc, tree))
+        wc.validate(tree)
+        emb, pos, slots = wc.assemble(tree)
+        assert emb.shape == (1, wc.cost, 8) and len(slots) == wc.cost <= 30
+    for name in ("recency", "sink_recent"):
+        wc = make_policy(name).build(tree, 30)
+        assert wc.assemble(tree)[0].shape[1] == wc.cost <= 30
+    wc = initial_context(tree, 30)
+    tree.ingest(torch.randint(0, 50, (9,)))
+    FocusAllocator(protect_tokens=8).advance(wc, tree.num_tokens)
+    wc.validate(tree)
+    assert wc.num_tokens == 79 and wc.cost <= 30 and wc.entries[-1] == Entry(0, 18)
