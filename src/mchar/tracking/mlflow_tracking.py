@@ -66,9 +66,11 @@ def package_versions() -> dict[str, str]:
 class Tracker:
     """Owns the MLflow client for one command; a no-op on non-zero ranks."""
 
-    def __init__(self, cfg: RootConfig, command: str) -> None:
+    def __init__(self, cfg: RootConfig, command: str, parent_tags: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.command = command
+        # Extra tags for the parent run, e.g. ``mlflow.parentRunId`` to nest a sweep trial under its study run.
+        self.parent_tags = dict(parent_tags or {})
         self.active = is_global_zero()
         self.uri = tracking_uri(cfg)
         self.parent_id: str | None = os.environ.get(PARENT_ENV)
@@ -114,7 +116,8 @@ class Tracker:
             yield self.parent_id
             return
         name = self.cfg.logger.run_name or f"{self.command}:{self.cfg.name}"
-        run = self._client.create_run(self.experiment_id, run_name=name, tags={"mchar.role": "parent"})
+        run = self._client.create_run(self.experiment_id, run_name=name,
+                                      tags={"mchar.role": "parent", **self.parent_tags})
         self.parent_id = run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         self._describe(self.parent_id, self.cfg)
