@@ -10,6 +10,8 @@ import torch
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import GistNet
+from mchar.core.lensnet import LensNet
+from mchar.core.policies import LensNetPolicy
 from mchar.core.session import MegaContextSession, common_prefix_slots
 from mchar.core.tree import MegaContextTree
 
@@ -81,13 +83,24 @@ def test_all_raw_reproduces_base_logits(family: str) -> None:
     torch.testing.assert_close(s.next_token_logits(), ref[-1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_generation_with_kv_reuse_equals_recompute(family: str) -> None:
+def _lens_policy(base: FrozenBaseLM) -> LensNetPolicy:
+    torch.manual_seed(4)
+    lens = LensNet(base.hidden_size, width=16, n_layers=1, n_heads=2, max_level=2, tail_tokens=K).eval()
+    with torch.no_grad():
+        lens.score[-1].weight.mul_(50.0)  # random init scores are tiny; make them cross the thresholds
+    return LensNetPolicy(lens)
+
+
+@pytest.mark.parametrize(
+    ("family", "policy"), [("llama", "random"), ("gpt2", "random"), ("qwen2", "lensnet")]
+)
+def test_generation_with_kv_reuse_equals_recompute(family: str, policy: str) -> None:
     base = _base(family)
     prompt = _ids(150, seed=2)
     runs = {}
     for reuse in (True, False):
-        s = _session(base, budget=48, policy=RandomPolicy(3), reuse=reuse)
+        pol = RandomPolicy(3) if policy == "random" else _lens_policy(base)
+        s = _session(base, budget=48, policy=pol, reuse=reuse)
         s.ingest(prompt)
         edits_before = s.stats.edits
         greedy = s.generate(40)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mchar.core.entries import Entry
+from mchar.core.policies import PolicyContext
 from mchar.core.positions import check_mode, gist_position
 from mchar.core.protocols import BaseLM
 
@@ -105,6 +106,7 @@ class MegaContextSession:
         self._cached_version: Any = None
         self._last_logits: torch.Tensor | None = None
         self._last_logits_at = -1
+        self.future_tokens: torch.Tensor | None = None  # only the oracle policy reads it (eval)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -397,6 +399,9 @@ def _advance(session: MegaContextSession, new_tokens: int) -> None:
 def _refocus(session: MegaContextSession) -> int:
     """One policy + allocator step; returns the number of edits (a truncation rebuild counts as one)."""
     before = session.wc
-    wc, edits = session.allocator.run_policy(session.wc, session.policy, session.tree, session)
+    context = PolicyContext(
+        base_lm=session.base, future_tokens=session.future_tokens, position_mode=session.position_mode
+    )
+    wc, edits = session.allocator.run_policy(session.wc, session.policy, session.tree, context)
     session.wc = wc
     return len(edits) if wc is before else int(wc != before)
