@@ -66,6 +66,10 @@ def child(
 ) -> None:
     """Writer loop: open-or-create, ingest forever (until max_tokens), report each committed count."""
     embed_fn, gist_fn = make_fns(dim, seed)
+    # imports are done: tell the parent, then wait for "go" so the slow start-up overlaps the previous child
+    print("loaded", flush=True)
+    if sys.stdin.readline().strip() != "go":  # parent gone or gave up: never write unsupervised
+        return
     p = Path(path)
     if (p / "metadata.json").exists():
         tree = MegaContextTree.open(
@@ -83,6 +87,18 @@ def child(
         n = tree.ingest(token_stream(n, n + c, seed))
         print(f"committed {n}", flush=True)
     tree.close()
+
+
+def torn_tail_bytes(path: str | Path) -> int:
+    """Bytes past the committed length in the level files (what a kill left half-written; open discards them)."""
+    p = Path(path)
+    try:
+        levels = json.loads((p / "metadata.json").read_text())["levels"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(
+        max(0, (p / lv["file"]).stat().st_size - lv["bytes"]) for lv in levels if (p / lv["file"]).exists()
+    )
 
 
 def verify(path: str | Path, *, seed: int, dim: int, reported_tokens: int) -> dict[str, Any]:
@@ -165,42 +181,64 @@ def run_kills(
         "--max-tokens",
         str(max_tokens),
     ]
-    for _ in range(kills):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def spawn() -> tuple[subprocess.Popen[str], list[str], threading.Event, threading.Thread]:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         lines: list[str] = []
         ready = threading.Event()
 
-        def drain(
-            p: subprocess.Popen[str] = proc, out: list[str] = lines, ev: threading.Event = ready
-        ) -> None:
-            assert p.stdout is not None
-            for line in p.stdout:  # only newline-terminated lines count as reports
+        def drain() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # only newline-terminated lines count as reports
                 if line.endswith("\n"):
-                    out.append(line)
+                    lines.append(line)
                     if line.startswith("ready"):
-                        ev.set()
-            ev.set()
+                        ready.set()
+            ready.set()
 
         t = threading.Thread(target=drain, daemon=True)
         t.start()
-        if not ready.wait(timeout=120):
-            proc.kill()
-            raise RuntimeError("fault child never became ready")
-        delay = rng.uniform(0.0, max_delay)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        t.join(timeout=10)
-        err = proc.stderr.read() if proc.stderr else ""
-        if proc.returncode not in (0, -signal.SIGKILL):
-            raise RuntimeError(f"fault child failed (rc={proc.returncode}): {err.strip()[-2000:]}")
-        for line in lines:
-            if line.startswith("committed "):
-                reported = max(reported, int(line.split()[1]))
-        res = verify(path, seed=seed, dim=dim, reported_tokens=reported)
-        res["delay_s"] = round(delay, 4)
-        per_kill.append(res)
+        return proc, lines, ready, t
+
+    live: list[subprocess.Popen[str]] = []
+    try:
+        nxt = spawn() if kills > 0 else None
+        for k in range(kills):
+            assert nxt is not None
+            proc, lines, ready, t = nxt
+            live.append(proc)
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            if not ready.wait(timeout=120):
+                raise RuntimeError("fault child never became ready")
+            nxt = spawn() if k + 1 < kills else None  # pre-import the next writer while this one runs
+            if nxt is not None:
+                live.append(nxt[0])
+            delay = rng.uniform(0.0, max_delay)
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            t.join(timeout=10)
+            err = proc.stderr.read() if proc.stderr else ""
+            if proc.returncode not in (0, -signal.SIGKILL):
+                raise RuntimeError(f"fault child failed (rc={proc.returncode}): {err.strip()[-2000:]}")
+            for line in lines:
+                if line.startswith("committed "):
+                    reported = max(reported, int(line.split()[1]))
+            torn = torn_tail_bytes(path)
+            res = verify(path, seed=seed, dim=dim, reported_tokens=reported)
+            res["delay_s"] = round(delay, 4)
+            res["torn_tail_bytes"] = torn
+            per_kill.append(res)
+    finally:
+        for p in live:  # only the children this call started
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return {
         "kills": kills,
         "verified_blocks": sum(r["verified_blocks"] for r in per_kill),
@@ -209,6 +247,7 @@ def run_kills(
         "lost_committed_blocks": sum(r["lost_committed_blocks"] for r in per_kill),
         "lost_committed_tokens": sum(r["lost_committed_tokens"] for r in per_kill),
         "bad_blocks": sum(r["bad_blocks"] for r in per_kill),
+        "kills_with_torn_tail": sum(r["torn_tail_bytes"] > 0 for r in per_kill),
         "per_kill": per_kill,
     }
 
