@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,12 @@ from mchar.core.working_context import BudgetExceeded, WorkingContext, coarsest_
 
 from .test_working_context import FakeTree
 
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# MCHAR_HYPOTHESIS_EXAMPLES=5000 for a deep run; the default keeps the file well under 30 s
+PROPS = settings(
+    max_examples=int(os.environ.get("MCHAR_HYPOTHESIS_EXAMPLES", 150)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def test_initial_context_expands_recent_first() -> None:

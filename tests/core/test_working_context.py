@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -20,7 +21,12 @@ from mchar.core.working_context import (
     min_cost,
 )
 
-PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# MCHAR_HYPOTHESIS_EXAMPLES=5000 for a deep run; the default keeps the file well under 30 s
+PROPS = settings(
+    max_examples=int(os.environ.get("MCHAR_HYPOTHESIS_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 class FakeTree:
@@ -44,7 +50,7 @@ class FakeTree:
         cur = self.embed_fn(self.ids)
         for level in range(1, self.depth + 1):
             n = cur.shape[0] // k
-            cur = cur[: n * k].reshape(n, k, -1).mean(1)
+            cur = cur[: n * k].reshape(n, k, cur.shape[-1]).mean(1)
             self.levels[level] = cur
 
     def ingest(self, ids: torch.Tensor) -> None:
