@@ -289,6 +289,24 @@ def test_backend_contract(tmp_path: Path, backend: str) -> None:
     st.close()
 
 
+def _die(st: DiskStorage) -> None:
+    """Simulate the process dying: drop file handles and the writer lock, without any cleanup."""
+    for f in st._files:
+        f.close()
+    st._unlock()
+
+
+def test_single_writer_lock(tree_dir: tuple[Path, list[torch.Tensor]]) -> None:
+    path, snap = tree_dir
+    writer = reopen(path)
+    with pytest.raises(StorageError, match="already open for writing"):
+        reopen(path)
+    with reopen(path, readonly=True) as ro:  # readers never block
+        assert_snapshot(ro, snap)
+    writer.close()
+    reopen(path).close()
+
+
 def test_refresh_crash_before_publish_keeps_old(
     tree_dir: tuple[Path, list[torch.Tensor]], monkeypatch
 ) -> None:
@@ -299,7 +317,7 @@ def test_refresh_crash_before_publish_keeps_old(
     tree.storage.write_refreshed_gists(1, 0, torch.zeros(1, DIM))
     with pytest.raises(KeyboardInterrupt):
         tree.storage.commit_refresh(5)
-    # simulate the process dying here: staging files stay behind, nothing closed cleanly
+    _die(tree.storage)  # staging files stay behind, nothing cleaned up
     assert list(path.glob("*.refresh"))
     with reopen(path) as t:
         assert t.gist_version == 0
@@ -323,6 +341,7 @@ def test_refresh_crash_after_publish_rolls_forward(
     with pytest.raises(KeyboardInterrupt):
         tree.refresh(lambda x, level: x.mean(dim=1) + 1.0, version=4)
     monkeypatch.setattr(storage_mod.os, "replace", real_replace)
+    _die(tree.storage)
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["refresh_pending"]["version"] == 4
     with pytest.raises(StorageError, match="refresh is pending"):

@@ -28,6 +28,7 @@ refresh forward and deletes unpublished staging files, so a refresh is all-or-no
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -41,6 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no single-writer lock
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DiskStorage",
@@ -534,6 +540,27 @@ class DiskStorage(TreeStorage):
         self._staging: dict[int, _LevelFile] | None = None
 
     _PRIVATE = object()
+    _lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        """Single writer per tree: an exclusive advisory lock on lod0.ids (released by the kernel on kill)."""
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(self._files[0].path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageError(
+                f"{self.path}: tree is already open for writing (by this or another process)"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the fd releases the flock
+            self._lock_fd = None
 
     @staticmethod
     def level_filename(level: int) -> str:
@@ -580,6 +607,7 @@ class DiskStorage(TreeStorage):
             "levels": [],
             "refresh_pending": None,
         }
+        self._lock()
         for f in self._files:
             f.open(0, 0, verify=False)
         self._publish()
@@ -633,6 +661,20 @@ class DiskStorage(TreeStorage):
             fsync_data=fsync_data,
             fsync_metadata=fsync_metadata,
         )
+        try:
+            self._open_files(meta, readonly=readonly, verify=verify)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open_files(self, meta: dict[str, Any], *, readonly: bool, verify: bool) -> None:
+        path = self.path
+        if not readonly:
+            if not self._files[0].path.is_file():
+                raise StorageError(f"{path}: lod0.ids: level file missing")
+            self._lock()
+            meta = self._read_metadata(path)  # re-read under the lock: a previous writer may have committed
         self._meta = meta
         if meta.get("refresh_pending") is not None and readonly:
             raise StorageError(
@@ -640,17 +682,13 @@ class DiskStorage(TreeStorage):
             )
         if not readonly:
             self._recover_refresh()
-        levels = self._meta.get("levels") or [{"count": 0, "crc32": 0}] * (spec.depth + 1)
-        if len(levels) != spec.depth + 1:
-            raise StorageError(f"{path}: metadata.json lists {len(levels)} levels, expected {spec.depth + 1}")
-        try:
-            for f, rec in zip(self._files, levels, strict=True):
-                f.open(int(rec["count"]), int(rec["crc32"]), verify=verify)
-        except BaseException:
-            self.close()
-            raise
+        depth = self.spec.depth
+        levels = self._meta.get("levels") or [{"count": 0, "crc32": 0}] * (depth + 1)
+        if len(levels) != depth + 1:
+            raise StorageError(f"{path}: metadata.json lists {len(levels)} levels, expected {depth + 1}")
+        for f, rec in zip(self._files, levels, strict=True):
+            f.open(int(rec["count"]), int(rec["crc32"]), verify=verify)
         self._committed = [int(rec["count"]) for rec in levels]
-        return self
 
     @classmethod
     def _read_metadata(cls, path: Path) -> dict[str, Any]:
@@ -856,6 +894,7 @@ class DiskStorage(TreeStorage):
         self.abort_refresh()
         for f in self._files:
             f.close()
+        self._unlock()
 
     def metadata(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._meta))
