@@ -1,0 +1,215 @@
+"""GistNet substitutability training on a frozen base LM.
+
+teacher = base on the raw window; student = base with earlier blocks replaced by gists (a random aligned mix of
+LOD1..LODdepth per step, LOD2 computed from the LOD1 gists just made, with grad); loss on the H true next tokens
+after the prefix: KL(teacher || student) and/or NLL, plus an optional contrastive term on adjacent LOD1 gists.
+Only GistNet is in the optimizer; the base's weights never require grad and are left out of checkpoints (they
+are re-inserted from the live base on load, so ``ckpt_path=last`` resumption works).
+
+Validation reports, per window: ΔNLL@H = student NLL - teacher NLL for the mixed layout and for all-LODl layouts,
+the *drop* baseline (the same entries removed instead of gisted), and the substitutability rate (share of single
+spans whose ΔNLL is below ``substitutable_threshold``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from mchar.lit import windows as W
+from mchar.lit.base_lm import warmup_cosine
+
+BASE_PREFIX = "base."
+
+
+def strip_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Drop the frozen base's tensors from a checkpoint state dict (trainable ones, e.g. LoRA, stay)."""
+    trainable = {f"{BASE_PREFIX}{n}" for n, p in module.base.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if not k.startswith(BASE_PREFIX) or k in trainable}
+
+
+def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """Put the live base's tensors back before a strict ``load_state_dict`` (resume, ``load_from_checkpoint``)."""
+    for k, v in module.base.state_dict().items():
+        state.setdefault(f"{BASE_PREFIX}{k}", v)
+
+
+class FrozenBaseCheckpointMixin:
+    """Checkpoint hooks shared by the GistNet, LensNet and end-to-end modules."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = strip_frozen(checkpoint["state_dict"], self)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(checkpoint["state_dict"], self)  # type: ignore[arg-type]
+
+
+def substitutability_loss(kind: str, teacher: torch.Tensor, student: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL / NLL / KL+NLL on horizon logits ``[R, H, V]``."""
+    nll = W.token_nll(student, targets).mean()
+    logs = {"nll": nll.detach()}
+    if kind == "nll":
+        return nll, logs
+    kl = W.token_kl(teacher, student).mean()
+    logs["kl"] = kl.detach()
+    return (kl if kind == "kl" else kl + nll), logs
+
+
+def contrastive_term(lod1: torch.Tensor, margin: float) -> torch.Tensor:
+    """``relu(margin - cos_dist(g_i, g_{i+1}))`` over adjacent LOD1 gists: keeps gists of different blocks apart."""
+    if lod1.shape[1] < 2:
+        return lod1.sum() * 0.0
+    cos = F.cosine_similarity(lod1[:, 1:], lod1[:, :-1], dim=-1)
+    return F.relu(margin - (1.0 - cos)).mean()
+
+
+class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
+    """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
+
+    def __init__(self, base: nn.Module, gistnet: nn.Module, *, block_size: int, depth: int, horizon: int,
+                 loss: str = "kl+nll", lr: float = 1e-3, weight_decay: float = 0.01, max_steps: int = 200,
+                 warmup_steps: int = 10, contrastive_weight: float = 0.0, contrastive_margin: float = 0.2,
+                 substitutable_threshold: float = 0.5, position_mode: str = "centre", raw_prob: float = 0.25,
+                 keep_raw_blocks: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.gistnet = gistnet
+        self.save_hyperparameters(ignore=["base", "gistnet"])
+        self.k, self.depth, self.horizon = block_size, depth, horizon
+        mean = torchmetrics.MeanMetric
+        names = ["teacher_nll", "student_nll", "dnll", "drop_dnll", "span_dnll", "span_drop_dnll", "subst_rate"]
+        names += [f"dnll_lod{lv}" for lv in range(1, depth + 1)]
+        names += [f"drop_dnll_lod{lv}" for lv in range(1, depth + 1)]
+        self.val_metrics = nn.ModuleDict({n: mean() for n in names})
+
+    # ------------------------------------------------------------------ core computation
+    def gist_fn(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        return self.gistnet(x, level)
+
+    def prefix(self, ids: torch.Tensor) -> int:
+        return W.prefix_len(ids.shape[1], self.horizon, self.k)
+
+    def bank(self, ids: torch.Tensor, prefix: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Token embeddings, gists of every level (with grad when GistNet trains) and the source bank."""
+        tok = self.base.embed(ids[:, : prefix + self.horizon])
+        gists = W.build_gists(self.gist_fn, tok[:, :prefix], self.k, self.depth)
+        return tok, gists, W.source_bank(tok, gists)
+
+    def student_logits(self, bank: torch.Tensor, layouts: list[tuple[int, np.ndarray, np.ndarray]],
+                       prefix: int) -> torch.Tensor:
+        rows = W.build_rows(layouts, prefix, self.horizon, bank.device)
+        return W.horizon_logits(self.base, W.gather_rows(bank, rows), rows, self.horizon)
+
+    def same_layout(self, n: int, entries: list, prefix: int, ids_len: int, dropped: list[bool] | None = None
+                    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        offs = W.bank_offsets(ids_len, prefix, self.k, self.depth)
+        b, p = W.prefix_slots(entries, self.k, offs, self.hparams.position_mode, dropped)
+        return [(i, b, p) for i in range(n)]
+
+    def train_layout(self, step: int, prefix: int) -> list:
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 3))
+        return W.random_layout(prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob)
+
+    def compute_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training loss (used by ``training_step`` and by the plain-loop benchmark alike)."""
+        ids = ids.to(self.device)
+        prefix = self.prefix(ids)
+        targets = ids[:, prefix : prefix + self.horizon]
+        with torch.no_grad():
+            teacher = W.teacher_logits(self.base, ids, prefix, self.horizon)
+        tok, gists, bank = self.bank(ids, prefix)
+        entries = self.train_layout(step, prefix)
+        student = self.student_logits(bank, self.same_layout(ids.shape[0], entries, prefix, tok.shape[1]), prefix)
+        loss, logs = substitutability_loss(self.hparams.loss, teacher, student, targets)
+        if self.hparams.contrastive_weight > 0:
+            c = contrastive_term(gists[0], self.hparams.contrastive_margin)
+            loss = loss + self.hparams.contrastive_weight * c
+            logs["contrastive"] = c.detach()
+        with torch.no_grad():
+            logs["dnll"] = logs["nll"] - W.token_nll(teacher, targets).mean()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.compute_loss(batch, int(self.global_step))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def evaluate_batch(self, ids: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-window ΔNLL values of every validation layout (vectorised over the batch)."""
+        ids = ids.to(self.device)
+        n = ids.shape[0]
+        prefix = self.prefix(ids)
+        targets = ids[:, prefix : prefix + self.horizon]
+        teacher = W.teacher_logits(self.base, ids, prefix, self.horizon)
+        t_nll = W.token_nll(teacher, targets).mean(1)
+        tok, _, bank = self.bank(ids, prefix)
+        t_len = tok.shape[1]
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 5))
+        layouts: list[tuple[str, list, bool]] = []
+        mixed = W.random_layout(prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob)
+        layouts += [("dnll", mixed, False), ("drop_dnll", mixed, True)]
+        for lv in range(1, self.depth + 1):
+            ents = W.level_layout(prefix, self.k, lv, self.hparams.keep_raw_blocks)
+            if any(e.level == lv for e in ents):
+                layouts += [(f"dnll_lod{lv}", ents, False), (f"drop_dnll_lod{lv}", ents, True)]
+            n_nodes = (prefix // self.k - self.hparams.keep_raw_blocks) // self.k ** (lv - 1)
+            if n_nodes > 0:
+                span = W.single_span_layout(prefix, self.k, lv, int(gen.integers(0, n_nodes)))
+                layouts += [(f"span{lv}", span, False), (f"spandrop{lv}", span, True)]
+        rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for _, ents, drop in layouts:
+            rows += self.same_layout(n, ents, prefix, t_len, [e.level > 0 for e in ents] if drop else None)
+        nll = W.token_nll(self.student_logits(bank, rows, prefix), targets.repeat(len(layouts), 1))
+        nll = nll.mean(1).view(len(layouts), n)
+        out = {"teacher_nll": t_nll, "student_nll": nll[0]}
+        spans, span_drops = [], []
+        for j, (name, _, _) in enumerate(layouts):
+            d = nll[j] - t_nll
+            if name.startswith("spandrop"):
+                span_drops.append(d)
+            elif name.startswith("span"):
+                spans.append(d)
+            else:
+                out[name] = d
+        if spans:
+            s = torch.cat(spans)
+            out["span_dnll"] = s
+            out["span_drop_dnll"] = torch.cat(span_drops)
+            out["subst_rate"] = (s < self.hparams.substitutable_threshold).float()
+        return out
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        for name, vals in self.evaluate_batch(batch, batch_idx).items():
+            self.val_metrics[name].update(vals)
+
+    def on_validation_epoch_end(self) -> None:
+        out = {}
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                out[f"val/{name}"] = metric.compute()
+            metric.reset()
+        self.log_dict(out, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.gistnet.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, directory: str | Path) -> Path:
+        """GistNet as ``model.safetensors`` + ``config.json`` (loads with ``mchar.core.gistnet.from_pretrained``)."""
+        return self.gistnet.save_pretrained(directory)

@@ -1,0 +1,296 @@
+"""LensNet training on measured counterfactual utilities (GistNet fixed).
+
+Per step: every window of the batch gets the same budget-respecting WC (``initial_context`` at the budget plus a
+few random legal edits, seeded by the step); C candidate entries are perturbed one at a time (a gist expanded
+into its children, a raw block collapsed into its LOD1 gist); the base scores the H horizon tokens for the base WC
+and every variant of every window in ONE forward (rows stacked along the batch, left-padded, masked).
+
+Utility of an entry = horizon-NLL gain of its finer version: ``NLL(WC) - NLL(WC with it expanded)`` for a gist,
+``NLL(WC with it collapsed) - NLL(WC)`` for a raw block. Both edits cost the same K-1 slots, so the values are
+directly comparable and "higher = keep/expand, lower = collapse first" matches the allocator's convention
+(upstream's collapse label had the opposite sign, so the blocks that hurt most to collapse were collapsed first).
+
+Loss: Bradley–Terry over all candidate pairs of a window (broadcast ``[B, C, C]``, weighted by |Δutility|) or
+MSE regression; no Python loop over pairs. Validation: Spearman between scores and utilities, and the horizon NLL
+of allocator-built WCs (greedy fill from the coarsest cover) driven by LensNet vs recency / similarity / random /
+gists_only scores at the same budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torchmetrics.functional import spearman_corrcoef
+
+from mchar.core.allocator import FocusAllocator, initial_context
+from mchar.core.entries import Entry
+from mchar.core.working_context import WorkingContext
+from mchar.lit import windows as W
+from mchar.lit.base_lm import warmup_cosine
+from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin
+
+ALLOC_POLICIES = ("lensnet", "recency", "similarity", "random", "gists_only")
+
+
+def pairwise_bt_loss(scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley–Terry over all pairs (i better than j), weighted by |u_i - u_j|; ``[B, C]`` inputs."""
+    du = utils[:, :, None] - utils[:, None, :]
+    ds = scores[:, :, None] - scores[:, None, :]
+    w = du.clamp_min(0.0)
+    if mask is not None:
+        w = w * (mask[:, :, None] & mask[:, None, :])
+    return (w * F.softplus(-ds)).sum() / w.sum().clamp_min(1e-8)
+
+
+def regression_loss(scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    err = (scores - utils).pow(2)
+    if mask is None:
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def perturb(entries: Sequence[Entry], i: int, block_size: int) -> list[Entry]:
+    """Entry ``i`` one step finer (gist -> children) or coarser (raw block -> its LOD1 gist)."""
+    e = entries[i]
+    repl = e.children(block_size) if e.level > 0 else [e.parent(block_size)]
+    return [*entries[:i], *repl, *entries[i + 1 :]]
+
+
+def random_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator, edits: int) -> WorkingContext:
+    """``initial_context`` at the budget plus ``edits`` random legal edits (varies the WCs LensNet sees)."""
+    wc = initial_context(shape, budget)
+    for _ in range(edits):
+        ops = [(i, "c") for i in range(len(wc)) if wc.collapse_error(i) is None]
+        if wc.cost + shape.block_size - 1 <= budget:
+            ops += [(i, "e") for i in range(len(wc)) if wc[i].level > 0]
+        if not ops:
+            break
+        i, op = ops[int(gen.integers(0, len(ops)))]
+        wc.expand(i) if op == "e" else wc.collapse(i)
+    return wc
+
+
+class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
+    """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
+
+    def __init__(self, base: nn.Module, gistnet: nn.Module, lensnet: nn.Module, *, block_size: int, depth: int,
+                 budget: int, horizon: int, candidates: int = 16, loss: str = "bradley_terry", lr: float = 1e-3,
+                 weight_decay: float = 0.01, max_steps: int = 200, warmup_steps: int = 10, random_edits: int = 3,
+                 position_mode: str = "centre", alloc_rounds: int = 16, seed: int = 0,
+                 train_gistnet: bool = False) -> None:
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.gistnet = gistnet
+        if not train_gistnet:
+            self.gistnet.requires_grad_(False)
+        self.lensnet = lensnet
+        self.save_hyperparameters(ignore=["base", "gistnet", "lensnet"])
+        self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
+        names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
+        self.val_metrics = nn.ModuleDict(
+            {n.replace("/", "__"): torchmetrics.MeanMetric(nan_strategy="ignore") for n in names}
+        )
+        self.timings: dict[str, list[float]] = {}
+        self.profile = False
+
+    # ------------------------------------------------------------------ helpers
+    def _tick(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        if self.profile:
+            self.timings.setdefault(name, []).append(t - t0)
+        return t
+
+    def prefix(self, ids: torch.Tensor) -> int:
+        return W.prefix_len(ids.shape[1], self.horizon, self.k)
+
+    def shape(self, prefix: int) -> W.WindowShape:
+        return W.WindowShape(self.k, self.depth, prefix)
+
+    def gists(self, tok: torch.Tensor, prefix: int, grad: bool = False) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return W.build_gists(self.gistnet, tok[:, :prefix], self.k, self.depth)
+
+    def horizon_nll(self, bank: torch.Tensor, rows_spec: list, prefix: int, targets: torch.Tensor) -> torch.Tensor:
+        """Mean horizon NLL per row (``targets [B, H]`` indexed by each row's window)."""
+        rows = W.build_rows(rows_spec, prefix, self.horizon, bank.device)
+        logits = W.horizon_logits(self.base, W.gather_rows(bank, rows), rows, self.horizon)
+        return W.token_nll(logits, targets[rows.batch]).mean(1)
+
+    def slots(self, entries: Sequence[Entry], offs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return W.prefix_slots(entries, self.k, offs, self.hparams.position_mode)
+
+    def lens_scores(self, entries_per_row: Sequence[Sequence[Entry]], rows_batch: Sequence[int],
+                    tok: torch.Tensor, gists: list[torch.Tensor], prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, lv, wd, dist, mask = W.entry_features(entries_per_row, rows_batch, tok, gists, self.k, prefix)
+        tail_n = min(getattr(self.lensnet, "tail_tokens", 0), prefix)
+        bi = torch.as_tensor(list(rows_batch), device=tok.device)
+        tail = tok[bi, prefix - tail_n : prefix] if tail_n else None
+        return self.lensnet(emb, lv, wd, dist, tail, mask), mask
+
+    # ------------------------------------------------------------------ utilities
+    @torch.no_grad()
+    def measure_utilities(self, bank: torch.Tensor, entries: Sequence[Entry], cand: np.ndarray, prefix: int,
+                          targets: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` utilities of the candidate entries of one WC shared by the batch: ONE base forward."""
+        b = targets.shape[0]
+        offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
+        t0 = time.perf_counter()
+        variants = [self.slots(entries, offs)] + [self.slots(perturb(entries, int(i), self.k), offs) for i in cand]
+        spec = [(w, s[0], s[1]) for s in variants for w in range(b)]
+        rows = W.build_rows(spec, prefix, self.horizon, bank.device)
+        embeds = W.gather_rows(bank, rows)
+        t0 = self._tick("build_variants", t0)
+        logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
+        t0 = self._tick("base_forward", t0)
+        nll = W.token_nll(logits, targets[rows.batch]).mean(1).view(len(variants), b).T  # [B, 1 + C]
+        sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=nll.device)
+        return (nll[:, :1] - nll[:, 1:]) * sign
+
+    def sample_step(self, step: int, prefix: int) -> tuple[list[Entry], np.ndarray]:
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
+        wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
+        entries = list(wc.entries)
+        c = min(self.hparams.candidates, len(entries))
+        return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
+
+    def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``)."""
+        t0 = time.perf_counter()
+        ids = ids.to(self.device)
+        prefix = self.prefix(ids)
+        targets = ids[:, prefix : prefix + self.horizon]
+        with torch.no_grad():
+            tok = self.base.embed(ids[:, : prefix + self.horizon])
+            gists = self.gists(tok, prefix)
+            bank = W.source_bank(tok, gists)
+        t0 = self._tick("gists", t0)
+        entries, cand = self.sample_step(step, prefix)
+        t0 = self._tick("sample_wc", t0)
+        utils = self.measure_utilities(bank, entries, cand, prefix, targets)
+        t0 = self._tick("utilities", t0)
+        b = ids.shape[0]
+        scores, _ = self.lens_scores([entries] * b, range(b), tok, gists, prefix)
+        t0 = self._tick("lens_forward", t0)
+        cs = scores[:, torch.as_tensor(cand, device=scores.device)]
+        if self.hparams.loss == "regression":
+            loss = regression_loss(cs, utils)
+        else:
+            loss = pairwise_bt_loss(cs, utils)
+        self._tick("loss", t0)
+        return loss, {"lens_loss": loss.detach(), "utility_mean": utils.mean(), "utility_abs": utils.abs().mean()}
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.lens_loss(batch, int(self.global_step))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ allocation (validation, e2e)
+    def policy_scores(self, policy: str, wcs: Sequence[WorkingContext], tok: torch.Tensor,
+                      gists: list[torch.Tensor], prefix: int, gen: np.random.Generator) -> list[torch.Tensor]:
+        """Per-WC entry scores of a score source (higher = expand first, lower = collapse first)."""
+        ents = [list(wc.entries) for wc in wcs]
+        if policy == "lensnet":
+            s, _ = self.lens_scores(ents, range(len(wcs)), tok, gists, prefix)
+            return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
+        out = []
+        for i, e in enumerate(ents):
+            ends = torch.tensor([x.end(self.k) for x in e], dtype=torch.float32)
+            if policy == "recency":
+                out.append(ends - prefix)
+            elif policy == "random":
+                out.append(torch.from_numpy(gen.standard_normal(len(e))).float())
+            elif policy == "similarity":
+                emb, _, _, _, _ = W.entry_features([e], [i], tok, gists, self.k, prefix)
+                query = tok[i, prefix - self.k : prefix].mean(0)
+                out.append(F.cosine_similarity(emb[0], query[None], dim=-1).float().cpu())
+            else:
+                raise ValueError(f"unknown score source {policy!r}")
+        return out
+
+    @torch.no_grad()
+    def allocate(self, policy: str, n: int, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int,
+                 gen: np.random.Generator) -> list[WorkingContext]:
+        """WCs the allocator builds at the budget: greedy fill from the coarsest cover, rescoring each round."""
+        shape = self.shape(prefix)
+        wcs = [initial_context(shape, self.budget, expand_recent=False) for _ in range(n)]
+        if policy == "gists_only":
+            return wcs
+        allocs = [FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, max_edits=1 << 20, cooldown=2)
+                  for _ in range(n)]
+        for _ in range(self.hparams.alloc_rounds):
+            scores = self.policy_scores(policy, wcs, tok, gists, prefix, gen)
+            if not sum(len(a.refocus(wc, s)) for a, wc, s in zip(allocs, wcs, scores, strict=True)):
+                break
+        return wcs
+
+    @torch.no_grad()
+    def evaluate_batch(self, ids: torch.Tensor, batch_idx: int,
+                       policies: Sequence[str] = ALLOC_POLICIES) -> dict[str, torch.Tensor]:
+        ids = ids.to(self.device)
+        n = ids.shape[0]
+        prefix = self.prefix(ids)
+        targets = ids[:, prefix : prefix + self.horizon]
+        tok = self.base.embed(ids[:, : prefix + self.horizon])
+        gists = self.gists(tok, prefix)
+        bank = W.source_bank(tok, gists)
+        entries, cand = self.sample_step(-1 - batch_idx, prefix)
+        utils = self.measure_utilities(bank, entries, cand, prefix, targets)
+        scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
+        cs = scores[:, torch.as_tensor(cand, device=scores.device)]
+        out: dict[str, torch.Tensor] = {
+            "spearman": spearman_corrcoef(cs.T.float(), utils.T.float()).reshape(-1),
+            "lens_loss": pairwise_bt_loss(cs, utils).reshape(1),
+            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(1),
+        }
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
+        offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
+        spec = []
+        for p in policies:
+            for i, wc in enumerate(self.allocate(p, n, tok, gists, prefix, gen)):
+                spec.append((i, *self.slots(wc.entries, offs)))
+        nll = self.horizon_nll(bank, spec, prefix, targets).view(len(policies), n)
+        for j, p in enumerate(policies):
+            out[f"alloc_nll/{p}"] = nll[j]
+        return out
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        for name, vals in self.evaluate_batch(batch, batch_idx).items():
+            self.val_metrics[name.replace("/", "__")].update(vals)
+
+    def on_validation_epoch_end(self) -> None:
+        out = {}
+        for name, metric in self.val_metrics.items():
+            if metric.update_called:
+                out[f"val/{name.replace('__', '/')}"] = metric.compute()
+            metric.reset()
+        lens = out.get("val/alloc_nll/lensnet")
+        if lens is not None:
+            for p in ALLOC_POLICIES[1:]:
+                if f"val/alloc_nll/{p}" in out:
+                    out[f"val/alloc_gain/{p}"] = out[f"val/alloc_nll/{p}"] - lens
+        self.log_dict(out)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.lensnet.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.trainable(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, directory: Any) -> Any:
+        return self.lensnet.save_pretrained(directory)
+
