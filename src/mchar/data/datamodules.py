@@ -224,30 +224,45 @@ class LongDocDataModule(L.LightningDataModule):
 
         target = self.cache_path(split)
         stats_file = target / "stats.json"
-        if stats_file.exists():
-            ds = datasets.load_from_disk(str(target / "dataset"))
-            return ds, json.loads(stats_file.read_text())
-        stats = dict.fromkeys(
-            ("docs_used", "skipped_empty", "skipped_unreadable", "tokens", "windows", "mix_windows"), 0
-        )
         features = datasets.Features(
             {
                 "input_ids": datasets.Sequence(datasets.Value("int32"), length=self.window),
                 "n_valid": datasets.Value("int32"),
             }
         )
+
+        def load() -> tuple[Any, dict[str, int]]:
+            st = json.loads(stats_file.read_text())
+            if not (target / "dataset").exists():  # empty split: datasets cannot reload a 0-row save
+                return datasets.Dataset.from_dict({"input_ids": [], "n_valid": []}, features=features), st
+            return datasets.load_from_disk(str(target / "dataset")), st
+
+        if stats_file.exists():
+            return load()
+        stats = dict.fromkeys(
+            ("docs_used", "skipped_empty", "skipped_unreadable", "tokens", "windows", "mix_windows"), 0
+        )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{split}-", dir=self.cache_dir))
+        bars_were_on = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # per-split bars would drown the training log
         try:
             # In-process generator (no num_proc), so ``stats`` is filled as windows stream to Arrow.
-            ds = datasets.Dataset.from_generator(
-                self._windows,
-                features=features,
-                gen_kwargs={"split": split, "stats": stats},
-                cache_dir=str(tmp / "hf"),
-                fingerprint=self.cache_key(split),
-            )
-            ds.save_to_disk(str(tmp / "dataset"))
+            try:
+                ds = datasets.Dataset.from_generator(
+                    self._windows,
+                    features=features,
+                    gen_kwargs={"split": split, "stats": stats},
+                    cache_dir=str(tmp / "hf"),
+                    fingerprint=self.cache_key(split),
+                )
+            except ValueError:
+                if stats["windows"] or stats["mix_windows"]:
+                    raise
+                # datasets refuses a generator that yields nothing; an empty split is legal (counted).
+                ds = datasets.Dataset.from_dict({"input_ids": [], "n_valid": []}, features=features)
+            if len(ds):
+                ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps(stats, sort_keys=True))
             shutil.rmtree(tmp / "hf", ignore_errors=True)
             try:
@@ -255,10 +270,11 @@ class LongDocDataModule(L.LightningDataModule):
             except OSError:  # another process finished first: use theirs
                 shutil.rmtree(tmp, ignore_errors=True)
         finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        ds = datasets.load_from_disk(str(target / "dataset"))
-        return ds, json.loads((target / "stats.json").read_text())
+        return load()
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
