@@ -26,7 +26,6 @@ import torch
 from mchar.core.entries import Entry
 from mchar.core.working_context import (
     BudgetExceeded,
-    IllegalEdit,
     WorkingContext,
     coarsest_cover,
 )
@@ -195,11 +194,7 @@ class FocusAllocator:
                 continue
             if self._cooling(e, "collapse"):
                 continue
-            try:
-                wc._expand_plan(i, check_budget=False)
-            except IllegalEdit:
-                continue
-            out.append(_Cand(s, i, e))
+            out.append(_Cand(s, i, e))  # a gist in a valid WC exists, so its children do (append-only tree)
         return out
 
     def _collapse_cands(
@@ -214,22 +209,27 @@ class FocusAllocator:
         out = []
         k = wc.block_size
         ents = wc.entries
+        limit = wc.num_tokens - self.protect_tokens if self.protect_tokens > 0 else None
+        check_cool = honour_cooldown and bool(self._born)
         for i, e in enumerate(ents):
             if e.level > 0 and e.index % k:
                 continue
-            if wc.collapse_error(i) is not None:
+            group = wc.collapse_size(i)
+            if not group:
                 continue
-            group = 1 if e.level == 0 else k
             members = ents[i : i + group]
-            if honour_protection and self._protected(wc, members[-1]):
+            if honour_protection and limit is not None and members[-1].end(k) > limit:
                 continue
-            if honour_cooldown and any(self._cooling(m, "expand") for m in members):
+            if check_cool and any(m in self._born and self._cooling(m, "expand") for m in members):
                 continue
-            vals = [smap.get(m) for m in members] if smap is not None else [None] * group
-            if need_scores and any(v is None for v in vals):
-                continue
-            known = [v for v in vals if v is not None]
-            score = sum(known) / len(known) if known else 0.0
+            if smap is None:
+                score = 0.0
+            else:
+                vals = [smap.get(m) for m in members]
+                known = [v for v in vals if v is not None]
+                if need_scores and len(known) != group:
+                    continue
+                score = sum(known) / len(known) if known else 0.0
             out.append(_Cand(score, i, e, group))
         return out
 

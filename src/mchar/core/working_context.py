@@ -458,6 +458,26 @@ class WorkingContext:
             raise IllegalEdit(f"collapse({i}): parent {parent} is not in the tree")
         return group, parent
 
+    def collapse_size(self, i: int) -> int:
+        """Entries ``collapse(i)`` would replace, or 0 if illegal: the allocator's fast, exception-free check
+        (same rules as :meth:`collapse_error`: contiguity makes K same-level aligned entries exact siblings)."""
+        ents, k = self._entries, self.block_size
+        if not 0 <= i < len(ents) or self._dropped[i]:
+            return 0
+        e = ents[i]
+        if e.level + 1 > self.depth:
+            return 0
+        if e.level == 0:
+            group = 1
+        else:
+            if e.index % k or i + k > len(ents):
+                return 0
+            for j in range(i + 1, i + k):
+                if ents[j].level != e.level or self._dropped[j]:
+                    return 0
+            group = k
+        return group if self._exists(e.parent(k)) else 0
+
     def collapse_group(self, i: int) -> range:
         """Entry indices that ``collapse(i)`` would replace (raises if illegal)."""
         group, _ = self._collapse_plan(i)
