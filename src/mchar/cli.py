@@ -92,13 +92,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _core_errors() -> tuple[type[Exception], ...]:
+    """User-facing errors of the framework-free core (it cannot depend on mchar.errors)."""
+    import sys as _sys
+
+    found: list[type[Exception]] = []
+    for module, name in (("mchar.core.storage", "StorageError"), ("mchar.core.working_context", "WorkingContextError")):
+        if module in _sys.modules:
+            found.append(getattr(_sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mchar.errors import MCharError
 
     try:
         return _dispatch(args)
-    except MCharError as err:
+    except (MCharError, *_core_errors()) as err:
         print(f"mchar: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -53,6 +53,10 @@ class FrozenBaseLM(nn.Module):
             weight = model.get_input_embeddings().weight
             self.embedding_rms: float = float(weight.float().pow(2).mean().sqrt())
         self.learned_positions = str(cfg.model_type) in {"gpt2", "gpt_neo", "gptj", "opt", "bloom"}
+        # transformers 5 renamed ``past_key_values`` to ``cache``; accept either generation of the API.
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def train(self, mode: bool = True) -> FrozenBaseLM:  # the base stays in eval mode, always
         super().train(False)
@@ -101,9 +105,12 @@ class FrozenBaseLM(nn.Module):
     def forward_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                        past_key_values: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         self.check_positions(position_ids)
-        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache)
-        return out.logits, (out.past_key_values if use_cache else None)
+        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache,
+                         **{self._cache_kw: past_key_values})
+        if not use_cache:
+            return out.logits, None
+        cache = getattr(out, "cache", None)
+        return out.logits, cache if cache is not None else out.past_key_values
 
     def forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal LM logits on token ids with default positions (the reference the core must match)."""

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mchar.errors import MCharError
+
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 DEFAULT_GLOBS: tuple[str, ...] = ("**/*.py",)
 # site-packages is third-party code and test-data folders hold deliberately odd files; the stdlib's own
@@ -26,7 +28,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
+class DataError(MCharError, ValueError):
     """Raised when the data pipeline has nothing usable to work with (message: one clear line)."""
 
 

@@ -28,22 +28,28 @@ class BaseLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.val_nll = torchmetrics.MeanMetric()
 
-    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token NLL; label -100 (padding) is ignored."""
+        labels = ids if labels is None else labels
         logits = self.model(input_ids=ids).logits[:, :-1]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100)
 
     @staticmethod
-    def _ids(batch: torch.Tensor | dict) -> torch.Tensor:
-        return batch["input_ids"] if isinstance(batch, dict) else batch
+    def _unpack(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch.get("labels")
+        return batch, None
 
     def training_step(self, batch: torch.Tensor | dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self._ids(batch))
+        loss = self._loss(*self._unpack(batch))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: torch.Tensor | dict, batch_idx: int) -> None:
-        ids = self._ids(batch)
-        self.val_nll.update(self._loss(ids), weight=ids[:, 1:].numel())
+        ids, labels = self._unpack(batch)
+        counted = (labels if labels is not None else ids)[:, 1:].ne(-100).sum()
+        self.val_nll.update(self._loss(ids, labels), weight=counted)
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
