@@ -140,8 +140,12 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         return loss, logs
 
     # ------------------------------------------------------------------ Lightning
+    def step_loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this)."""
+        return self.compute_loss(batch, step)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss, logs = self.compute_loss(batch, int(self.global_step))
+        loss, logs = self.step_loss(batch, int(self.global_step))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch.shape[0])
         return loss
 

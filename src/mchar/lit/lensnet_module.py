@@ -190,8 +190,12 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         return loss, {"lens_loss": loss.detach(), "utility_mean": utils.mean(), "utility_abs": utils.abs().mean()}
 
     # ------------------------------------------------------------------ Lightning
+    def step_loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this)."""
+        return self.lens_loss(batch, step)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss, logs = self.lens_loss(batch, int(self.global_step))
+        loss, logs = self.step_loss(batch, int(self.global_step))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
         return loss
 

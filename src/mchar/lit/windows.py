@@ -7,7 +7,7 @@ then a horizon of ``H`` true next tokens that the loss is computed on. Why it is
   into one *source bank* ``[B, N, d]``. A student layout is just an index vector into the bank plus position ids,
   so a whole batch of (possibly different) layouts is materialised with one advanced-indexing gather; no Python
   loop over tokens, no per-sample ``torch.cat``.
-* **Left padding + attention mask** for rows of different lengths: the horizon is then always the last ``H``
+* **Left padding + an explicit attention mask, always** (also for unpadded rows: see :func:`horizon_logits`) for rows of different lengths: the horizon is then always the last ``H``
   slots of every row, so the base computes logits only for those (``logits_to_keep=H+1``) instead of the whole
   sequence (``[rows, L, vocab]`` logits would dominate memory for real vocabularies).
 * **Targets are shifted once, here.** Slot ``j`` predicts slot ``j+1``; the horizon token ``x[P+h]`` is predicted by
@@ -25,11 +25,12 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from mchar.core.entries import Entry
 from mchar.core.positions import gist_positions
@@ -281,11 +282,11 @@ def horizon_logits(base: nn.Module, embeds: torch.Tensor, rows: Rows, horizon: i
     model = base.model if hasattr(base, "model") else base
     if hasattr(base, "check_positions"):
         base.check_positions(rows.positions)
-    kwargs = {"inputs_embeds": embeds, "position_ids": rows.positions, "logits_to_keep": horizon + 1,
-              "use_cache": False}
-    if rows.padded:
-        kwargs["attention_mask"] = rows.mask.long()
-    logits = model(**kwargs).logits
+    # Always pass the 2-D mask: without one, transformers>=4.5x treats every jump in position_ids (i.e. every
+    # gist) as the start of a new packed sequence and blocks attention across it, silently cutting the horizon
+    # off from everything before the last gist.
+    logits = model(inputs_embeds=embeds, position_ids=rows.positions, attention_mask=rows.mask.long(),
+                   logits_to_keep=horizon + 1, use_cache=False).logits
     return logits[:, -horizon - 1 : -1]
 
 
@@ -346,3 +347,30 @@ def entry_features(entries_per_row: Sequence[Sequence[Entry]], rows_batch: Seque
     emb = bank[bi[:, None], torch.from_numpy(idx).to(dev)]
     return (emb, torch.from_numpy(lv).to(dev), torch.from_numpy(wd).to(dev), torch.from_numpy(dist).to(dev),
             torch.from_numpy(mask).to(dev))
+
+
+class StepDataModule(L.LightningDataModule):
+    """Train batches = f(seed, rank, step) starting at the restored ``global_step``; fixed ordered val batches.
+
+    Lightning builds the train dataloader after restoring a checkpoint, so a resumed run continues with the batch
+    of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
+    """
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor | None, batch_size: int, max_steps: int,
+                 seed: int = 0, val_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+        self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
+        self.val_batch_size = val_batch_size or batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        start = int(trainer.global_step) if trainer is not None else 0
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank)
+        return DataLoader(ds, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val is None or self.val.shape[0] == 0:
+            return DataLoader([], batch_size=None)
+        return DataLoader(chunk_windows(self.val, self.val_batch_size), batch_size=None, shuffle=False)

@@ -1,0 +1,127 @@
+"""GistNet module: exact shift, gradient coverage, drop baseline, checkpoint and export round trips."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+
+from mchar.core.entries import Entry
+from mchar.core.gistnet import from_pretrained
+from mchar.core.working_context import WorkingContext
+from mchar.lit import windows as W
+from mchar.lit.gistnet_module import GistNetModule
+from tests.lit.helpers import DEPTH, H, K, changed, one_step, snapshot, tiny_base, tiny_gistnet, windows
+
+
+def _module(**kw) -> GistNetModule:
+    return GistNetModule(tiny_base(), tiny_gistnet(), block_size=K, depth=DEPTH, horizon=H, max_steps=4, **kw)
+
+
+def test_all_raw_student_equals_teacher_and_hf_loss() -> None:
+    m = _module()
+    ids = windows(3)
+    p = m.prefix(ids)
+    _, _, bank = m.bank(ids, p)
+    with torch.no_grad():
+        student = m.student_logits(bank, m.same_layout(3, W.raw_layout(p, K), p, p + H), p)
+        teacher = W.teacher_logits(m.base, ids, p, H)
+        labels = ids[:, : p + H].clone()
+        labels[:, :p] = -100
+        hf = m.base.model(input_ids=ids[:, : p + H], labels=labels).loss
+    targets = ids[:, p : p + H]
+    assert torch.allclose(student, teacher, atol=1e-5)
+    ours = W.token_nll(student, targets).mean()
+    assert abs(float(ours) - float(hf)) < 1e-5
+
+
+def test_layout_slots_match_working_context() -> None:
+    p = 64
+    gen = np.random.default_rng(0)
+    for _ in range(5):
+        ents = W.random_layout(p, K, DEPTH, gen)
+        W.check_tiling(ents, K, p)
+        wc = WorkingContext(K, DEPTH, 10_000, p, entries=ents)
+        offs = W.bank_offsets(p + H, p, K, DEPTH)
+        bank, pos = W.prefix_slots(ents, K, offs, "centre")
+        assert np.array_equal(pos, wc.position_ids("centre").numpy())
+        sm = wc.slot_map()
+        lv, node = sm.levels.numpy(), sm.node_index.numpy()
+        expect = np.where(lv == 0, node, np.asarray(offs)[lv] + node)
+        assert np.array_equal(bank, expect)
+    assert any(e.level == 2 for e in W.level_layout(p, K, 2)) and Entry(0, p // K - 1) in W.level_layout(p, K, 2)
+
+
+def test_one_step_changes_every_gistnet_param_and_no_base_param() -> None:
+    m = _module(contrastive_weight=0.1)
+    assert not any(p.requires_grad for p in m.base.parameters())
+    before = snapshot(m)
+    loss = one_step(m, windows(4), step=0)
+    assert torch.isfinite(loss)
+    stuck, moved = changed(m, before)
+    assert not stuck, f"trainable but unchanged: {sorted(stuck)}"
+    assert not moved, f"frozen but changed: {sorted(moved)}"
+    opt_params = {id(p) for g in m.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in m.gistnet.parameters()}
+
+
+def test_validation_reports_gist_and_drop_baselines() -> None:
+    out = _module().evaluate_batch(windows(2), 0)
+    for key in ("dnll", "drop_dnll", "dnll_lod1", "dnll_lod2", "drop_dnll_lod1", "drop_dnll_lod2", "subst_rate",
+                "span_dnll", "span_drop_dnll", "teacher_nll"):
+        assert key in out and torch.isfinite(out[key]).all(), key
+
+
+def test_checkpoint_holds_gistnet_not_base_and_reloads(tmp_path) -> None:
+    m = _module()
+    dm = W.StepDataModule(windows(8), windows(2, seed=1), batch_size=2, max_steps=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
+                        num_sanity_val_steps=0)
+    trainer.fit(m, datamodule=dm)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert set(state) == {f"gistnet.{k}" for k in m.gistnet.state_dict()}
+    fresh = GistNetModule.load_from_checkpoint(ckpt, base=tiny_base(), gistnet=tiny_gistnet())
+    for k, v in m.gistnet.state_dict().items():
+        assert torch.equal(v, fresh.gistnet.state_dict()[k])
+
+
+def test_export_loads_without_lightning(tmp_path) -> None:
+    m = _module()
+    m.export(tmp_path / "g")
+    assert (tmp_path / "g" / "model.safetensors").exists() and (tmp_path / "g" / "config.json").exists()
+    g = from_pretrained(tmp_path / "g")
+    x = torch.randn(3, K, 32)
+    assert torch.allclose(g(x, 1), m.gistnet(x, 1)) and torch.allclose(g(x, 2), m.gistnet(x, 2))
+
+
+def test_horizon_sees_every_slot_before_and_after_gists() -> None:
+    """Regression: without an explicit mask, transformers reads position jumps (gists) as packed-sequence
+    boundaries and blocks attention across them; every prefix slot must influence the horizon."""
+    m = _module()
+    ids = windows(1)
+    p = m.prefix(ids)
+    _, _, bank = m.bank(ids, p)
+    ents = W.level_layout(p, K, 1)
+    rows = W.build_rows(m.same_layout(1, ents, p, p + H), p, H)
+    emb = W.gather_rows(bank.detach(), rows).requires_grad_(True)
+    W.horizon_logits(m.base, emb, rows, H).sum().backward()
+    assert (emb.grad[0, :-1].abs().sum(-1) > 0).all()
+
+
+def test_left_padding_does_not_change_logits() -> None:
+    m = _module()
+    ids = windows(2)
+    p = m.prefix(ids)
+    _, _, bank = m.bank(ids, p)
+    offs = W.bank_offsets(p + H, p, K, DEPTH)
+    short = W.prefix_slots(W.level_layout(p, K, 2), K, offs)
+    long = W.prefix_slots(W.raw_layout(p, K), K, offs)
+    with torch.no_grad():
+        alone = W.horizon_logits(m.base, *(lambda r: (W.gather_rows(bank, r), r))(W.build_rows([(0, *short)], p, H)), H)
+        both = W.build_rows([(0, *short), (1, *long)], p, H)
+        assert both.padded
+        mixed = W.horizon_logits(m.base, W.gather_rows(bank, both), both, H)
+    assert torch.allclose(alone[0], mixed[0], atol=1e-5)
