@@ -1,0 +1,302 @@
+"""Sweeps: grid/pruning/failure handling, nested MLflow runs, bad specs, and kill -9 resume.
+
+The real stages are too slow for a unit test, so the ``eval`` stage is replaced (monkeypatched into
+``mchar.pipeline.STAGE_MODULES``) by :func:`toy_stage`: a real Lightning Trainer on a one-parameter module whose
+validation metric is a known function of ``allocator.budget``/``tree.depth``, so pruning is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = "tests.test_sweep:toy_stage"
+
+
+def toy_value(budget: int, depth: int) -> float:
+    return budget / 100 + depth
+
+
+def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
+    """A fast stand-in for a training stage; fails for policy ``oracle``; sleeps when told (kill test)."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mchar.lit.trainer import build_trainer
+
+    cfg = ctx.cfg
+    budget, depth, policy = cfg.allocator.budget, cfg.tree.depth, cfg.allocator.policy
+    log = os.environ.get("MCHAR_TOY_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(
+                json.dumps({"budget": budget, "depth": depth, "policy": policy, "pid": os.getpid()}) + "\n"
+            )
+    if policy == "oracle":
+        raise RuntimeError("toy stage cannot run the oracle")
+    if os.environ.get("MCHAR_TOY_SLEEP_BUDGET") == str(budget):
+        time.sleep(120)
+    target = toy_value(budget, depth)
+
+    class Toy(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            return ((self.w - batch[0]) ** 2).mean()
+
+        def validation_step(self, batch: Any, _: int) -> None:
+            self.log("val/delta_nll", torch.tensor(target))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.ones(8, 1)), batch_size=2)
+    trainer = build_trainer(
+        cfg.trainer,
+        4,
+        None,
+        logger=ctx.tracker.lightning_logger(run_id),
+        val_check_interval=2,
+        limit_val_batches=1,
+        callbacks=ctx.callbacks,
+    )
+    trainer.fit(Toy(), train_dataloaders=data, val_dataloaders=data)
+    ctx.tracker.log_metrics(run_id, {"final/delta_nll": target})
+    return {"metrics": {"final/delta_nll": target}}
+
+
+def write_spec(tmp: Path, name: str = "toy", space: str | None = None, extra: str = "") -> Path:
+    space = (
+        space
+        or """
+      allocator.budget: {type: int, values: [64, 128, 256]}
+      allocator.policy: {type: categorical, choices: [recency, oracle]}
+    """
+    )
+    body = f"""
+    study_name: {name}
+    storage: sqlite:///{tmp}/optuna.db
+    direction: minimize
+    metric: final/delta_nll
+    metric_stage: eval
+    monitor: val/delta_nll
+    sampler: {{type: grid}}
+    pruner: {{type: median, n_startup_trials: 1, n_warmup_steps: 0}}
+    base_overrides:
+      - +experiment=smoke
+      - stages=[eval]
+      - run_dir={tmp}/runs
+      - artifacts_dir={tmp}/artifacts
+      - logger.tracking_uri=sqlite:///{tmp}/mlflow.db
+      - trainer.enable_progress_bar=false
+    derived_overrides: ["eval.policies=[{{allocator.policy}}]"]
+    search_space:
+    """
+    path = tmp / f"{name}.yaml"
+    path.write_text(
+        textwrap.dedent(body) + textwrap.indent(textwrap.dedent(space).strip() + "\n", "  ") + extra
+    )
+    return path
+
+
+@pytest.fixture
+def toy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    import mchar.pipeline
+
+    monkeypatch.setitem(mchar.pipeline.STAGE_MODULES, "eval", TOY)
+    monkeypatch.setenv("MCHAR_TOY_LOG", str(tmp_path / "toy.log"))
+    return tmp_path
+
+
+def toy_log(tmp: Path) -> list[dict[str, Any]]:
+    path = tmp / "toy.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_grid_sweep_prunes_fails_nests_and_resumes(toy: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from mchar.sweep import run_sweep
+
+    spec = write_spec(toy)
+    t0 = time.perf_counter()
+    study = run_sweep(spec)
+    print(f"6-trial toy sweep: {time.perf_counter() - t0:.1f}s")
+    by_params = {(t.params["allocator.budget"], t.params["allocator.policy"]): t for t in study.trials}
+    assert len(study.trials) == 6 and len(by_params) == 6  # every grid point once
+    recency = sorted(
+        (t for t in study.trials if t.params["allocator.policy"] == "recency"), key=lambda t: t.number
+    )
+    assert recency[0].state == TrialState.COMPLETE  # the first has nothing to be compared with
+    for t in recency:  # pruned exactly when worse than an earlier completed trial (median of one or two)
+        earlier = [
+            toy_value(u.params["allocator.budget"], 2)
+            for u in recency
+            if u.number < t.number and u.state == TrialState.COMPLETE
+        ]
+        value = toy_value(t.params["allocator.budget"], 2)
+        if earlier and value > sorted(earlier)[(len(earlier) - 1) // 2]:
+            assert t.state == TrialState.PRUNED, t
+        else:
+            assert t.state == TrialState.COMPLETE and t.value == pytest.approx(value)
+    assert study.best_params == {"allocator.budget": 64, "allocator.policy": "recency"}
+    for budget in (64, 128, 256):  # the stage raised: FAIL with the one-line reason, the sweep went on
+        t = by_params[(budget, "oracle")]
+        assert t.state == TrialState.FAIL
+        assert "toy stage cannot run the oracle" in t.user_attrs["fail_reason"]
+
+    client = MlflowClient(f"sqlite:///{toy}/mlflow.db")
+    exp = client.get_experiment_by_name("mchar")
+    studies = client.search_runs([exp.experiment_id], "tags.`mchar.role` = 'study'")
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
+    study_run = studies[0].info.run_id
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{study_run}'")
+    assert len(trials) == 6
+    assert {r.data.tags["mchar.trial"] for r in trials} == {str(i) for i in range(6)}
+    assert {r.data.params["allocator.budget"] for r in trials} == {"64", "128", "256"}
+    assert all("tree.depth" in r.data.params for r in trials)
+    done = [r for r in trials if r.data.tags.get("optuna.state") == "COMPLETE"]
+    stage_runs = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{done[0].info.run_id}'"
+    )
+    assert [r.data.tags["mchar.stage"] for r in stage_runs] == ["eval"]
+    assert "val/delta_nll" in stage_runs[0].data.metrics  # logged by Lightning through the stage run
+
+    runs_before = len(toy_log(toy))
+    again = run_sweep(spec)  # resume of a finished study: nothing re-runs
+    assert len(again.trials) == 6 and len(toy_log(toy)) == runs_before
+    assert len(client.search_runs([exp.experiment_id], "tags.`mchar.role` = 'study'")) == 1
+
+
+def test_bad_specs_fail_before_any_trial(toy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mchar.cli import main
+    from mchar.errors import MCharError
+    from mchar.sweep import run_sweep
+
+    with pytest.raises(MCharError, match="spec file not found"):
+        run_sweep(toy / "nope.yaml")
+    bad_key = write_spec(toy, "badkey", "allocator.budgte: {type: int, values: [64]}")
+    with pytest.raises(MCharError, match="unknown config key 'allocator.budgte'.*allocator.budget"):
+        run_sweep(bad_key)
+    bad_policy = write_spec(
+        toy, "badpolicy", "allocator.policy: {type: categorical, choices: [recency, bogus]}"
+    )
+    with pytest.raises(MCharError, match=r"search_space.allocator.policy='bogus'.*not one of"):
+        run_sweep(bad_policy)
+    bad_field = write_spec(toy, "badfield", "tree.depth: {type: int, lo: 1, high: 3}")
+    with pytest.raises(MCharError, match="unknown field"):
+        run_sweep(bad_field)
+    assert not (toy / "optuna.db").exists() and toy_log(toy) == []  # nothing ran, no storage touched
+
+    assert main(["sweep", str(bad_policy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mchar: error: sweep:") and "bogus" in err[0]
+
+
+def test_config_error_in_one_trial_is_a_fail_not_a_crash(toy: Path) -> None:
+    from optuna.trial import TrialState
+
+    from mchar.sweep import run_sweep
+
+    # budget 16 < tree.block_size 32: each value alone composes, only that combination is invalid
+    spec = write_spec(
+        toy,
+        "combo",
+        """
+      allocator.budget: {type: int, values: [64, 16]}
+      tree.block_size: {type: int, values: [8, 32]}
+    """,
+    )
+    spec.write_text(spec.read_text().replace("n_startup_trials: 1", "n_startup_trials: 5"))
+    study = run_sweep(spec)
+    states = {(t.params["allocator.budget"], t.params["tree.block_size"]): t for t in study.trials}
+    assert len(states) == 4
+    bad = states.pop((16, 32))
+    assert bad.state == TrialState.FAIL and "allocator.budget: 16 is smaller" in bad.user_attrs["fail_reason"]
+    assert {t.state for t in states.values()} == {TrialState.COMPLETE}
+
+
+DRIVER = """
+import sys
+import mchar.pipeline
+mchar.pipeline.STAGE_MODULES["eval"] = {toy!r}
+from mchar.sweep import run_sweep
+run_sweep(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume(tmp_path: Path) -> None:
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    spec = write_spec(
+        tmp_path,
+        "killme",
+        """
+      allocator.budget: {type: int, values: [64, 128, 256]}
+      tree.depth: {type: int, values: [1]}
+    """,
+    )
+    spec.write_text(
+        spec.read_text().replace("type: median, n_startup_trials: 1, n_warmup_steps: 0", "type: none")
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "MCHAR_TOY_LOG": str(tmp_path / "toy.log"),
+        "MCHAR_TOY_SLEEP_BUDGET": "128",
+    }
+    cmd = [sys.executable, "-c", DRIVER.format(toy=TOY), str(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not any(r["budget"] == 128 for r in toy_log(tmp_path)):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.time() < deadline, "trial 1 never started"
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-trial: trial 1 stays RUNNING in storage
+    proc.wait()
+    first = time.perf_counter() - t0
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.load_study(study_name="killme", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    env.pop("MCHAR_TOY_SLEEP_BUDGET")
+    t1 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    print(f"killed after {first:.1f}s; resume took {time.perf_counter() - t1:.1f}s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "re-queued interrupted trial(s) [1]" in out.stderr
+
+    study = optuna.load_study(study_name="killme", storage=storage)
+    trials = study.trials
+    assert trials[1].state == TrialState.FAIL and "interrupted" in trials[1].user_attrs["fail_reason"]
+    complete = [t.params["allocator.budget"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == [64, 128, 256]  # every grid point completed exactly once
+    assert len(trials) == 4  # 3 grid points + one retry, nothing duplicated
+    assert [t.system_attrs.get("failed_trial") for t in trials].count(1) == 1
+    runs = [r["budget"] for r in toy_log(tmp_path)]
+    assert sorted(runs) == [64, 128, 128, 256]  # the completed trial 0 was not re-run
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("mchar")
+    killed = client.search_runs([exp.experiment_id], "tags.`mchar.trial` = '1'")
+    assert killed and {r.info.status for r in killed} == {"KILLED"}
+    studies = client.search_runs([exp.experiment_id], "tags.`mchar.role` = 'study'")
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the study run was reused
