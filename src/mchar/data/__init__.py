@@ -5,6 +5,15 @@ stays cheap.
 """
 
 from mchar.data.corpus import CorpusSplits, DataError, SplitReport, discover_corpus, split_of
+from mchar.data.tasks import (
+    TASKS,
+    Haystack,
+    export_jsonl,
+    generate_examples,
+    load_jsonl,
+    make_training_text,
+    write_task_suite,
+)
 from mchar.data.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
@@ -18,6 +27,13 @@ from mchar.data.tokenizer import (
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "TASKS",
+    "Haystack",
+    "export_jsonl",
+    "generate_examples",
+    "load_jsonl",
+    "make_training_text",
+    "write_task_suite",
     "CorpusSplits",
     "DataError",
     "SplitReport",
