@@ -88,3 +88,21 @@ def test_save_load_round_trip(tmp_path, kind: str) -> None:
     rebuilt = from_config(net.config_dict())
     assert type(rebuilt) is type(net)
     assert type(net).from_pretrained(tmp_path / "g").config_dict() == net.config_dict()
+
+
+def test_gradients_flow_through_frozen_base_into_gistnet_only() -> None:
+    from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
+
+    base = FrozenBaseLM(tiny_causal_lm("llama", vocab_size=64, hidden_size=D, layers=1, heads=4))
+    net = GistNet(D, K, out_scale=base.embedding_rms)
+    ids = torch.randint(0, 64, (1, 3 * K))
+    emb = base.embed(ids)
+    gists = net(emb[0, : 2 * K].reshape(2, K, D), 1)
+    x = torch.cat([gists.unsqueeze(0), emb[:, 2 * K :]], dim=1)
+    pos = torch.cat([torch.tensor([K // 2, K + K // 2]), torch.arange(2 * K, 3 * K)]).unsqueeze(0)
+    logits, _ = base.forward_embeds(x, pos)
+    torch.nn.functional.cross_entropy(logits[0, 1:-1], ids[0, 2 * K :]).backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "level" not in n
+    )

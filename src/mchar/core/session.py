@@ -301,6 +301,8 @@ class MegaContextSession:
         ``keep=False`` crops the cache back to the WC; ``keep=True`` leaves the fed tokens cached as a raw run
         (they are about to be ingested, so the next forward reuses them instead of recomputing).
         """
+        if self.num_tokens == 0:
+            raise ValueError("score: the session is empty; ingest a context (at least one token) first")
         segs = self.segments()
         first = self._forward(segs)[-1]
         wc_slots = self._cached_slots
