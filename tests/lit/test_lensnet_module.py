@@ -1,0 +1,90 @@
+"""LensNet module: vectorised pairwise loss, one base forward per batch, correct utilities, gradient coverage."""
+
+from __future__ import annotations
+
+import torch
+
+from mchar.core.lensnet import LensNet
+from mchar.lit import windows as W
+from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss, perturb
+from tests.lit.helpers import DEPTH, H, K, changed, one_step, snapshot, tiny_base, tiny_gistnet, tiny_lensnet, windows
+
+
+def _module(**kw) -> LensNetModule:
+    return LensNetModule(tiny_base(), tiny_gistnet(), tiny_lensnet(), block_size=K, depth=DEPTH, budget=24,
+                         horizon=H, candidates=6, max_steps=4, **kw)
+
+
+def test_bt_loss_matches_naive_pairs() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, u = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    num = den = 0.0
+    for b in range(3):
+        for i in range(5):
+            for j in range(5):
+                if u[b, i] > u[b, j]:
+                    w = float(u[b, i] - u[b, j])
+                    num += w * float(torch.nn.functional.softplus(-(s[b, i] - s[b, j])))
+                    den += w
+    assert abs(float(pairwise_bt_loss(s, u)) - num / den) < 1e-5
+
+
+def test_one_base_forward_per_batch_and_utilities_match_single_runs() -> None:
+    m = _module()
+    ids = windows(3)
+    calls = []
+    h = m.base.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    loss, _ = m.step_loss(ids, 0)
+    h.remove()
+    assert len(calls) == 1 and torch.isfinite(loss)
+    p = m.prefix(ids)
+    targets = ids[:, p : p + H]
+    with torch.no_grad():
+        tok = m.base.embed(ids[:, : p + H])
+        gists = m.gists(tok, p)
+        bank = W.source_bank(tok, gists)
+        entries, cand = m.sample_step(0, p)
+        utils = m.measure_utilities(bank, entries, cand, p, targets)
+        offs = W.bank_offsets(p + H, p, K, DEPTH)
+        i = int(cand[0])
+        base_nll = m.horizon_nll(bank, [(0, *m.slots(entries, offs))], p, targets)
+        var_nll = m.horizon_nll(bank, [(0, *m.slots(perturb(entries, i, K), offs))], p, targets)
+    sign = 1.0 if entries[i].level > 0 else -1.0
+    assert abs(float(utils[0, 0]) - sign * float(base_nll - var_nll)) < 1e-5
+    assert sum(e.cost(K) for e in entries) <= 24
+
+
+def test_one_step_changes_every_lensnet_param_only() -> None:
+    m = _module()
+    before = snapshot(m)
+    one_step(m, windows(4), step=0)
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved, (sorted(stuck), sorted(moved))
+    assert any(p.requires_grad for p in m.lensnet.parameters())
+    assert not any(p.requires_grad for p in m.gistnet.parameters())
+
+
+def test_regression_loss_and_validation_metrics() -> None:
+    m = _module(loss="regression")
+    assert torch.isfinite(m.step_loss(windows(2), 1)[0])
+    out = m.evaluate_batch(windows(2), 0)
+    for key in ("spearman", "lens_loss", "alloc_nll/lensnet", "alloc_nll/recency", "alloc_nll/similarity",
+                "alloc_nll/random", "alloc_nll/gists_only"):
+        assert key in out, key
+    assert torch.isfinite(out["alloc_nll/recency"]).all()
+
+
+def test_checkpoint_state_and_export(tmp_path) -> None:
+    m = _module()
+    state = m.state_dict()
+    m.on_save_checkpoint(ckpt := {"state_dict": state})
+    keys = set(ckpt["state_dict"])
+    assert {f"lensnet.{k}" for k in m.lensnet.state_dict()} <= keys
+    assert not any(k.startswith("base.") for k in keys)
+    m.on_load_checkpoint(ckpt)
+    m.load_state_dict(ckpt["state_dict"])  # strict: the base is put back from the live model
+    m.export(tmp_path / "lens")
+    net = LensNet.from_pretrained(tmp_path / "lens")
+    args = (torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 4),
+            torch.arange(5).repeat(2, 1))
+    assert torch.allclose(net(*args), m.lensnet(*args))
