@@ -286,6 +286,7 @@ def test_kill_minus_nine_then_resume(tmp_path: Path) -> None:
 
     study = optuna.load_study(study_name="killme", storage=storage)
     trials = study.trials
+    print(out.stderr[-4000:])
     assert trials[1].state == TrialState.FAIL and "interrupted" in trials[1].user_attrs["fail_reason"]
     complete = [t.params["allocator.budget"] for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(complete) == [64, 128, 256]  # every grid point completed exactly once

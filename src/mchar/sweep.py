@@ -26,7 +26,7 @@ Spec (YAML)::
 Resuming: the same command continues the study (``load_if_exists``). A trial left RUNNING by a dead local
 worker (host + pid + process start time in its user attrs) is marked FAIL and its parameters are re-queued
 once; completed trials and grid points are never re-run. Across machines, Optuna heartbeats
-(``heartbeat_interval``/``grace_period``) with ``RetryFailedTrialCallback`` do the same for remote workers.
+(``heartbeat_interval``/``grace_period``) with ``RetryHeartbeatStaleTrialCallback`` do the same for remote workers.
 """
 
 from __future__ import annotations
@@ -328,10 +328,21 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
 
 
+def _retry_callback(max_retry: int) -> Any:
+    """Optuna's re-queue-a-dead-trial callback (copies params and grid id; marked experimental, hence quiet)."""
+    import warnings
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
 def make_storage(spec: SweepSpec) -> Any:
     """RDB storage; heartbeats (for workers on other machines) when the spec asks or the DB is not SQLite."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     url = spec.storage
     if url.startswith("sqlite:///"):
@@ -346,7 +357,7 @@ def make_storage(spec: SweepSpec) -> Any:
         kwargs.update(
             heartbeat_interval=int(interval),
             grace_period=int(spec.grace_period or 3 * interval),
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=spec.max_retry),
+            heartbeat_stale_trial_callback=_retry_callback(spec.max_retry),
         )
     try:
         return RDBStorage(url, **kwargs)
@@ -417,10 +428,8 @@ def _retried_numbers(trials: list[Any]) -> set[int]:
 
 def requeue(study: Any, trial: Any, max_retry: int) -> None:
     """Queue ``trial``'s parameters again, once (idempotent across repeated crashes)."""
-    from optuna.storages import RetryFailedTrialCallback
-
     if trial.number not in _retried_numbers(study.get_trials(deepcopy=False)):
-        RetryFailedTrialCallback(max_retry=max_retry)(study, trial)
+        _retry_callback(max_retry)(study, trial)
 
 
 def recover_dead_trials(study: Any, max_retry: int) -> list[int]:

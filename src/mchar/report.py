@@ -1,0 +1,415 @@
+"""``python -m mchar report --name NAME``: ``reports/<name>.md`` + PNGs in ``reports/<name>/``, from MLflow only.
+
+Every number in the report is read from the tracking store (nothing hard-coded), and each section names the
+runs (and the command lines) it came from, so a reader can trace any figure back to a run. Sections whose
+runs do not exist say "not run".
+
+Scope: with ``run_id`` (a pipeline parent run, a sweep's study run, or a stage run) the report covers that run
+and all its descendants; without it, every FINISHED stage run whose config ``name`` is NAME (the latest per
+stage / per (budget, depth, policy)), so a main run plus a budget sweep of the same experiment combine.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mchar import plots
+from mchar.errors import MCharError
+
+HEADLINE = {
+    "base_lm": ("final/val_ppl", "final/val_nll", "final/task_acc/"),
+    "gistnet": ("final/delta_nll", "final/delta_nll_lod1", "final/delta_nll_lod2", "final/drop_delta_nll"),
+    "lensnet": ("final/spearman",),
+    "e2e": ("final/delta_nll",),
+}
+PPL = re.compile(r"^ppl/([^/]+)/delta_nll$")
+TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
+NOT_RUN = "_not run_"
+
+
+@dataclass
+class RunInfo:
+    """The parts of an MLflow run the report uses."""
+
+    run_id: str
+    status: str
+    start: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    children: list[RunInfo] = field(default_factory=list)
+
+    @property
+    def stage(self) -> str | None:
+        return self.tags.get("mchar.stage")
+
+    def int_param(self, key: str) -> int | None:
+        try:
+            return int(float(self.params[key]))
+        except (KeyError, ValueError):
+            return None
+
+
+def default_tracking_uri(name: str) -> str:
+    """The store ``fit +experiment=NAME`` would use (config, then $MLFLOW_TRACKING_URI, then runs/mlflow.db)."""
+    from mchar.compose import available_experiments, compose_config
+    from mchar.tracking.mlflow_tracking import tracking_uri
+
+    overrides = [f"+experiment={name}"] if name in available_experiments() else []
+    return tracking_uri(compose_config(overrides))
+
+
+def _info(run: Any) -> RunInfo:
+    return RunInfo(
+        run.info.run_id,
+        run.info.status,
+        int(run.info.start_time or 0),
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+    )
+
+
+def _search(client: Any, exp_id: str, filter_string: str) -> list[RunInfo]:
+    out: list[RunInfo] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        out += [_info(r) for r in page]
+        token = page.token
+        if not token:
+            return out
+
+
+def collect(client: Any, exp_id: str, name: str, run_id: str | None) -> tuple[list[RunInfo], RunInfo | None]:
+    """Stage runs in scope (newest first) and the root run when ``run_id`` was given."""
+    if run_id is None:
+        runs = _search(client, exp_id, f"params.name = '{name}' and attributes.status = 'FINISHED'")
+        return [r for r in runs if r.stage], None
+    try:
+        root = _info(client.get_run(run_id))
+    except Exception as err:
+        raise MCharError(
+            f"report: run {run_id!r} not found in the tracking store: {str(err).splitlines()[0]}"
+        ) from None
+    frontier, stages = [root], []
+    while frontier:
+        run = frontier.pop()
+        if run.stage and run.status == "FINISHED":
+            stages.append(run)
+        run.children = _search(client, exp_id, f"tags.`mlflow.parentRunId` = '{run.run_id}'")
+        frontier += run.children
+    stages.sort(key=lambda r: -r.start)
+    return stages, root
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{v:.4g}"
+
+
+def _ids(runs: list[RunInfo]) -> str:
+    return ", ".join(f"`{r.run_id}`" for r in runs)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def _headline(stages: list[RunInfo]) -> list[str]:
+    lines = ["## Headline metrics", ""]
+    for stage, keys in HEADLINE.items():
+        run = next((r for r in stages if r.stage == stage), None)
+        if run is None:
+            lines += [f"**{stage}**: {NOT_RUN}", ""]
+            continue
+        rows = [
+            [k, _fmt(v)]
+            for k, v in sorted(run.metrics.items())
+            if any(k == key or (key.endswith("/") and k.startswith(key)) for key in keys)
+        ]
+        lines += [f"**{stage}** (run `{run.run_id}`)", ""]
+        lines += _table(["metric", "value"], rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
+        lines.append("")
+    return lines
+
+
+def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
+    """Latest value per (budget, depth, policy) across eval runs."""
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for run in evals:  # newest first
+        for key, value in run.metrics.items():
+            m = PPL.match(key)
+            if not m:
+                continue
+            policy = m.group(1)
+            ident = (run.int_param("allocator.budget"), run.int_param("tree.depth"), policy)
+            if ident in seen or ident[0] is None:
+                continue
+            seen[ident] = {
+                "budget": ident[0],
+                "depth": ident[1],
+                "policy": policy,
+                "delta_nll": value,
+                "nll": run.metrics.get(f"ppl/{policy}/nll"),
+                "ci_low": run.metrics.get(f"ppl/{policy}/delta_nll_ci_low"),
+                "ci_high": run.metrics.get(f"ppl/{policy}/delta_nll_ci_high"),
+                "full": run.metrics.get("ppl/full/nll"),
+                "run": run,
+                "block": run.int_param("tree.block_size"),
+            }
+    return sorted(seen.values(), key=lambda r: (r["depth"] or 0, r["policy"], r["budget"]))
+
+
+def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
+    lines = ["## Perplexity at budget (ΔNLL vs full context)", ""]
+    rows = _eval_rows(evals)
+    if not rows:
+        return [*lines, NOT_RUN, ""]
+    table = [
+        [
+            str(r["budget"]),
+            str(r["depth"]),
+            str(r["block"]),
+            r["policy"],
+            _fmt(r["nll"]),
+            _fmt(r["delta_nll"]),
+            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+            _fmt(r["full"]),
+            f"`{r['run'].run_id[:12]}`",
+        ]
+        for r in rows
+    ]
+    lines += _table(["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "run"], table)
+    figures.append(plots.dnll_vs_budget(rows, out / "dnll_vs_budget.png"))
+    lines += ["", f"![ΔNLL vs budget]({rel}/dnll_vs_budget.png)", ""]
+    return lines
+
+
+def _pick_budget_runs(evals: list[RunInfo], predicate: Any) -> list[RunInfo]:
+    """Eval runs at the (budget, depth) of the newest run that has the wanted metrics; newest first."""
+    first = next((r for r in evals if predicate(r)), None)
+    if first is None:
+        return []
+    ident = (first.int_param("allocator.budget"), first.int_param("tree.depth"))
+    return [
+        r
+        for r in evals
+        if predicate(r) and (r.int_param("allocator.budget"), r.int_param("tree.depth")) == ident
+    ]
+
+
+def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
+    lines = ["## Task accuracy vs context length", ""]
+    runs = _pick_budget_runs(evals, lambda r: any(TASK.match(k) for k in r.metrics))
+    if not runs:
+        return [*lines, NOT_RUN, ""]
+    acc: dict[str, dict[str, dict[int, float]]] = {}
+    for run in reversed(runs):  # newest wins
+        for key, value in run.metrics.items():
+            m = TASK.match(key)
+            if m:
+                acc.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = value
+    lengths = sorted({n for per in acc.values() for t in per.values() for n in t})
+    tasks = sorted({t for per in acc.values() for t in per})
+    rows = [[p, t, *[_fmt(acc[p].get(t, {}).get(n)) for n in lengths]] for p in sorted(acc) for t in tasks]
+    lines += [
+        f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
+        f"runs {_ids(runs)}.",
+        "",
+    ]
+    lines += _table(["policy", "task", *[str(n) for n in lengths]], rows)
+    figures.append(plots.task_accuracy(acc, out / "task_accuracy.png"))
+    lines += ["", f"![task accuracy]({rel}/task_accuracy.png)", ""]
+    return lines
+
+
+def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
+    lines = ["## Focus telemetry (swap rate, budget use, residency)", ""]
+    runs = _pick_budget_runs(evals, lambda r: any(k.startswith("focus/") for k in r.metrics))
+    if not runs:
+        return [*lines, NOT_RUN, ""]
+    rows: dict[str, dict[str, float]] = {}
+    for run in reversed(runs):
+        for key, value in run.metrics.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "focus":
+                rows.setdefault(parts[1], {})[parts[2]] = value
+    lines += [
+        f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
+        f"runs {_ids(runs)}.",
+        "",
+    ]
+    lines += _table(
+        ["policy", "swap rate", "budget util", "residency"],
+        [
+            [p, _fmt(v.get("swap_rate")), _fmt(v.get("budget_util")), _fmt(v.get("residency"))]
+            for p, v in sorted(rows.items())
+        ],
+    )
+    figures.append(plots.telemetry(rows, out / "telemetry.png"))
+    lines += ["", f"![telemetry]({rel}/telemetry.png)", ""]
+    return lines
+
+
+def _focus_maps(client: Any, evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
+    import numpy as np
+
+    lines = ["## Focus map", ""]
+    for run in evals:
+        try:
+            files = [
+                f.path
+                for f in client.list_artifacts(run.run_id, "eval")
+                if f.path.endswith(".npy") and "focus_map" in f.path
+            ]
+        except Exception:
+            files = []
+        if not files:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            for artifact in sorted(files):
+                local = client.download_artifacts(run.run_id, artifact, tmp)
+                arr = np.load(local)
+                stem = Path(artifact).stem
+                title = (
+                    f"{stem}: policy {run.params.get('allocator.policy', '?')}, budget "
+                    f"{run.params.get('allocator.budget', '?')}, depth {run.params.get('tree.depth', '?')}"
+                )
+                figures.append(plots.focus_map(arr, out / f"{stem}.png", title))
+                levels = {int(v): int(c) for v, c in zip(*np.unique(arr, return_counts=True), strict=True)}
+                lines += [
+                    f"`{artifact}` of run `{run.run_id}`: {arr.shape[0]} refocus steps × {arr.shape[1]} "
+                    f"positions; cells per LOD (−1 = unseen/dropped): {levels}.",
+                    "",
+                    f"![focus map]({rel}/{stem}.png)",
+                    "",
+                ]
+        return lines
+    return [*lines, NOT_RUN, ""]
+
+
+def _sweep(root: RunInfo | None) -> list[str]:
+    if root is None or root.tags.get("mchar.role") != "study":
+        return []
+    keys = [k for k in root.params.get("search_space", "").split(",") if k]
+    lines = [
+        f"## Sweep `{root.tags.get('mchar.study', '?')}` (study run `{root.run_id}`)",
+        "",
+        f"Metric `{root.params.get('metric', '?')}` ({root.params.get('direction', '?')}), sampler "
+        f"{root.params.get('sampler', '?')}, pruner {root.params.get('pruner', '?')}.",
+        "",
+    ]
+    trials = sorted(root.children, key=lambda r: int(r.tags.get("mchar.trial", "0")))
+    rows = [
+        [
+            r.tags.get("mchar.trial", "?"),
+            r.tags.get("optuna.state", r.status),
+            *[r.params.get(k, "—") for k in keys],
+            _fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
+            f"`{r.run_id[:12]}`",
+        ]
+        for r in trials
+    ]
+    return [*lines, *_table(["trial", "state", *keys, "value", "run"], rows), ""]
+
+
+def build_report(
+    name: str = "quickstart",
+    experiment: str = "mchar",
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    out_dir: str | Path = "reports",
+) -> Path:
+    """Write ``<out_dir>/<name>.md`` and its figures; returns the Markdown path."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(name)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise MCharError(
+            f"report: no tracking store at {uri} (run `python -m mchar fit` first, or --tracking-uri)"
+        )
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise MCharError(f"report: no MLflow experiment {experiment!r} in {uri}")
+    stages, root = collect(client, exp.experiment_id, name, run_id)
+    out_root = Path(out_dir)
+    fig_dir = out_root / name
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    evals = [r for r in stages if r.stage == "eval"]
+    figures: list[Path] = []
+    scope = (
+        f"run `{run_id}` and its descendants"
+        if run_id
+        else f"all FINISHED stage runs with `name={name}` (latest per stage / per budget, depth, policy)"
+    )
+    lines = [
+        f"# mchar report: {name}",
+        "",
+        f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `python -m mchar report --name {name}"
+        f"{' --run-id ' + run_id if run_id else ''}` from `{_redact(uri)}`, experiment `{experiment}`; "
+        f"scope: {scope}. Every number below is read from that store.",
+        "",
+    ]
+    lines += _headline(stages)
+    lines += _sweep(root)
+    lines += _perplexity(evals, fig_dir, name, figures)
+    lines += _tasks(evals, fig_dir, name, figures)
+    lines += _telemetry(evals, fig_dir, name, figures)
+    lines += _focus_maps(client, evals, fig_dir, name, figures)
+    lines += ["## Runs and commands", ""]
+    if stages:
+        lines += _table(
+            ["run", "stage", "budget", "depth", "started", "command"],
+            [
+                [
+                    f"`{r.run_id}`",
+                    r.stage or "",
+                    r.params.get("allocator.budget", "—"),
+                    r.params.get("tree.depth", "—"),
+                    _dt.datetime.fromtimestamp(r.start / 1000).isoformat(timespec="seconds"),
+                    "`" + r.tags.get("argv", r.tags.get("command", "?")).replace("|", "\\|") + "`",
+                ]
+                for r in stages
+            ],
+        )
+    else:
+        lines.append(NOT_RUN)
+    path = out_root / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    (fig_dir / "sources.json").write_text(
+        json.dumps(
+            {
+                "tracking_uri": _redact(uri),
+                "experiment": experiment,
+                "run_id": run_id,
+                "runs": [r.run_id for r in stages],
+                "figures": [f.name for f in figures],
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)

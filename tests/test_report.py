@@ -1,0 +1,202 @@
+"""Reports from a real SQLite MLflow store populated with real client calls (the eval stage's data contract)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+POLICIES = ("recency", "lensnet")
+BUDGETS = (64, 128, 256)
+TASKS = ("passkey", "kv_retrieval")
+LENGTHS = (256, 1024)
+
+
+def dnll(policy: str, budget: int) -> float:
+    return round((0.9 if policy == "recency" else 0.4) * 64 / budget + 0.0123, 6)
+
+
+def _stage_run(client: Any, exp: str, parent: str, stage: str, params: dict[str, Any]) -> str:
+    run = client.create_run(
+        exp,
+        run_name=f"quickstart/{stage}",
+        tags={
+            "mlflow.parentRunId": parent,
+            "mchar.stage": stage,
+            "mchar.role": "stage",
+            "argv": f"python -m mchar fit +experiment=quickstart allocator.budget={params['b']}",
+        },
+    )
+    for k, v in {
+        "name": "quickstart",
+        "allocator.budget": params["b"],
+        "tree.depth": 2,
+        "tree.block_size": 32,
+    }.items():
+        client.log_param(run.info.run_id, k, str(v))
+    return run.info.run_id
+
+
+def populate(uri: str, tmp: Path) -> dict[str, Any]:
+    """One pipeline (base_lm, gistnet, eval@64) and two more eval-only pipelines (eval@128, eval@256)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mchar", artifact_location=(tmp / "mlartifacts").as_uri())
+    ids: dict[str, Any] = {"eval": {}, "parents": []}
+    for i, budget in enumerate(BUDGETS):
+        parent = client.create_run(exp, run_name="fit:quickstart", tags={"mchar.role": "parent"}).info.run_id
+        ids["parents"].append(parent)
+        if i == 0:
+            rid = _stage_run(client, exp, parent, "base_lm", {"b": budget})
+            client.log_metric(rid, "final/val_ppl", 17.25)
+            client.log_metric(rid, "final/task_acc/passkey", 0.625)
+            client.set_terminated(rid)
+            ids["base_lm"] = rid
+            rid = _stage_run(client, exp, parent, "gistnet", {"b": budget})
+            for k, v in {
+                "final/delta_nll": 0.3141,
+                "final/delta_nll_lod1": 0.2718,
+                "final/delta_nll_lod2": 0.5772,
+                "final/drop_delta_nll": 1.4142,
+            }.items():
+                client.log_metric(rid, k, v)
+            client.set_terminated(rid)
+            ids["gistnet"] = rid
+        rid = _stage_run(client, exp, parent, "eval", {"b": budget})
+        results: dict[str, Any] = {"policies": {}, "full": {"nll": 2.5}, "tasks": {}}
+        client.log_metric(rid, "ppl/full/nll", 2.5)
+        for j, policy in enumerate(POLICIES):
+            d = dnll(policy, budget)
+            metrics = {
+                f"ppl/{policy}/nll": 2.5 + d,
+                f"ppl/{policy}/delta_nll": d,
+                f"ppl/{policy}/delta_nll_ci_low": d - 0.01,
+                f"ppl/{policy}/delta_nll_ci_high": d + 0.01,
+                f"focus/{policy}/swap_rate": 0.11 * (j + 1),
+                f"focus/{policy}/budget_util": 0.97 - 0.01 * j,
+                f"focus/{policy}/residency": 0.5 + 0.1 * j,
+            }
+            for t, task in enumerate(TASKS):
+                for n, length in enumerate(LENGTHS):
+                    metrics[f"task/{policy}/{task}/{length}/acc"] = 0.875 - 0.25 * n - 0.125 * t - 0.0625 * j
+            for k, v in metrics.items():
+                client.log_metric(rid, k, v)
+            results["policies"][policy] = {"nll": 2.5 + d, "delta_nll": d, "ci": [d - 0.01, d + 0.01]}
+        client.log_text(rid, json.dumps(results), "eval/results.json")
+        focus = np.full((6, 12), -1, dtype=np.int64)
+        for t in range(6):
+            focus[t, : 2 * (t + 1)] = np.arange(2 * (t + 1)) % 3
+        np.save(tmp / "focus_map.npy", focus)
+        client.log_artifact(rid, str(tmp / "focus_map.npy"), "eval")
+        client.set_terminated(rid)
+        client.set_terminated(parent)
+        ids["eval"][budget] = rid
+    return ids
+
+
+def test_report_from_real_store(tmp_path: Path) -> None:
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = populate(uri, tmp_path)
+    path = build_report(name="quickstart", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "reports")
+    md = path.read_text()
+    assert path == tmp_path / "reports" / "quickstart.md"
+    for name in ("dnll_vs_budget", "task_accuracy", "telemetry", "focus_map"):
+        png = tmp_path / "reports" / "quickstart" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f"](quickstart/{name}.png)" in md
+    for policy in POLICIES:  # every ΔNLL of every budget, as stored
+        for budget in BUDGETS:
+            assert (
+                f"| {budget} | 2 | 32 | {policy} | {2.5 + dnll(policy, budget):.4g} | {dnll(policy, budget):.4g} |"
+                in md
+            )
+    assert "17.25" in md and "0.625" in md and "0.3141" in md and "1.414" in md  # headline metrics
+    assert "**lensnet**: _not run_" in md
+    assert ids["base_lm"] in md and ids["gistnet"] in md and all(r in md for r in ids["eval"].values())
+    assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md
+    assert "| lensnet | 0.22 | 0.96 | 0.6 |" in md  # telemetry from the newest budget's eval run
+    assert "cells per LOD" in md and "-1: 30" in md
+
+
+def test_report_scoped_to_one_run_and_missing_sections(tmp_path: Path) -> None:
+    from mchar.errors import MCharError
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = populate(uri, tmp_path)
+    path = build_report(
+        name="one",
+        experiment="mchar",
+        tracking_uri=uri,
+        run_id=ids["parents"][1],
+        out_dir=tmp_path / "reports",
+    )
+    md = path.read_text()
+    assert ids["eval"][128] in md and ids["eval"][64] not in md and ids["eval"][256] not in md
+    assert "**base_lm**: _not run_" in md and "**gistnet**: _not run_" in md
+    empty = build_report(name="nothing", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "reports")
+    assert empty.read_text().count("_not run_") >= 7
+    with pytest.raises(MCharError, match="no tracking store"):
+        build_report(name="x", tracking_uri=f"sqlite:///{tmp_path}/absent.db", out_dir=tmp_path / "r")
+    with pytest.raises(MCharError, match="not found"):
+        build_report(name="x", tracking_uri=uri, run_id="0" * 32, out_dir=tmp_path / "r")
+
+
+def test_report_stage_logs_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stages=[eval,report]`` through the real pipeline, with a stand-in eval stage that logs the contract."""
+    from mlflow.tracking import MlflowClient
+
+    import mchar.pipeline
+    from mchar.compose import compose_config
+    from mchar.pipeline import run_pipeline
+
+    def fake_eval(ctx: Any, run_id: str | None) -> dict[str, Any]:
+        metrics = {
+            "ppl/full/nll": 3.0,
+            "ppl/recency/nll": 3.25,
+            "ppl/recency/delta_nll": 0.25,
+            "focus/recency/swap_rate": 0.5,
+            "focus/recency/budget_util": 1.0,
+        }
+        ctx.tracker.log_metrics(run_id, metrics)
+        return {"metrics": metrics}
+
+    monkeypatch.setattr(mchar.pipeline, "_stage_fn", lambda s: {"eval": fake_eval}.get(s) or _real(s))
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "stages=[eval,report]",
+            f"run_dir={tmp_path}/runs",
+            f"artifacts_dir={tmp_path}/art",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
+    ctx = run_pipeline(cfg, command="fit")
+    report = Path(ctx.results["report"]["report"])
+    assert report == tmp_path / "reports" / "smoke.md"
+    assert "| 64 | 2 | 8 | recency | 3.25 | 0.25 |" in report.read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    stage = client.search_runs(
+        [client.get_experiment_by_name("mchar").experiment_id], "tags.`mchar.stage` = 'report'"
+    )[0]
+    logged = {a.path for a in client.list_artifacts(stage.info.run_id, "report")}
+    assert "report/smoke.md" in logged and "report/smoke" in logged
+    assert {a.path for a in client.list_artifacts(stage.info.run_id, "report/smoke")} >= {
+        "report/smoke/dnll_vs_budget.png",
+        "report/smoke/telemetry.png",
+    }
+
+
+def _real(stage: str) -> Any:
+    import importlib
+
+    import mchar.pipeline
+
+    module, _, fn = mchar.pipeline.STAGE_MODULES[stage].partition(":")
+    return getattr(importlib.import_module(module), fn)
