@@ -14,6 +14,8 @@ from mchar.errors import MCharError
 
 STAGES = ("base_lm", "gistnet", "lensnet", "e2e", "eval", "report")
 POLICIES = ("lensnet", "recency", "sink_recent", "gists_only", "similarity", "random", "oracle")
+EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 
 
 class ConfigError(MCharError, ValueError):
@@ -107,6 +109,11 @@ class GistNetConfig:
     loss: str = "kl+nll"  # kl | nll | kl+nll
     contrastive_weight: float = 0.0
     substitutable_threshold: float = 0.5
+    contrastive_margin: float = 0.2
+    warmup_steps: int = 10
+    raw_prob: float = 0.25  # share of raw blocks in the random training layouts
+    keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
+    val_windows: int = 32  # held-out windows for the final metrics
 
 
 @dataclass
@@ -122,6 +129,25 @@ class LensNetConfig:
     horizon: int = 64
     loss: str = "bradley_terry"  # bradley_terry | regression
     candidates: int = 16
+    warmup_steps: int = 10
+    tail_tokens: int = 32
+    random_edits: int = 3  # random legal edits applied to initial_context per step (WC diversity)
+    alloc_rounds: int = 16  # refocus rounds when validating allocator gain
+    val_windows: int = 16
+
+
+@dataclass
+class E2EConfig:
+    """End-to-end fine-tuning of GistNet + LensNet on allocator WCs (stage ``e2e``)."""
+
+    schedule: str = "alternate"  # alternate | joint
+    train_gistnet: bool = True
+    train_lensnet: bool = True
+    lora: bool = False
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lr: float = 3e-4
+    max_steps: int = 100
 
 
 @dataclass
@@ -153,6 +179,8 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     enable_progress_bar: bool = True
     deterministic: bool = False
+    resume: bool = False  # continue from <stage_dir>/checkpoints/last.ckpt when it exists
+    checkpoint_every: int | None = None  # train steps between checkpoints (default: min(steps, 50))
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +205,19 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     task_lengths: list[int] = field(default_factory=list)
     task_examples: int = 8
+    task_policies: list[str] = field(default_factory=list)  # empty: same as ``policies``
+    task_output: str = "generate"  # generate (exact match) | loglikelihood (acc = answer is greedy)
+    task_dir: str = ""  # lm-eval YAML folder; empty: the repository's evals/tasks
+    ruler_tasks: list[str] = field(default_factory=list)  # e.g. niah_single_1, niah_multikey_2, ruler_vt
+    ruler_lengths: list[int] = field(default_factory=list)
+    refocus_every: int | None = None  # default: allocator.refocus_every, else one block
+    full_context: bool = True  # also score the plain base on the whole document where it fits
+    ci: str = "t"  # t | bootstrap (95 % interval of ΔNLL over documents)
+    sink_blocks: int = 1
+    oracle_horizon: int | None = None  # default: the next refocus_every tokens
+    focus_map_policy: str = ""  # default: lensnet if evaluated, else the first policy
+    gistnet_dir: str = ""  # explicit exported GistNet (default: the gistnet stage's result)
+    lensnet_dir: str = ""  # explicit exported LensNet (default: the lensnet stage's result)
 
 
 @dataclass
@@ -194,6 +235,7 @@ class RootConfig:
     allocator: AllocatorConfig = field(default_factory=AllocatorConfig)
     gistnet: GistNetConfig = field(default_factory=GistNetConfig)
     lensnet: LensNetConfig = field(default_factory=LensNetConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
     base_lm: BaseLMTrainConfig = field(default_factory=BaseLMTrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -247,6 +289,11 @@ def check_semantics(cfg: RootConfig) -> None:
     if g.width % g.heads:
         raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
+    _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
+    if not 0.0 <= g.raw_prob <= 1.0:
+        raise ConfigError(f"gistnet.raw_prob: must be in [0, 1], got {g.raw_prob}")
+    if g.keep_raw_blocks < 0:
+        raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
     if cfg.lensnet.width % cfg.lensnet.heads:
         raise ConfigError(f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}")
     d = cfg.data
@@ -261,6 +308,27 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"model.local.hidden_size: {m.hidden_size} not divisible by model.local.num_heads")
     if cfg.model.kind == "local" and d.window > m.max_positions:
         raise ConfigError(f"data.window: {d.window} exceeds model.local.max_positions={m.max_positions}")
-    if cfg.eval.history_multiple < 1:
+    e = cfg.eval
+    if e.history_multiple < 1:
         raise ConfigError("eval.history_multiple: must be >= 1")
+    _positive("eval.documents", e.documents)
+    _positive("eval.final_tokens", e.final_tokens)
+    _positive("eval.task_examples", e.task_examples)
+    _positive("eval.refocus_every", e.refocus_every, allow_none=True)
+    for p in e.task_policies:
+        _choice("eval.task_policies", p, POLICIES)
+    if e.focus_map_policy:
+        _choice("eval.focus_map_policy", e.focus_map_policy, POLICIES)
+    for name in e.tasks:
+        _choice("eval.tasks", name, EVAL_TASKS)
+    for name in e.ruler_tasks:
+        _choice("eval.ruler_tasks", name, RULER_TASKS)
+    for n in [*e.task_lengths, *e.ruler_lengths]:
+        _positive("eval.task_lengths/eval.ruler_lengths", n)
+    if e.tasks and not e.task_lengths:
+        raise ConfigError("eval.task_lengths: required when eval.tasks is set (e.g. [512, 1024, 2048])")
+    if e.ruler_tasks and not e.ruler_lengths:
+        raise ConfigError("eval.ruler_lengths: required when eval.ruler_tasks is set (e.g. [1024])")
+    _choice("eval.task_output", e.task_output, ("generate", "loglikelihood"))
+    _choice("eval.ci", e.ci, ("t", "bootstrap"))
     _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)

@@ -13,8 +13,19 @@ from tests.lit.helpers import DEPTH, H, K, changed, snapshot, tiny_base, tiny_gi
 
 def _module(**kw) -> E2EModule:
     kw.setdefault("weight_decay", 0.0)
-    return E2EModule(tiny_base(), tiny_gistnet(), tiny_lensnet(), block_size=K, depth=DEPTH, budget=24, horizon=H,
-                     candidates=4, max_steps=4, alloc_rounds=4, **kw)
+    return E2EModule(
+        tiny_base(),
+        tiny_gistnet(),
+        tiny_lensnet(),
+        block_size=K,
+        depth=DEPTH,
+        budget=24,
+        horizon=H,
+        candidates=4,
+        max_steps=4,
+        alloc_rounds=4,
+        **kw,
+    )
 
 
 def _steps(m: E2EModule, n: int) -> None:
@@ -80,5 +91,7 @@ def test_checkpoint_and_export_contain_every_trained_module(tmp_path) -> None:
     base_keys = {k for k in keys if k.startswith("base.")}
     assert base_keys and all("lora_" in k for k in base_keys)
     m.export(tmp_path)
-    assert (tmp_path / "gistnet" / "model.safetensors").exists() and (tmp_path / "lensnet" / "config.json").exists()
-    assert set(load_file(str(tmp_path / "lora.safetensors"))) == {k[len("base.model."):] for k in base_keys}
+    assert (tmp_path / "gistnet" / "model.safetensors").exists() and (
+        tmp_path / "lensnet" / "config.json"
+    ).exists()
+    assert set(load_file(str(tmp_path / "lora.safetensors"))) == {k[len("base.model.") :] for k in base_keys}

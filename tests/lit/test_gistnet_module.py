@@ -49,7 +49,9 @@ def test_layout_slots_match_working_context() -> None:
         lv, node = sm.levels.numpy(), sm.node_index.numpy()
         expect = np.where(lv == 0, node, np.asarray(offs)[lv] + node)
         assert np.array_equal(bank, expect)
-    assert any(e.level == 2 for e in W.level_layout(p, K, 2)) and Entry(0, p // K - 1) in W.level_layout(p, K, 2)
+    assert any(e.level == 2 for e in W.level_layout(p, K, 2)) and Entry(0, p // K - 1) in W.level_layout(
+        p, K, 2
+    )
 
 
 def test_one_step_changes_every_gistnet_param_and_no_base_param() -> None:
@@ -67,17 +69,34 @@ def test_one_step_changes_every_gistnet_param_and_no_base_param() -> None:
 
 def test_validation_reports_gist_and_drop_baselines() -> None:
     out = _module().evaluate_batch(windows(2), 0)
-    for key in ("dnll", "drop_dnll", "dnll_lod1", "dnll_lod2", "drop_dnll_lod1", "drop_dnll_lod2", "subst_rate",
-                "span_dnll", "span_drop_dnll", "teacher_nll"):
+    for key in (
+        "dnll",
+        "drop_dnll",
+        "dnll_lod1",
+        "dnll_lod2",
+        "drop_dnll_lod1",
+        "drop_dnll_lod2",
+        "subst_rate",
+        "span_dnll",
+        "span_drop_dnll",
+        "teacher_nll",
+    ):
         assert key in out and torch.isfinite(out[key]).all(), key
 
 
 def test_checkpoint_holds_gistnet_not_base_and_reloads(tmp_path) -> None:
     m = _module()
     dm = W.StepDataModule(windows(8), windows(2, seed=1), batch_size=2, max_steps=2)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(m, datamodule=dm)
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -120,7 +139,9 @@ def test_left_padding_does_not_change_logits() -> None:
     short = W.prefix_slots(W.level_layout(p, K, 2), K, offs)
     long = W.prefix_slots(W.raw_layout(p, K), K, offs)
     with torch.no_grad():
-        alone = W.horizon_logits(m.base, *(lambda r: (W.gather_rows(bank, r), r))(W.build_rows([(0, *short)], p, H)), H)
+        alone = W.horizon_logits(
+            m.base, *(lambda r: (W.gather_rows(bank, r), r))(W.build_rows([(0, *short)], p, H)), H
+        )
         both = W.build_rows([(0, *short), (1, *long)], p, H)
         assert both.padded
         mixed = W.horizon_logits(m.base, W.gather_rows(bank, both), both, H)

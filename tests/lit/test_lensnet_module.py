@@ -7,12 +7,33 @@ import torch
 from mchar.core.lensnet import LensNet
 from mchar.lit import windows as W
 from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss, perturb
-from tests.lit.helpers import DEPTH, H, K, changed, one_step, snapshot, tiny_base, tiny_gistnet, tiny_lensnet, windows
+from tests.lit.helpers import (
+    DEPTH,
+    H,
+    K,
+    changed,
+    one_step,
+    snapshot,
+    tiny_base,
+    tiny_gistnet,
+    tiny_lensnet,
+    windows,
+)
 
 
 def _module(**kw) -> LensNetModule:
-    return LensNetModule(tiny_base(), tiny_gistnet(), tiny_lensnet(), block_size=K, depth=DEPTH, budget=24,
-                         horizon=H, candidates=6, max_steps=4, **kw)
+    return LensNetModule(
+        tiny_base(),
+        tiny_gistnet(),
+        tiny_lensnet(),
+        block_size=K,
+        depth=DEPTH,
+        budget=24,
+        horizon=H,
+        candidates=6,
+        max_steps=4,
+        **kw,
+    )
 
 
 def test_bt_loss_matches_naive_pairs() -> None:
@@ -68,8 +89,15 @@ def test_regression_loss_and_validation_metrics() -> None:
     m = _module(loss="regression")
     assert torch.isfinite(m.step_loss(windows(2), 1)[0])
     out = m.evaluate_batch(windows(2), 0)
-    for key in ("spearman", "lens_loss", "alloc_nll/lensnet", "alloc_nll/recency", "alloc_nll/similarity",
-                "alloc_nll/random", "alloc_nll/gists_only"):
+    for key in (
+        "spearman",
+        "lens_loss",
+        "alloc_nll/lensnet",
+        "alloc_nll/recency",
+        "alloc_nll/similarity",
+        "alloc_nll/random",
+        "alloc_nll/gists_only",
+    ):
         assert key in out, key
     assert torch.isfinite(out["alloc_nll/recency"]).all()
 
@@ -85,6 +113,10 @@ def test_checkpoint_state_and_export(tmp_path) -> None:
     m.load_state_dict(ckpt["state_dict"])  # strict: the base is put back from the live model
     m.export(tmp_path / "lens")
     net = LensNet.from_pretrained(tmp_path / "lens")
-    args = (torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.long), torch.full((2, 5), 4),
-            torch.arange(5).repeat(2, 1))
+    args = (
+        torch.randn(2, 5, 32),
+        torch.zeros(2, 5, dtype=torch.long),
+        torch.full((2, 5), 4),
+        torch.arange(5).repeat(2, 1),
+    )
     assert torch.allclose(net(*args), m.lensnet(*args))

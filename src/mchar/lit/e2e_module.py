@@ -50,8 +50,9 @@ class LoRALinear(nn.Module):
         return y + (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scale
 
 
-def add_lora(model: nn.Module, targets: Sequence[str] = LORA_TARGETS, rank: int = 4, alpha: float = 8.0
-             ) -> list[LoRALinear]:
+def add_lora(
+    model: nn.Module, targets: Sequence[str] = LORA_TARGETS, rank: int = 4, alpha: float = 8.0
+) -> list[LoRALinear]:
     """Wrap every ``nn.Linear`` whose attribute name is in ``targets``; returns the wrappers."""
     added = []
     for _, parent in list(model.named_modules()):
@@ -80,10 +81,22 @@ def lora_disabled(layers: Sequence[LoRALinear]) -> Iterator[None]:
 class E2EModule(LensNetModule):
     """GistNet + LensNet (+ LoRA) trained on allocator-built working contexts."""
 
-    def __init__(self, base: nn.Module, gistnet: nn.Module, lensnet: nn.Module, *, schedule: str = "alternate",
-                 train_gistnet: bool = True, train_lensnet: bool = True, lora: bool = False, lora_rank: int = 4,
-                 lora_alpha: float = 8.0, gist_loss: str = "kl+nll", gist_lr: float | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        gistnet: nn.Module,
+        lensnet: nn.Module,
+        *,
+        schedule: str = "alternate",
+        train_gistnet: bool = True,
+        train_lensnet: bool = True,
+        lora: bool = False,
+        lora_rank: int = 4,
+        lora_alpha: float = 8.0,
+        gist_loss: str = "kl+nll",
+        gist_lr: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(base, gistnet, lensnet, train_gistnet=train_gistnet, **kwargs)
         if schedule not in ("alternate", "joint"):
             raise ValueError(f"e2e.schedule: {schedule!r} is not one of alternate, joint")
@@ -148,16 +161,25 @@ class E2EModule(LensNetModule):
         hp = self.hparams
         groups = []
         if hp.train_gistnet:
-            groups.append({"params": list(self.gistnet.parameters()), "lr": hp.gist_lr or hp.lr, "name": "gistnet"})
+            groups.append(
+                {"params": list(self.gistnet.parameters()), "lr": hp.gist_lr or hp.lr, "name": "gistnet"}
+            )
         if hp.lora:
-            groups.append({"params": [p for m in self.lora_layers for p in (m.lora_a, m.lora_b)],
-                           "lr": hp.gist_lr or hp.lr, "name": "lora"})
+            groups.append(
+                {
+                    "params": [p for m in self.lora_layers for p in (m.lora_a, m.lora_b)],
+                    "lr": hp.gist_lr or hp.lr,
+                    "name": "lora",
+                }
+            )
         if hp.train_lensnet:
             groups.append({"params": list(self.lensnet.parameters()), "lr": hp.lr, "name": "lensnet"})
         return groups
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
         )

@@ -51,8 +51,9 @@ class FrozenBaseCheckpointMixin:
         restore_frozen(checkpoint["state_dict"], self)  # type: ignore[arg-type]
 
 
-def substitutability_loss(kind: str, teacher: torch.Tensor, student: torch.Tensor, targets: torch.Tensor
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def substitutability_loss(
+    kind: str, teacher: torch.Tensor, student: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL / NLL / KL+NLL on horizon logits ``[R, H, V]``."""
     nll = W.token_nll(student, targets).mean()
     logs = {"nll": nll.detach()}
@@ -74,11 +75,27 @@ def contrastive_term(lod1: torch.Tensor, margin: float) -> torch.Tensor:
 class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
 
-    def __init__(self, base: nn.Module, gistnet: nn.Module, *, block_size: int, depth: int, horizon: int,
-                 loss: str = "kl+nll", lr: float = 1e-3, weight_decay: float = 0.01, max_steps: int = 200,
-                 warmup_steps: int = 10, contrastive_weight: float = 0.0, contrastive_margin: float = 0.2,
-                 substitutable_threshold: float = 0.5, position_mode: str = "centre", raw_prob: float = 0.25,
-                 keep_raw_blocks: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        gistnet: nn.Module,
+        *,
+        block_size: int,
+        depth: int,
+        horizon: int,
+        loss: str = "kl+nll",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        max_steps: int = 200,
+        warmup_steps: int = 10,
+        contrastive_weight: float = 0.0,
+        contrastive_margin: float = 0.2,
+        substitutable_threshold: float = 0.5,
+        position_mode: str = "centre",
+        raw_prob: float = 0.25,
+        keep_raw_blocks: int = 1,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -86,7 +103,15 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["base", "gistnet"])
         self.k, self.depth, self.horizon = block_size, depth, horizon
         mean = torchmetrics.MeanMetric
-        names = ["teacher_nll", "student_nll", "dnll", "drop_dnll", "span_dnll", "span_drop_dnll", "subst_rate"]
+        names = [
+            "teacher_nll",
+            "student_nll",
+            "dnll",
+            "drop_dnll",
+            "span_dnll",
+            "span_drop_dnll",
+            "subst_rate",
+        ]
         names += [f"dnll_lod{lv}" for lv in range(1, depth + 1)]
         names += [f"drop_dnll_lod{lv}" for lv in range(1, depth + 1)]
         self.val_metrics = nn.ModuleDict({n: mean() for n in names})
@@ -104,20 +129,24 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         gists = W.build_gists(self.gist_fn, tok[:, :prefix], self.k, self.depth)
         return tok, gists, W.source_bank(tok, gists)
 
-    def student_logits(self, bank: torch.Tensor, layouts: list[tuple[int, np.ndarray, np.ndarray]],
-                       prefix: int) -> torch.Tensor:
+    def student_logits(
+        self, bank: torch.Tensor, layouts: list[tuple[int, np.ndarray, np.ndarray]], prefix: int
+    ) -> torch.Tensor:
         rows = W.build_rows(layouts, prefix, self.horizon, bank.device)
         return W.horizon_logits(self.base, W.gather_rows(bank, rows), rows, self.horizon)
 
-    def same_layout(self, n: int, entries: list, prefix: int, ids_len: int, dropped: list[bool] | None = None
-                    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def same_layout(
+        self, n: int, entries: list, prefix: int, ids_len: int, dropped: list[bool] | None = None
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         offs = W.bank_offsets(ids_len, prefix, self.k, self.depth)
         b, p = W.prefix_slots(entries, self.k, offs, self.hparams.position_mode, dropped)
         return [(i, b, p) for i in range(n)]
 
     def train_layout(self, step: int, prefix: int) -> list:
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 3))
-        return W.random_layout(prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob)
+        return W.random_layout(
+            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob
+        )
 
     def compute_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training loss (used by ``training_step`` and by the plain-loop benchmark alike)."""
@@ -128,7 +157,9 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             teacher = W.teacher_logits(self.base, ids, prefix, self.horizon)
         tok, gists, bank = self.bank(ids, prefix)
         entries = self.train_layout(step, prefix)
-        student = self.student_logits(bank, self.same_layout(ids.shape[0], entries, prefix, tok.shape[1]), prefix)
+        student = self.student_logits(
+            bank, self.same_layout(ids.shape[0], entries, prefix, tok.shape[1]), prefix
+        )
         loss, logs = substitutability_loss(self.hparams.loss, teacher, student, targets)
         if self.hparams.contrastive_weight > 0:
             c = contrastive_term(gists[0], self.hparams.contrastive_margin)
@@ -162,7 +193,9 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         t_len = tok.shape[1]
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 5))
         layouts: list[tuple[str, list, bool]] = []
-        mixed = W.random_layout(prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob)
+        mixed = W.random_layout(
+            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob
+        )
         layouts += [("dnll", mixed, False), ("drop_dnll", mixed, True)]
         for lv in range(1, self.depth + 1):
             ents = W.level_layout(prefix, self.k, lv, self.hparams.keep_raw_blocks)
@@ -207,8 +240,9 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         self.log_dict(out, sync_dist=False)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.gistnet.parameters(), lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            self.gistnet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
         )

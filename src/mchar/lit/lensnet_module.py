@@ -41,7 +41,9 @@ from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin
 ALLOC_POLICIES = ("lensnet", "recency", "similarity", "random", "gists_only")
 
 
-def pairwise_bt_loss(scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_bt_loss(
+    scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bradley–Terry over all pairs (i better than j), weighted by |u_i - u_j|; ``[B, C]`` inputs."""
     du = utils[:, :, None] - utils[:, None, :]
     ds = scores[:, :, None] - scores[:, None, :]
@@ -51,7 +53,9 @@ def pairwise_bt_loss(scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tens
     return (w * F.softplus(-ds)).sum() / w.sum().clamp_min(1e-8)
 
 
-def regression_loss(scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def regression_loss(
+    scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     err = (scores - utils).pow(2)
     if mask is None:
         return err.mean()
@@ -82,11 +86,28 @@ def random_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator, edits
 class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
-    def __init__(self, base: nn.Module, gistnet: nn.Module, lensnet: nn.Module, *, block_size: int, depth: int,
-                 budget: int, horizon: int, candidates: int = 16, loss: str = "bradley_terry", lr: float = 1e-3,
-                 weight_decay: float = 0.01, max_steps: int = 200, warmup_steps: int = 10, random_edits: int = 3,
-                 position_mode: str = "centre", alloc_rounds: int = 16, seed: int = 0,
-                 train_gistnet: bool = False) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        gistnet: nn.Module,
+        lensnet: nn.Module,
+        *,
+        block_size: int,
+        depth: int,
+        budget: int,
+        horizon: int,
+        candidates: int = 16,
+        loss: str = "bradley_terry",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        max_steps: int = 200,
+        warmup_steps: int = 10,
+        random_edits: int = 3,
+        position_mode: str = "centre",
+        alloc_rounds: int = 16,
+        seed: int = 0,
+        train_gistnet: bool = False,
+    ) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -120,7 +141,9 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return W.build_gists(self.gistnet, tok[:, :prefix], self.k, self.depth)
 
-    def horizon_nll(self, bank: torch.Tensor, rows_spec: list, prefix: int, targets: torch.Tensor) -> torch.Tensor:
+    def horizon_nll(
+        self, bank: torch.Tensor, rows_spec: list, prefix: int, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Mean horizon NLL per row (``targets [B, H]`` indexed by each row's window)."""
         rows = W.build_rows(rows_spec, prefix, self.horizon, bank.device)
         logits = W.horizon_logits(self.base, W.gather_rows(bank, rows), rows, self.horizon)
@@ -129,8 +152,14 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     def slots(self, entries: Sequence[Entry], offs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return W.prefix_slots(entries, self.k, offs, self.hparams.position_mode)
 
-    def lens_scores(self, entries_per_row: Sequence[Sequence[Entry]], rows_batch: Sequence[int],
-                    tok: torch.Tensor, gists: list[torch.Tensor], prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def lens_scores(
+        self,
+        entries_per_row: Sequence[Sequence[Entry]],
+        rows_batch: Sequence[int],
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         emb, lv, wd, dist, mask = W.entry_features(entries_per_row, rows_batch, tok, gists, self.k, prefix)
         tail_n = min(getattr(self.lensnet, "tail_tokens", 0), prefix)
         bi = torch.as_tensor(list(rows_batch), device=tok.device)
@@ -139,13 +168,21 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ utilities
     @torch.no_grad()
-    def measure_utilities(self, bank: torch.Tensor, entries: Sequence[Entry], cand: np.ndarray, prefix: int,
-                          targets: torch.Tensor) -> torch.Tensor:
+    def measure_utilities(
+        self,
+        bank: torch.Tensor,
+        entries: Sequence[Entry],
+        cand: np.ndarray,
+        prefix: int,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
         """``[B, C]`` utilities of the candidate entries of one WC shared by the batch: ONE base forward."""
         b = targets.shape[0]
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         t0 = time.perf_counter()
-        variants = [self.slots(entries, offs)] + [self.slots(perturb(entries, int(i), self.k), offs) for i in cand]
+        variants = [self.slots(entries, offs)] + [
+            self.slots(perturb(entries, int(i), self.k), offs) for i in cand
+        ]
         spec = [(w, s[0], s[1]) for s in variants for w in range(b)]
         rows = W.build_rows(spec, prefix, self.horizon, bank.device)
         embeds = W.gather_rows(bank, rows)
@@ -187,7 +224,11 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         else:
             loss = pairwise_bt_loss(cs, utils)
         self._tick("loss", t0)
-        return loss, {"lens_loss": loss.detach(), "utility_mean": utils.mean(), "utility_abs": utils.abs().mean()}
+        return loss, {
+            "lens_loss": loss.detach(),
+            "utility_mean": utils.mean(),
+            "utility_abs": utils.abs().mean(),
+        }
 
     # ------------------------------------------------------------------ Lightning
     def step_loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -200,8 +241,15 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ allocation (validation, e2e)
-    def policy_scores(self, policy: str, wcs: Sequence[WorkingContext], tok: torch.Tensor,
-                      gists: list[torch.Tensor], prefix: int, gen: np.random.Generator) -> list[torch.Tensor]:
+    def policy_scores(
+        self,
+        policy: str,
+        wcs: Sequence[WorkingContext],
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        gen: np.random.Generator,
+    ) -> list[torch.Tensor]:
         """Per-WC entry scores of a score source (higher = expand first, lower = collapse first)."""
         ents = [list(wc.entries) for wc in wcs]
         if policy == "lensnet":
@@ -223,15 +271,24 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         return out
 
     @torch.no_grad()
-    def allocate(self, policy: str, n: int, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int,
-                 gen: np.random.Generator) -> list[WorkingContext]:
+    def allocate(
+        self,
+        policy: str,
+        n: int,
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        gen: np.random.Generator,
+    ) -> list[WorkingContext]:
         """WCs the allocator builds at the budget: greedy fill from the coarsest cover, rescoring each round."""
         shape = self.shape(prefix)
         wcs = [initial_context(shape, self.budget, expand_recent=False) for _ in range(n)]
         if policy == "gists_only":
             return wcs
-        allocs = [FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, max_edits=1 << 20, cooldown=2)
-                  for _ in range(n)]
+        allocs = [
+            FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, max_edits=1 << 20, cooldown=2)
+            for _ in range(n)
+        ]
         for _ in range(self.hparams.alloc_rounds):
             scores = self.policy_scores(policy, wcs, tok, gists, prefix, gen)
             if not sum(len(a.refocus(wc, s)) for a, wc, s in zip(allocs, wcs, scores, strict=True)):
@@ -239,8 +296,9 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         return wcs
 
     @torch.no_grad()
-    def evaluate_batch(self, ids: torch.Tensor, batch_idx: int,
-                       policies: Sequence[str] = ALLOC_POLICIES) -> dict[str, torch.Tensor]:
+    def evaluate_batch(
+        self, ids: torch.Tensor, batch_idx: int, policies: Sequence[str] = ALLOC_POLICIES
+    ) -> dict[str, torch.Tensor]:
         ids = ids.to(self.device)
         n = ids.shape[0]
         prefix = self.prefix(ids)
@@ -255,7 +313,9 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         out: dict[str, torch.Tensor] = {
             "spearman": spearman_corrcoef(cs.T.float(), utils.T.float()).reshape(-1),
             "lens_loss": pairwise_bt_loss(cs, utils).reshape(1),
-            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(1),
+            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(
+                1
+            ),
         }
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
@@ -297,4 +357,3 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
 
     def export(self, directory: Any) -> Any:
         return self.lensnet.save_pretrained(directory)
-

@@ -50,8 +50,9 @@ def step_seed(*parts: int) -> int:
 class StepBatches(IterableDataset):
     """Yields the training batch of every step ``start..stop-1``; batch = f(seed, rank, step) only."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0) -> None:
+    def __init__(
+        self, windows: torch.Tensor, batch_size: int, seed: int, start: int, stop: int, rank: int = 0
+    ) -> None:
         super().__init__()
         if windows.dim() != 2 or windows.shape[0] == 0:
             raise ValueError(f"need a non-empty [N, T] tensor of windows, got {list(windows.shape)}")
@@ -139,8 +140,13 @@ def source_bank(tok_emb: torch.Tensor, gists: Sequence[torch.Tensor]) -> torch.T
 # ---------------------------------------------------------------------------------------------- layouts
 
 
-def prefix_slots(entries: Sequence[Entry], block_size: int, offsets: Sequence[int], position_mode: str = "centre",
-                 dropped: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def prefix_slots(
+    entries: Sequence[Entry],
+    block_size: int,
+    offsets: Sequence[int],
+    position_mode: str = "centre",
+    dropped: Sequence[bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(bank index, position id) per slot of the prefix entries (same slots as ``WorkingContext.slot_map``)."""
     k = block_size
     n = len(entries)
@@ -210,8 +216,14 @@ def single_span_layout(prefix: int, block_size: int, level: int, index: int) -> 
     return out
 
 
-def random_layout(prefix: int, block_size: int, depth: int, gen: np.random.Generator, keep_raw_blocks: int = 1,
-                  raw_prob: float = 0.25) -> list[Entry]:
+def random_layout(
+    prefix: int,
+    block_size: int,
+    depth: int,
+    gen: np.random.Generator,
+    keep_raw_blocks: int = 1,
+    raw_prob: float = 0.25,
+) -> list[Entry]:
     """A random aligned mix of LOD0..LODdepth (the newest ``keep_raw_blocks`` blocks stay raw).
 
     At each aligned position the level is drawn among those that fit: raw with ``raw_prob``, otherwise uniformly
@@ -252,8 +264,12 @@ class Rows:
         return not bool(self.mask.all())
 
 
-def build_rows(layouts: Sequence[tuple[int, np.ndarray, np.ndarray]], prefix: int, horizon: int,
-               device: torch.device | str = "cpu") -> Rows:
+def build_rows(
+    layouts: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    prefix: int,
+    horizon: int,
+    device: torch.device | str = "cpu",
+) -> Rows:
     """Rows from ``(window index, prefix bank idx, prefix positions)``; the raw horizon is appended to each."""
     h_idx = np.arange(prefix, prefix + horizon, dtype=np.int64)
     lens = np.fromiter((len(b) + horizon for _, b, _ in layouts), dtype=np.int64, count=len(layouts))
@@ -268,8 +284,12 @@ def build_rows(layouts: Sequence[tuple[int, np.ndarray, np.ndarray]], prefix: in
         pos[i, s:] = np.concatenate([p, h_idx])
         mask[i, s:] = True
     batch = torch.tensor([w for w, _, _ in layouts], dtype=torch.long)
-    return Rows(batch.to(device), torch.from_numpy(idx).to(device), torch.from_numpy(pos).to(device),
-                torch.from_numpy(mask).to(device))
+    return Rows(
+        batch.to(device),
+        torch.from_numpy(idx).to(device),
+        torch.from_numpy(pos).to(device),
+        torch.from_numpy(mask).to(device),
+    )
 
 
 def gather_rows(bank: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -285,8 +305,13 @@ def horizon_logits(base: nn.Module, embeds: torch.Tensor, rows: Rows, horizon: i
     # Always pass the 2-D mask: without one, transformers>=4.5x treats every jump in position_ids (i.e. every
     # gist) as the start of a new packed sequence and blocks attention across it, silently cutting the horizon
     # off from everything before the last gist.
-    logits = model(inputs_embeds=embeds, position_ids=rows.positions, attention_mask=rows.mask.long(),
-                   logits_to_keep=horizon + 1, use_cache=False).logits
+    logits = model(
+        inputs_embeds=embeds,
+        position_ids=rows.positions,
+        attention_mask=rows.mask.long(),
+        logits_to_keep=horizon + 1,
+        use_cache=False,
+    ).logits
     return logits[:, -horizon - 1 : -1]
 
 
@@ -300,7 +325,9 @@ def teacher_logits(base: nn.Module, ids: torch.Tensor, prefix: int, horizon: int
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token NLL ``[R, H]`` (float32 for stability)."""
     r, h, v = logits.shape
-    return F.cross_entropy(logits.float().reshape(r * h, v), targets.reshape(r * h), reduction="none").view(r, h)
+    return F.cross_entropy(logits.float().reshape(r * h, v), targets.reshape(r * h), reduction="none").view(
+        r, h
+    )
 
 
 def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -313,9 +340,14 @@ def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- lensnet inputs
 
 
-def entry_features(entries_per_row: Sequence[Sequence[Entry]], rows_batch: Sequence[int], tok_emb: torch.Tensor,
-                   gists: Sequence[torch.Tensor], block_size: int, prefix: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def entry_features(
+    entries_per_row: Sequence[Sequence[Entry]],
+    rows_batch: Sequence[int],
+    tok_emb: torch.Tensor,
+    gists: Sequence[torch.Tensor],
+    block_size: int,
+    prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LensNet inputs for WCs (one per row, padded right): embeds, levels, widths, distances, mask.
 
     Entry embedding convention of :func:`mchar.core.lensnet.entry_embedding`: raw block = mean of its K token
@@ -345,8 +377,13 @@ def entry_features(entries_per_row: Sequence[Sequence[Entry]], rows_batch: Seque
     dev = tok_emb.device
     bi = torch.tensor(list(rows_batch), dtype=torch.long, device=dev)
     emb = bank[bi[:, None], torch.from_numpy(idx).to(dev)]
-    return (emb, torch.from_numpy(lv).to(dev), torch.from_numpy(wd).to(dev), torch.from_numpy(dist).to(dev),
-            torch.from_numpy(mask).to(dev))
+    return (
+        emb,
+        torch.from_numpy(lv).to(dev),
+        torch.from_numpy(wd).to(dev),
+        torch.from_numpy(dist).to(dev),
+        torch.from_numpy(mask).to(dev),
+    )
 
 
 class StepDataModule(L.LightningDataModule):
@@ -356,8 +393,15 @@ class StepDataModule(L.LightningDataModule):
     of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
     """
 
-    def __init__(self, train: torch.Tensor, val: torch.Tensor | None, batch_size: int, max_steps: int,
-                 seed: int = 0, val_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        train: torch.Tensor,
+        val: torch.Tensor | None,
+        batch_size: int,
+        max_steps: int,
+        seed: int = 0,
+        val_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.train, self.val = train, val
         self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed

@@ -1,0 +1,63 @@
+"""Stage ``e2e``: fine-tune GistNet + LensNet (+ optional LoRA) together on allocator-built WCs.
+
+Starts from the ``gistnet`` export and, when present, the ``lensnet`` export (else a fresh LensNet).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish
+from mchar.stages.lensnet import build_lensnet, gistnet_dir
+
+if TYPE_CHECKING:
+    from mchar.pipeline import RunContext
+
+
+def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    from mchar.core.gistnet import from_pretrained
+    from mchar.core.lensnet import LensNet
+    from mchar.lit.e2e_module import E2EModule
+
+    cfg, e, lc = ctx.cfg, ctx.cfg.e2e, ctx.cfg.lensnet
+    base = load_base(ctx)
+    gistnet = from_pretrained(gistnet_dir(ctx))
+    lens_dir = export_dirs(ctx, "lensnet")[1]
+    lensnet = (
+        LensNet.from_pretrained(lens_dir)
+        if (lens_dir / "model.safetensors").exists()
+        else build_lensnet(ctx, base)
+    )
+    train, val = load_windows(ctx, base, lc.val_windows)
+    steps = cfg.trainer.max_steps or e.max_steps
+    module = E2EModule(
+        base,
+        gistnet,
+        lensnet,
+        schedule=e.schedule,
+        train_gistnet=e.train_gistnet,
+        train_lensnet=e.train_lensnet,
+        lora=e.lora,
+        lora_rank=e.lora_rank,
+        lora_alpha=e.lora_alpha,
+        gist_loss=cfg.gistnet.loss,
+        block_size=cfg.tree.block_size,
+        depth=cfg.tree.depth,
+        budget=cfg.allocator.budget,
+        horizon=lc.horizon,
+        candidates=lc.candidates,
+        loss=lc.loss,
+        lr=e.lr,
+        weight_decay=lc.weight_decay,
+        max_steps=steps,
+        warmup_steps=lc.warmup_steps,
+        random_edits=lc.random_edits,
+        position_mode=cfg.tree.position_mode,
+        alloc_rounds=lc.alloc_rounds,
+        seed=cfg.seed,
+    )
+    trainer, metrics = fit(ctx, run_id, "e2e", module, train, val, steps)
+    result: dict[str, Any] = {"metrics": metrics, "steps": steps}
+    if trainer.is_global_zero:
+        result = publish(ctx, run_id, "e2e", module, metrics, steps)
+    return result

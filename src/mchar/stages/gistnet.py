@@ -1,0 +1,182 @@
+"""Stage ``gistnet``: train GistNet for substitutability on the frozen base, export it (safetensors + JSON).
+
+Also home of the helpers the ``lensnet`` and ``e2e`` stages share: base loading, held-out-safe windows (train split
+for training, val split for the final metrics), the fit with resumption, and rank-zero-only side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning as L
+    import torch
+
+    from mchar.pipeline import RunContext
+
+
+def load_base(ctx: RunContext) -> Any:
+    """The frozen base (trained first by ``base_lm`` when it is a missing local model)."""
+    from mchar.base.adapter import FrozenBaseLM
+    from mchar.stages.base_lm import ensure_base_lm
+
+    path = ensure_base_lm(ctx)
+    return FrozenBaseLM.from_pretrained(path, dtype=ctx.cfg.model.dtype)
+
+
+def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train windows, val windows) as ``[N, window]`` id tensors; partial (padded) windows are left out."""
+    import torch
+
+    from mchar.data.datamodules import LongDocDataModule
+    from mchar.stages.base_lm import corpus_splits
+
+    d = ctx.cfg.data
+    dm = LongDocDataModule(
+        files_by_split=corpus_splits(ctx),
+        tokenizer=base.tokenizer,
+        window=d.window,
+        stride=d.stride,
+        batch_size=d.batch_size,
+        num_workers=0,
+        seed=ctx.cfg.seed,
+        task_mix_fraction=d.task_mix_fraction,
+        cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
+    )
+    dm.setup("fit")
+
+    def full(split: str) -> torch.Tensor:
+        ds = dm.datasets[split]
+        if len(ds) == 0:
+            return torch.zeros(0, d.window, dtype=torch.long)
+        rows = [torch.as_tensor(r["input_ids"]) for r in ds if int(r["n_valid"]) == d.window]
+        rows = [r for r in rows if r.numel() == d.window]
+        return torch.stack(rows).long() if rows else torch.zeros(0, d.window, dtype=torch.long)
+
+    train, val = full("train"), full("val")
+    if train.shape[0] == 0:
+        raise ValueError(f"data: no complete {d.window}-token training windows (lower data.window)")
+    if val.shape[0] == 0:  # tiny corpora: fall back to the test split, never to train
+        val = full("test")
+    return train, val[:n_val]
+
+
+def ckpt_path(ctx: RunContext, stage_dir: Path) -> str | None:
+    """``last.ckpt`` when ``trainer.resume`` is set and one exists (killed runs continue where they stopped)."""
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    return str(last) if ctx.cfg.trainer.resume and last.exists() else None
+
+
+def fit(
+    ctx: RunContext,
+    run_id: str | None,
+    stage: str,
+    module: L.LightningModule,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    steps: int,
+    manual_clip: bool = False,
+) -> tuple[L.Trainer, dict[str, float]]:
+    """Fit with step-indexed batches (exact resume), validate once on held-out windows, return final metrics."""
+    import lightning as L
+
+    from mchar.lit.trainer import build_trainer
+    from mchar.lit.windows import StepDataModule
+
+    cfg = ctx.cfg
+    stage_dir = ctx.stage_dir(stage)
+    tcfg = cfg.trainer if not manual_clip else dataclasses.replace(cfg.trainer, gradient_clip_val=None)
+    steps = cfg.trainer.max_steps or steps
+    dm = StepDataModule(train, val, batch_size=cfg.data.batch_size, max_steps=steps, seed=cfg.seed)
+    trainer = build_trainer(
+        tcfg,
+        steps,
+        stage_dir / "checkpoints",
+        logger=ctx.tracker.lightning_logger(run_id),
+        callbacks=ctx.callbacks,
+        every_n_train_steps=cfg.trainer.checkpoint_every,
+        val_check_interval=steps,
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path(ctx, stage_dir))
+    metrics = {
+        f"final/{k.split('/', 1)[-1]}": float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith("val/")
+    }
+    return trainer, metrics
+
+
+def export_dirs(ctx: RunContext, stage: str) -> tuple[Path, Path]:
+    """(stage-dir copy, ``artifacts/<stage>/<experiment name>``) export locations."""
+    return ctx.stage_dir(stage) / "export", ctx.artifacts_dir / stage / ctx.cfg.name
+
+
+def publish(
+    ctx: RunContext, run_id: str | None, stage: str, module: Any, metrics: dict[str, float], steps: int
+) -> dict[str, Any]:
+    """Rank zero only: export into the stage dir and ``artifacts/``, log metrics, tags and a summary."""
+    local, shared = export_dirs(ctx, stage)
+    for target in (local, shared):
+        shutil.rmtree(target, ignore_errors=True)
+        module.export(target)
+    ctx.tracker.log_metrics(run_id, metrics, step=steps)
+    ctx.tracker.set_tags(run_id, {f"mchar.{stage}_dir": str(shared), "mchar.checkpoints": str(local.parent)})
+    summary = {"export_dir": str(local), "artifact_dir": str(shared), "metrics": metrics, "steps": steps}
+    ctx.tracker.log_json(run_id, summary, f"{stage}/summary.json")
+    return summary
+
+
+def build_gistnet(ctx: RunContext, base: Any) -> Any:
+    from mchar.core.gistnet import make_gistnet
+
+    g, t = ctx.cfg.gistnet, ctx.cfg.tree
+    return make_gistnet(
+        g.kind,
+        d_model=base.hidden_size,
+        block_size=t.block_size,
+        n_layers=g.layers,
+        n_heads=g.heads,
+        width=g.width,
+        pooling=g.pooling,
+        head=g.head,
+        max_level=t.depth,
+        shared=g.shared,
+        out_scale=base.embedding_rms,
+    )
+
+
+def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    from mchar.lit.gistnet_module import GistNetModule
+
+    cfg, g = ctx.cfg, ctx.cfg.gistnet
+    base = load_base(ctx)
+    train, val = load_windows(ctx, base, g.val_windows)
+    steps = cfg.trainer.max_steps or g.max_steps
+    module = GistNetModule(
+        base,
+        build_gistnet(ctx, base),
+        block_size=cfg.tree.block_size,
+        depth=cfg.tree.depth,
+        horizon=g.horizon,
+        loss=g.loss,
+        lr=g.lr,
+        weight_decay=g.weight_decay,
+        max_steps=steps,
+        warmup_steps=g.warmup_steps,
+        contrastive_weight=g.contrastive_weight,
+        contrastive_margin=g.contrastive_margin,
+        substitutable_threshold=g.substitutable_threshold,
+        position_mode=cfg.tree.position_mode,
+        raw_prob=g.raw_prob,
+        keep_raw_blocks=g.keep_raw_blocks,
+        seed=cfg.seed,
+    )
+    trainer, metrics = fit(ctx, run_id, "gistnet", module, train, val, steps)
+    result: dict[str, Any] = {"metrics": metrics, "steps": steps}
+    if trainer.is_global_zero:
+        result = publish(ctx, run_id, "gistnet", module, metrics, steps)
+    return result

@@ -1,0 +1,72 @@
+"""Stage ``lensnet``: train LensNet on counterfactual utilities with the exported GistNet fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish
+
+if TYPE_CHECKING:
+    from mchar.pipeline import RunContext
+
+
+def gistnet_dir(ctx: RunContext) -> Path:
+    """The GistNet export of this run (``ctx.results``) or of an earlier run of the same experiment."""
+    found = ctx.results.get("gistnet", {}).get("artifact_dir")
+    path = Path(found) if found else export_dirs(ctx, "gistnet")[1]
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"lensnet: no GistNet export at {path}; run the gistnet stage first")
+    return path
+
+
+def build_lensnet(ctx: RunContext, base: Any) -> Any:
+    from mchar.core.lensnet import LensNet
+
+    lc = ctx.cfg.lensnet
+    return LensNet(
+        base.hidden_size,
+        width=lc.width,
+        n_layers=lc.layers,
+        n_heads=lc.heads,
+        max_level=ctx.cfg.tree.depth,
+        tail_tokens=lc.tail_tokens,
+    )
+
+
+def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    from mchar.core.gistnet import from_pretrained
+    from mchar.lit.lensnet_module import LensNetModule
+
+    cfg, lc = ctx.cfg, ctx.cfg.lensnet
+    base = load_base(ctx)
+    gist_path = gistnet_dir(ctx)
+    gistnet = from_pretrained(gist_path)
+    train, val = load_windows(ctx, base, lc.val_windows)
+    steps = cfg.trainer.max_steps or lc.max_steps
+    module = LensNetModule(
+        base,
+        gistnet,
+        build_lensnet(ctx, base),
+        block_size=cfg.tree.block_size,
+        depth=cfg.tree.depth,
+        budget=cfg.allocator.budget,
+        horizon=lc.horizon,
+        candidates=lc.candidates,
+        loss=lc.loss,
+        lr=lc.lr,
+        weight_decay=lc.weight_decay,
+        max_steps=steps,
+        warmup_steps=lc.warmup_steps,
+        random_edits=lc.random_edits,
+        position_mode=cfg.tree.position_mode,
+        alloc_rounds=lc.alloc_rounds,
+        seed=cfg.seed,
+    )
+    trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps)
+    result: dict[str, Any] = {"metrics": metrics, "steps": steps}
+    if trainer.is_global_zero:
+        result = publish(ctx, run_id, "lensnet", module, metrics, steps)
+        result["gistnet_dir"] = str(gist_path)
+        ctx.tracker.set_tags(run_id, {"mchar.gistnet_dir": str(gist_path)})
+    return result

@@ -1,0 +1,55 @@
+"""gistnet + lensnet stages end to end through the pipeline, into a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mchar.compose import compose_config
+from mchar.pipeline import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    tmp = tmp_path_factory.mktemp("smoke")
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            f"run_dir={tmp / 'runs'}",
+            f"artifacts_dir={tmp / 'art'}",
+            "stages=[base_lm,gistnet,lensnet]",
+            "base_lm.max_steps=5",
+            "base_lm.task_eval_examples=1",
+            "data.max_files=20",
+            "gistnet.max_steps=6",
+            "lensnet.max_steps=4",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=2",
+        ]
+    )
+    return tmp, run_pipeline(cfg)
+
+
+def test_stages_export_and_log_to_mlflow(smoke_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tmp, ctx = smoke_run
+    g, lens = ctx.results["gistnet"], ctx.results["lensnet"]
+    assert (Path(g["artifact_dir"]) / "model.safetensors").exists()
+    assert (Path(lens["artifact_dir"]) / "config.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    runs = {r.data.tags.get("mchar.stage"): r for r in client.search_runs([exp.experiment_id])}
+    gm, lm = runs["gistnet"].data.metrics, runs["lensnet"].data.metrics
+    for key in ("final/dnll", "final/drop_dnll", "final/dnll_lod1", "final/dnll_lod2", "final/subst_rate"):
+        assert key in gm, key
+    for key in (
+        "final/spearman",
+        "final/alloc_nll/lensnet",
+        "final/alloc_nll/recency",
+        "final/alloc_gain/recency",
+    ):
+        assert key in lm, key
+    assert "train/loss" in gm and runs["gistnet"].data.tags["mchar.gistnet_dir"] == g["artifact_dir"]
+    assert runs["gistnet"].info.status == "FINISHED" and runs["lensnet"].info.status == "FINISHED"
