@@ -98,7 +98,7 @@ class MegaContextSession:
         self.reuse_cache = reuse_cache
         self.profile = profile
         self.stats = SessionStats()
-        self.wc: Any = _initial_context(allocator, policy, tree, self.budget)
+        self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
         self._cache: Any = None
         self._cached: list[Segment] = []
@@ -113,6 +113,17 @@ class MegaContextSession:
     @property
     def num_tokens(self) -> int:
         return int(self.tree.num_tokens)
+
+    @property
+    def wc(self) -> Any:
+        """The working context, advanced to the whole history (see :meth:`ingest` for the lazy tail)."""
+        if self._wc.num_tokens < self.num_tokens:
+            self.allocator.advance(self._wc, self.num_tokens)
+        return self._wc
+
+    @wc.setter
+    def wc(self, value: Any) -> None:
+        self._wc = value
 
     @contextmanager
     def _timed(self, name: str):  # noqa: ANN202 - a context manager
@@ -130,7 +141,7 @@ class MegaContextSession:
         """What the base should see now, as merged raw runs and gist slots (dropped entries are skipped)."""
         k = self.block_size
         segs: list[Segment] = []
-        pairs = _live_entries(self.wc)
+        pairs = _live_entries(self._wc)  # tokens beyond it are the (lazy) raw tail run
         for e, dropped in pairs:
             if dropped:
                 continue
@@ -237,7 +248,12 @@ class MegaContextSession:
     # ------------------------------------------------------------------ memory updates
 
     def ingest(self, tokens: Iterable[int] | torch.Tensor) -> None:
-        """Append tokens to the history: grow the tree, advance the WC, keep it legal, refocus every K tokens."""
+        """Append tokens to the history: grow the tree, advance the WC, keep it legal, refocus every K tokens.
+
+        The WC is advanced lazily: while the new tokens fit in the budget they are simply a longer raw tail (the
+        same slots an eager advance would produce), and the O(#entries) ``allocator.advance`` only runs when the
+        budget would be exceeded, at a refocus, or when :attr:`wc` is read. Per-token work stays O(1) between.
+        """
         ids = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else list(tokens), dtype=torch.long)
         ids = ids.reshape(-1).cpu()
         if ids.numel() == 0:
@@ -390,12 +406,15 @@ def _initial_context(allocator: Any, policy: Any, tree: Any, budget: int) -> Any
 
 
 def _advance(session: MegaContextSession, new_tokens: int) -> None:
-    """Grow the WC to the tree's length; a large jump (a prompt) rebuilds it instead of collapsing one by one."""
+    """Grow the WC to the tree's length when it must; a large jump (a prompt) rebuilds it instead of collapsing
+    one group at a time."""
     t = session.num_tokens
-    if new_tokens >= session.budget or not session.wc.entries and t > session.budget:
-        session.wc = _initial_context(session.allocator, session.policy, session.tree, session.budget)
-        return
-    session.allocator.advance(session.wc, t)
+    wc = session._wc
+    pending = t - wc.num_tokens
+    if new_tokens >= session.budget or not wc.entries and t > session.budget:
+        session._wc = _initial_context(session.allocator, session.policy, session.tree, session.budget)
+    elif wc.cost + pending > session.budget:
+        session.allocator.advance(wc, t)
 
 
 def _refocus(session: MegaContextSession) -> int:
