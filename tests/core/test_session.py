@@ -193,3 +193,17 @@ def test_decode_bench_smoke(capsys) -> None:  # noqa: ANN001
     assert printed["latency_ratio"] == out["latency_ratio"] > 0
     assert [r["mult"] for r in out["rows"]] == [1, 4]
     assert all(r["mc"]["wc_slots"] <= 32 and r["full"]["median_ms"] > 0 for r in out["rows"])
+
+
+@pytest.mark.parametrize("mode", ["centre", "start", "end"])
+def test_segment_assembly_matches_wc_assemble(mode: str) -> None:
+    base = _base("llama")
+    s = _session(base, budget=48, policy=RandomPolicy(2))
+    s.position_mode = mode
+    s.ingest(_ids(150))
+    s.generate(12)
+    x, pos = s._materialise(s.segments(), 0)
+    wx, wpos, _ = s.wc.assemble(s.tree, base.embed, position_mode=mode)
+    assert any(e.level > 0 for e in s.wc.entries) and any(e.level == 0 for e in s.wc.entries)
+    torch.testing.assert_close(x, wx.to(x.dtype))
+    assert torch.equal(pos, wpos)
