@@ -148,3 +148,7 @@ class LensNet(nn.Module):
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:
     return LensNet.from_pretrained(directory, map_location)
+
+
+def from_config(config: dict[str, Any]) -> LensNet:
+    return LensNet.from_config(config)
