@@ -1,0 +1,174 @@
+"""Training-step costs of the MegaContext side nets, side by side in one run (prints ONE JSON object).
+
+1. LensNet: how much of a training step is *loss construction* (sampling the WC and candidates, building the
+   stacked variant rows, the pairwise loss) vs model compute (gists, the one batched base forward, LensNet
+   forward/backward, optimizer). Upstream spent seconds per step here; target <= 10 %.
+2. GistNet: steps/s under a Lightning Trainer vs a plain PyTorch loop, same module weights, same batches, same
+   step function (``step_loss``); repeats alternate the two sides; medians compared. Target >= 0.95x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
+from mchar.bench.common import environment
+from mchar.core.gistnet import GistNet
+from mchar.core.lensnet import LensNet
+from mchar.lit.gistnet_module import GistNetModule
+from mchar.lit.lensnet_module import LensNetModule
+
+CONSTRUCTION = ("sample_wc", "build_variants", "loss")
+
+
+class _StepClock(L.Callback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.stamps.append(time.perf_counter())
+
+
+def _rate(stamps: list[float], warmup: int) -> float:
+    w = stamps[warmup:]
+    return (len(w) - 1) / (w[-1] - w[0])
+
+
+def _plain(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
+    opt = module.configure_optimizers()["optimizer"]
+    module.train()
+    stamps = []
+    for step, ids in enumerate(batches):
+        loss, _ = module.step_loss(ids, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def _lightning(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
+    clock = _StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=None,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return clock.stamps
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--block-size", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--horizon", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = FrozenBaseLM(tiny_causal_lm("llama", args.vocab, args.hidden, layers=args.layers))
+    k, depth, d = args.block_size, args.depth, args.hidden
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, args.vocab, (args.batch, args.window), generator=gen) for _ in range(args.steps)
+    ]
+
+    def gistnet() -> GistNet:
+        torch.manual_seed(1)
+        return GistNet(d, k, n_layers=2, n_heads=4, width=d, max_level=depth)
+
+    # ---------------------------------------------------------------- LensNet loss-construction share
+    torch.manual_seed(2)
+    lens = LensNetModule(
+        base,
+        gistnet(),
+        LensNet(d, width=32, n_layers=2, n_heads=4, max_level=depth),
+        block_size=k,
+        depth=depth,
+        budget=args.budget,
+        horizon=args.horizon,
+        candidates=args.candidates,
+        max_steps=args.steps,
+    )
+    opt = lens.configure_optimizers()["optimizer"]
+    lens.profile = True
+    totals = []
+    for step, ids in enumerate(batches):
+        t0 = time.perf_counter()
+        loss, _ = lens.step_loss(ids, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        totals.append(time.perf_counter() - t0)
+    w = args.warmup
+    phase_ms = {n: 1e3 * statistics.median(v[w:]) for n, v in lens.timings.items()}
+    construction = [sum(lens.timings[n][i] for n in CONSTRUCTION) for i in range(len(totals))][w:]
+    shares = [c / t for c, t in zip(construction, totals[w:], strict=True)]
+    lens_out = {
+        "step_ms_median": 1e3 * statistics.median(totals[w:]),
+        "construction_ms_median": 1e3 * statistics.median(construction),
+        "construction_share_median": statistics.median(shares),
+        "target_share_max": 0.10,
+        "phase_ms_median": phase_ms,
+        "variant_rows_per_step": args.batch * (1 + args.candidates),
+        "base_forwards_per_step": 1,
+    }
+    lens_out["meets_target"] = lens_out["construction_share_median"] <= 0.10
+
+    # ---------------------------------------------------------------- GistNet: Lightning vs plain loop
+    proto = GistNetModule(
+        base, gistnet(), block_size=k, depth=depth, horizon=args.horizon, warmup_steps=0, max_steps=args.steps
+    )
+    rates: dict[str, list[float]] = {"plain": [], "lightning": []}
+    for _ in range(args.repeats):
+        for side, fn in (("plain", _plain), ("lightning", _lightning)):
+            module = copy.deepcopy(proto)
+            rates[side].append(_rate(fn(module, batches), w))
+    plain, light = statistics.median(rates["plain"]), statistics.median(rates["lightning"])
+    out = {
+        "bench": "train_step",
+        "config": vars(args),
+        "lensnet": lens_out,
+        "gistnet": {
+            "plain_steps_per_s": plain,
+            "lightning_steps_per_s": light,
+            "ratio": light / plain,
+            "target_ratio_min": 0.95,
+            "meets_target": light / plain >= 0.95,
+            "rates": rates,
+        },
+        "environment": environment(),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
