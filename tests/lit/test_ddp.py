@@ -1,0 +1,46 @@
+"""GistNet stage under trainer=ddp_cpu (2 gloo processes): one MLflow stage run, one export, rank zero only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _fit(tmp: Path, *overrides: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mchar",
+        "fit",
+        "+experiment=smoke",
+        f"run_dir={tmp / 'runs'}",
+        f"artifacts_dir={tmp / 'art'}",
+        "base_lm.max_steps=5",
+        "base_lm.task_eval_examples=1",
+        "data.max_files=20",
+        "gistnet.max_steps=4",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gistnet_ddp_cpu_logs_once(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _fit(tmp_path, "stages=[base_lm]")
+    _fit(tmp_path, "stages=[gistnet]", "trainer=ddp_cpu")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mchar.stage") == "gistnet"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "final/dnll" in runs[0].data.metrics and "final/drop_dnll" in runs[0].data.metrics
+    assert (tmp_path / "art" / "gistnet" / "smoke" / "model.safetensors").exists()
