@@ -1,0 +1,296 @@
+"""Everything an evaluation needs, loaded once: frozen base, GistNet, LensNet, and a session factory per policy.
+
+Why one object: the perplexity sweep and lm-eval both build many fresh sessions (one per document / request and
+policy) at the *same* budget; loading the base and the nets once and building cheap trees/allocators/policies
+per session keeps every method on exactly the same footing. When no trained GistNet exists, a mean-pool GistNet
+(block mean rescaled to the base's embedding RMS, no training) stands in and ``gistnet_trained`` says so; a
+missing LensNet makes the ``lensnet`` policy unavailable (:meth:`EvalComponents.unavailable` says why) rather
+than silently scoring with random weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mchar.errors import MCharError
+
+log = logging.getLogger(__name__)
+
+POLICY_NAMES = ("recency", "sink_recent", "gists_only", "similarity", "random", "lensnet", "oracle")
+_EXPORT_KEYS = ("export_dir", "weights_dir", "model_dir", "gistnet_dir", "lensnet_dir", "dir", "path")
+
+
+class EvalError(MCharError, ValueError):
+    """An evaluation request that cannot be served (one clear line, raised before heavy work)."""
+
+
+@dataclass
+class SessionSettings:
+    """Shape of every session: tree, budget, allocator knobs (mirrors ``tree`` + ``allocator`` configs)."""
+
+    budget: int = 256
+    block_size: int = 32
+    depth: int = 2
+    refocus_every: int | None = None
+    position_mode: str = "centre"
+    gist_dtype: str = "float32"
+    tau_expand: float = 0.1
+    tau_collapse: float = 0.1
+    max_edits: int = 4
+    cooldown: int = 2
+    protect_tokens: int = 64
+    stochastic: bool = False
+    top_k: int = 4
+    temperature: float = 1.0
+    seed: int = 0
+    sink_blocks: int = 1
+    oracle_horizon: int | None = None
+
+    def check(self) -> None:
+        """Reject impossible shapes with one line before anything is loaded."""
+        if self.block_size < 2:
+            raise EvalError(f"block_size: must be >= 2, got {self.block_size}")
+        if self.depth < 1:
+            raise EvalError(f"depth: must be >= 1, got {self.depth}")
+        if self.budget < self.block_size:
+            raise EvalError(f"budget: {self.budget} is smaller than one block (block_size={self.block_size})")
+
+
+def settings_from_config(cfg: Any) -> SessionSettings:
+    """Map a :class:`~mchar.config.RootConfig` onto :class:`SessionSettings`."""
+    a, t, e = cfg.allocator, cfg.tree, cfg.eval
+    return SessionSettings(
+        budget=int(a.budget),
+        block_size=int(t.block_size),
+        depth=int(t.depth),
+        refocus_every=e.refocus_every or a.refocus_every,
+        position_mode=t.position_mode,
+        gist_dtype=t.gist_dtype,
+        tau_expand=a.tau_expand,
+        tau_collapse=a.tau_collapse,
+        max_edits=a.n_diff,
+        cooldown=a.cooldown,
+        protect_tokens=a.protect_recent,
+        stochastic=a.stochastic,
+        top_k=a.top_k,
+        temperature=a.temperature,
+        seed=int(cfg.seed),
+        sink_blocks=int(e.sink_blocks),
+        oracle_horizon=e.oracle_horizon,
+    )
+
+
+def check_policy(name: str) -> None:
+    if name not in POLICY_NAMES:
+        raise EvalError(f"policy: unknown {name!r} (choose from {', '.join(POLICY_NAMES)})")
+
+
+@dataclass
+class EvalComponents:
+    """Loaded base + nets and the settings every session is built with."""
+
+    base: Any
+    tokenizer: Any
+    gistnet: torch.nn.Module
+    settings: SessionSettings
+    lensnet: torch.nn.Module | None = None
+    gistnet_trained: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def unavailable(self, policy: str) -> str | None:
+        """Why ``policy`` cannot run with these components (None = it can)."""
+        check_policy(policy)
+        if policy == "lensnet" and self.lensnet is None:
+            return "no trained LensNet (run stage lensnet or pass lensnet=<dir>)"
+        return None
+
+    def gist_fn(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.gistnet(x, level)
+
+    def make_tree(self) -> Any:
+        from mchar.core.tree import MegaContextTree
+
+        s = self.settings
+        return MegaContextTree.in_memory(
+            s.block_size, s.depth, self.base.hidden_size, self.base.embed, self.gist_fn, dtype=s.gist_dtype
+        )
+
+    def make_allocator(self) -> Any:
+        from mchar.core.allocator import FocusAllocator
+
+        s = self.settings
+        return FocusAllocator(
+            tau_expand=s.tau_expand,
+            tau_collapse=s.tau_collapse,
+            max_edits=s.max_edits,
+            cooldown=s.cooldown,
+            protect_tokens=s.protect_tokens,
+            stochastic=s.stochastic,
+            top_k=s.top_k,
+            temperature=s.temperature,
+            seed=s.seed,
+        )
+
+    def make_policy(self, name: str) -> Any:
+        from mchar.core.policies import make_policy
+
+        why = self.unavailable(name)
+        if why:
+            raise EvalError(f"policy {name!r} is unavailable: {why}")
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "sink_recent": {"sink_blocks": s.sink_blocks},
+            "random": {"seed": s.seed},
+            "lensnet": {"lensnet": self.lensnet},
+            "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
+        }.get(name, {})
+        return make_policy(name, **kwargs)
+
+    def session(self, policy: str, budget: int | None = None) -> Any:
+        """A fresh, empty session for ``policy`` at ``budget`` (default: the settings' budget)."""
+        from mchar.core.session import MegaContextSession
+
+        s = self.settings
+        return MegaContextSession(
+            self.base,
+            self.make_tree(),
+            self.make_allocator(),
+            self.make_policy(policy),
+            int(budget or s.budget),
+            refocus_every=s.refocus_every or s.block_size,
+            position_mode=s.position_mode,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded, for results JSON and tags."""
+        return {
+            "base": self.sources.get("base", ""),
+            "gistnet": self.sources.get("gistnet", ""),
+            "gistnet_trained": self.gistnet_trained,
+            "lensnet": self.sources.get("lensnet", ""),
+            "lensnet_trained": self.lensnet is not None,
+        }
+
+
+def export_dir(result: Any) -> Path | None:
+    """The exported weights directory inside a stage result (a dict, a path, or None)."""
+    if result is None:
+        return None
+    if isinstance(result, str | Path):
+        p = Path(result)
+        return p if (p / "config.json").is_file() else None
+    if isinstance(result, dict):
+        for key in _EXPORT_KEYS:
+            value = result.get(key)
+            if value and (Path(value) / "config.json").is_file():
+                return Path(value)
+    return None
+
+
+def load_gistnet(
+    path: str | Path | None, base: Any, settings: SessionSettings
+) -> tuple[torch.nn.Module, bool, str]:
+    """(net, trained, source): the exported GistNet at ``path``, or an untrained mean-pool one."""
+    from mchar.core.gistnet import MeanPoolGistNet, from_pretrained
+
+    if path:
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise EvalError(f"gistnet: {str(p)!r} is not an exported GistNet directory (no config.json)")
+        net = from_pretrained(p, map_location=base.device)
+        if net.d_model != base.hidden_size or net.block_size != settings.block_size:
+            raise EvalError(
+                f"gistnet: {p} was built for d_model={net.d_model}, block_size={net.block_size}; the base has "
+                f"hidden_size={base.hidden_size} and tree.block_size={settings.block_size}"
+            )
+        if net.max_level < settings.depth:
+            raise EvalError(f"gistnet: {p} serves levels <= {net.max_level}, tree.depth={settings.depth}")
+        return net.eval(), True, str(p)
+    net = MeanPoolGistNet(
+        base.hidden_size, settings.block_size, max_level=settings.depth, out_scale=base.embedding_rms
+    )
+    return net.to(base.device).eval(), False, "untrained mean-pool GistNet (no trained GistNet given)"
+
+
+def load_lensnet(
+    path: str | Path | None, base: Any, settings: SessionSettings
+) -> tuple[torch.nn.Module | None, str]:
+    """(net or None, source)."""
+    from mchar.core.lensnet import LensNet
+
+    if not path:
+        return None, "none"
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise EvalError(f"lensnet: {str(p)!r} is not an exported LensNet directory (no config.json)")
+    net = LensNet.from_pretrained(p, map_location=base.device)
+    if net.d_model != base.hidden_size:
+        raise EvalError(
+            f"lensnet: {p} expects d_model={net.d_model}, the base has hidden_size={base.hidden_size}"
+        )
+    return net.eval(), str(p)
+
+
+def load_components(
+    base: str | Path | Any,
+    settings: SessionSettings,
+    gistnet: str | Path | None = None,
+    lensnet: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    tokenizer: Any = None,
+) -> EvalComponents:
+    """Load (or wrap) the base and the nets; ``base`` is a directory / hub id or a ready ``FrozenBaseLM``."""
+    from mchar.base.adapter import FrozenBaseLM
+
+    settings.check()
+    if isinstance(base, str | Path):
+        frozen = FrozenBaseLM.from_pretrained(base, dtype=dtype, device=device)
+        source = str(base)
+    else:
+        frozen, source = base, getattr(base, "name_or_path", type(base).__name__)
+    tok = tokenizer if tokenizer is not None else getattr(frozen, "tokenizer", None)
+    if tok is None:
+        raise EvalError(f"base: {source!r} has no tokenizer (save one next to the model)")
+    g, trained, g_src = load_gistnet(gistnet, frozen, settings)
+    ln, l_src = load_lensnet(lensnet, frozen, settings)
+    if not trained:
+        log.warning("evaluation uses an untrained mean-pool GistNet: gists are block means, not learned")
+    return EvalComponents(
+        base=frozen,
+        tokenizer=tok,
+        gistnet=g,
+        settings=settings,
+        lensnet=ln,
+        gistnet_trained=trained,
+        sources={"base": source, "gistnet": g_src, "lensnet": l_src},
+    )
+
+
+def components_from_run(
+    cfg: Any,
+    results: dict[str, Any],
+    base_dir: str | Path,
+    gistnet: str | Path | None = None,
+    lensnet: str | Path | None = None,
+) -> EvalComponents:
+    """Components for a pipeline run: nets from ``ctx.results`` (or ``eval.gistnet_dir``/``eval.lensnet_dir``)."""
+    g = (
+        gistnet
+        or cfg.eval.gistnet_dir
+        or export_dir(results.get("e2e", {}).get("gistnet") if isinstance(results.get("e2e"), dict) else None)
+        or export_dir(results.get("gistnet"))
+    )
+    ln = (
+        lensnet
+        or cfg.eval.lensnet_dir
+        or export_dir(results.get("e2e", {}).get("lensnet") if isinstance(results.get("e2e"), dict) else None)
+        or export_dir(results.get("lensnet"))
+    )
+    return load_components(base_dir, settings_from_config(cfg), gistnet=g, lensnet=ln, dtype=cfg.model.dtype)

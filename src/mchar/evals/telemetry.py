@@ -1,0 +1,120 @@
+"""Focus telemetry: how a policy spends its budget over time (swap rate, residency, utilisation, LODs, map).
+
+Why a recorder outside the allocator: truncation baselines rebuild their working context (WC) instead of editing
+it, so the allocator's own counters see nothing for them. Comparing consecutive WC *snapshots* measures every
+policy the same way:
+
+* ``swap_rate``: per refocus, the share of the previous WC's entries (over already-seen history) that are no
+  longer present (expanded, collapsed, dropped or restored), averaged over refocuses.
+* ``residency``: mean number of consecutive snapshots an entry (level, index, dropped) survives unchanged; an
+  entry still alive at the end counts what it had (right-censored, so residency is a lower bound).
+* ``budget_util``: mean ``cost / budget`` over snapshots.
+* ``lod_histogram``: mean share of history tokens held at each LOD (``"dropped"`` for truncated history).
+* focus map: int8 ``[snapshots, tokens]`` with the LOD of every position at every snapshot; ``-1`` = dropped,
+  ``-2`` = not yet seen.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+DROPPED = -1
+UNSEEN = -2
+
+EntryKey = tuple[int, int, bool]
+
+
+def position_lods(wc: Any, num_tokens: int | None = None) -> np.ndarray:
+    """LOD of every token position the WC covers (tail = 0, dropped = -1), length ``wc.num_tokens``."""
+    t = int(wc.num_tokens if num_tokens is None else num_tokens)
+    out = np.zeros(t, dtype=np.int8)
+    if len(wc):
+        levels = np.asarray(wc.levels(), dtype=np.int8)
+        dropped = np.asarray(wc.dropped, dtype=bool)
+        levels = np.where(dropped, np.int8(DROPPED), levels)
+        widths = np.asarray(wc.widths(), dtype=np.int64)
+        covered = int(widths.sum())
+        out[:covered] = np.repeat(levels, widths)
+    return out
+
+
+class FocusRecorder:
+    """Accumulates snapshots of one session's WC; ``map_tokens`` > 0 also records a focus map of that width."""
+
+    def __init__(self, budget: int, map_tokens: int = 0) -> None:
+        self.budget = int(budget)
+        self.map_tokens = int(map_tokens)
+        self.snapshots = 0
+        self._swap: list[float] = []
+        self._util: list[float] = []
+        self._lod_share: dict[str, float] = defaultdict(float)
+        self._alive: dict[EntryKey, int] = {}
+        self._lifetimes: list[int] = []
+        self._rows: list[np.ndarray] = []
+        self._times: list[int] = []
+
+    def observe(self, wc: Any) -> None:
+        """Record the WC as it is now (call after every refocus)."""
+        keys = [(int(e.level), int(e.index), bool(d)) for e, d in zip(wc.entries, wc.dropped, strict=True)]
+        current = set(keys)
+        if self._alive:
+            gone = [k for k in self._alive if k not in current]
+            self._swap.append(len(gone) / max(1, len(self._alive)))
+            for k in gone:
+                self._lifetimes.append(self._alive.pop(k))
+        for k in current:
+            self._alive[k] = self._alive.get(k, 0) + 1
+        self._util.append(wc.cost / self.budget if self.budget else 0.0)
+        t = int(wc.num_tokens)
+        if t:
+            lods = position_lods(wc)
+            values, counts = np.unique(lods, return_counts=True)
+            for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+                self._lod_share["dropped" if v == DROPPED else str(v)] += c / t
+        if self.map_tokens:
+            row = np.full(self.map_tokens, UNSEEN, dtype=np.int8)
+            lods = position_lods(wc)[: self.map_tokens]
+            row[: lods.size] = lods
+            self._rows.append(row)
+            self._times.append(t)
+        self.snapshots += 1
+
+    def summary(self) -> dict[str, Any]:
+        """Telemetry numbers (floats) and the mean LOD histogram of this recorder."""
+        lifetimes = self._lifetimes + list(self._alive.values())
+        n = max(1, self.snapshots)
+        return {
+            "swap_rate": float(np.mean(self._swap)) if self._swap else 0.0,
+            "residency": float(np.mean(lifetimes)) if lifetimes else 0.0,
+            "budget_util": float(np.mean(self._util)) if self._util else 0.0,
+            "snapshots": float(self.snapshots),
+            "lod_histogram": {k: v / n for k, v in sorted(self._lod_share.items())},
+        }
+
+    def focus_map(self) -> np.ndarray:
+        """``[snapshots, map_tokens]`` int8 LOD map (empty when no map was requested)."""
+        if not self._rows:
+            return np.zeros((0, self.map_tokens), dtype=np.int8)
+        return np.stack(self._rows)
+
+    def map_times(self) -> np.ndarray:
+        """History length at every focus-map row."""
+        return np.asarray(self._times, dtype=np.int64)
+
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average per-document telemetry into one per-policy record."""
+    if not summaries:
+        return {"swap_rate": 0.0, "residency": 0.0, "budget_util": 0.0, "snapshots": 0.0, "lod_histogram": {}}
+    out: dict[str, Any] = {}
+    for key in ("swap_rate", "residency", "budget_util", "snapshots"):
+        out[key] = float(np.mean([s[key] for s in summaries]))
+    hist: dict[str, float] = defaultdict(float)
+    for s in summaries:
+        for k, v in s["lod_histogram"].items():
+            hist[k] += v / len(summaries)
+    out["lod_histogram"] = dict(sorted(hist.items()))
+    return out
