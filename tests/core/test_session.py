@@ -103,7 +103,7 @@ def test_generation_with_kv_reuse_equals_recompute(family: str, policy: str) -> 
         s = _session(base, budget=48, policy=pol, reuse=reuse)
         s.ingest(prompt)
         edits_before = s.stats.edits
-        greedy = s.generate(40)
+        greedy = s.generate(32)
         sampled = s.generate(16, greedy=False, temperature=0.8, top_k=20, seed=5)
         runs[reuse] = (greedy, sampled, s.stats.edits - edits_before, list(s.stats.fed_slots), s)
     assert runs[True][0] == runs[False][0]
@@ -131,7 +131,7 @@ def test_per_token_work_is_bounded() -> None:
     base = _base("llama")
     budget = 32
     per_token = {}
-    for mult in (2, 16):
+    for mult in (2, 12):
         s = _session(base, budget=budget, policy=RandomPolicy(1), depth=3)
         s.ingest(_ids(budget * mult, seed=mult))
         s.stats.reset()
@@ -140,8 +140,8 @@ def test_per_token_work_is_bounded() -> None:
         assert s.stats.max_wc_slots <= budget
         per_token[mult] = sum(s.stats.fed_slots) / (2 * K)
         assert max(s.stats.fed_slots) <= budget
-    # 8x more history does not mean more slots fed per generated token
-    assert per_token[16] <= per_token[2] * 1.5 + 1
+    # 6x more history does not mean more slots fed per generated token
+    assert per_token[12] <= per_token[2] * 1.5 + 1
 
 
 def test_common_prefix_matches_wc_first_difference() -> None:
