@@ -289,7 +289,7 @@ def _focus_maps(client: Any, evals: list[RunInfo], out: Path, rel: str, figures:
                 arr = np.load(local)
                 stem = Path(artifact).stem
                 title = (
-                    f"{stem}: policy {run.params.get('allocator.policy', '?')}, budget "
+                    f"{stem}: policy {run.params.get('allocator.policy') or run.params.get('eval.policies', '?')}, budget "
                     f"{run.params.get('allocator.budget', '?')}, depth {run.params.get('tree.depth', '?')}"
                 )
                 figures.append(plots.focus_map(arr, out / f"{stem}.png", title))
@@ -340,6 +340,7 @@ def build_report(
     """Write ``<out_dir>/<name>.md`` and its figures; returns the Markdown path."""
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(name)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         raise MCharError(
