@@ -23,12 +23,9 @@ from typing import Any
 from mchar import plots
 from mchar.errors import MCharError
 
-HEADLINE = {
-    "base_lm": ("final/val_ppl", "final/val_nll", "final/task_acc/"),
-    "gistnet": ("final/delta_nll", "final/delta_nll_lod1", "final/delta_nll_lod2", "final/drop_delta_nll"),
-    "lensnet": ("final/spearman",),
-    "e2e": ("final/delta_nll",),
-}
+# Headline sections show every ``final/*`` metric of the stage's latest run (stages name them differently:
+# e.g. base_lm ``final/val_ppl``, gistnet ``final/dnll``/``final/dnll_lod1``, lensnet ``final/spearman``).
+HEADLINE = ("base_lm", "gistnet", "lensnet", "e2e")
 PPL = re.compile(r"^ppl/([^/]+)/delta_nll$")
 TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
@@ -134,16 +131,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _headline(stages: list[RunInfo]) -> list[str]:
     lines = ["## Headline metrics", ""]
-    for stage, keys in HEADLINE.items():
+    for stage in HEADLINE:
         run = next((r for r in stages if r.stage == stage), None)
         if run is None:
             lines += [f"**{stage}**: {NOT_RUN}", ""]
             continue
-        rows = [
-            [k, _fmt(v)]
-            for k, v in sorted(run.metrics.items())
-            if any(k == key or (key.endswith("/") and k.startswith(key)) for key in keys)
-        ]
+        rows = [[k, _fmt(v)] for k, v in sorted(run.metrics.items()) if k.startswith("final/")]
         lines += [f"**{stage}** (run `{run.run_id}`)", ""]
         lines += _table(["metric", "value"], rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
         lines.append("")
