@@ -105,8 +105,13 @@ class FrozenBaseLM(nn.Module):
     def forward_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                        past_key_values: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         self.check_positions(position_ids)
-        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache,
-                         **{self._cache_kw: past_key_values})
+        # An explicit all-ones mask: without one, transformers may infer packed-sequence boundaries from
+        # non-contiguous position ids (gists jump), silently cutting attention at every gist.
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask = torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1], dtype=torch.long,
+                          device=inputs_embeds.device)
+        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=mask,
+                         use_cache=use_cache, **{self._cache_kw: past_key_values})
         if not use_cache:
             return out.logits, None
         cache = getattr(out, "cache", None)
