@@ -130,3 +130,17 @@ def test_requests_beyond_the_base_positions_fail_before_work(tmp_path: Path) -> 
     with pytest.raises(MCharError, match="full context"):
         full.loglikelihood([_req(long, " x")])
     assert full.loglikelihood([_req("def f", "(x)")])[0][0] < 0
+
+
+@pytest.mark.slow
+def test_ruler_niah_runs_offline_with_the_local_tokenizer(base_dir: Path) -> None:
+    pytest.importorskip("wonderwords")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_defaults=True, metadata={"tokenizer": str(base_dir), "max_seq_lengths": [512]})
+    res = lm_eval.simple_evaluate(
+        model=_model(base_dir, budget=128), tasks=["niah_single_1"], task_manager=tm, limit=1, bootstrap_iters=0
+    )
+    assert res is not None
+    assert 0.0 <= res["results"]["niah_single_1"]["512,none"] <= 1.0

@@ -95,7 +95,8 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
             f"true positions); lower eval.history_multiple or allocator.budget"
         )
     docs = _documents(ctx, comp.tokenizer, length, e.documents)
-    map_policy = e.focus_map_policy or ("lensnet" if "lensnet" in e.policies else e.policies[0])
+    runnable = [p for p in e.policies if not comp.unavailable(p)] or list(e.policies)
+    map_policy = e.focus_map_policy or ("lensnet" if "lensnet" in runnable else runnable[0])
     results = {}
     from mchar.evals.perplexity import PolicyResult
 

@@ -1,0 +1,99 @@
+"""Stage ``eval`` end to end on a tiny local base: the metric contract lands in a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mchar.errors import MCharError
+from tests.evals import build_tiny_base
+
+POLICIES = "[recency,sink_recent,gists_only,similarity,random,oracle,lensnet]"
+
+
+def _cfg(root: Path, base: Path, *extra: str):  # noqa: ANN202
+    from mchar.compose import compose_config
+
+    return compose_config(
+        [
+            "stages=[eval]",
+            f"run_dir={root / 'runs'}",
+            f"artifacts_dir={root / 'artifacts'}",
+            "model.kind=hf",
+            f"model.name_or_path={base}",
+            "data.max_files=12",
+            "tree.block_size=8",
+            "allocator.budget=32",
+            "allocator.protect_recent=8",
+            f"eval.policies={POLICIES}",
+            "eval.documents=2",
+            "eval.history_multiple=4",
+            "eval.final_tokens=16",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    from mchar.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("eval_stage")
+    base = build_tiny_base(root / "base")
+    cfg = _cfg(root, base, "eval.tasks=[passkey]", "eval.task_lengths=[256]", "eval.task_examples=1",
+               "eval.task_policies=[recency]")
+    return root, run_pipeline(cfg, command="eval")
+
+
+def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    root, ctx = stage_run
+    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mchar.stage") == "eval"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    metrics = runs[0].data.metrics
+    assert "ppl/full/nll" in metrics
+    for p in ("recency", "sink_recent", "gists_only", "similarity", "random", "oracle"):
+        for key in ("nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"):
+            assert f"ppl/{p}/{key}" in metrics, (p, key)
+        for key in ("swap_rate", "budget_util", "residency"):
+            assert f"focus/{p}/{key}" in metrics, (p, key)
+    assert "ppl/lensnet/nll" not in metrics  # no trained LensNet: skipped, and said so
+    assert 0.0 <= metrics["task/recency/passkey/256/acc"] <= 1.0
+    assert "eval/mchar_passkey_256/exact_match" in metrics
+    assert runs[0].data.tags["mchar.gistnet_trained"] == "false"
+    arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")}
+    assert {"eval/results.json", "eval/focus_map.npy"} <= arts
+
+    out = ctx.results["eval"]
+    assert set(out["metrics"]) == set(metrics)
+    res = json.loads(Path(out["results_path"]).read_text())
+    assert res["policies"]["lensnet"] == {"skipped": res["policies"]["lensnet"]["skipped"]}
+    rec = res["policies"]["recency"]
+    assert rec["ci"][0] <= rec["delta_nll"] <= rec["ci"][1]
+    assert {"telemetry", "lod_histogram", "nll"} <= set(rec)
+    assert res["tasks"]["recency"]["passkey"]["256"] == metrics["task/recency/passkey/256/acc"]
+    assert res["components"]["gistnet_trained"] is False
+    fmap = np.load(out["focus_map_path"])
+    assert fmap.dtype == np.int8 and fmap.shape[1] == 4 * 32 + 16 and fmap.shape[0] >= 4
+
+
+def test_bad_requests_fail_with_one_line_before_loading(tmp_path: Path) -> None:
+    from mchar.stages.evaluate import preflight
+
+    base = tmp_path / "no_model_needed"
+    with pytest.raises(MCharError, match="eval.tasks"):
+        _cfg(tmp_path, base, "eval.tasks=[nope]", "eval.task_lengths=[256]")
+    with pytest.raises(MCharError, match="eval.policies"):
+        _cfg(tmp_path, base, "eval.policies=[nope]")
+    with pytest.raises(MCharError, match="smaller than one block"):
+        _cfg(tmp_path, base, "allocator.budget=4")
+    cfg = _cfg(tmp_path, base, "eval.tasks=[passkey]", "eval.task_lengths=[300]")
+    with pytest.raises(MCharError, match="no passkey task YAML for length") as err:
+        preflight(cfg)
+    assert "\n" not in str(err.value)

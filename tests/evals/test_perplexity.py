@@ -1,0 +1,113 @@
+"""Perplexity at budget: every policy at one budget, ΔNLL = 0 when the WC holds everything raw, CIs, telemetry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mchar.evals.components import POLICY_NAMES, SessionSettings, load_components
+from mchar.evals.perplexity import (
+    confidence_interval,
+    evaluate_policy,
+    full_context_nll,
+    make_documents,
+    metrics_from_summary,
+    summarise,
+)
+from mchar.evals.telemetry import DROPPED, UNSEEN, FocusRecorder
+from tests.evals import build_tiny_base, token_stream
+
+K, FINAL = 8, 16
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[torch.Tensor]:
+    return make_documents([token_stream(400, seed=i) for i in range(3)], 4 * 32 + FINAL, 3, sep=0)
+
+
+def _run(base_dir: Path, docs: list[torch.Tensor], budget: int, **kw: object) -> dict:
+    settings = SessionSettings(budget=budget, block_size=K, depth=2, protect_tokens=K, **kw)
+    comp = load_components(base_dir, settings)
+    res = {}
+    for p in POLICY_NAMES:
+        if comp.unavailable(p):
+            continue
+        res[p] = evaluate_policy(lambda p=p: comp.session(p), docs, FINAL, budget, map_document=0)
+    return summarise(res, full_context_nll(comp.base, docs, FINAL))
+
+
+def test_every_policy_runs_at_the_same_budget(base_dir: Path, docs: list[torch.Tensor]) -> None:
+    assert len(docs) == 3 and all(d.numel() == 4 * 32 + FINAL for d in docs)
+    summary = _run(base_dir, docs, budget=32)
+    assert set(summary["policies"]) == set(POLICY_NAMES) - {"lensnet"}
+    m = metrics_from_summary(summary)
+    for p in summary["policies"]:
+        rec = summary["policies"][p]
+        assert np.isfinite(rec["nll"]) and len(rec["per_document"]) == 3
+        lo, hi = rec["ci"]
+        assert lo <= rec["delta_nll"] <= hi
+        assert 0.0 < rec["telemetry"]["budget_util"] <= 1.0
+        assert rec["telemetry"]["residency"] >= 1.0
+        assert abs(sum(rec["lod_histogram"].values()) - 1.0) < 1e-6
+        for key in ("nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"):
+            assert f"ppl/{p}/{key}" in m
+        for key in ("swap_rate", "budget_util", "residency"):
+            assert f"focus/{p}/{key}" in m
+    assert "ppl/full/nll" in m
+    # truncation drops history; gists_only never holds raw history beyond the protected/new blocks
+    assert summary["policies"]["recency"]["lod_histogram"].get("dropped", 0) > 0
+    assert "dropped" not in summary["policies"]["gists_only"]["lod_histogram"]
+
+
+def test_budget_covering_everything_equals_full_context(base_dir: Path, docs: list[torch.Tensor]) -> None:
+    # No voluntary collapses (tau_collapse high; by default gists_only/similarity/random collapse even with spare
+    # room, by design): with room for every token raw, every policy *is* full context.
+    summary = _run(base_dir, docs, budget=256, tau_collapse=1e9)
+    assert len(summary["policies"]) == len(POLICY_NAMES) - 1
+    for p, rec in summary["policies"].items():
+        assert rec["lod_histogram"] == {"0": pytest.approx(1.0)}, p
+        assert rec["delta_nll"] == pytest.approx(0.0, abs=2e-5), p
+        assert rec["ci"][0] <= rec["delta_nll"] <= rec["ci"][1]
+
+
+def test_confidence_interval_brackets_the_mean() -> None:
+    x = [0.3, -0.1, 0.5, 0.2, 0.05]
+    for method in ("t", "bootstrap"):
+        lo, hi = confidence_interval(x, method)
+        assert lo < np.mean(x) < hi
+    assert confidence_interval([0.4]) == (0.4, 0.4)
+    wide = confidence_interval(x, "t", level=0.99)
+    narrow = confidence_interval(x, "t", level=0.8)
+    assert wide[0] < narrow[0] and wide[1] > narrow[1]
+
+
+def test_recorder_focus_map_and_swap_rate() -> None:
+    from mchar.core.entries import Entry
+    from mchar.core.working_context import WorkingContext
+
+    rec = FocusRecorder(budget=40, map_tokens=40)
+    a = WorkingContext(8, 2, 40, 20, entries=[Entry(0, 0), Entry(0, 1)])
+    rec.observe(a)
+    b = WorkingContext(8, 2, 40, 36, entries=[Entry(0, 0), Entry(0, 1), Entry(0, 2), Entry(0, 3)])
+    b.collapse(0)  # blocks 0 and 1 would need K=8 siblings; collapse of a raw block gives its LOD1 parent
+    rec.observe(b)
+    fmap = rec.focus_map()
+    assert fmap.shape == (2, 40) and fmap.dtype == np.int8
+    assert (fmap[0, 20:] == UNSEEN).all() and (fmap[0, :20] == 0).all()
+    assert fmap[1, 0] == 1 and (fmap[1, 36:] == UNSEEN).all()
+    s = rec.summary()
+    assert 0.0 < s["swap_rate"] <= 1.0 and s["budget_util"] <= 1.0
+    assert DROPPED == -1
+
+
+def test_make_documents_cuts_exact_lengths() -> None:
+    docs = make_documents([[1] * 10, [2] * 10, [3] * 10], length=12, count=5, sep=0)
+    assert [d.tolist() for d in docs] == [[1] * 10 + [0, 2], [2] * 9 + [0, 3, 3]]
