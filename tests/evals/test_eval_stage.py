@@ -43,8 +43,14 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
     root = tmp_path_factory.mktemp("eval_stage")
     base = build_tiny_base(root / "base")
-    cfg = _cfg(root, base, "eval.tasks=[passkey]", "eval.task_lengths=[256]", "eval.task_examples=1",
-               "eval.task_policies=[recency]")
+    cfg = _cfg(
+        root,
+        base,
+        "eval.tasks=[passkey]",
+        "eval.task_lengths=[256]",
+        "eval.task_examples=1",
+        "eval.task_policies=[recency]",
+    )
     return root, run_pipeline(cfg, command="eval")
 
 

@@ -140,7 +140,11 @@ def test_ruler_niah_runs_offline_with_the_local_tokenizer(base_dir: Path) -> Non
 
     tm = TaskManager(include_defaults=True, metadata={"tokenizer": str(base_dir), "max_seq_lengths": [512]})
     res = lm_eval.simple_evaluate(
-        model=_model(base_dir, budget=128), tasks=["niah_single_1"], task_manager=tm, limit=1, bootstrap_iters=0
+        model=_model(base_dir, budget=128),
+        tasks=["niah_single_1"],
+        task_manager=tm,
+        limit=1,
+        bootstrap_iters=0,
     )
     assert res is not None
     assert 0.0 <= res["results"]["niah_single_1"]["512,none"] <= 1.0

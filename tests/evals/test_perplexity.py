@@ -46,12 +46,12 @@ def _run(base_dir: Path, docs: list[torch.Tensor], budget: int, **kw: object) ->
 
 def test_every_policy_runs_at_the_same_budget(base_dir: Path, docs: list[torch.Tensor]) -> None:
     assert len(docs) == 3 and all(d.numel() == 4 * 32 + FINAL for d in docs)
-    summary = _run(base_dir, docs, budget=32)
+    summary = _run(base_dir, docs[:2], budget=32)
     assert set(summary["policies"]) == set(POLICY_NAMES) - {"lensnet"}
     m = metrics_from_summary(summary)
     for p in summary["policies"]:
         rec = summary["policies"][p]
-        assert np.isfinite(rec["nll"]) and len(rec["per_document"]) == 3
+        assert np.isfinite(rec["nll"]) and len(rec["per_document"]) == 2
         lo, hi = rec["ci"]
         assert lo <= rec["delta_nll"] <= hi
         assert 0.0 < rec["telemetry"]["budget_util"] <= 1.0
@@ -70,7 +70,7 @@ def test_every_policy_runs_at_the_same_budget(base_dir: Path, docs: list[torch.T
 def test_budget_covering_everything_equals_full_context(base_dir: Path, docs: list[torch.Tensor]) -> None:
     # No voluntary collapses (tau_collapse high; by default gists_only/similarity/random collapse even with spare
     # room, by design): with room for every token raw, every policy *is* full context.
-    summary = _run(base_dir, docs, budget=256, tau_collapse=1e9)
+    summary = _run(base_dir, docs[:2], budget=256, tau_collapse=1e9)
     assert len(summary["policies"]) == len(POLICY_NAMES) - 1
     for p, rec in summary["policies"].items():
         assert rec["lod_histogram"] == {"0": pytest.approx(1.0)}, p
