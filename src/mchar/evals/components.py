@@ -279,8 +279,22 @@ def components_from_run(
     base_dir: str | Path,
     gistnet: str | Path | None = None,
     lensnet: str | Path | None = None,
+    artifacts_dir: str | Path | None = None,
 ) -> EvalComponents:
-    """Components for a pipeline run: nets from ``ctx.results`` (or ``eval.gistnet_dir``/``eval.lensnet_dir``)."""
+    """Components for a pipeline run: nets from ``eval.gistnet_dir``/``eval.lensnet_dir``, this run's results, or
+    an earlier run's exports in ``<artifacts_dir>/{e2e,gistnet,lensnet}/<name>`` (so ``mchar eval`` alone finds them).
+    """
+    if artifacts_dir is not None:
+        root = Path(artifacts_dir)
+        for stage in ("gistnet", "lensnet"):
+            if stage not in results:
+                results = {**results, stage: export_dir(root / stage / cfg.name)}
+        if "e2e" not in results and (root / "e2e" / cfg.name).is_dir():
+            e2e = root / "e2e" / cfg.name
+            results = {
+                **results,
+                "e2e": {"gistnet": export_dir(e2e / "gistnet"), "lensnet": export_dir(e2e / "lensnet")},
+            }
     g = (
         gistnet
         or cfg.eval.gistnet_dir

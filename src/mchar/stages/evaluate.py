@@ -242,7 +242,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     preflight(cfg)
     stage_dir = ctx.stage_dir("eval")
     base_dir = ensure_base_lm(ctx)
-    comp = components_from_run(cfg, ctx.results, base_dir)
+    comp = components_from_run(cfg, ctx.results, base_dir, artifacts_dir=ctx.artifacts_dir)
     t0 = time.perf_counter()
     summary, focus, info = _perplexity(ctx, comp)
     metrics = metrics_from_summary(summary)
