@@ -55,9 +55,18 @@ def run_pipeline(cfg: RootConfig, command: str = "fit", callbacks: list[Any] | N
     ctx = RunContext(cfg=cfg, tracker=tracker, run_dir=Path(cfg.run_dir).resolve(),
                      artifacts_dir=Path(cfg.artifacts_dir).resolve(), callbacks=list(callbacks or []))
     fns = [(s, _stage_fn(s)) for s in cfg.stages]
-    with tracker.parent() as parent_id:
-        for stage, fn in fns:
-            with tracker.stage(stage) as run_id:
-                ctx.results[stage] = fn(ctx, run_id)
-        ctx.results["parent_run_id"] = parent_id
+    # mlflow.set_tracking_uri (called inside Lightning's MLFlowLogger) writes $MLFLOW_TRACKING_URI; restore it
+    # so the next run in this process (a sweep trial, a test) resolves its own store.
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with tracker.parent() as parent_id:
+            for stage, fn in fns:
+                with tracker.stage(stage) as run_id:
+                    ctx.results[stage] = fn(ctx, run_id)
+            ctx.results["parent_run_id"] = parent_id
+    finally:
+        if user_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_uri
     return ctx

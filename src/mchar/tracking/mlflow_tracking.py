@@ -77,10 +77,8 @@ class Tracker:
         self._client: Any = None
         self.experiment_id: str | None = None
         if self.active:
-            import mlflow
             from mlflow.tracking import MlflowClient
 
-            mlflow.set_tracking_uri(self.uri)
             self._client = MlflowClient(self.uri)
             exp = self._client.get_experiment_by_name(cfg.logger.experiment_name)
             if exp is None:
