@@ -66,7 +66,9 @@ def test_cli_help_is_light() -> None:
         assert verb in out.stdout
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, mchar.cli; mchar.cli._parser(); print('torch' in sys.modules)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert probe.stdout.strip() == "False"
 

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="build reports/<name>.md with tables and plots from MLflow runs")
     rp.add_argument("--name", default="quickstart", help="report name (reports/<name>.md)")
     rp.add_argument("--experiment", default="mchar", help="MLflow experiment name")
-    rp.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)")
+    rp.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)"
+    )
     rp.add_argument("--run-id", default=None, help="parent run to report on (default: the latest)")
     rp.add_argument("--out-dir", default="reports")
     ui = sub.add_parser("ui", help="serve the MLflow UI for mchar's tracking store")
@@ -67,8 +69,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from mchar.report import build_report
 
-        path = build_report(name=args.name, experiment=args.experiment, tracking_uri=args.tracking_uri,
-                            run_id=args.run_id, out_dir=args.out_dir)
+        path = build_report(
+            name=args.name,
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri,
+            run_id=args.run_id,
+            out_dir=args.out_dir,
+        )
         print(path)
         return 0
     if args.command == "ui":
@@ -97,7 +104,10 @@ def _core_errors() -> tuple[type[Exception], ...]:
     import sys as _sys
 
     found: list[type[Exception]] = []
-    for module, name in (("mchar.core.storage", "StorageError"), ("mchar.core.working_context", "WorkingContextError")):
+    for module, name in (
+        ("mchar.core.storage", "StorageError"),
+        ("mchar.core.working_context", "WorkingContextError"),
+    ):
         if module in _sys.modules:
             found.append(getattr(_sys.modules[module], name))
     return tuple(found)

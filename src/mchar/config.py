@@ -295,7 +295,9 @@ def check_semantics(cfg: RootConfig) -> None:
     if g.keep_raw_blocks < 0:
         raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
     if cfg.lensnet.width % cfg.lensnet.heads:
-        raise ConfigError(f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}")
+        raise ConfigError(
+            f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}"
+        )
     d = cfg.data
     _positive("data.window", d.window)
     _positive("data.batch_size", d.batch_size)

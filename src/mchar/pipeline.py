@@ -44,16 +44,22 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
     return getattr(importlib.import_module(module), fn)
 
 
-def run_pipeline(cfg: RootConfig, command: str = "fit", callbacks: list[Any] | None = None,
-                 tracker: Tracker | None = None) -> RunContext:
+def run_pipeline(
+    cfg: RootConfig, command: str = "fit", callbacks: list[Any] | None = None, tracker: Tracker | None = None
+) -> RunContext:
     """Seed, open the parent run, run each stage in its nested run; returns the context with results."""
     import lightning as L
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tracker = tracker or Tracker(cfg, command)
-    ctx = RunContext(cfg=cfg, tracker=tracker, run_dir=Path(cfg.run_dir).resolve(),
-                     artifacts_dir=Path(cfg.artifacts_dir).resolve(), callbacks=list(callbacks or []))
+    ctx = RunContext(
+        cfg=cfg,
+        tracker=tracker,
+        run_dir=Path(cfg.run_dir).resolve(),
+        artifacts_dir=Path(cfg.artifacts_dir).resolve(),
+        callbacks=list(callbacks or []),
+    )
     fns = [(s, _stage_fn(s)) for s in cfg.stages]
     # mlflow.set_tracking_uri (called inside Lightning's MLFlowLogger) writes $MLFLOW_TRACKING_URI; restore it
     # so the next run in this process (a sweep trial, a test) resolves its own store.

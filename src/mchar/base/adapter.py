@@ -14,8 +14,14 @@ from torch import nn
 
 from mchar.errors import MCharError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class BaseModelError(MCharError, ValueError):
@@ -46,7 +52,9 @@ class FrozenBaseLM(nn.Module):
         cfg = model.config
         self.hidden_size: int = int(cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd)
         self.vocab_size: int = int(model.get_input_embeddings().num_embeddings)
-        self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
         # Gemma-style models multiply inputs_embeds by sqrt(d) inside forward; everyone else by 1.
         self.embed_scale: float = float(self.hidden_size**0.5) if "gemma" in str(cfg.model_type) else 1.0
         with torch.no_grad():
@@ -56,15 +64,22 @@ class FrozenBaseLM(nn.Module):
         # transformers 5 renamed ``past_key_values`` to ``cache``; accept either generation of the API.
         import inspect
 
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     def train(self, mode: bool = True) -> FrozenBaseLM:  # the base stays in eval mode, always
         super().train(False)
         return self
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: str | None = "float32",
-                        trust_remote_code: bool = False, device: str | torch.device = "cpu") -> FrozenBaseLM:
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | None = "float32",
+        trust_remote_code: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> FrozenBaseLM:
         """Load by hub id or local directory with safe defaults (safetensors, no remote code)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,16 +117,30 @@ class FrozenBaseLM(nn.Module):
                     f"position id {top} exceeds the base model's {self.max_positions} learned positions"
                 )
 
-    def forward_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                       past_key_values: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+    def forward_embeds(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
         self.check_positions(position_ids)
         # An explicit all-ones mask: without one, transformers may infer packed-sequence boundaries from
         # non-contiguous position ids (gists jump), silently cutting attention at every gist.
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask = torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1], dtype=torch.long,
-                          device=inputs_embeds.device)
-        out = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=mask,
-                         use_cache=use_cache, **{self._cache_kw: past_key_values})
+        mask = torch.ones(
+            inputs_embeds.shape[0],
+            past + inputs_embeds.shape[1],
+            dtype=torch.long,
+            device=inputs_embeds.device,
+        )
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=mask,
+            use_cache=use_cache,
+            **{self._cache_kw: past_key_values},
+        )
         if not use_cache:
             return out.logits, None
         cache = getattr(out, "cache", None)
@@ -122,23 +151,44 @@ class FrozenBaseLM(nn.Module):
         return self.model(input_ids=ids.to(self.device)).logits
 
 
-def tiny_causal_lm(family: str = "llama", vocab_size: int = 256, hidden_size: int = 32, layers: int = 2,
-                   heads: int = 4, max_positions: int = 4096, seed: int = 0) -> nn.Module:
+def tiny_causal_lm(
+    family: str = "llama",
+    vocab_size: int = 256,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> nn.Module:
     """A tiny random HF causal LM of the given family, for tests and benchmarks (no download)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                          max_position_embeddings=max_positions, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        )
     elif family == "qwen2":
-        cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                          max_position_embeddings=max_positions)
+        cfg = Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+        )
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
-                         n_positions=max_positions)
+        cfg = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads, n_positions=max_positions
+        )
     else:
         raise BaseModelError(f"unknown tiny model family {family!r} (choose llama, qwen2, gpt2)")
     model = AutoModelForCausalLM.from_config(cfg)

@@ -12,8 +12,14 @@ from mchar.config import LocalLMConfig
 READY_MARKER = "mchar_base_lm.json"
 
 
-def build_local_lm(cfg: LocalLMConfig, vocab_size: int, bos_id: int | None, eos_id: int | None,
-                   pad_id: int | None, seed: int = 0) -> nn.Module:
+def build_local_lm(
+    cfg: LocalLMConfig,
+    vocab_size: int,
+    bos_id: int | None,
+    eos_id: int | None,
+    pad_id: int | None,
+    seed: int = 0,
+) -> nn.Module:
     """A fresh (random) LlamaForCausalLM sized by ``cfg``; seeded so two builds are identical."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -13,8 +13,12 @@ import torch
 def environment() -> dict:
     """What the numbers were measured on (printed inside every benchmark's JSON)."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "python": platform.python_version(),
+    }
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

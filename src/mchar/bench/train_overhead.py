@@ -52,11 +52,21 @@ def _lightning(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -
     module = BaseLMModule(model, lr=lr, warmup_steps=0, max_steps=len(batches))
     # Same optimizer as the plain loop (no scheduler): the comparison is about the loop, not the LR schedule.
     module.configure_optimizers = lambda: torch.optim.AdamW(  # type: ignore[method-assign]
-        module.configure_optimizers_plain(), lr=lr, betas=(0.9, 0.95))
+        module.configure_optimizers_plain(), lr=lr, betas=(0.9, 0.95)
+    )
     clock = _StepClock()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return clock.stamps
 
@@ -76,8 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     from mchar.base.adapter import tiny_causal_lm
 
     torch.manual_seed(args.seed)
-    init = tiny_causal_lm("llama", vocab_size=args.vocab, hidden_size=args.hidden, layers=args.layers,
-                          heads=max(1, args.hidden // 64), seed=args.seed)
+    init = tiny_causal_lm(
+        "llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=max(1, args.hidden // 64),
+        seed=args.seed,
+    )
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq)) for _ in range(args.steps)]
     tokens = args.batch * args.seq
     plain, light = [], []
@@ -86,13 +102,22 @@ def main(argv: list[str] | None = None) -> dict:
         light.append(_throughput(_lightning(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
     result = {
         "benchmark": "train-overhead",
-        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                  "params": sum(p.numel() for p in init.parameters())},
-        "batch": [args.batch, args.seq], "steps": args.steps, "repeats": args.repeats,
-        "plain_tokens_per_s": statistics.median(plain), "lightning_tokens_per_s": statistics.median(light),
-        "plain_runs": plain, "lightning_runs": light,
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "params": sum(p.numel() for p in init.parameters()),
+        },
+        "batch": [args.batch, args.seq],
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "plain_tokens_per_s": statistics.median(plain),
+        "lightning_tokens_per_s": statistics.median(light),
+        "plain_runs": plain,
+        "lightning_runs": light,
         "ratio_lightning_over_plain": statistics.median(light) / statistics.median(plain),
-        "target": ">= 0.95", **environment(),
+        "target": ">= 0.95",
+        **environment(),
     }
     print(json.dumps(result))
     return result

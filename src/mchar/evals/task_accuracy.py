@@ -27,8 +27,12 @@ def full_context_greedy(base: Any) -> GreedyFn:
             if step + 1 == n:
                 break
             p = torch.tensor([[len(prompt) + step]], device=base.device)
-            logits, cache = base.forward_embeds(base.embed(torch.tensor([[nxt]], device=base.device)), p,
-                                                past_key_values=cache, use_cache=True)
+            logits, cache = base.forward_embeds(
+                base.embed(torch.tensor([[nxt]], device=base.device)),
+                p,
+                past_key_values=cache,
+                use_cache=True,
+            )
         return out
 
     return generate

@@ -21,8 +21,14 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
 class BaseLMModule(L.LightningModule):
     """Causal-LM training of an HF model; validation perplexity through torchmetrics."""
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 0.1, warmup_steps: int = 50,
-                 max_steps: int = 1000) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        max_steps: int = 1000,
+    ) -> None:
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -32,8 +38,9 @@ class BaseLMModule(L.LightningModule):
         """Mean next-token NLL; label -100 (padding) is ignored."""
         labels = ids if labels is None else labels
         logits = self.model(input_ids=ids).logits[:, :-1]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                                           ignore_index=-100)
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
 
     @staticmethod
     def _unpack(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,8 +67,10 @@ class BaseLMModule(L.LightningModule):
         """Parameter groups: weight decay on matrices only."""
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's union type
         opt = torch.optim.AdamW(self.configure_optimizers_plain(), lr=self.hparams.lr, betas=(0.9, 0.95))

@@ -11,27 +11,53 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from mchar.config import TrainerConfig
 
 
-def build_trainer(tcfg: TrainerConfig, max_steps: int, ckpt_dir: str | Path | None, logger: Any = None,
-                  val_check_interval: int | None = None, limit_val_batches: int | float | None = None,
-                  callbacks: list[Any] | None = None, monitor: str | None = None,
-                  every_n_train_steps: int | None = None) -> L.Trainer:
+def build_trainer(
+    tcfg: TrainerConfig,
+    max_steps: int,
+    ckpt_dir: str | Path | None,
+    logger: Any = None,
+    val_check_interval: int | None = None,
+    limit_val_batches: int | float | None = None,
+    callbacks: list[Any] | None = None,
+    monitor: str | None = None,
+    every_n_train_steps: int | None = None,
+) -> L.Trainer:
     """A Trainer for one stage; ``trainer.max_steps`` (when set) overrides the stage's own step count."""
     steps = tcfg.max_steps or max_steps
     cbs: list[Any] = list(callbacks or [])
     if ckpt_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=1 if monitor else 0,
-                                   monitor=monitor, mode="min",
-                                   every_n_train_steps=every_n_train_steps or max(1, min(steps, 50))))
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                save_last=True,
+                save_top_k=1 if monitor else 0,
+                monitor=monitor,
+                mode="min",
+                every_n_train_steps=every_n_train_steps or max(1, min(steps, 50)),
+            )
+        )
     if tcfg.enable_progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tcfg.log_every_n_steps // 2)))
     interval = tcfg.val_check_interval or val_check_interval or steps
     kwargs: dict[str, Any] = dict(
-        accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes, strategy=tcfg.strategy,
-        precision=tcfg.precision, max_steps=steps, max_epochs=-1, val_check_interval=min(interval, steps),
-        check_val_every_n_epoch=None, log_every_n_steps=tcfg.log_every_n_steps,
-        gradient_clip_val=tcfg.gradient_clip_val, enable_progress_bar=tcfg.enable_progress_bar,
-        deterministic=tcfg.deterministic, logger=logger if logger is not None else False, callbacks=cbs,
-        enable_checkpointing=ckpt_dir is not None, num_sanity_val_steps=0, enable_model_summary=False,
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy,
+        precision=tcfg.precision,
+        max_steps=steps,
+        max_epochs=-1,
+        val_check_interval=min(interval, steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        gradient_clip_val=tcfg.gradient_clip_val,
+        enable_progress_bar=tcfg.enable_progress_bar,
+        deterministic=tcfg.deterministic,
+        logger=logger if logger is not None else False,
+        callbacks=cbs,
+        enable_checkpointing=ckpt_dir is not None,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
     )
     if limit_val_batches is not None:
         kwargs["limit_val_batches"] = limit_val_batches

@@ -82,24 +82,51 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
     splits = corpus_splits(ctx)
     report = {s: vars(r) for s, r in splits.report.items()}
     ctx.tracker.log_json(run_id, report, "data/corpus_report.json")
-    tokenizer = train_tokenizer(tmp, files=splits["train"], vocab_size=cfg.model.local.vocab_size,
-                                max_chars=cfg.data.tokenizer_max_chars)
-    model = build_local_lm(cfg.model.local, vocab_size=len(tokenizer), bos_id=None,
-                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed)
-    dm = LongDocDataModule(files_by_split=splits, tokenizer=tokenizer, window=cfg.data.window,
-                           stride=cfg.data.stride, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                           seed=cfg.seed, task_mix_fraction=cfg.data.task_mix_fraction,
-                           cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"))
+    tokenizer = train_tokenizer(
+        tmp,
+        files=splits["train"],
+        vocab_size=cfg.model.local.vocab_size,
+        max_chars=cfg.data.tokenizer_max_chars,
+    )
+    model = build_local_lm(
+        cfg.model.local,
+        vocab_size=len(tokenizer),
+        bos_id=None,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        seed=cfg.seed,
+    )
+    dm = LongDocDataModule(
+        files_by_split=splits,
+        tokenizer=tokenizer,
+        window=cfg.data.window,
+        stride=cfg.data.stride,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        task_mix_fraction=cfg.data.task_mix_fraction,
+        cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
+    )
     steps = cfg.trainer.max_steps or tcfg.max_steps
-    module = BaseLMModule(model, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
-                          max_steps=steps)
-    trainer = build_trainer(cfg.trainer, steps, stage_dir / "checkpoints", logger=ctx.tracker.lightning_logger(run_id),
-                            val_check_interval=max(1, steps // 4), limit_val_batches=tcfg.val_batches,
-                            callbacks=ctx.callbacks)
+    module = BaseLMModule(
+        model, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, max_steps=steps
+    )
+    trainer = build_trainer(
+        cfg.trainer,
+        steps,
+        stage_dir / "checkpoints",
+        logger=ctx.tracker.lightning_logger(run_id),
+        val_check_interval=max(1, steps // 4),
+        limit_val_batches=tcfg.val_batches,
+        callbacks=ctx.callbacks,
+    )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, datamodule=dm)
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
-    metrics: dict[str, float] = {"final/val_nll": float(val["val/nll"]), "final/val_ppl": float(val["val/ppl"])}
+    metrics: dict[str, float] = {
+        "final/val_nll": float(val["val/nll"]),
+        "final/val_ppl": float(val["val/ppl"]),
+    }
 
     if trainer.is_global_zero:
         model = module.model.cpu().eval()
@@ -110,13 +137,25 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         base = FrozenBaseLM(model, tokenizer, name_or_path=str(target))
         examples = []
         for task in TASK_NAMES:
-            examples += generate_examples(task, tcfg.task_eval_examples, tcfg.task_eval_length, tokenizer=tokenizer,
-                                          seed=cfg.seed + 1, files=splits["test"])
+            examples += generate_examples(
+                task,
+                tcfg.task_eval_examples,
+                tcfg.task_eval_length,
+                tokenizer=tokenizer,
+                seed=cfg.seed + 1,
+                files=splits["test"],
+            )
         with torch.no_grad():
             acc = answer_accuracy(full_context_greedy(base), tokenizer, examples)
         metrics.update({f"final/task_acc/{k}": v for k, v in acc.items()})
-        info = {"metrics": metrics, "steps": steps, "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
-                "corpus": report, "train_files": len(splits["train"]), "test_files": len(splits["test"])}
+        info = {
+            "metrics": metrics,
+            "steps": steps,
+            "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
+            "corpus": report,
+            "train_files": len(splits["train"]),
+            "test_files": len(splits["test"]),
+        }
         (tmp / READY_MARKER).write_text(json.dumps(info, indent=2, default=str))
         if target.exists():
             shutil.rmtree(target)

@@ -21,13 +21,25 @@ from mchar.compose import flatten, to_yaml
 from mchar.config import RootConfig
 
 PARENT_ENV = "MCHAR_PARENT_RUN_ID"
-TRACKED_PACKAGES = ("mchar", "torch", "lightning", "transformers", "datasets", "torchmetrics", "hydra-core",
-                    "optuna", "mlflow", "lm-eval", "tokenizers")
+TRACKED_PACKAGES = (
+    "mchar",
+    "torch",
+    "lightning",
+    "transformers",
+    "datasets",
+    "torchmetrics",
+    "hydra-core",
+    "optuna",
+    "mlflow",
+    "lm-eval",
+    "tokenizers",
+)
 
 
 def is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))) == 0 \
-        and os.environ.get("NODE_RANK", "0") in ("0", "")
+    return int(
+        os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))
+    ) == 0 and os.environ.get("NODE_RANK", "0") in ("0", "")
 
 
 def tracking_uri(cfg: RootConfig) -> str:
@@ -44,10 +56,12 @@ def tracking_uri(cfg: RootConfig) -> str:
 def git_revision() -> str:
     try:
         root = Path(__file__).resolve().parents[3]
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return f"{rev}{'-dirty' if dirty else ''}" if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -84,9 +98,10 @@ class Tracker:
             if exp is None:
                 artifacts = None
                 if self.uri.startswith("sqlite:///"):
-                    artifacts = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-                self.experiment_id = self._client.create_experiment(cfg.logger.experiment_name,
-                                                                    artifact_location=artifacts)
+                    artifacts = (Path(self.uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+                self.experiment_id = self._client.create_experiment(
+                    cfg.logger.experiment_name, artifact_location=artifacts
+                )
             else:
                 self.experiment_id = exp.experiment_id
 
@@ -100,9 +115,13 @@ class Tracker:
         from mlflow.entities import Param, RunTag
 
         for i in range(0, len(items), 100):
-            self._client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[i:i + 100]])
-        tags = {"git_revision": git_revision(), "command": self.command, "argv": " ".join(sys.argv)[:5000],
-                **{f"version.{k}": v for k, v in package_versions().items()}}
+            self._client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 100]])
+        tags = {
+            "git_revision": git_revision(),
+            "command": self.command,
+            "argv": " ".join(sys.argv)[:5000],
+            **{f"version.{k}": v for k, v in package_versions().items()},
+        }
         self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
         self._client.log_dict(run_id, package_versions(), "config/versions.json")
@@ -114,8 +133,9 @@ class Tracker:
             yield self.parent_id
             return
         name = self.cfg.logger.run_name or f"{self.command}:{self.cfg.name}"
-        run = self._client.create_run(self.experiment_id, run_name=name,
-                                      tags={"mchar.role": "parent", **self.parent_tags})
+        run = self._client.create_run(
+            self.experiment_id, run_name=name, tags={"mchar.role": "parent", **self.parent_tags}
+        )
         self.parent_id = run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         self._describe(self.parent_id, self.cfg)
@@ -154,7 +174,7 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):
-            self._client.log_batch(run_id, metrics=batch[i:i + 500])
+            self._client.log_batch(run_id, metrics=batch[i : i + 500])
 
     def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and run_id is not None:
@@ -173,5 +193,9 @@ class Tracker:
         """A Lightning MLFlowLogger writing into an existing (stage) run."""
         from lightning.pytorch.loggers import MLFlowLogger
 
-        return MLFlowLogger(experiment_name=self.cfg.logger.experiment_name, tracking_uri=self.uri, run_id=run_id,
-                            log_model=False)
+        return MLFlowLogger(
+            experiment_name=self.cfg.logger.experiment_name,
+            tracking_uri=self.uri,
+            run_id=run_id,
+            log_model=False,
+        )
