@@ -1,0 +1,33 @@
+"""Project rules that are cheap to check: core stays framework-free, the tree stays ruff-clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_MODULES = sorted(p.stem for p in (ROOT / "src" / "mchar" / "core").glob("*.py") if p.stem != "__init__")
+
+
+def test_core_imports_no_harness_framework() -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import mchar.core.{m}\n" for m in CORE_MODULES)
+        + "bad = [m for m in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'mlflow', 'optuna', 'lm_eval')"
+        " if m in sys.modules]\nprint(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"mchar.core pulled in: {out.stdout.strip()}"
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+                    reason="ruff not installed")
+def test_ruff_clean() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    out = subprocess.run([ruff, "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
