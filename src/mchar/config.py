@@ -59,6 +59,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     task_mix_fraction: float = 0.3
+    mix_episodes: int = 2  # retrieval episodes spliced into each synthetic training window
     tokenizer_max_chars: int = 20_000_000
     cache_dir: str = ""
 

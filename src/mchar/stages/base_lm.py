@@ -105,6 +105,7 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         task_mix_fraction=cfg.data.task_mix_fraction,
+        mix_episodes=cfg.data.mix_episodes,
         cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
     )
     steps = cfg.trainer.max_steps or tcfg.max_steps
