@@ -12,26 +12,15 @@ import json
 import statistics
 import time
 
-import lightning as L
 import torch
 
 from mchar.bench.common import environment
+from mchar.bench.loop_timing import lightning_stamps, steps_per_second
 from mchar.lit.base_lm import BaseLMModule
 
 
-class _StepClock(L.Callback):
-    """Timestamps after every optimizer step (so setup/teardown of the Trainer is not counted)."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.stamps.append(time.perf_counter())
-
-
 def _throughput(stamps: list[float], warmup: int, tokens_per_step: int) -> float:
-    window = stamps[warmup:]
-    return tokens_per_step * (len(window) - 1) / (window[-1] - window[0])
+    return tokens_per_step * steps_per_second(stamps, warmup)
 
 
 def _plain(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -> list[float]:
@@ -54,21 +43,7 @@ def _lightning(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -
     module.configure_optimizers = lambda: torch.optim.AdamW(  # type: ignore[method-assign]
         module.configure_optimizers_plain(), lr=lr, betas=(0.9, 0.95)
     )
-    clock = _StepClock()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=len(batches),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return clock.stamps
+    return lightning_stamps(module, batches)
 
 
 def main(argv: list[str] | None = None) -> dict:

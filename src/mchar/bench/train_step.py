@@ -21,25 +21,13 @@ import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.bench.common import environment
+from mchar.bench.loop_timing import lightning_stamps, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
 from mchar.lit.gistnet_module import GistNetModule
 from mchar.lit.lensnet_module import LensNetModule
 
 CONSTRUCTION = ("sample_wc", "build_variants", "loss")
-
-
-class _StepClock(L.Callback):
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.stamps.append(time.perf_counter())
-
-
-def _rate(stamps: list[float], warmup: int) -> float:
-    w = stamps[warmup:]
-    return (len(w) - 1) / (w[-1] - w[0])
 
 
 def _plain(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
@@ -53,25 +41,6 @@ def _plain(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float
         opt.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
     return stamps
-
-
-def _lightning(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
-    clock = _StepClock()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=len(batches),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        gradient_clip_val=None,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return clock.stamps
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -148,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rates: dict[str, list[float]] = {"plain": [], "lightning": []}
     for _ in range(args.repeats):
-        for side, fn in (("plain", _plain), ("lightning", _lightning)):
+        for side, fn in (("plain", _plain), ("lightning", lightning_stamps)):
             module = copy.deepcopy(proto)
-            rates[side].append(_rate(fn(module, batches), w))
+            rates[side].append(steps_per_second(fn(module, batches), w))
     plain, light = statistics.median(rates["plain"]), statistics.median(rates["lightning"])
     out = {
         "bench": "train_step",

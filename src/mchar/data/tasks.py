@@ -402,18 +402,8 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _task_yaml(name: str, data_file: Path, generate: bool, max_gen_toks: int) -> str:
-    # Absolute path: lm-eval resolves data_files relative to the working directory, not the YAML.
-    head = (
-        f"tag:\n  - mchar_synthetic{'_gen' if generate else ''}\n"
-        f"task: {name}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file.resolve()))}\n"
-        "test_split: test\n"
-        'doc_to_text: "{{context}}{{query}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        'target_delimiter: ""\n'
-    )
+def task_yaml_body(generate: bool, max_gen_toks: int = 24) -> str:
+    """The output/metric part of an lm-eval task YAML: exact match on generation, or loglikelihood acc/ppl."""
     if generate:
         body = (
             "output_type: generate_until\n"
@@ -432,7 +422,22 @@ def _task_yaml(name: str, data_file: Path, generate: bool, max_gen_toks: int) ->
             "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
             "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
         )
-    return head + body + "metadata:\n  version: 1.0\n"
+    return body + "metadata:\n  version: 1.0\n"
+
+
+def _task_yaml(name: str, data_file: Path, generate: bool, max_gen_toks: int) -> str:
+    # Absolute path: lm-eval resolves data_files relative to the working directory, not the YAML.
+    head = (
+        f"tag:\n  - mchar_synthetic{'_gen' if generate else ''}\n"
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file.resolve()))}\n"
+        "test_split: test\n"
+        'doc_to_text: "{{context}}{{query}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\n'
+    )
+    return head + task_yaml_body(generate, max_gen_toks)
 
 
 def write_task_suite(

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mchar.data.tasks import task_yaml_body
 from mchar.errors import MCharError
 
 TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
@@ -74,25 +75,7 @@ def _template(output: str) -> str:
         'doc_to_target: "{{answer}}"\n'
         'target_delimiter: ""\n'
     )
-    if output == "generate":
-        body = (
-            "output_type: generate_until\n"
-            "generation_kwargs:\n"
-            '  until: ["\\n"]\n'
-            "  max_gen_toks: 24\n"
-            "  do_sample: false\n"
-            "metric_list:\n"
-            "  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-            '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]\n'
-        )
-    else:
-        body = (
-            "output_type: loglikelihood\n"
-            "metric_list:\n"
-            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-            "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
-        )
-    return common + body + "metadata:\n  version: 1.0\n"
+    return common + task_yaml_body(output == "generate")
 
 
 def write_yamls(

@@ -1,0 +1,45 @@
+"""Timing the same training steps under a Lightning Trainer and a plain loop (shared by the train benches)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+
+
+class StepClock(L.Callback):
+    """Timestamps after every optimizer step, so Trainer setup/teardown is not counted."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.stamps.append(time.perf_counter())
+
+
+def steps_per_second(stamps: Sequence[float], warmup: int) -> float:
+    """Steady-state rate: steps after ``warmup`` divided by the time they took."""
+    window = stamps[warmup:]
+    return (len(window) - 1) / (window[-1] - window[0])
+
+
+def lightning_stamps(module: L.LightningModule, batches: Sequence[object]) -> list[float]:
+    """Fit ``module`` on ``batches`` (one step each) with a bare CPU Trainer; return per-step timestamps."""
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=None,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(batches), batch_size=None))
+    return clock.stamps
