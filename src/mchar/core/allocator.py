@@ -347,31 +347,3 @@ class FocusAllocator:
             return policy.build(tree, wc.budget, depth=wc.depth), []
         scores = policy.scores(wc, tree, context)
         return wc, self.refocus(wc, scores)
-
-
-@dataclass
-class AllocatorConfig:
-    """Plain settings mirror of :class:`FocusAllocator` (for configs)."""
-
-    tau_expand: float = 0.2
-    tau_collapse: float = 0.2
-    max_edits: int = 4
-    cooldown: int = 2
-    protect_tokens: int = 0
-    stochastic: bool = False
-    top_k: int = 4
-    temperature: float = 1.0
-    seed: int = 0
-
-    def build(self) -> FocusAllocator:
-        return FocusAllocator(
-            self.tau_expand,
-            self.tau_collapse,
-            self.max_edits,
-            self.cooldown,
-            self.protect_tokens,
-            self.stochastic,
-            self.top_k,
-            self.temperature,
-            self.seed,
-        )

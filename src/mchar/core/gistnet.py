@@ -119,6 +119,14 @@ class _Exportable:
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_module(self, self.config_dict(), directory)  # type: ignore[arg-type]
 
+    def _check_blocks(self, x: torch.Tensor) -> None:
+        """Inputs must be whole blocks [N, K, d]: GistNet never sees padding or partial blocks."""
+        block_size, d_model = self.block_size, self.d_model  # type: ignore[attr-defined]
+        if x.dim() != 3 or x.shape[1] != block_size or x.shape[2] != d_model:
+            raise ValueError(
+                f"{type(self).__name__} expects [N, {block_size}, {d_model}], got {list(x.shape)}"
+            )
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
         return from_pretrained(directory, map_location)
@@ -175,8 +183,7 @@ class GistNet(_Exportable, nn.Module):
         }
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[1] != self.block_size or x.shape[2] != self.d_model:
-            raise ValueError(f"GistNet expects [N, {self.block_size}, {self.d_model}], got {list(x.shape)}")
+        self._check_blocks(x)
         if not 1 <= level <= self.max_level:
             raise ValueError(f"GistNet level {level} outside [1, {self.max_level}]")
         net = self.nets[0 if self.shared else level - 1]
@@ -222,10 +229,7 @@ class MeanPoolGistNet(_Exportable, nn.Module):
         }
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[1] != self.block_size or x.shape[2] != self.d_model:
-            raise ValueError(
-                f"MeanPoolGistNet expects [N, {self.block_size}, {self.d_model}], got {list(x.shape)}"
-            )
+        self._check_blocks(x)
         y = self.proj(x.to(self.out_scale.dtype).mean(dim=1))
         if self.rescale:
             y = _rms_normalise(y) * self.out_scale

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish
-from mchar.stages.lensnet import build_lensnet, gistnet_dir
+from mchar.stages.lensnet import build_lensnet, gistnet_dir, lens_training_kwargs
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
@@ -41,20 +41,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         lora_rank=e.lora_rank,
         lora_alpha=e.lora_alpha,
         gist_loss=cfg.gistnet.loss,
-        block_size=cfg.tree.block_size,
-        depth=cfg.tree.depth,
-        budget=cfg.allocator.budget,
-        horizon=lc.horizon,
-        candidates=lc.candidates,
-        loss=lc.loss,
-        lr=e.lr,
-        weight_decay=lc.weight_decay,
-        max_steps=steps,
-        warmup_steps=lc.warmup_steps,
-        random_edits=lc.random_edits,
-        position_mode=cfg.tree.position_mode,
-        alloc_rounds=lc.alloc_rounds,
-        seed=cfg.seed,
+        **{**lens_training_kwargs(cfg, steps), "lr": e.lr},
     )
     trainer, metrics = fit(ctx, run_id, "e2e", module, train, val, steps)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}

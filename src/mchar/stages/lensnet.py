@@ -34,20 +34,10 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
     )
 
 
-def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
-    from mchar.core.gistnet import from_pretrained
-    from mchar.lit.lensnet_module import LensNetModule
-
-    cfg, lc = ctx.cfg, ctx.cfg.lensnet
-    base = load_base(ctx)
-    gist_path = gistnet_dir(ctx)
-    gistnet = from_pretrained(gist_path)
-    train, val = load_windows(ctx, base, lc.val_windows)
-    steps = cfg.trainer.max_steps or lc.max_steps
-    module = LensNetModule(
-        base,
-        gistnet,
-        build_lensnet(ctx, base),
+def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
+    """LensNet-training settings shared by the ``lensnet`` and ``e2e`` modules (tree shape, budget, targets)."""
+    lc = cfg.lensnet
+    return dict(
         block_size=cfg.tree.block_size,
         depth=cfg.tree.depth,
         budget=cfg.allocator.budget,
@@ -62,6 +52,24 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         position_mode=cfg.tree.position_mode,
         alloc_rounds=lc.alloc_rounds,
         seed=cfg.seed,
+    )
+
+
+def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    from mchar.core.gistnet import from_pretrained
+    from mchar.lit.lensnet_module import LensNetModule
+
+    cfg, lc = ctx.cfg, ctx.cfg.lensnet
+    base = load_base(ctx)
+    gist_path = gistnet_dir(ctx)
+    gistnet = from_pretrained(gist_path)
+    train, val = load_windows(ctx, base, lc.val_windows)
+    steps = cfg.trainer.max_steps or lc.max_steps
+    module = LensNetModule(
+        base,
+        gistnet,
+        build_lensnet(ctx, base),
+        **lens_training_kwargs(cfg, steps),
     )
     trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
