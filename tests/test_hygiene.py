@@ -25,9 +25,13 @@ def test_core_imports_no_harness_framework() -> None:
     assert out.stdout.strip() == "", f"mchar.core pulled in: {out.stdout.strip()}"
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
-                    reason="ruff not installed")
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+    reason="ruff not installed",
+)
 def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    out = subprocess.run([ruff, "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [ruff, "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout[-3000:]

@@ -60,6 +60,7 @@ class DataConfig:
     num_workers: int = 0
     task_mix_fraction: float = 0.3
     mix_episodes: int = 2  # retrieval episodes spliced into each synthetic training window
+    mix_answer_tail: int = 0  # corpus tokens after a synthetic window's last answer (put it in the horizon)
     tokenizer_max_chars: int = 20_000_000
     cache_dir: str = ""
 
@@ -115,6 +116,7 @@ class GistNetConfig:
     raw_prob: float = 0.25  # share of raw blocks in the random training layouts
     keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
     val_windows: int = 32  # held-out windows for the final metrics
+    val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
 
 
 @dataclass
@@ -135,6 +137,7 @@ class LensNetConfig:
     random_edits: int = 3  # random legal edits applied to initial_context per step (WC diversity)
     alloc_rounds: int = 16  # refocus rounds when validating allocator gain
     val_windows: int = 16
+    val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
 
 
 @dataclass
@@ -160,6 +163,11 @@ class BaseLMTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
+    answer_weight: float = 10.0  # loss weight of the answer tokens of synthetic retrieval windows
+    # Short-window phases before the final ``max_steps`` at ``data.window`` (same tokens per step): retrieval is
+    # learned on short windows first. One step count per window.
+    curriculum_windows: list[int] = field(default_factory=list)
+    curriculum_steps: list[int] = field(default_factory=list)
     val_batches: int = 8
     task_eval_examples: int = 32
     task_eval_length: int = 512
@@ -306,6 +314,18 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"data.split: need three positive fractions summing to 1, got {list(d.split)}")
     if not 0.0 <= d.task_mix_fraction <= 1.0:
         raise ConfigError(f"data.task_mix_fraction: must be in [0, 1], got {d.task_mix_fraction}")
+    b = cfg.base_lm
+    if len(b.curriculum_windows) != len(b.curriculum_steps):
+        raise ConfigError(
+            "base_lm.curriculum_steps: need one step count per entry of base_lm.curriculum_windows, got "
+            f"{list(b.curriculum_steps)} for {list(b.curriculum_windows)}"
+        )
+    for w, n in zip(b.curriculum_windows, b.curriculum_steps, strict=True):
+        if not 2 <= w <= d.window or n < 1:
+            raise ConfigError(
+                f"base_lm.curriculum_windows: phase ({w} tokens, {n} steps) needs 2 <= window <= data.window"
+                f"={d.window} and steps >= 1"
+            )
     m = cfg.model.local
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.local.hidden_size: {m.hidden_size} not divisible by model.local.num_heads")
@@ -318,8 +338,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _positive("eval.final_tokens", e.final_tokens)
     _positive("eval.task_examples", e.task_examples)
     _positive("eval.refocus_every", e.refocus_every, allow_none=True)
-    for p in e.task_policies:
-        _choice("eval.task_policies", p, POLICIES)
+    for p in e.task_policies:  # "full": the plain base over the whole prompt, the reference accuracy
+        _choice("eval.task_policies", p, (*POLICIES, "full"))
     if e.focus_map_policy:
         _choice("eval.focus_map_policy", e.focus_map_policy, POLICIES)
     for name in e.tasks:

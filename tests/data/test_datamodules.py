@@ -140,6 +140,27 @@ def test_task_mix_adds_synthetic_windows(files: dict[str, list[Path]], tok_dir: 
     assert any(q in text for q in ("# What is", "# Which variables", "# Look up"))
 
 
+def test_mix_windows_fill_the_window_and_mark_answers(
+    files: dict[str, list[Path]], tok_dir: Path, tmp_path: Path
+) -> None:
+    dm = LongDocDataModule(
+        files, tok_dir, window=256, task_mix_fraction=0.5, mix_episodes=2, cache_dir=tmp_path / "c"
+    )
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    natural = dm.stats["train"]["windows"]
+    for row in (ds[i] for i in range(natural, len(ds))):
+        assert int(row["n_valid"]) == 256  # exact fill: GistNet/LensNet keep only complete windows
+        ids, mask = row["input_ids"], row["answer_mask"].bool()
+        assert mask.any() and mask[-8:].any()  # the last episode's answer closes the window
+        answer_text = dm.tokenizer.decode(ids[mask].tolist())
+        assert any(ch.isdigit() or ch.isalpha() for ch in answer_text)
+        assert "What" not in answer_text and "KV[" not in answer_text  # queries are not marked
+    assert not ds[0]["answer_mask"].any()  # natural windows carry no answers
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["answer_mask"].dtype == torch.bool and batch["answer_mask"].shape == batch["input_ids"].shape
+
+
 def test_no_usable_train_text_raises(tmp_path: Path, tok_dir: Path) -> None:
     (tmp_path / "e.py").write_text("  \n")
     dm = LongDocDataModule({"train": [tmp_path / "e.py"]}, tok_dir, window=16, cache_dir=tmp_path / "c")
@@ -174,3 +195,34 @@ def test_task_datamodule_generate_and_jsonl(tok_dir: Path, tmp_path: Path) -> No
     assert all(len(e["input_ids"]) <= 100 for e in dm2.examples["val"])
     with pytest.raises(DataError):
         TaskDataModule(tok_dir, jsonl=[empty]).setup()
+
+
+def test_mix_answer_tail_moves_the_last_answer(
+    files: dict[str, list[Path]], tok_dir: Path, tmp_path: Path
+) -> None:
+    dm = LongDocDataModule(
+        files, tok_dir, window=256, task_mix_fraction=0.5, mix_answer_tail=40, cache_dir=tmp_path / "c"
+    )
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    for row in (ds[i] for i in range(dm.stats["train"]["windows"], len(ds))):
+        last = int(row["answer_mask"].nonzero().max())
+        assert int(row["n_valid"]) == 256 and 256 - 1 - last == 40
+    with pytest.raises(DataError, match="mix_answer_tail"):
+        LongDocDataModule(files, tok_dir, window=64, mix_answer_tail=32)
+
+
+def test_curriculum_runs_phases_in_order(files: dict[str, list[Path]], tok_dir: Path, tmp_path: Path) -> None:
+    from mchar.data.datamodules import CurriculumDataModule
+
+    def phase(window: int, batch: int) -> LongDocDataModule:
+        return LongDocDataModule(files, tok_dir, window=window, batch_size=batch, cache_dir=tmp_path / "c")
+
+    dm = CurriculumDataModule([phase(16, 4), phase(64, 1)], [7, 3])
+    dm.setup("fit")
+    shapes = [tuple(b["input_ids"].shape) for b in dm.train_dataloader()]
+    assert shapes == [(4, 16)] * 7 + [(1, 64)] * 3  # phase 1 wraps around its (shuffled) windows
+    assert len(dm.train_dataloader()) == 10
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 64
+    with pytest.raises(DataError, match="one positive step count"):
+        CurriculumDataModule([phase(16, 4)], [0])

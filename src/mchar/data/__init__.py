@@ -12,6 +12,7 @@ from mchar.data.tasks import (
     generate_examples,
     load_jsonl,
     make_training_text,
+    make_training_window,
     write_task_suite,
 )
 from mchar.data.tokenizer import (
@@ -33,6 +34,7 @@ __all__ = [
     "generate_examples",
     "load_jsonl",
     "make_training_text",
+    "make_training_window",
     "write_task_suite",
     "CorpusSplits",
     "DataError",

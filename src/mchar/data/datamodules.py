@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mchar.data.corpus import SPLITS, CorpusSplits, DataError, normalize_files_by_split, read_text
-from mchar.data.tasks import TASKS, Haystack, generate_examples, load_jsonl, make_training_text
+from mchar.data.tasks import TASKS, Haystack, generate_examples, load_jsonl, make_training_window
 from mchar.data.tokenizer import make_encoder, resolve_tokenizer, tokenizer_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -69,8 +69,14 @@ def pad_collate(batch: Sequence[Mapping[str, Any]], pad_id: int = 0) -> dict[str
         lab = torch.as_tensor(b["labels"], dtype=torch.long) if "labels" in b else x
         labels[i, :n] = lab[:n]
     out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "answer_mask" in batch[0]:
+        answer = torch.zeros((len(batch), longest), dtype=torch.bool)
+        for i, b in enumerate(batch):
+            m = torch.as_tensor(b["answer_mask"], dtype=torch.bool)
+            answer[i, : len(m)] = m
+        out["answer_mask"] = answer
     for key in batch[0]:
-        if key not in ("input_ids", "labels", "n_valid", "attention_mask"):
+        if key not in ("input_ids", "labels", "n_valid", "attention_mask", "answer_mask"):
             out[key] = [b[key] for b in batch]
     return out
 
@@ -91,8 +97,10 @@ class LongDocDataModule(L.LightningDataModule):
     Documents are concatenated into one stream with EOS separators: long documents span several windows,
     short ones are packed together. Windows start every ``stride`` tokens (default: ``window``, no overlap);
     the final partial window is padded (labels -100). ``task_mix_fraction`` of the *train* windows are
-    synthetic retrieval windows (``make_training_text``) built from train text, to teach long-range use.
-    Batches: ``input_ids``, ``attention_mask``, ``labels`` (= input_ids; the model shifts).
+    synthetic retrieval windows (``make_training_window``) built from train text, to teach long-range use; they
+    fill the window exactly (corpus tokens in front) and mark their answer tokens in ``answer_mask``; with
+    ``mix_answer_tail`` the last answer is followed by that many corpus tokens (for side nets that score a horizon).
+    Batches: ``input_ids``, ``attention_mask``, ``labels`` (= input_ids; the model shifts), ``answer_mask``.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class LongDocDataModule(L.LightningDataModule):
         seed: int = 0,
         task_mix_fraction: float = 0.0,
         mix_episodes: int = 2,
+        mix_answer_tail: int = 0,
         cache_dir: str | Path | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -124,6 +133,9 @@ class LongDocDataModule(L.LightningDataModule):
         self.window, self.stride = window, stride
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.task_mix_fraction, self.mix_episodes = task_mix_fraction, mix_episodes
+        if not 0 <= mix_answer_tail < window // 2:
+            raise DataError(f"mix_answer_tail must be in [0, window/2), got {mix_answer_tail}")
+        self.mix_answer_tail = mix_answer_tail
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.pin_memory = pin_memory
         self.datasets: dict[str, Any] = {}
@@ -149,7 +161,11 @@ class LongDocDataModule(L.LightningDataModule):
         return int(pad) if pad is not None else self.eos_id
 
     def cache_key(self, split: str) -> str:
-        mix = (self.task_mix_fraction, self.mix_episodes, self.seed) if split == "train" else None
+        mix = (
+            (self.task_mix_fraction, self.mix_episodes, self.mix_answer_tail, self.seed)
+            if split == "train"
+            else None
+        )
         payload = json.dumps(
             [
                 CACHE_VERSION,
@@ -191,13 +207,13 @@ class LongDocDataModule(L.LightningDataModule):
                 buf.append(eos)
                 while len(buf) >= w:
                     stats["windows"] += 1
-                    yield {"input_ids": buf[:w], "n_valid": w}
+                    yield {"input_ids": buf[:w], "n_valid": w, "answer_mask": [0] * w}
                     del buf[:s]
         # Leftover tokens not yet covered by any window (with overlap, a tail shorter than w - s is covered).
         covered = stats["windows"] > 0 and len(buf) <= w - s
         if buf and not covered:
             stats["windows"] += 1
-            yield {"input_ids": buf + [pad] * (w - len(buf)), "n_valid": len(buf)}
+            yield {"input_ids": buf + [pad] * (w - len(buf)), "n_valid": len(buf), "answer_mask": [0] * w}
         if split == "train" and self.task_mix_fraction > 0 and stats["docs_used"]:
             yield from self._mix_windows(paths, stats)
 
@@ -206,17 +222,57 @@ class LongDocDataModule(L.LightningDataModule):
         n_mix = math.ceil(f / (1.0 - f) * stats["windows"])
         hay = Haystack.from_files(paths)
         enc = make_encoder(self.tokenizer)
+        filler = self._filler_tokens(paths)
         for j in range(n_mix):
-            text = make_training_text(
-                hay,
-                self.window,
-                seed=self.seed * 1_000_003 + j,
-                tokenizer=enc,
-                num_episodes=self.mix_episodes,
+            seed = self.seed * 1_000_003 + j
+            text, spans = make_training_window(
+                hay, self.window, seed=seed, tokenizer=enc, num_episodes=self.mix_episodes
             )
-            ids = enc(text)[: self.window]
+            ids, answer = self._encode_marked(text, spans)
+            ids, answer = ids[-self.window :], answer[-self.window :]
+            short = self.window - len(ids)
+            start = (seed * 7919) % max(1, len(filler) - self.window)
+            if short:  # BPE line packing leaves a few tokens free: fill them with corpus text in front
+                ids, answer = filler[start : start + short] + ids, [0] * short + answer
+            last = max((i for i, a in enumerate(answer) if a), default=len(answer) - 1)
+            shift = self.mix_answer_tail - (len(ids) - 1 - last)
+            if shift > 0:  # corpus text after the last answer, so its query ends inside a scored prefix
+                ids, answer = ids[shift:] + filler[start : start + shift], answer[shift:] + [0] * shift
             stats["mix_windows"] += 1
-            yield {"input_ids": ids + [self.pad_id] * (self.window - len(ids)), "n_valid": len(ids)}
+            yield {"input_ids": ids, "n_valid": len(ids), "answer_mask": answer}
+
+    def _filler_tokens(self, paths: Sequence[Path], want: int = 1 << 16) -> list[int]:
+        """A pool of train-split tokens to top up synthetic windows to the exact window length."""
+        pool: list[int] = []
+        for p in paths:
+            text = read_text(p)
+            if text:
+                pool += _encode_batch(self.tokenizer, [text])[0]
+            if len(pool) >= max(want, self.window):
+                break
+        return (
+            (pool * (1 + self.window // max(1, len(pool))))[: max(want, self.window)]
+            if pool
+            else [self.eos_id]
+        )
+
+    def _encode_marked(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and a 0/1 mask of the tokens overlapping any character span."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            e = backend.encode(text, add_special_tokens=False)
+            ids, offsets = list(e.ids), list(e.offsets)
+        else:  # token boundaries from prefix lengths (any tokenizer)
+            enc = make_encoder(self.tokenizer)
+            ids = enc(text)
+            offsets = []
+            for i in range(len(ids)):
+                offsets.append((i, i + 1))
+            cuts = sorted({c for s in spans for c in s})
+            pos = {c: len(enc(text[:c])) for c in cuts}
+            spans = [(pos[a], pos[b]) for a, b in spans]
+        answer = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
+        return ids, answer
 
     def build_split(self, split: str) -> tuple[Any, dict[str, int]]:
         """Load the split's windows from cache, or tokenise and cache them (atomic rename)."""
@@ -228,13 +284,16 @@ class LongDocDataModule(L.LightningDataModule):
             {
                 "input_ids": datasets.Sequence(datasets.Value("int32"), length=self.window),
                 "n_valid": datasets.Value("int32"),
+                "answer_mask": datasets.Sequence(datasets.Value("int8"), length=self.window),
             }
         )
 
         def load() -> tuple[Any, dict[str, int]]:
             st = json.loads(stats_file.read_text())
             if not (target / "dataset").exists():  # empty split: datasets cannot reload a 0-row save
-                return datasets.Dataset.from_dict({"input_ids": [], "n_valid": []}, features=features), st
+                return datasets.Dataset.from_dict(
+                    {"input_ids": [], "n_valid": [], "answer_mask": []}, features=features
+                ), st
             return datasets.load_from_disk(str(target / "dataset")), st
 
         if stats_file.exists():
@@ -260,7 +319,9 @@ class LongDocDataModule(L.LightningDataModule):
                 if stats["windows"] or stats["mix_windows"]:
                     raise
                 # datasets refuses a generator that yields nothing; an empty split is legal (counted).
-                ds = datasets.Dataset.from_dict({"input_ids": [], "n_valid": []}, features=features)
+                ds = datasets.Dataset.from_dict(
+                    {"input_ids": [], "n_valid": [], "answer_mask": []}, features=features
+                )
             if len(ds):
                 ds.save_to_disk(str(tmp / "dataset"))
             (tmp / "stats.json").write_text(json.dumps(stats, sort_keys=True))
@@ -295,7 +356,7 @@ class LongDocDataModule(L.LightningDataModule):
                     dict.fromkeys(("docs_used", "skipped_empty", "skipped_unreadable", "windows"), 0),
                 )
             if hasattr(ds, "set_format"):
-                ds.set_format("torch", columns=["input_ids", "n_valid"])
+                ds.set_format("torch", columns=["input_ids", "n_valid", "answer_mask"])
             self.datasets[split], self.stats[split] = ds, stats
         if stage in (None, "fit") and len(self.datasets["train"]) == 0:
             raise DataError(
@@ -441,3 +502,71 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class _PhasedBatches(torch.utils.data.IterableDataset):
+    """``steps[i]`` batches from loader ``i``, in order; each loader is re-iterated (reshuffled) when exhausted."""
+
+    def __init__(self, loaders: Sequence[DataLoader], steps: Sequence[int]) -> None:
+        self.loaders, self.steps = list(loaders), list(steps)
+
+    def __len__(self) -> int:
+        return sum(self.steps)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for loader, n in zip(self.loaders, self.steps, strict=True):
+            it, done = iter(loader), 0
+            while done < n:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    continue
+                done += 1
+                yield batch
+
+
+class CurriculumDataModule(L.LightningDataModule):
+    """Short-to-long window curriculum: phase ``i`` trains ``steps[i]`` steps on ``phases[i]``'s windows.
+
+    Copying from far back is learned much faster on short windows (few distractors per query) and then carries
+    over to long ones with a little long-window training; each phase keeps tokens per step equal by scaling its
+    batch. Validation uses the last (longest) phase. Under DDP each phase's loader gets a ``DistributedSampler``.
+    """
+
+    def __init__(self, phases: Sequence[LongDocDataModule], steps: Sequence[int]) -> None:
+        super().__init__()
+        if not phases or len(phases) != len(steps) or min(steps) < 1:
+            raise DataError(f"curriculum needs one positive step count per phase, got {list(steps)}")
+        self.phases, self.steps = list(phases), list(steps)
+
+    def prepare_data(self) -> None:
+        for p in self.phases:
+            p.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        for p in self.phases:
+            p.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        loaders = []
+        for p in self.phases:
+            ds = p.datasets["train"]
+            sampler: Any = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                sampler = torch.utils.data.DistributedSampler(ds, shuffle=True, seed=p.seed)
+            gen = torch.Generator().manual_seed(p.seed) if sampler is None else None
+            loaders.append(
+                DataLoader(
+                    ds,
+                    batch_size=p.batch_size,
+                    shuffle=sampler is None,
+                    sampler=sampler,
+                    generator=gen,
+                    collate_fn=_Collate(p.pad_id),
+                )
+            )
+        return DataLoader(_PhasedBatches(loaders, self.steps), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.phases[-1].val_dataloader()

@@ -479,6 +479,40 @@ def write_task_suite(
 # --------------------------------------------------------------------------- training mix
 
 
+def make_training_window(
+    haystack: Haystack,
+    length: int,
+    seed: int,
+    tokenizer: Any | None = None,
+    num_episodes: int = 2,
+    tasks: Sequence[str] = TASKS,
+    chars_per_token: float = 4.0,
+) -> tuple[str, list[tuple[int, int]]]:
+    """A window of corpus text (<= ``length`` tokens) with retrieval episodes spliced in, plus answer char spans.
+
+    Each episode places its needles early and its ``query + answer`` line later, at a random distance, so a base
+    LM trained on these windows gets a reward for attending far back (the skill the eval tasks probe). The last
+    episode's query closes the window, so the answer lands in the horizon that GistNet/LensNet score. The spans
+    ``(start, end)`` locate every answer in the text (for answer-weighted losses).
+    """
+    rng = random.Random(f"mchar-mix:{seed}:{length}")
+    counter = make_token_counter(tokenizer, chars_per_token)
+    inserts: list[tuple[float, str]] = []
+    answers: list[tuple[int, int, int]] = []  # (insert index, chars before the answer, answer chars)
+    for e in range(num_episodes):
+        task = rng.choice(list(tasks))
+        ep = make_episode(task, rng, rng.uniform(0.0, 0.6))
+        last = max(d for d, _ in ep.inserts)
+        inserts.extend(ep.inserts)
+        at = 1.0 if e == num_episodes - 1 else rng.uniform(min(1.0, last + 0.05), 1.0)
+        inserts.append((at, ep.query + ep.answer + "\n"))
+        answers.append((len(inserts) - 1, len(ep.query), len(ep.answer)))
+    overhead = sum(counter(t) for _, t in inserts)
+    lines = haystack.draw(rng, max(1, int((length - overhead) * 1.5) + 8), counter)
+    _, text, offsets = fit_lines(lines, inserts, "", length, counter)
+    return text, [(offsets[k] + before, offsets[k] + before + n) for k, before, n in answers]
+
+
 def make_training_text(
     haystack: Haystack,
     length: int,
@@ -488,20 +522,5 @@ def make_training_text(
     tasks: Sequence[str] = TASKS,
     chars_per_token: float = 4.0,
 ) -> str:
-    """A window of corpus text (<= ``length`` tokens, as full as lines allow) with retrieval episodes spliced in.
-
-    Each episode places its needles early and its ``query + answer`` line later, at a random distance, so a
-    base LM trained on these windows gets a reward for attending far back (the skill the eval tasks probe).
-    """
-    rng = random.Random(f"mchar-mix:{seed}:{length}")
-    counter = make_token_counter(tokenizer, chars_per_token)
-    inserts: list[tuple[float, str]] = []
-    for _ in range(num_episodes):
-        task = rng.choice(list(tasks))
-        ep = make_episode(task, rng, rng.uniform(0.0, 0.6))
-        last = max(d for d, _ in ep.inserts)
-        inserts.extend(ep.inserts)
-        inserts.append((rng.uniform(min(1.0, last + 0.05), 1.0), ep.query + ep.answer + "\n"))
-    overhead = sum(counter(t) for _, t in inserts)
-    lines = haystack.draw(rng, max(1, int((length - overhead) * 1.5) + 8), counter)
-    return fit_lines(lines, inserts, "", length, counter)[1]
+    """The text of ``make_training_window`` (without the answer spans)."""
+    return make_training_window(haystack, length, seed, tokenizer, num_episodes, tasks, chars_per_token)[0]

@@ -19,7 +19,12 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
 
 
 class BaseLMModule(L.LightningModule):
-    """Causal-LM training of an HF model; validation perplexity through torchmetrics."""
+    """Causal-LM training of an HF model; validation perplexity through torchmetrics.
+
+    ``answer_weight`` multiplies the training loss of the answer tokens of synthetic retrieval windows
+    (``answer_mask``): a few tokens per window carry the long-range signal, and without the weight a CPU-sized
+    run ends before the model learns to copy from far back. Validation NLL is always unweighted.
+    """
 
     def __init__(
         self,
@@ -28,19 +33,29 @@ class BaseLMModule(L.LightningModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
         max_steps: int = 1000,
+        answer_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self.val_nll = torchmetrics.MeanMetric()
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token NLL; label -100 (padding) is ignored."""
-        labels = ids if labels is None else labels
+    def _loss(
+        self, ids: torch.Tensor, labels: torch.Tensor | None = None, answer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token NLL averaged over labelled tokens (-100 = padding), answer tokens weighted if given."""
+        labels = (ids if labels is None else labels)[:, 1:]
         logits = self.model(input_ids=ids).logits[:, :-1]
-        return nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
         )
+        weight = labels.reshape(-1).ne(-100).float()
+        if answer is not None and self.hparams.answer_weight != 1.0:
+            weight = weight * (1.0 + (self.hparams.answer_weight - 1.0) * answer[:, 1:].reshape(-1).float())
+        return (nll * weight).sum() / weight.sum().clamp_min(1.0)
 
     @staticmethod
     def _unpack(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,7 +64,8 @@ class BaseLMModule(L.LightningModule):
         return batch, None
 
     def training_step(self, batch: torch.Tensor | dict, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(*self._unpack(batch))
+        answer = batch.get("answer_mask") if isinstance(batch, dict) else None
+        loss = self._loss(*self._unpack(batch), answer)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

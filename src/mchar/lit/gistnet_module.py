@@ -75,6 +75,8 @@ def contrastive_term(lod1: torch.Tensor, margin: float) -> torch.Tensor:
 class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
 
+    metric_prefix = "val"  # validation metrics are logged as <prefix>/<name> (a second val set: another)
+
     def __init__(
         self,
         base: nn.Module,
@@ -235,7 +237,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         out = {}
         for name, metric in self.val_metrics.items():
             if metric.update_called:
-                out[f"val/{name}"] = metric.compute()
+                out[f"{self.metric_prefix}/{name}"] = metric.compute()
             metric.reset()
         self.log_dict(out, sync_dist=False)
 

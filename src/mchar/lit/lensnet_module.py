@@ -86,6 +86,8 @@ def random_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator, edits
 class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
+    metric_prefix = "val"  # validation metrics are logged as <prefix>/<name> (a second val set: another)
+
     def __init__(
         self,
         base: nn.Module,
@@ -336,13 +338,14 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         out = {}
         for name, metric in self.val_metrics.items():
             if metric.update_called:
-                out[f"val/{name.replace('__', '/')}"] = metric.compute()
+                out[f"{self.metric_prefix}/{name.replace('__', '/')}"] = metric.compute()
             metric.reset()
-        lens = out.get("val/alloc_nll/lensnet")
+        pre = self.metric_prefix
+        lens = out.get(f"{pre}/alloc_nll/lensnet")
         if lens is not None:
             for p in ALLOC_POLICIES[1:]:
-                if f"val/alloc_nll/{p}" in out:
-                    out[f"val/alloc_gain/{p}"] = out[f"val/alloc_nll/{p}"] - lens
+                if f"{pre}/alloc_nll/{p}" in out:
+                    out[f"{pre}/alloc_gain/{p}"] = out[f"{pre}/alloc_nll/{p}"] - lens
         self.log_dict(out)
 
     def trainable(self) -> list[nn.Parameter]:

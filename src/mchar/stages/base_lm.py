@@ -66,7 +66,7 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from mchar.data.datamodules import LongDocDataModule
+    from mchar.data.datamodules import CurriculumDataModule, LongDocDataModule
     from mchar.data.tasks import generate_examples
     from mchar.data.tokenizer import train_tokenizer
     from mchar.evals.task_accuracy import answer_accuracy, full_context_greedy
@@ -96,21 +96,36 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         pad_id=tokenizer.pad_token_id,
         seed=cfg.seed,
     )
-    dm = LongDocDataModule(
-        files_by_split=splits,
-        tokenizer=tokenizer,
-        window=cfg.data.window,
-        stride=cfg.data.stride,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        task_mix_fraction=cfg.data.task_mix_fraction,
-        mix_episodes=cfg.data.mix_episodes,
-        cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
+
+    def windows(window: int) -> LongDocDataModule:
+        scale = cfg.data.window / window
+        return LongDocDataModule(
+            files_by_split=splits,
+            tokenizer=tokenizer,
+            window=window,
+            stride=cfg.data.stride if window == cfg.data.window else None,
+            batch_size=max(1, round(cfg.data.batch_size * scale)),
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            task_mix_fraction=cfg.data.task_mix_fraction,
+            mix_episodes=max(1, round(cfg.data.mix_episodes / scale)),
+            mix_answer_tail=cfg.data.mix_answer_tail if window == cfg.data.window else 0,
+            cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
+        )
+
+    final_steps = cfg.trainer.max_steps or tcfg.max_steps
+    dm = CurriculumDataModule(
+        [windows(w) for w in tcfg.curriculum_windows] + [windows(cfg.data.window)],
+        list(tcfg.curriculum_steps) + [final_steps],
     )
-    steps = cfg.trainer.max_steps or tcfg.max_steps
+    steps = sum(dm.steps)
     module = BaseLMModule(
-        model, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, max_steps=steps
+        model,
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+        warmup_steps=tcfg.warmup_steps,
+        max_steps=steps,
+        answer_weight=tcfg.answer_weight,
     )
     trainer = build_trainer(
         cfg.trainer,

@@ -36,9 +36,13 @@ def preflight(cfg: Any) -> None:
     from mchar.evals.make_tasks import TASKS, available_lengths
 
     e, k = cfg.eval, cfg.tree.block_size
-    for p in [*e.policies, *e.task_policies]:
-        if p not in POLICIES:
-            raise EvalError(f"eval.policies: unknown policy {p!r} (choose from {', '.join(POLICIES)})")
+    for key, names, allowed in (
+        ("eval.policies", e.policies, POLICIES),
+        ("eval.task_policies", e.task_policies, (*POLICIES, "full")),
+    ):
+        for p in names:
+            if p not in allowed:
+                raise EvalError(f"{key}: unknown policy {p!r} (choose from {', '.join(allowed)})")
     if cfg.allocator.budget < k:
         raise EvalError(
             f"allocator.budget: {cfg.allocator.budget} is smaller than one block (tree.block_size={k})"
@@ -101,7 +105,7 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
     from mchar.evals.perplexity import PolicyResult
 
     for p in e.policies:
-        why = comp.unavailable(p)
+        why = None if p == "full" else comp.unavailable(p)
         if why:
             results[p] = PolicyResult(skipped=why)
             continue
@@ -175,7 +179,7 @@ def _task_results(
         )
     key = "exact_match,none" if e.task_output == "generate" else "acc,none"
     for p in policies:
-        why = comp.unavailable(p)
+        why = None if p == "full" else comp.unavailable(p)
         if why:
             out[p] = {"skipped": why}
             continue

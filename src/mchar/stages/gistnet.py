@@ -44,6 +44,8 @@ def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, 
         num_workers=0,
         seed=ctx.cfg.seed,
         task_mix_fraction=d.task_mix_fraction,
+        mix_episodes=d.mix_episodes,
+        mix_answer_tail=d.mix_answer_tail,
         cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
     )
     dm.setup("fit")
@@ -64,6 +66,38 @@ def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, 
     return train, val[:n_val]
 
 
+def retrieval_windows(ctx: RunContext, base: Any, n: int) -> torch.Tensor:
+    """``n`` held-out synthetic retrieval windows (haystack and needles from val-split files, never trained on).
+
+    Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer in the
+    horizon), so side-net metrics can be read where distant context decides the loss, not only on plain code.
+    """
+    import torch
+
+    from mchar.data.datamodules import LongDocDataModule
+    from mchar.stages.base_lm import corpus_splits
+
+    d = ctx.cfg.data
+    splits = corpus_splits(ctx)
+    files = splits["val"] or splits["test"]
+    if n <= 0 or not files:
+        return torch.zeros(0, d.window, dtype=torch.long)
+    dm = LongDocDataModule(
+        files_by_split={"train": files},
+        tokenizer=base.tokenizer,
+        window=d.window,
+        seed=ctx.cfg.seed + 7919,
+        task_mix_fraction=0.5,
+        mix_episodes=d.mix_episodes,
+        mix_answer_tail=d.mix_answer_tail,
+        cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
+    )
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    rows = [torch.as_tensor(ds[i]["input_ids"]) for i in range(dm.stats["train"]["windows"], len(ds))][:n]
+    return torch.stack(rows).long() if rows else torch.zeros(0, d.window, dtype=torch.long)
+
+
 def ckpt_path(ctx: RunContext, stage_dir: Path) -> str | None:
     """``last.ckpt`` when ``trainer.resume`` is set and one exists (killed runs continue where they stopped)."""
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -79,8 +113,13 @@ def fit(
     val: torch.Tensor,
     steps: int,
     manual_clip: bool = False,
+    retrieval_val: torch.Tensor | None = None,
 ) -> tuple[L.Trainer, dict[str, float]]:
-    """Fit with step-indexed batches (exact resume), validate once on held-out windows, return final metrics."""
+    """Fit with step-indexed batches (exact resume), validate once on held-out windows, return final metrics.
+
+    With ``retrieval_val`` the fitted module is validated again on those windows, logged as ``val_retrieval/*``
+    and returned as ``final_retrieval/*``.
+    """
     import lightning as L
 
     from mchar.lit.trainer import build_trainer
@@ -107,6 +146,22 @@ def fit(
         for k, v in trainer.callback_metrics.items()
         if k.startswith("val/")
     }
+    if retrieval_val is not None and retrieval_val.shape[0]:
+        from torch.utils.data import DataLoader
+
+        from mchar.lit.windows import chunk_windows
+
+        module.metric_prefix = "val_retrieval"
+        try:
+            loader = DataLoader(chunk_windows(retrieval_val, cfg.data.batch_size), batch_size=None)
+            trainer.validate(module, dataloaders=loader, verbose=False)
+        finally:
+            module.metric_prefix = "val"
+        metrics |= {
+            f"final_retrieval/{k.split('/', 1)[-1]}": float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val_retrieval/")
+        }
     return trainer, metrics
 
 
@@ -175,7 +230,8 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         keep_raw_blocks=g.keep_raw_blocks,
         seed=cfg.seed,
     )
-    trainer, metrics = fit(ctx, run_id, "gistnet", module, train, val, steps)
+    rv = retrieval_windows(ctx, base, g.val_retrieval_windows)
+    trainer, metrics = fit(ctx, run_id, "gistnet", module, train, val, steps, retrieval_val=rv)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "gistnet", module, metrics, steps)

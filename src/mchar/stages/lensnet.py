@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish
+from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish, retrieval_windows
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
@@ -71,7 +71,8 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         build_lensnet(ctx, base),
         **lens_training_kwargs(cfg, steps),
     )
-    trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps)
+    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows)
+    trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "lensnet", module, metrics, steps)

@@ -1,0 +1,50 @@
+"""Base-LM training loss: plain next-token NLL by default, answer tokens up-weighted only when asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mchar.base.adapter import tiny_causal_lm
+from mchar.lit.base_lm import BaseLMModule
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 18:21] = True
+    labels = ids.clone()
+    labels[1, 20:] = -100  # padding
+    return {"input_ids": ids, "labels": labels, "answer_mask": answer}
+
+
+def _token_nll(module: BaseLMModule, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = module.model(input_ids=b["input_ids"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+    return nll, labels.ne(-100).float()
+
+
+def test_default_loss_is_hf_causal_lm_loss() -> None:
+    torch.manual_seed(0)
+    module = BaseLMModule(tiny_causal_lm("llama"), answer_weight=1.0)
+    b = _batch()
+    ours = module._loss(b["input_ids"], b["labels"], b["answer_mask"])
+    theirs = module.model(input_ids=b["input_ids"], labels=b["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [3.0, 10.0])
+def test_answer_tokens_are_weighted(weight: float) -> None:
+    torch.manual_seed(0)
+    module = BaseLMModule(tiny_causal_lm("llama"), answer_weight=weight)
+    b = _batch(1)
+    nll, valid = _token_nll(module, b)
+    w = valid * (1 + (weight - 1) * b["answer_mask"][:, 1:].float())
+    expected = (nll * w).sum() / w.sum()
+    assert torch.allclose(module._loss(b["input_ids"], b["labels"], b["answer_mask"]), expected, atol=1e-5)
+    plain = (nll * valid).sum() / valid.sum()
+    assert not torch.allclose(expected, plain)  # the weight really changes the objective
+    # training_step reads the mask from the batch
+    assert torch.allclose(module.training_step(b, 0), expected, atol=1e-5)
