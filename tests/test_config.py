@@ -38,7 +38,10 @@ def test_experiment_required_files_exist() -> None:
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
         (["base_lm.curriculum_windows=[128]"], "base_lm.curriculum_steps"),
-        (["base_lm.curriculum_windows=[99999]", "base_lm.curriculum_steps=[5]"], "base_lm.curriculum_windows"),
+        (
+            ["base_lm.curriculum_windows=[99999]", "base_lm.curriculum_steps=[5]"],
+            "base_lm.curriculum_windows",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides: list[str], needle: str) -> None:
