@@ -61,6 +61,7 @@ class DataConfig:
     task_mix_fraction: float = 0.3
     mix_episodes: int = 2  # retrieval episodes spliced into each synthetic training window
     mix_answer_tail: int = 0  # corpus tokens after a synthetic window's last answer (put it in the horizon)
+    mix_tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))  # episode kinds in the mix
     tokenizer_max_chars: int = 20_000_000
     cache_dir: str = ""
 
@@ -312,6 +313,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _positive("data.batch_size", d.batch_size)
     if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6 or min(d.split) <= 0:
         raise ConfigError(f"data.split: need three positive fractions summing to 1, got {list(d.split)}")
+    for t in d.mix_tasks:
+        _choice("data.mix_tasks", t, EVAL_TASKS)
     if not 0.0 <= d.task_mix_fraction <= 1.0:
         raise ConfigError(f"data.task_mix_fraction: must be in [0, 1], got {d.task_mix_fraction}")
     b = cfg.base_lm

@@ -115,6 +115,7 @@ class LongDocDataModule(L.LightningDataModule):
         task_mix_fraction: float = 0.0,
         mix_episodes: int = 2,
         mix_answer_tail: int = 0,
+        mix_tasks: Sequence[str] = TASKS,
         cache_dir: str | Path | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -136,6 +137,10 @@ class LongDocDataModule(L.LightningDataModule):
         if not 0 <= mix_answer_tail < window // 2:
             raise DataError(f"mix_answer_tail must be in [0, window/2), got {mix_answer_tail}")
         self.mix_answer_tail = mix_answer_tail
+        unknown = sorted(set(mix_tasks) - set(TASKS))
+        if unknown or not mix_tasks:
+            raise DataError(f"mix_tasks: need a non-empty subset of {list(TASKS)}, got {list(mix_tasks)}")
+        self.mix_tasks = tuple(mix_tasks)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.pin_memory = pin_memory
         self.datasets: dict[str, Any] = {}
@@ -162,7 +167,7 @@ class LongDocDataModule(L.LightningDataModule):
 
     def cache_key(self, split: str) -> str:
         mix = (
-            (self.task_mix_fraction, self.mix_episodes, self.mix_answer_tail, self.seed)
+            (self.task_mix_fraction, self.mix_episodes, self.mix_answer_tail, self.mix_tasks, self.seed)
             if split == "train"
             else None
         )
@@ -226,7 +231,12 @@ class LongDocDataModule(L.LightningDataModule):
         for j in range(n_mix):
             seed = self.seed * 1_000_003 + j
             text, spans = make_training_window(
-                hay, self.window, seed=seed, tokenizer=enc, num_episodes=self.mix_episodes
+                hay,
+                self.window,
+                seed=seed,
+                tokenizer=enc,
+                num_episodes=self.mix_episodes,
+                tasks=self.mix_tasks,
             )
             ids, answer = self._encode_marked(text, spans)
             ids, answer = ids[-self.window :], answer[-self.window :]

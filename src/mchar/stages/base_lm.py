@@ -110,6 +110,7 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
             task_mix_fraction=cfg.data.task_mix_fraction,
             mix_episodes=max(1, round(cfg.data.mix_episodes / scale)),
             mix_answer_tail=cfg.data.mix_answer_tail if window == cfg.data.window else 0,
+            mix_tasks=cfg.data.mix_tasks,
             cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
         )
 

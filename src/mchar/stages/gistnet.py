@@ -46,6 +46,7 @@ def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, 
         task_mix_fraction=d.task_mix_fraction,
         mix_episodes=d.mix_episodes,
         mix_answer_tail=d.mix_answer_tail,
+        mix_tasks=d.mix_tasks,
         cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
     )
     dm.setup("fit")
@@ -90,6 +91,7 @@ def retrieval_windows(ctx: RunContext, base: Any, n: int) -> torch.Tensor:
         task_mix_fraction=0.5,
         mix_episodes=d.mix_episodes,
         mix_answer_tail=d.mix_answer_tail,
+        mix_tasks=d.mix_tasks,
         cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
     )
     dm.setup("fit")
