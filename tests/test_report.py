@@ -62,6 +62,7 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                 "final/delta_nll_lod1": 0.2718,
                 "final/delta_nll_lod2": 0.5772,
                 "final/drop_delta_nll": 1.4142,
+                "final_retrieval/delta_nll": 0.0777,
             }.items():
                 client.log_metric(rid, k, v)
             client.set_terminated(rid)
@@ -118,6 +119,8 @@ def test_report_from_real_store(tmp_path: Path) -> None:
             )
     assert "17.25" in md and "0.625" in md and "0.3141" in md and "1.414" in md  # headline metrics
     assert "**lensnet**: _not run_" in md
+    assert "| final/delta_nll | 0.3141 | 0.0777 |" in md  # both validation sets side by side
+    assert "| final/drop_delta_nll | 1.414 | — |" in md
     assert ids["base_lm"] in md and ids["gistnet"] in md and all(r in md for r in ids["eval"].values())
     assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md
     assert "| lensnet | 0.22 | 0.96 | 0.6 |" in md  # telemetry from the newest budget's eval run

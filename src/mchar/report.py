@@ -136,9 +136,17 @@ def _headline(stages: list[RunInfo]) -> list[str]:
         if run is None:
             lines += [f"**{stage}**: {NOT_RUN}", ""]
             continue
-        rows = [[k, _fmt(v)] for k, v in sorted(run.metrics.items()) if k.startswith("final/")]
+        plain = {k[6:]: v for k, v in run.metrics.items() if k.startswith("final/")}
+        retr = {k[16:]: v for k, v in run.metrics.items() if k.startswith("final_retrieval/")}
         lines += [f"**{stage}** (run `{run.run_id}`)", ""]
-        lines += _table(["metric", "value"], rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
+        if retr:  # side nets validated twice: held-out code windows and held-out retrieval windows
+            header = ["metric", "held-out code windows", "held-out retrieval windows"]
+            rows = [
+                [f"final/{k}", _fmt(plain.get(k)), _fmt(retr.get(k))] for k in sorted(set(plain) | set(retr))
+            ]
+        else:
+            header, rows = ["metric", "value"], [[f"final/{k}", _fmt(v)] for k, v in sorted(plain.items())]
+        lines += _table(header, rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
         lines.append("")
     return lines
 
