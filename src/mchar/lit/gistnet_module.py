@@ -25,6 +25,7 @@ from torch import nn
 
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
+from mchar.lit.trainer import is_logging_step
 
 BASE_PREFIX = "base."
 
@@ -179,7 +180,8 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, logs = self.step_loss(batch, int(self.global_step))
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch.shape[0])
+        if is_logging_step(self):
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
         return loss
 
     @torch.no_grad()

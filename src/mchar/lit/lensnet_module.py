@@ -37,8 +37,9 @@ from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin
+from mchar.lit.trainer import is_logging_step
 
-ALLOC_POLICIES = ("lensnet", "recency", "similarity", "random", "gists_only")
+ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
 
 
 def pairwise_bt_loss(
@@ -239,7 +240,8 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, logs = self.step_loss(batch, int(self.global_step))
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
+        if is_logging_step(self):
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
         return loss
 
     # ------------------------------------------------------------------ allocation (validation, e2e)
@@ -262,6 +264,9 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             ends = torch.tensor([x.end(self.k) for x in e], dtype=torch.float32)
             if policy == "recency":
                 out.append(ends - prefix)
+            elif policy == "sink_recent":  # recency, plus the first block (attention sink) ranked first
+                starts = torch.tensor([x.start(self.k) for x in e], dtype=torch.float32)
+                out.append(torch.where(starts < self.k, torch.full_like(ends, float(prefix)), ends - prefix))
             elif policy == "random":
                 out.append(torch.from_numpy(gen.standard_normal(len(e))).float())
             elif policy == "similarity":

@@ -63,3 +63,16 @@ def build_trainer(
         kwargs["limit_val_batches"] = limit_val_batches
     kwargs.update(tcfg.extra)
     return L.Trainer(**kwargs)
+
+
+def is_logging_step(module: L.LightningModule) -> bool:
+    """Whether this training step's metrics reach the loggers (every ``log_every_n_steps``, as Lightning decides).
+
+    ``self.log`` bookkeeping costs ~1.5 ms per call of a dict of tensors; on a small side-net step (~25 ms) that is
+    5 % of the throughput spent on values no logger ever receives, so train metrics are only built when they ship.
+    Outside a Trainer (plain loops, tests) every step counts as a logging step.
+    """
+    trainer = module._trainer
+    if trainer is None:
+        return True
+    return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.global_step == 0
