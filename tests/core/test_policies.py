@@ -101,6 +101,33 @@ def test_lensnet_policy_passes_features_and_works_with_real_lensnet() -> None:
     assert wc.cost <= 30
 
 
+def test_lensnet_scores_are_shift_and_scale_free() -> None:
+    """A Bradley–Terry LensNet is defined up to shift/scale: the allocator must see the same decisions."""
+    tree = FakeTree(4, 2, 70)
+    wc = initial_context(tree, 30)
+
+    def raw(entry_embeds, levels, widths, distances, tail_embeds):  # noqa: ANN001, ANN202
+        return -distances.float()
+
+    def shifted(*feats):  # noqa: ANN002, ANN202
+        return 7.0 * raw(*feats) - 1000.0  # all far below -tau_collapse before standardising
+
+    a = make_policy("lensnet", lensnet=raw).scores(wc, tree)
+    b = make_policy("lensnet", lensnet=shifted).scores(wc, tree)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert abs(float(a.mean())) < 1e-5 and abs(float(a.std()) - 1.0) < 1e-5
+    wa, wb = initial_context(tree, 30), initial_context(tree, 30)
+    FocusAllocator().refocus(wa, a)
+    FocusAllocator().refocus(wb, b)
+    assert list(wa.entries) == list(wb.entries)
+    from mchar.core.policies import standardise
+
+    assert standardise(torch.tensor([3.0])).tolist() == [0.0]
+    assert standardise(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]
+    nan = standardise(torch.tensor([float("nan"), 1.0, 3.0]))
+    assert torch.isnan(nan[0]) and nan[1:].tolist() == pytest.approx([-0.7071, 0.7071], abs=1e-4)
+
+
 def test_run_policy_rebuilds_truncation_and_refocuses_others() -> None:
     tree = FakeTree(4, 2, 70)
     wc = initial_context(tree, 30)

@@ -208,7 +208,12 @@ LensFn = Callable[..., torch.Tensor]
 
 
 class LensNetPolicy(Policy):
-    """Wraps any callable ``lensnet(entry_embeds, levels, widths, distances, tail_embeds) -> scores``."""
+    """Wraps any callable ``lensnet(entry_embeds, levels, widths, distances, tail_embeds) -> scores``.
+
+    Scores are standardised per WC (zero mean, unit std): a pairwise (Bradley–Terry) LensNet is only defined up to
+    a shift and scale, while the allocator's ``tau_expand``/``tau_collapse`` are absolute. Without this a LensNet
+    whose scores happen to sit below ``-tau_collapse`` collapses everything and leaves most of the budget unused.
+    """
 
     name = "lensnet"
 
@@ -257,7 +262,19 @@ class LensNetPolicy(Policy):
         out = out.detach().float().reshape(-1).cpu()
         if out.numel() != len(wc):
             raise ValueError(f"lensnet returned {out.numel()} scores for {len(wc)} entries")
-        return out
+        return standardise(out)
+
+
+def standardise(scores: torch.Tensor) -> torch.Tensor:
+    """``(s - mean) / std`` (NaNs ignored and kept); constant or single scores become 0 (no preference)."""
+    ok = ~torch.isnan(scores)
+    if int(ok.sum()) < 2:
+        return torch.where(ok, torch.zeros_like(scores), scores)
+    vals = scores[ok]
+    std = vals.std()
+    if not bool(std > 1e-12):
+        return torch.where(ok, torch.zeros_like(scores), scores)
+    return (scores - vals.mean()) / std
 
 
 def _module_device(m: Any) -> torch.device | None:
