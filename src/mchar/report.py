@@ -297,7 +297,7 @@ def _focus_maps(client: Any, evals: list[RunInfo], out: Path, rel: str, figures:
                 levels = {int(v): int(c) for v, c in zip(*np.unique(arr, return_counts=True), strict=True)}
                 lines += [
                     f"`{artifact}` of run `{run.run_id}`: {arr.shape[0]} refocus steps × {arr.shape[1]} "
-                    f"positions; cells per LOD (−1 = unseen/dropped): {levels}.",
+                    f"positions; cells per LOD (−2 = not yet seen, −1 = dropped): {levels}.",
                     "",
                     f"![focus map]({rel}/{stem}.png)",
                     "",
