@@ -17,7 +17,7 @@ from mchar.data.tasks import (
     generate_examples,
     insert_at_depths,
     load_jsonl,
-    make_training_text,
+    make_training_window,
     write_task_suite,
 )
 from mchar.data.tokenizer import make_token_counter, train_tokenizer
@@ -124,9 +124,10 @@ def test_errors(tok: Any, hay: Haystack) -> None:
 
 def test_training_text_has_far_episodes(tok: Any, hay: Haystack) -> None:
     counter = make_token_counter(tok)
-    text = make_training_text(hay, 600, seed=3, tokenizer=tok, num_episodes=3)
-    assert text == make_training_text(hay, 600, seed=3, tokenizer=tok, num_episodes=3)
-    assert text != make_training_text(hay, 600, seed=4, tokenizer=tok, num_episodes=3)
+    text, spans = make_training_window(hay, 600, seed=3, tokenizer=tok, num_episodes=3)
+    assert (text, spans) == make_training_window(hay, 600, seed=3, tokenizer=tok, num_episodes=3)
+    assert text != make_training_window(hay, 600, seed=4, tokenizer=tok, num_episodes=3)[0]
+    assert len(spans) == 3 and all(text[a] == " " and text[b] == "\n" and text[a:b].strip() for a, b in spans)
     assert 0.8 * 600 <= counter(text) <= 600
     queries = [m for m in re.finditer(r"(?m)^# (What is|Which variables|Look up).*$", text)]
     assert len(queries) == 3

@@ -11,7 +11,6 @@ from mchar.data.tasks import (
     export_jsonl,
     generate_examples,
     load_jsonl,
-    make_training_text,
     make_training_window,
     write_task_suite,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "export_jsonl",
     "generate_examples",
     "load_jsonl",
-    "make_training_text",
     "make_training_window",
     "write_task_suite",
     "CorpusSplits",

@@ -511,16 +511,3 @@ def make_training_window(
     lines = haystack.draw(rng, max(1, int((length - overhead) * 1.5) + 8), counter)
     _, text, offsets = fit_lines(lines, inserts, "", length, counter)
     return text, [(offsets[k] + before, offsets[k] + before + n) for k, before, n in answers]
-
-
-def make_training_text(
-    haystack: Haystack,
-    length: int,
-    seed: int,
-    tokenizer: Any | None = None,
-    num_episodes: int = 2,
-    tasks: Sequence[str] = TASKS,
-    chars_per_token: float = 4.0,
-) -> str:
-    """The text of ``make_training_window`` (without the answer spans)."""
-    return make_training_window(haystack, length, seed, tokenizer, num_episodes, tasks, chars_per_token)[0]
