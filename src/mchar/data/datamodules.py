@@ -252,37 +252,31 @@ class LongDocDataModule(L.LightningDataModule):
             yield {"input_ids": ids, "n_valid": len(ids), "answer_mask": answer}
 
     def _filler_tokens(self, paths: Sequence[Path], want: int = 1 << 16) -> list[int]:
-        """A pool of train-split tokens to top up synthetic windows to the exact window length."""
+        """A pool of train-split tokens (>= one window) to top up synthetic windows to the exact window length."""
+        size = max(want, self.window)
         pool: list[int] = []
         for p in paths:
+            if len(pool) >= size:
+                break
             text = read_text(p)
             if text:
                 pool += _encode_batch(self.tokenizer, [text])[0]
-            if len(pool) >= max(want, self.window):
-                break
-        return (
-            (pool * (1 + self.window // max(1, len(pool))))[: max(want, self.window)]
-            if pool
-            else [self.eos_id]
-        )
+        if pool and len(pool) < self.window:  # tiny corpora: repeat to cover one window
+            pool *= 1 + self.window // len(pool)
+        return pool[:size] or [self.eos_id]
 
     def _encode_marked(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Token ids of ``text`` and a 0/1 mask of the tokens overlapping any character span."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             e = backend.encode(text, add_special_tokens=False)
-            ids, offsets = list(e.ids), list(e.offsets)
-        else:  # token boundaries from prefix lengths (any tokenizer)
+            ids, pieces = list(e.ids), list(e.offsets)
+        else:  # any tokenizer: token spans from the lengths of the encoded prefixes
             enc = make_encoder(self.tokenizer)
             ids = enc(text)
-            offsets = []
-            for i in range(len(ids)):
-                offsets.append((i, i + 1))
-            cuts = sorted({c for s in spans for c in s})
-            pos = {c: len(enc(text[:c])) for c in cuts}
-            spans = [(pos[a], pos[b]) for a, b in spans]
-        answer = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
-        return ids, answer
+            pieces = [(i, i + 1) for i in range(len(ids))]
+            spans = [(len(enc(text[:a])), len(enc(text[:b]))) for a, b in spans]
+        return ids, [int(any(a < e and b > s for s, e in spans)) for a, b in pieces]
 
     def build_split(self, split: str) -> tuple[Any, dict[str, int]]:
         """Load the split's windows from cache, or tokenise and cache them (atomic rename)."""

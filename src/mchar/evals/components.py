@@ -85,6 +85,9 @@ def settings_from_config(cfg: Any) -> SessionSettings:
     )
 
 
+FULL = "full"  # the plain base over the whole prompt (the reference), not a focus policy
+
+
 def check_policy(name: str) -> None:
     if name not in POLICY_NAMES:
         raise EvalError(f"policy: unknown {name!r} (choose from {', '.join(POLICY_NAMES)})")
@@ -104,6 +107,8 @@ class EvalComponents:
 
     def unavailable(self, policy: str) -> str | None:
         """Why ``policy`` cannot run with these components (None = it can)."""
+        if policy == FULL:
+            return None
         check_policy(policy)
         if policy == "lensnet" and self.lensnet is None:
             return "no trained LensNet (run stage lensnet or pass lensnet=<dir>)"

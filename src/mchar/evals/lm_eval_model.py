@@ -25,6 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from mchar.evals.components import (
+    FULL,
     POLICY_NAMES,
     EvalComponents,
     EvalError,
@@ -33,8 +34,6 @@ from mchar.evals.components import (
     load_components,
 )
 from mchar.evals.perplexity import stream_ingest, stream_score
-
-FULL = "full"
 
 
 def _as_int(value: Any, default: int | None = None) -> int | None:

@@ -73,6 +73,16 @@ def contrastive_term(lod1: torch.Tensor, margin: float) -> torch.Tensor:
     return F.relu(margin - (1.0 - cos)).mean()
 
 
+def collect_metrics(metrics: nn.ModuleDict, prefix: str) -> dict[str, torch.Tensor]:
+    """Compute and reset every updated metric as ``<prefix>/<name>`` (``__`` in a key stands for ``/``)."""
+    out = {}
+    for name, metric in metrics.items():
+        if metric.update_called:
+            out[f"{prefix}/{name.replace('__', '/')}"] = metric.compute()
+        metric.reset()
+    return out
+
+
 class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
 
@@ -236,12 +246,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             self.val_metrics[name].update(vals)
 
     def on_validation_epoch_end(self) -> None:
-        out = {}
-        for name, metric in self.val_metrics.items():
-            if metric.update_called:
-                out[f"{self.metric_prefix}/{name}"] = metric.compute()
-            metric.reset()
-        self.log_dict(out, sync_dist=False)
+        self.log_dict(collect_metrics(self.val_metrics, self.metric_prefix), sync_dist=False)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(

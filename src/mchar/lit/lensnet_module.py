@@ -36,7 +36,7 @@ from mchar.core.entries import Entry
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
-from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin
+from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, collect_metrics
 from mchar.lit.trainer import is_logging_step
 
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
@@ -340,12 +340,8 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             self.val_metrics[name.replace("/", "__")].update(vals)
 
     def on_validation_epoch_end(self) -> None:
-        out = {}
-        for name, metric in self.val_metrics.items():
-            if metric.update_called:
-                out[f"{self.metric_prefix}/{name.replace('__', '/')}"] = metric.compute()
-            metric.reset()
         pre = self.metric_prefix
+        out = collect_metrics(self.val_metrics, pre)
         lens = out.get(f"{pre}/alloc_nll/lensnet")
         if lens is not None:
             for p in ALLOC_POLICIES[1:]:

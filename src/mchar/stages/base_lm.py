@@ -37,6 +37,33 @@ def corpus_splits(ctx: RunContext) -> Any:
     return discover_corpus(**kwargs)
 
 
+def window_module(
+    ctx: RunContext, tokenizer: Any, files_by_split: Any = None, window: int | None = None, **overrides: Any
+) -> Any:
+    """``LongDocDataModule`` over ``data.*``; a shorter ``window`` (a curriculum phase) keeps the tokens per batch
+    and the episodes per token of the full window. ``overrides`` replace any constructor argument."""
+    from mchar.data.datamodules import LongDocDataModule
+
+    d = ctx.cfg.data
+    w = window or d.window
+    scale = d.window / w
+    kwargs: dict[str, Any] = dict(
+        files_by_split=corpus_splits(ctx) if files_by_split is None else files_by_split,
+        tokenizer=tokenizer,
+        window=w,
+        stride=d.stride if w == d.window else None,
+        batch_size=max(1, round(d.batch_size * scale)),
+        num_workers=d.num_workers,
+        seed=ctx.cfg.seed,
+        task_mix_fraction=d.task_mix_fraction,
+        mix_episodes=max(1, round(d.mix_episodes / scale)),
+        mix_answer_tail=d.mix_answer_tail if w == d.window else 0,
+        mix_tasks=d.mix_tasks,
+        cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
+    )
+    return LongDocDataModule(**(kwargs | overrides))
+
+
 def ensure_base_lm(ctx: RunContext, run_id: str | None = None) -> Path:
     """The base model directory, training it first when it is a local model that is missing."""
     path = model_dir(ctx)
@@ -66,7 +93,7 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from mchar.data.datamodules import CurriculumDataModule, LongDocDataModule
+    from mchar.data.datamodules import CurriculumDataModule
     from mchar.data.tasks import generate_examples
     from mchar.data.tokenizer import train_tokenizer
     from mchar.evals.task_accuracy import answer_accuracy, full_context_greedy
@@ -97,26 +124,9 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         seed=cfg.seed,
     )
 
-    def windows(window: int) -> LongDocDataModule:
-        scale = cfg.data.window / window
-        return LongDocDataModule(
-            files_by_split=splits,
-            tokenizer=tokenizer,
-            window=window,
-            stride=cfg.data.stride if window == cfg.data.window else None,
-            batch_size=max(1, round(cfg.data.batch_size * scale)),
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            task_mix_fraction=cfg.data.task_mix_fraction,
-            mix_episodes=max(1, round(cfg.data.mix_episodes / scale)),
-            mix_answer_tail=cfg.data.mix_answer_tail if window == cfg.data.window else 0,
-            mix_tasks=cfg.data.mix_tasks,
-            cache_dir=cfg.data.cache_dir or str(ctx.artifacts_dir / "cache"),
-        )
-
     final_steps = cfg.trainer.max_steps or tcfg.max_steps
     dm = CurriculumDataModule(
-        [windows(w) for w in tcfg.curriculum_windows] + [windows(cfg.data.window)],
+        [window_module(ctx, tokenizer, splits, w) for w in [*tcfg.curriculum_windows, cfg.data.window]],
         list(tcfg.curriculum_steps) + [final_steps],
     )
     steps = sum(dm.steps)

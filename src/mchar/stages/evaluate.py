@@ -105,7 +105,7 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
     from mchar.evals.perplexity import PolicyResult
 
     for p in e.policies:
-        why = None if p == "full" else comp.unavailable(p)
+        why = comp.unavailable(p)
         if why:
             results[p] = PolicyResult(skipped=why)
             continue
@@ -179,7 +179,7 @@ def _task_results(
         )
     key = "exact_match,none" if e.task_output == "generate" else "acc,none"
     for p in policies:
-        why = None if p == "full" else comp.unavailable(p)
+        why = comp.unavailable(p)
         if why:
             out[p] = {"skipped": why}
             continue

@@ -31,24 +31,10 @@ def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, 
     """(train windows, val windows) as ``[N, window]`` id tensors; partial (padded) windows are left out."""
     import torch
 
-    from mchar.data.datamodules import LongDocDataModule
-    from mchar.stages.base_lm import corpus_splits
+    from mchar.stages.base_lm import window_module
 
     d = ctx.cfg.data
-    dm = LongDocDataModule(
-        files_by_split=corpus_splits(ctx),
-        tokenizer=base.tokenizer,
-        window=d.window,
-        stride=d.stride,
-        batch_size=d.batch_size,
-        num_workers=0,
-        seed=ctx.cfg.seed,
-        task_mix_fraction=d.task_mix_fraction,
-        mix_episodes=d.mix_episodes,
-        mix_answer_tail=d.mix_answer_tail,
-        mix_tasks=d.mix_tasks,
-        cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
-    )
+    dm = window_module(ctx, base.tokenizer, num_workers=0)
     dm.setup("fit")
 
     def full(split: str) -> torch.Tensor:
@@ -75,28 +61,26 @@ def retrieval_windows(ctx: RunContext, base: Any, n: int) -> torch.Tensor:
     """
     import torch
 
-    from mchar.data.datamodules import LongDocDataModule
-    from mchar.stages.base_lm import corpus_splits
+    from mchar.stages.base_lm import corpus_splits, window_module
 
     d = ctx.cfg.data
     splits = corpus_splits(ctx)
     files = splits["val"] or splits["test"]
     if n <= 0 or not files:
         return torch.zeros(0, d.window, dtype=torch.long)
-    dm = LongDocDataModule(
-        files_by_split={"train": files},
-        tokenizer=base.tokenizer,
-        window=d.window,
+    dm = window_module(
+        ctx,
+        base.tokenizer,
+        {"train": files},
+        stride=None,
+        num_workers=0,
         seed=ctx.cfg.seed + 7919,
         task_mix_fraction=0.5,
-        mix_episodes=d.mix_episodes,
-        mix_answer_tail=d.mix_answer_tail,
-        mix_tasks=d.mix_tasks,
-        cache_dir=d.cache_dir or str(ctx.artifacts_dir / "cache"),
     )
     dm.setup("fit")
     ds = dm.datasets["train"]
-    rows = [torch.as_tensor(ds[i]["input_ids"]) for i in range(dm.stats["train"]["windows"], len(ds))][:n]
+    first = dm.stats["train"]["windows"]  # synthetic windows follow the natural ones
+    rows = [torch.as_tensor(ds[i]["input_ids"]) for i in range(first, min(len(ds), first + n))]
     return torch.stack(rows).long() if rows else torch.zeros(0, d.window, dtype=torch.long)
 
 
@@ -104,6 +88,15 @@ def ckpt_path(ctx: RunContext, stage_dir: Path) -> str | None:
     """``last.ckpt`` when ``trainer.resume`` is set and one exists (killed runs continue where they stopped)."""
     last = stage_dir / "checkpoints" / "last.ckpt"
     return str(last) if ctx.cfg.trainer.resume and last.exists() else None
+
+
+def final_metrics(trainer: L.Trainer, prefix: str, renamed: str) -> dict[str, float]:
+    """``<prefix>/<name>`` callback metrics as ``<renamed>/<name>`` floats."""
+    return {
+        f"{renamed}/{k.split('/', 1)[-1]}": float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(f"{prefix}/")
+    }
 
 
 def fit(
@@ -143,11 +136,7 @@ def fit(
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path(ctx, stage_dir))
-    metrics = {
-        f"final/{k.split('/', 1)[-1]}": float(v)
-        for k, v in trainer.callback_metrics.items()
-        if k.startswith("val/")
-    }
+    metrics = final_metrics(trainer, "val", "final")
     if retrieval_val is not None and retrieval_val.shape[0]:
         from torch.utils.data import DataLoader
 
@@ -159,11 +148,7 @@ def fit(
             trainer.validate(module, dataloaders=loader, verbose=False)
         finally:
             module.metric_prefix = "val"
-        metrics |= {
-            f"final_retrieval/{k.split('/', 1)[-1]}": float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith("val_retrieval/")
-        }
+        metrics |= final_metrics(trainer, "val_retrieval", "final_retrieval")
     return trainer, metrics
 
 
