@@ -15,6 +15,7 @@ from mchar.errors import MCharError
 STAGES = ("base_lm", "gistnet", "lensnet", "e2e", "eval", "report")
 POLICIES = ("lensnet", "recency", "sink_recent", "gists_only", "similarity", "random", "oracle")
 EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
+MIX_TASKS = (*EVAL_TASKS, "copy")  # the training mix may also draw ``copy`` episodes (dense induction signal)
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 
 
@@ -86,6 +87,7 @@ class AllocatorConfig:
     n_diff: int = 4
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
+    fill_budget: bool = True  # relative-score policies (lensnet, similarity, random) always spend the budget
     cooldown: int = 2
     protect_recent: int = 64
     stochastic: bool = False
@@ -314,7 +316,7 @@ def check_semantics(cfg: RootConfig) -> None:
     if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6 or min(d.split) <= 0:
         raise ConfigError(f"data.split: need three positive fractions summing to 1, got {list(d.split)}")
     for t in d.mix_tasks:
-        _choice("data.mix_tasks", t, EVAL_TASKS)
+        _choice("data.mix_tasks", t, MIX_TASKS)
     if not 0.0 <= d.task_mix_fraction <= 1.0:
         raise ConfigError(f"data.task_mix_fraction: must be in [0, 1], got {d.task_mix_fraction}")
     b = cfg.base_lm

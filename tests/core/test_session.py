@@ -127,6 +127,21 @@ def test_stop_ids_and_sampling_seed() -> None:
     assert out == first[:3]
 
 
+def test_refocus_pending_only_when_tokens_arrived_since_the_last_refocus() -> None:
+    base = _base("llama")
+    s = _session(base, budget=40, policy=RandomPolicy(2))
+    s.ingest(_ids(3 * K))  # a multiple of K: the periodic refocus has just run
+    before = s.stats.refocuses
+    assert s.refocus_pending() == 0 and s.stats.refocuses == before
+    s.ingest(_ids(K // 2, seed=5))  # a question shorter than a block: no periodic refocus yet
+    assert s.stats.refocuses == before
+    s.refocus_pending()
+    assert s.stats.refocuses == before + 1
+    assert s.wc.cost <= 40
+    s.refocus_pending()
+    assert s.stats.refocuses == before + 1
+
+
 def test_per_token_work_is_bounded() -> None:
     base = _base("llama")
     budget = 32

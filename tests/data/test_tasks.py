@@ -145,6 +145,18 @@ def test_training_text_has_far_episodes(tok: Any, hay: Haystack) -> None:
         assert first in text[: m.start()]
 
 
+def test_copy_episodes_repeat_an_earlier_sequence_verbatim(tok: Any, hay: Haystack) -> None:
+    text, spans = make_training_window(hay, 400, seed=1, tokenizer=tok, num_episodes=3, tasks=["copy"])
+    assert len(spans) == 3
+    for a, b in spans:
+        answer = text[a:b]
+        assert len(answer.split()) == 6
+        tag = text[:a].rsplit("# Recall sequence ", 1)[1].rstrip(":")
+        assert f"# Sequence {tag}:{answer}\n" in text[:a]  # stated before it is recalled
+    with pytest.raises(DataError, match="copy"):
+        make_training_window(hay, 400, seed=1, tokenizer=tok, tasks=["cpy"])
+
+
 def test_write_task_suite_loads_in_lm_eval(tok: Any, hay: Haystack, tmp_path: Path) -> None:
     written = write_task_suite(tmp_path / "suite", tok, lengths=[500, 700], n_per=2, seed=0, haystack=hay)
     assert len(written) == len(TASKS) * 2 * 2

@@ -74,6 +74,9 @@ class Policy:
 
     name: ClassVar[str] = "base"
     allows_drop: ClassVar[bool] = False
+    relative_scores: ClassVar[bool] = False
+    """True when only the order of the scores means something (z-scored, uniform, learned up to a shift): the
+    allocator's absolute thresholds then say nothing, so the harness may run it in budget-filling mode."""
 
     def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -170,6 +173,7 @@ class SimilarityPolicy(Policy):
     """
 
     name = "similarity"
+    relative_scores = True
 
     def __init__(self, query_tokens: int | None = None, scale: float = 1.0) -> None:
         self.query_tokens = query_tokens
@@ -195,6 +199,7 @@ class RandomPolicy(Policy):
     """Uniform scores in [-1, 1] from a seeded generator (a floor every learned scorer must beat)."""
 
     name = "random"
+    relative_scores = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
@@ -216,6 +221,7 @@ class LensNetPolicy(Policy):
     """
 
     name = "lensnet"
+    relative_scores = True
 
     def __init__(self, lensnet: LensFn, tail_tokens: int | None = None) -> None:
         if not callable(lensnet):

@@ -277,6 +277,14 @@ class MegaContextSession:
         self.stats.edits += edits
         return edits
 
+    def refocus_pending(self) -> int:
+        """Refocus now if tokens arrived since the last refocus (0 edits otherwise).
+
+        Called at a prompt's end, before answering: the question usually lands between two periodic refocuses,
+        and a query-driven policy can only fetch what the question asks for after it has seen it.
+        """
+        return self.refocus() if self._since_refocus else 0
+
     # ------------------------------------------------------------------ scoring and decoding
 
     def score(

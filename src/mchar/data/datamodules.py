@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mchar.data.corpus import SPLITS, CorpusSplits, DataError, normalize_files_by_split, read_text
-from mchar.data.tasks import TASKS, Haystack, generate_examples, load_jsonl, make_training_window
+from mchar.data.tasks import MIX_TASKS, TASKS, Haystack, generate_examples, load_jsonl, make_training_window
 from mchar.data.tokenizer import make_encoder, resolve_tokenizer, tokenizer_fingerprint
 
 CACHE_VERSION = 2
@@ -137,9 +137,9 @@ class LongDocDataModule(L.LightningDataModule):
         if not 0 <= mix_answer_tail < window // 2:
             raise DataError(f"mix_answer_tail must be in [0, window/2), got {mix_answer_tail}")
         self.mix_answer_tail = mix_answer_tail
-        unknown = sorted(set(mix_tasks) - set(TASKS))
+        unknown = sorted(set(mix_tasks) - set(MIX_TASKS))
         if unknown or not mix_tasks:
-            raise DataError(f"mix_tasks: need a non-empty subset of {list(TASKS)}, got {list(mix_tasks)}")
+            raise DataError(f"mix_tasks: need a non-empty subset of {list(MIX_TASKS)}, got {list(mix_tasks)}")
         self.mix_tasks = tuple(mix_tasks)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.pin_memory = pin_memory

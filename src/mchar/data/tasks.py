@@ -23,6 +23,9 @@ from mchar.data.corpus import DataError, discover_corpus, read_text
 from mchar.data.tokenizer import make_token_counter
 
 TASKS: tuple[str, ...] = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
+COPY = "copy"
+MIX_TASKS: tuple[str, ...] = (*TASKS, COPY)
+"""Episode kinds the training mix can draw: the eval tasks plus ``copy`` (training only, no eval YAML)."""
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 _ADJ = [
@@ -227,7 +230,17 @@ def _variable_tracking(rng: random.Random, depth: float, num_hops: int = 3, num_
     return Episode(inserts, 0, q, " " + " ".join(chains[0]), list(chains[0]))
 
 
+def _copy(rng: random.Random, depth: float, num_words: int = 6) -> Episode:
+    """A random word sequence recalled verbatim later: every answer token after the first is predictable only by
+    copying (an induction head), a dense version of the signal the retrieval tasks give with a handful of tokens."""
+    words = " ".join(_names(rng, num_words))
+    tag = f"{rng.randint(100, 999)}"
+    query = f"# Recall sequence {tag}:"
+    return Episode([(depth, f"# Sequence {tag}: {words}\n")], 0, query, f" {words}", [words])
+
+
 _SPECS: dict[str, Callable[..., Episode]] = {
+    COPY: _copy,
     "passkey": _passkey,
     "niah_multikey": _niah_multikey,
     "kv_retrieval": _kv_retrieval,
@@ -238,7 +251,7 @@ _SPECS: dict[str, Callable[..., Episode]] = {
 def make_episode(task: str, rng: random.Random, depth: float, **kwargs: Any) -> Episode:
     """A fresh episode of ``task`` with its main needle at ``depth``."""
     if task not in _SPECS:
-        raise DataError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+        raise DataError(f"unknown task {task!r}; expected one of {list(MIX_TASKS)}")
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"needle depth must be in [0, 1], got {depth}")
     return _SPECS[task](rng, depth, **kwargs)

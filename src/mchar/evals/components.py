@@ -11,6 +11,7 @@ than silently scoring with random weights.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class SessionSettings:
     gist_dtype: str = "float32"
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
+    fill_budget: bool = True
     max_edits: int = 4
     cooldown: int = 2
     protect_tokens: int = 64
@@ -73,6 +75,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         gist_dtype=t.gist_dtype,
         tau_expand=a.tau_expand,
         tau_collapse=a.tau_collapse,
+        fill_budget=a.fill_budget,
         max_edits=a.n_diff,
         cooldown=a.cooldown,
         protect_tokens=a.protect_recent,
@@ -126,13 +129,17 @@ class EvalComponents:
             s.block_size, s.depth, self.base.hidden_size, self.base.embed, self.gist_fn, dtype=s.gist_dtype
         )
 
-    def make_allocator(self) -> Any:
+    def make_allocator(self, relative_scores: bool = False) -> Any:
+        """The session allocator. For a policy whose scores are only relative (``Policy.relative_scores``) and
+        ``fill_budget`` on, the absolute thresholds are lifted: every free slot goes to the best gist, and blocks
+        are collapsed only to pay for a better-scored expand, never to leave the budget empty."""
         from mchar.core.allocator import FocusAllocator
 
         s = self.settings
+        fill = s.fill_budget and relative_scores
         return FocusAllocator(
-            tau_expand=s.tau_expand,
-            tau_collapse=s.tau_collapse,
+            tau_expand=-math.inf if fill else s.tau_expand,
+            tau_collapse=math.inf if fill else s.tau_collapse,
             max_edits=s.max_edits,
             cooldown=s.cooldown,
             protect_tokens=s.protect_tokens,
@@ -162,11 +169,12 @@ class EvalComponents:
         from mchar.core.session import MegaContextSession
 
         s = self.settings
+        pol = self.make_policy(policy)
         return MegaContextSession(
             self.base,
             self.make_tree(),
-            self.make_allocator(),
-            self.make_policy(policy),
+            self.make_allocator(relative_scores=pol.relative_scores),
+            pol,
             int(budget or s.budget),
             refocus_every=s.refocus_every or s.block_size,
             position_mode=s.position_mode,

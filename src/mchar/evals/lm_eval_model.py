@@ -11,6 +11,9 @@ block_size=32,depth=2 --tasks mchar_passkey_512 --include_path evals/tasks``
 * ``generate_until``: greedy (or sampled) decoding through the session's KV cache until a stop string,
   the EOT token or ``max_gen_toks``.
 
+Both ``loglikelihood`` and ``generate_until`` refocus once at the end of the context (``refocus_pending``), so
+the policy has seen the whole question before the first answer token.
+
 Positions are the true token positions, so a base with a learned position table (GPT-2) cannot go past its
 ``n_positions`` at any budget; ``budget=0`` (or ``policy=full``) means plain full context, which is bounded by
 the base's maximum positions. Both limits fail with one clear line before any forward runs.
@@ -194,6 +197,7 @@ class MegaContextLM(LM):
         session = self.new_session()
         cont_t = torch.tensor(cont, dtype=torch.long)
         stream_ingest(session, torch.tensor(ctx, dtype=torch.long), future=cont_t)
+        session.refocus_pending()
         total, greedy = 0.0, True
         h = session.refocus_every
         for i, tok in enumerate(cont):
@@ -246,6 +250,7 @@ class MegaContextLM(LM):
         session = self.new_session()
         stream_ingest(session, torch.tensor(ctx, dtype=torch.long))
         session.future_tokens = torch.zeros(0, dtype=torch.long)  # the future is unknown while generating
+        session.refocus_pending()  # look at the question before answering it
         temperature = float(kwargs.get("temperature", 0.0) or 0.0)
         greedy = not kwargs.get("do_sample", False) or temperature <= 0
         gen = torch.Generator().manual_seed(self.seed)
