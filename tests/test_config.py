@@ -37,6 +37,8 @@ def test_experiment_required_files_exist() -> None:
         (["model=nope"], "model"),
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
+        (["data.mix_tasks=[passkey,cpy]"], "data.mix_tasks"),
+        (["allocator.fill_budget=maybe"], "allocator.fill_budget"),
         (["base_lm.curriculum_windows=[128]"], "base_lm.curriculum_steps"),
         (
             ["base_lm.curriculum_windows=[99999]", "base_lm.curriculum_steps=[5]"],
@@ -58,6 +60,8 @@ def test_overrides_reach_flattened_params() -> None:
     assert params["allocator.budget"] == "96"
     assert params["tree.depth"] == "3"
     assert params["tree.block_size"] == "8"
+    cfg = compose_config(["+experiment=smoke", "allocator.fill_budget=false", "data.mix_tasks=[copy,passkey]"])
+    assert cfg.allocator.fill_budget is False and list(cfg.data.mix_tasks) == ["copy", "passkey"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
