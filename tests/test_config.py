@@ -60,7 +60,9 @@ def test_overrides_reach_flattened_params() -> None:
     assert params["allocator.budget"] == "96"
     assert params["tree.depth"] == "3"
     assert params["tree.block_size"] == "8"
-    cfg = compose_config(["+experiment=smoke", "allocator.fill_budget=false", "data.mix_tasks=[copy,passkey]"])
+    cfg = compose_config(
+        ["+experiment=smoke", "allocator.fill_budget=false", "data.mix_tasks=[copy,passkey]"]
+    )
     assert cfg.allocator.fill_budget is False and list(cfg.data.mix_tasks) == ["copy", "passkey"]
 
 
