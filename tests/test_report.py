@@ -84,6 +84,16 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
             for t, task in enumerate(TASKS):
                 for n, length in enumerate(LENGTHS):
                     metrics[f"task/{policy}/{task}/{length}/acc"] = 0.875 - 0.25 * n - 0.125 * t - 0.0625 * j
+            if policy != "lensnet":  # the paired difference to lensnet, as metrics_from_summary names it
+                gap = d - dnll("lensnet", budget)
+                for key, v in {
+                    "mean": gap,
+                    "ci_low": gap - 0.002,
+                    "ci_high": gap + 0.002,
+                    "wins": 9,
+                    "documents": 10,
+                }.items():
+                    metrics[f"ppl/{policy}/vs_lensnet/{key}"] = v
             for k, v in metrics.items():
                 client.log_metric(rid, k, v)
             results["policies"][policy] = {"nll": 2.5 + d, "delta_nll": d, "ci": [d - 0.01, d + 0.01]}
@@ -124,6 +134,8 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert ids["base_lm"] in md and ids["gistnet"] in md and all(r in md for r in ids["eval"].values())
     assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md
     assert "| lensnet | 0.22 | 0.96 | 0.6 |" in md  # telemetry from the newest budget's eval run
+    assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
+    assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md
 
 

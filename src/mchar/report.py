@@ -27,6 +27,7 @@ from mchar.errors import MCharError
 # e.g. base_lm ``final/val_ppl``, gistnet ``final/dnll``/``final/dnll_lod1``, lensnet ``final/spearman``).
 HEADLINE = ("base_lm", "gistnet", "lensnet", "e2e")
 PPL = re.compile(r"^ppl/([^/]+)/delta_nll$")
+PAIRED = re.compile(r"^ppl/([^/]+)/vs_([^/]+)/mean$")
 TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
 
@@ -203,6 +204,39 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
     return lines
 
 
+def _paired(evals: list[RunInfo]) -> list[str]:
+    """Per-document paired differences to the reference policy, from the newest eval run that has them."""
+    run = next((r for r in evals if any(PAIRED.match(k) for k in r.metrics)), None)
+    if run is None:
+        return []
+    rows, ref = [], ""
+    for key, value in sorted(run.metrics.items()):
+        m = PAIRED.match(key)
+        if not m:
+            continue
+        policy, ref = m.group(1), m.group(2)
+        stem = key.rsplit("/", 1)[0]
+        lo, hi = run.metrics.get(f"{stem}/ci_low"), run.metrics.get(f"{stem}/ci_high")
+        wins, docs = run.metrics.get(f"{stem}/wins"), run.metrics.get(f"{stem}/documents")
+        rows.append(
+            [
+                policy,
+                _fmt(value),
+                f"[{_fmt(lo)}, {_fmt(hi)}]",
+                f"{int(wins)}/{int(docs)}" if wins is not None and docs else _fmt(wins),
+            ]
+        )
+    lines = [
+        f"### Paired: NLL(policy) − NLL({ref}) per document",
+        "",
+        f"Budget {run.int_param('allocator.budget')}, depth {run.int_param('tree.depth')}; run "
+        f"`{run.run_id}`. Positive = {ref} better; the interval is over documents of the same paired "
+        f"difference, so it is much tighter than the ΔNLL intervals above.",
+        "",
+    ]
+    return [*lines, *_table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
+
+
 def _pick_budget_runs(evals: list[RunInfo], predicate: Any) -> list[RunInfo]:
     """Eval runs at the (budget, depth) of the newest run that has the wanted metrics; newest first."""
     first = next((r for r in evals if predicate(r)), None)
@@ -375,6 +409,7 @@ def build_report(
     lines += _headline(stages)
     lines += _sweep(root)
     lines += _perplexity(evals, fig_dir, name, figures)
+    lines += _paired(evals)
     lines += _tasks(evals, fig_dir, name, figures)
     lines += _telemetry(evals, fig_dir, name, figures)
     lines += _focus_maps(client, evals, fig_dir, name, figures)

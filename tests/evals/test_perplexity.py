@@ -129,3 +129,20 @@ def test_relative_score_policies_spend_the_whole_budget(base_dir: Path, docs: li
         assert util[p][0] >= util["oracle"][0] - 1e-9, util
     # policies with absolute scores keep their thresholds either way
     assert full["gists_only"]["telemetry"] == thresholded["gists_only"]["telemetry"]
+
+
+def test_paired_difference_to_the_reference_policy() -> None:
+    from mchar.evals.perplexity import PolicyResult
+
+    # Documents differ by a lot (0, 1, 2 nats); policy b is worse than a by 0.01 on every document.
+    a = PolicyResult(nll=[1.0, 2.0, 3.0], telemetry=[])
+    b = PolicyResult(nll=[1.01, 2.01, 3.01], telemetry=[])
+    s = summarise({"a": a, "b": b}, [1.0, 2.0, 3.0], reference="a")
+    vs = s["policies"]["b"]["vs_reference"]
+    assert vs["mean"] == pytest.approx(0.01) and vs["wins"] == 3 and vs["documents"] == 3
+    assert vs["ci"][0] == pytest.approx(0.01) == pytest.approx(vs["ci"][1])  # constant difference: exact
+    m = metrics_from_summary(s)
+    assert m["ppl/b/vs_a/mean"] == pytest.approx(0.01) and m["ppl/b/vs_a/wins"] == 3.0
+    assert "vs_reference" not in s["policies"]["a"]
+    # no reference run: no paired metrics
+    assert not any("/vs_" in k for k in metrics_from_summary(summarise({"b": b}, None)))

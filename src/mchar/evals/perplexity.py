@@ -169,9 +169,18 @@ def full_context_nll(base: Any, documents: Sequence[torch.Tensor], final_tokens:
 
 
 def summarise(
-    results: dict[str, PolicyResult], full: list[float] | None, ci: str = "t", seed: int = 0
+    results: dict[str, PolicyResult],
+    full: list[float] | None,
+    ci: str = "t",
+    seed: int = 0,
+    reference: str = "lensnet",
 ) -> dict[str, Any]:
-    """The ``policies`` / ``full`` part of ``eval/results.json``."""
+    """The ``policies`` / ``full`` part of ``eval/results.json``.
+
+    Besides ΔNLL vs full context, every policy gets its **paired** difference to ``reference`` (when that ran):
+    ``NLL(policy) - NLL(reference)`` per document, with a CI. Documents differ far more from each other than
+    policies do on one document, so unpaired CIs overlap even when one policy wins on every document.
+    """
     out: dict[str, Any] = {
         "policies": {},
         "full": {"nll": float(np.mean(full)) if full else None, "per_document": full},
@@ -196,6 +205,19 @@ def summarise(
         else:
             rec["delta_nll"], rec["ci"] = None, [None, None]
         out["policies"][name] = rec
+    ref = results.get(reference)
+    if ref is not None and not ref.skipped:
+        for name, rec in out["policies"].items():
+            if name == reference or "skipped" in rec:
+                continue
+            diffs = [a - b for a, b in zip(results[name].nll, ref.nll, strict=True)]
+            rec["vs_reference"] = {
+                "reference": reference,
+                "mean": float(np.mean(diffs)),
+                "ci": list(confidence_interval(diffs, ci, seed=seed)),
+                "wins": int(sum(d > 0 for d in diffs)),  # documents where the reference is better
+                "documents": len(diffs),
+            }
     return out
 
 
@@ -214,6 +236,15 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
             if lo is not None and math.isfinite(lo):
                 m[f"ppl/{name}/delta_nll_ci_low"] = lo
                 m[f"ppl/{name}/delta_nll_ci_high"] = hi
+        vs = rec.get("vs_reference")
+        if vs is not None:
+            key = f"ppl/{name}/vs_{vs['reference']}"
+            m[f"{key}/mean"] = vs["mean"]
+            lo, hi = vs["ci"]
+            if lo is not None and math.isfinite(lo):
+                m[f"{key}/ci_low"], m[f"{key}/ci_high"] = lo, hi
+            m[f"{key}/wins"] = float(vs["wins"])
+            m[f"{key}/documents"] = float(vs["documents"])
         t = rec["telemetry"]
         m[f"focus/{name}/swap_rate"] = t["swap_rate"]
         m[f"focus/{name}/budget_util"] = t["budget_util"]
