@@ -88,6 +88,7 @@ class AllocatorConfig:
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
     fill_budget: bool = True  # relative-score policies (lensnet, similarity, random) always spend the budget
+    group_score: str = "parent"  # how K siblings score as one collapse candidate: mean | max | parent
     cooldown: int = 2
     protect_recent: int = 64
     stochastic: bool = False
@@ -288,6 +289,7 @@ def check_semantics(cfg: RootConfig) -> None:
             f"allocator.budget: {a.budget} is smaller than one block (tree.block_size={t.block_size})"
         )
     _choice("allocator.policy", a.policy, POLICIES)
+    _choice("allocator.group_score", a.group_score, ("mean", "max", "parent"))
     for p in cfg.eval.policies:
         _choice("eval.policies", p, POLICIES)
     _positive("allocator.n_diff", a.n_diff)

@@ -61,6 +61,50 @@ def test_no_swap_when_collapse_would_lose_more_than_expand_gains() -> None:
     assert wc == before and alloc.stats.skipped_no_room == 1
 
 
+@pytest.mark.parametrize(("group_score", "collapsed"), [("mean", Entry(2, 0)), ("max", Entry(1, 4))])
+def test_group_score_mean_or_max_picks_what_to_collapse(group_score: str, collapsed: Entry) -> None:
+    # Four LOD1 siblings: one valuable (2.0), three not (-1.0): mean -0.25, max 2.0. A raw block scores 0.0.
+    entries = [Entry(1, 0), Entry(1, 1), Entry(1, 2), Entry(1, 3), Entry(0, 4), Entry(0, 5)]
+    wc = WorkingContext(4, 2, 12, 24, entries=entries)
+    scores = dict(zip(entries, [2.0, -1.0, -1.0, -1.0, 0.0, 1.0], strict=True))
+    alloc = FocusAllocator(group_score=group_score)  # type: ignore[arg-type]
+    alloc.advance(wc, 25, scores)  # one more token: something must be collapsed
+    assert collapsed in wc.entries and wc.cost <= 12
+    with pytest.raises(ValueError, match="group_score"):
+        FocusAllocator(group_score="median")  # type: ignore[arg-type]
+
+
+def _coarse_then_fine() -> tuple[WorkingContext, list[Entry]]:
+    # K=4, depth 2, 32 tokens: one LOD2 gist (tokens 0-15) + four LOD1 siblings (16-31); cost 5, budget 8.
+    entries = [Entry(2, 0), Entry(1, 4), Entry(1, 5), Entry(1, 6), Entry(1, 7)]
+    return WorkingContext(4, 2, 8, 32, entries=entries), entries
+
+
+def test_parent_group_score_keeps_what_was_expanded_for_its_parent() -> None:
+    kept = {}
+    for mode in ("parent", "mean"):
+        wc, entries = _coarse_then_fine()
+        alloc = FocusAllocator(tau_expand=-1e9, tau_collapse=1e9, cooldown=0, group_score=mode)  # type: ignore[arg-type]
+        edits = alloc.refocus(wc, dict(zip(entries, [1.0, 0.5, 0.5, 0.5, 0.5], strict=True)))
+        assert [e.kind for e in edits] == ["expand"] and wc.cost == 8
+        alloc.refocus(wc, {})  # a later refocus without opinions: the cooldown is over
+        # The new LOD1 children look worthless on their own (-1); the right-hand group is worth 0.5.
+        scores = {e: (-1.0 if e.index < 4 else 0.5) for e in wc.entries}
+        alloc.advance(wc, 33, scores)  # one more token: one group must go
+        kept[mode] = Entry(2, 0) not in wc.entries
+    # parent: the group keeps its parent's 1.0, so the 0.5 group is collapsed; mean: the children's -1 loses.
+    assert kept == {"parent": True, "mean": False}
+
+
+def test_parent_group_score_skips_expands_that_would_be_collapsed_next() -> None:
+    for mode, expands in (("parent", 0), ("mean", 1)):
+        wc, entries = _coarse_then_fine()
+        alloc = FocusAllocator(tau_expand=-1e9, tau_collapse=1e9, group_score=mode)  # type: ignore[arg-type]
+        # The LOD2 gist (0.2) is worth less than keeping the LOD1 group (0.5): expanding it only churns.
+        edits = alloc.refocus(wc, dict(zip(entries, [0.2, 0.5, 0.5, 0.5, 0.5], strict=True)))
+        assert sum(e.kind == "expand" for e in edits) == expands, mode
+
+
 def test_cooldown_blocks_flip_back() -> None:
     wc = WorkingContext(4, 1, 40, 16, entries=[Entry(1, j) for j in range(4)])
     alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1, cooldown=2)

@@ -5,8 +5,14 @@ Scores are signed: positive = worth expanding, negative = safe to collapse. Why 
 * **Only legal edits, budget hard.** Every edit goes through :class:`WorkingContext`, which re-checks legality and
   the budget; the allocator never trims (upstream trimmed history when it ran over a *soft* maximum).
 * **Expand the best, collapse the worst.** An expand that does not fit is paid for by collapsing the worst-scored
-  legal group, but only if that group scores below the expand (a swap must be an improvement). A collapse group
-  scores the mean of its K siblings (a raw block its own score). Voluntary collapses need ``score < -tau_collapse``.
+  legal group, but only if that group scores below the expand (a swap must be an improvement). Voluntary
+  collapses need ``score < -tau_collapse``.
+* **What keeping a group is worth.** A raw block scores itself. K sibling gists score, by default
+  (``group_score="parent"``), the score their parent was expanded with: the members' own scores say what expanding
+  *them* is worth, not what keeping the group expanded is worth, and with the members' mean a LensNet that scores a
+  coarse gist high and its children low had the group expanded and collapsed again every ``cooldown + 1``
+  refocuses. An expand whose group would then be the lowest-scored one left is skipped (the next block's arrival
+  would collapse it). ``"mean"`` / ``"max"`` of the members are kept as ablations.
 * **At most ``max_edits`` per refocus**, so the KV cache stays mostly reusable.
 * **Cooldown**: an entry created by an edit cannot be flipped back (re-expanded after a collapse, or re-collapsed
   after an expand) for ``cooldown`` refocuses; upstream's focus oscillated without this.
@@ -29,6 +35,8 @@ from mchar.core.working_context import (
     WorkingContext,
     coarsest_cover,
 )
+
+GROUP_SCORES = ("mean", "max", "parent")
 
 
 @dataclass(frozen=True)
@@ -129,11 +137,15 @@ class FocusAllocator:
         top_k: int = 4,
         temperature: float = 1.0,
         seed: int = 0,
+        group_score: Literal["mean", "max", "parent"] = "parent",
     ) -> None:
         if max_edits < 0 or cooldown < 0 or protect_tokens < 0 or top_k < 1 or temperature <= 0:
             raise ValueError(
                 "allocator: max_edits, cooldown, protect_tokens >= 0, top_k >= 1, temperature > 0"
             )
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"allocator: group_score must be one of {GROUP_SCORES}, got {group_score!r}")
+        self.group_score = group_score
         self.tau_expand = float(tau_expand)
         self.tau_collapse = float(tau_collapse)
         self.max_edits = int(max_edits)
@@ -148,6 +160,7 @@ class FocusAllocator:
         self._step = 0
         self._born: dict[Entry, tuple[int, str]] = {}
         self._last_scores: dict[Entry, float] = {}
+        self._expanded_at: dict[Entry, float] = {}  # gist -> the score it was expanded with ("parent")
 
     def reset(self) -> None:
         """Forget cooldowns, scores and telemetry (new document)."""
@@ -156,6 +169,7 @@ class FocusAllocator:
         self._step = 0
         self._born.clear()
         self._last_scores.clear()
+        self._expanded_at.clear()
 
     def telemetry(self) -> dict[str, float]:
         return self.stats.as_dict()
@@ -229,9 +243,29 @@ class FocusAllocator:
                 known = [v for v in vals if v is not None]
                 if need_scores and len(known) != group:
                     continue
-                score = sum(known) / len(known) if known else 0.0
+                kept = (
+                    self._expanded_at.get(e.parent(k))
+                    if e.level > 0 and self.group_score == "parent"
+                    else None
+                )
+                if kept is not None:
+                    score = kept
+                elif not known:
+                    score = 0.0
+                elif self.group_score == "max":
+                    score = max(known)
+                else:
+                    score = sum(known) / len(known)
             out.append(_Cand(score, i, e, group))
         return out
+
+    def _churns(self, expand: _Cand, cols: list[_Cand], pay: _Cand | None) -> bool:
+        """With ``group_score="parent"`` the expanded group keeps ``expand.score``; if that is the lowest keep-score
+        left, the next block's arrival collapses it again (fit_to_budget takes the lowest): skip such expands."""
+        if self.group_score != "parent":
+            return False
+        rest = [c.score for c in cols if c is not pay]
+        return bool(rest) and expand.score <= min(rest)
 
     def _pick(self, cands: list[_Cand], sign: float) -> _Cand:
         """Best candidate by ``sign * score`` (ties: newest first for expands, oldest first for collapses)."""
@@ -246,6 +280,7 @@ class FocusAllocator:
     def _do_expand(self, wc: WorkingContext, c: _Cand) -> Edit:
         i = wc.entry_at(c.entry.start(wc.block_size))
         after = wc.expand(i)
+        self._expanded_at[c.entry] = c.score
         for a in after:
             self._born[a] = (self._step, "expand")
         self.stats.expands += 1
@@ -255,6 +290,7 @@ class FocusAllocator:
         i = wc.entry_at(c.entry.start(wc.block_size))
         before = tuple(wc.entries[i : i + c.group])
         parent = wc.collapse(i)
+        self._expanded_at.pop(parent, None)
         self._born[parent] = (self._step, "collapse")
         self.stats.collapses += 1
         return Edit("collapse", i, before, (parent,), c.score)
@@ -277,20 +313,24 @@ class FocusAllocator:
             best_e = self._pick(exps, +1.0) if exps else None
             worst_c = self._pick(vol, -1.0) if vol else None
             if best_e is not None and (worst_c is None or best_e.score >= -worst_c.score):
-                if wc.cost + k - 1 <= wc.budget:
-                    edits.append(self._do_expand(wc, best_e))
-                    continue
-                room = [
-                    c
-                    for c in cols
-                    if c.score < best_e.score and not (c.index <= best_e.index < c.index + c.group)
-                ]
-                if room and len(edits) + 2 <= self.max_edits:
-                    edits.append(self._do_collapse(wc, self._pick(room, -1.0)))
-                    edits.append(self._do_expand(wc, best_e))
-                else:
-                    self.stats.skipped_no_room += 1
+                pay = None
+                if wc.cost + k - 1 > wc.budget:
+                    room = [
+                        c
+                        for c in cols
+                        if c.score < best_e.score and not (c.index <= best_e.index < c.index + c.group)
+                    ]
+                    if not room or len(edits) + 2 > self.max_edits:
+                        self.stats.skipped_no_room += 1
+                        skip.add(best_e.entry)
+                        continue
+                    pay = self._pick(room, -1.0)
+                if self._churns(best_e, cols, pay):
                     skip.add(best_e.entry)
+                    continue
+                if pay is not None:
+                    edits.append(self._do_collapse(wc, pay))
+                edits.append(self._do_expand(wc, best_e))
                 continue
             if worst_c is not None:
                 edits.append(self._do_collapse(wc, worst_c))

@@ -43,6 +43,7 @@ class SessionSettings:
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
     fill_budget: bool = True
+    group_score: str = "parent"
     max_edits: int = 4
     cooldown: int = 2
     protect_tokens: int = 64
@@ -76,6 +77,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         tau_expand=a.tau_expand,
         tau_collapse=a.tau_collapse,
         fill_budget=a.fill_budget,
+        group_score=a.group_score,
         max_edits=a.n_diff,
         cooldown=a.cooldown,
         protect_tokens=a.protect_recent,
@@ -140,6 +142,7 @@ class EvalComponents:
         return FocusAllocator(
             tau_expand=-math.inf if fill else s.tau_expand,
             tau_collapse=math.inf if fill else s.tau_collapse,
+            group_score=s.group_score,
             max_edits=s.max_edits,
             cooldown=s.cooldown,
             protect_tokens=s.protect_tokens,
