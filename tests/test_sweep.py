@@ -301,3 +301,14 @@ def test_kill_minus_nine_then_resume(tmp_path: Path) -> None:
     assert killed and {r.info.status for r in killed} == {"KILLED"}
     studies = client.search_runs([exp.experiment_id], "tags.`mchar.role` = 'study'")
     assert len(studies) == 1 and studies[0].info.status == "FINISHED"  # the study run was reused
+
+
+@pytest.mark.parametrize(
+    "spec_path", sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_specs_validate(spec_path: Path) -> None:
+    from mchar.sweep import load_spec, validate
+
+    spec = load_spec(spec_path)
+    validate(spec, [])  # every swept value composes into a valid config, before any trial would run
+    assert spec.search_space
