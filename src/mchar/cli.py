@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", default=None)
     bn = sub.add_parser("bench", help="run a benchmark and print one JSON object")
-    bn.add_argument("name", help="train-overhead | train-step | decode | tree-io | fault")
+    bn.add_argument("name", help="train-overhead | train-step | decode | tree-io | fault | induction")
     bn.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options (see: bench NAME --help)")
     return p
 

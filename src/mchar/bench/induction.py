@@ -1,0 +1,128 @@
+"""Induction probe: does a base-LM architecture learn to copy (induction heads), and after how many steps?
+
+Every retrieval task mchar evaluates (passkey, needles, key-value) needs the base to copy tokens it saw far back.
+This probe isolates that skill: windows of random tokens in which one random segment is repeated later, loss and
+accuracy only on the repeated tokens that are predictable (all but the first), so nothing but copying lowers the
+loss below ``log(pool)``. It trains a copy of the base (a saved HF directory, or a fresh model with that
+directory's config) and prints one JSON object with the curve. A fixed-offset copy task (``--offset K``: predict
+the token K positions before the next one) is the control: it needs attention and positions, no induction circuit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mchar.bench.common import environment
+
+
+def repeat_batch(
+    n: int, length: int, pool: int, gen: torch.Generator, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, length], mask [n, length]): mask marks the target positions that only copying can predict."""
+    ids = torch.randint(0, pool, (n, length), generator=gen)
+    mask = torch.zeros(n, length)
+    if offset:
+        mask[:, offset:] = 1.0
+        return ids, mask
+    for i in range(n):
+        seg = int(torch.randint(4, max(5, min(48, length // 3)), (1,), generator=gen))
+        gap = int(torch.randint(0, length - 2 * seg + 1, (1,), generator=gen))
+        a = int(torch.randint(0, length - 2 * seg - gap + 1, (1,), generator=gen))
+        b = a + seg + gap
+        ids[i, b : b + seg] = ids[i, a : a + seg]
+        mask[i, b + 1 : b + seg] = 1.0
+    return ids, mask
+
+
+def copy_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, offset: int) -> tuple[torch.Tensor, float]:
+    """Mean NLL and accuracy on the masked targets."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    target = torch.roll(ids, offset, 1)[:, 1:] if offset else ids[:, 1:]  # offset: ids[t + 1 - offset]
+    m = mask[:, 1:].reshape(-1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
+    acc = ((logits.argmax(-1).reshape(-1) == target.reshape(-1)).float() * m).sum() / m.sum()
+    return (nll * m).sum() / m.sum(), float(acc)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    if args.fresh:
+        cfg = AutoConfig.from_pretrained(args.base)
+        if args.layers:
+            cfg.num_hidden_layers = args.layers
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.base)
+    pool = min(args.pool, model.config.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    probe = repeat_batch(64, args.length, pool, torch.Generator().manual_seed(args.seed + 1), args.offset)
+    curve = []
+    t0 = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        loss, _ = copy_loss(
+            model, *repeat_batch(args.batch, args.length, pool, gen, args.offset), args.offset
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.every == 0 or step == args.steps:
+            with torch.no_grad():
+                held, acc = copy_loss(model, *probe, args.offset)
+            curve.append({"step": step, "nll": round(float(held), 4), "acc": round(acc, 4)})
+    return {
+        "benchmark": "induction",
+        "base": args.base,
+        "fresh_init": bool(args.fresh),
+        "layers": int(model.config.num_hidden_layers),
+        "task": f"fixed offset {args.offset}" if args.offset else "repeated random segment",
+        "length": args.length,
+        "batch": args.batch,
+        "lr": args.lr,
+        "pool": pool,
+        "chance_nll": round(math.log(pool), 4),
+        "curve": curve,
+        "final_acc": curve[-1]["acc"] if curve else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="mchar bench induction", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--base", required=True, help="a saved HF causal-LM directory (its weights, or its config)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="train a freshly initialised model with the base's config"
+    )
+    p.add_argument("--layers", type=int, default=0, help="with --fresh: override the number of layers")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=int, default=256, help="random tokens are drawn from ids [0, pool)")
+    p.add_argument(
+        "--offset", type=int, default=0, help="control task: predict ids[t + 1 - offset] (0 = off)"
+    )
+    p.add_argument("--every", type=int, default=100, help="probe every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.length < 16 or args.batch < 1 or args.pool < 2 or args.offset < 0:
+        p.error("need --steps >= 1, --length >= 16, --batch >= 1, --pool >= 2, --offset >= 0")
+    if args.offset >= args.length:
+        p.error(f"--offset {args.offset} must be smaller than --length {args.length}")
+    print(json.dumps(run(args)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
