@@ -41,3 +41,27 @@ def test_control_task_is_learnt_and_reported(tmp_path: Path, capsys: pytest.Capt
 def test_bad_arguments_fail_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--base", str(tmp_path), "--offset", "64", "--length", "32"])
+
+
+def test_text_windows_mix_and_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_base(tmp_path / "base")
+    windows = tmp_path / "windows"
+    datasets.Dataset.from_dict(
+        {
+            "input_ids": [[i % 200 for i in range(j, j + 48)] for j in range(6)],
+            "answer_mask": [[0] * 40 + [1] * 8] * 6,
+        }
+    ).save_to_disk(str(windows))
+    out_dir = tmp_path / "warm"
+    main(
+        f"--base {base} --steps 4 --length 32 --batch 4 --every 2 --text-windows {windows} --save {out_dir}".split()
+    )
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["text_windows"] == str(windows) and len(out["curve"]) == 2
+    warmed = AutoModelForCausalLM.from_pretrained(out_dir)
+    before = AutoModelForCausalLM.from_pretrained(base)
+    assert (out_dir / "tokenizer.json").exists()
+    assert any(not torch.equal(a, b) for a, b in zip(warmed.parameters(), before.parameters(), strict=True))

@@ -6,6 +6,10 @@ accuracy only on the repeated tokens that are predictable (all but the first), s
 loss below ``log(pool)``. It trains a copy of the base (a saved HF directory, or a fresh model with that
 directory's config) and prints one JSON object with the curve. A fixed-offset copy task (``--offset K``: predict
 the token K positions before the next one) is the control: it needs attention and positions, no induction circuit.
+
+``--text-windows`` (a cached window dataset of the base-LM stage, ``artifacts/cache/train-*/dataset``) adds one
+answer-weighted text batch to every step, so the warm-up does not wreck the LM; ``--save DIR`` writes the warmed
+base (with the tokenizer) for the task evaluations.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +57,17 @@ def copy_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, offset: int) ->
     return (nll * m).sum() / m.sum(), float(acc)
 
 
+def text_loss(model: Any, batch: dict[str, torch.Tensor], answer_weight: float) -> torch.Tensor:
+    """Next-token NLL on text windows, answer tokens weighted like the base-LM stage does."""
+    ids = batch["input_ids"].long()
+    w = 1.0 + (answer_weight - 1.0) * batch["answer_mask"].float()
+    logits = model(input_ids=ids).logits[:, :-1]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return (nll * w[:, 1:].reshape(-1)).sum() / w[:, 1:].sum()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,12 +83,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     probe = repeat_batch(64, args.length, pool, torch.Generator().manual_seed(args.seed + 1), args.offset)
+    text = None
+    if args.text_windows:
+        import datasets
+
+        text = datasets.load_from_disk(args.text_windows).with_format("torch")
     curve = []
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         loss, _ = copy_loss(
             model, *repeat_batch(args.batch, args.length, pool, gen, args.offset), args.offset
         )
+        if text is not None:
+            rows = torch.randint(0, len(text), (args.text_batch,), generator=gen)
+            loss = loss + text_loss(model, text[rows], args.answer_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -79,12 +104,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with torch.no_grad():
                 held, acc = copy_loss(model, *probe, args.offset)
             curve.append({"step": step, "nll": round(float(held), 4), "acc": round(acc, 4)})
+    if args.save:
+        model.save_pretrained(args.save)
+        for f in Path(args.base).glob("*token*"):  # the tokenizer travels with the weights
+            shutil.copy2(f, Path(args.save) / f.name)
     return {
         "benchmark": "induction",
         "base": args.base,
         "fresh_init": bool(args.fresh),
         "layers": int(model.config.num_hidden_layers),
         "task": f"fixed offset {args.offset}" if args.offset else "repeated random segment",
+        "text_windows": args.text_windows or None,
         "length": args.length,
         "batch": args.batch,
         "lr": args.lr,
@@ -116,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--every", type=int, default=100, help="probe every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--text-windows", default="", help="a cached base-LM window dataset to mix in (one batch/step)"
+    )
+    p.add_argument("--text-batch", type=int, default=8)
+    p.add_argument("--answer-weight", type=float, default=10.0)
+    p.add_argument("--save", default="", help="write the trained model (and the base's tokenizer files) here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.length < 16 or args.batch < 1 or args.pool < 2 or args.offset < 0:
         p.error("need --steps >= 1, --length >= 16, --batch >= 1, --pool >= 2, --offset >= 0")
