@@ -48,3 +48,22 @@ def test_answer_tokens_are_weighted(weight: float) -> None:
     assert not torch.allclose(expected, plain)  # the weight really changes the objective
     # training_step reads the mask from the batch
     assert torch.allclose(module.training_step(b, 0), expected, atol=1e-5)
+
+
+def test_copy_batch_adds_the_masked_copy_loss_deterministically_per_step() -> None:
+    from mchar.data.copy_batches import repeat_batch
+
+    torch.manual_seed(0)
+    module = BaseLMModule(tiny_causal_lm("llama"), copy_batch=4, copy_length=32, copy_pool=200, seed=3)
+    b = _batch(2)
+    text = module._loss(b["input_ids"], b["labels"], b["answer_mask"])
+    copy = module.copy_loss(0)
+    assert torch.allclose(module.training_step(b, 0), text + copy, atol=1e-5)
+    assert torch.equal(module.copy_loss(0), copy) and not torch.equal(module.copy_loss(1), copy)
+    # the copy loss is the NLL of exactly the copyable targets of seed/step's batch
+    ids, mask = repeat_batch(4, 32, 200, torch.Generator().manual_seed(3 * 1_000_003 + 0))
+    logits = module.model(input_ids=ids).logits[:, :-1]
+    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    m = mask[:, 1:]
+    assert torch.allclose(copy, (nll * m).sum() / m.sum(), atol=1e-5)
+    assert torch.allclose(BaseLMModule(module.model).training_step(b, 0), text, atol=1e-5)  # off by default

@@ -26,25 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mchar.bench.common import environment
-
-
-def repeat_batch(
-    n: int, length: int, pool: int, gen: torch.Generator, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [n, length], mask [n, length]): mask marks the target positions that only copying can predict."""
-    ids = torch.randint(0, pool, (n, length), generator=gen)
-    mask = torch.zeros(n, length)
-    if offset:
-        mask[:, offset:] = 1.0
-        return ids, mask
-    for i in range(n):
-        seg = int(torch.randint(4, max(5, min(48, length // 3)), (1,), generator=gen))
-        gap = int(torch.randint(0, length - 2 * seg + 1, (1,), generator=gen))
-        a = int(torch.randint(0, length - 2 * seg - gap + 1, (1,), generator=gen))
-        b = a + seg + gap
-        ids[i, b : b + seg] = ids[i, a : a + seg]
-        mask[i, b + 1 : b + seg] = 1.0
-    return ids, mask
+from mchar.data.copy_batches import repeat_batch
 
 
 def copy_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, offset: int) -> tuple[torch.Tensor, float]:

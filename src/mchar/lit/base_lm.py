@@ -9,6 +9,8 @@ import torch
 import torchmetrics
 from torch import nn
 
+from mchar.data.copy_batches import repeat_batch
+
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
     """LR multiplier: linear warm-up, then cosine decay to ``floor``."""
@@ -24,6 +26,11 @@ class BaseLMModule(L.LightningModule):
     ``answer_weight`` multiplies the training loss of the answer tokens of synthetic retrieval windows
     (``answer_mask``): a few tokens per window carry the long-range signal, and without the weight a CPU-sized
     run ends before the model learns to copy from far back. Validation NLL is always unweighted.
+
+    ``copy_batch > 0`` adds, at every step, the masked NLL of a batch of synthetic copy windows
+    (:func:`mchar.data.copy_batches.repeat_batch`, drawn from a generator seeded by ``seed`` and the global step,
+    so a resumed fit sees the same batches): an induction warm-up that teaches copying while the text batches keep
+    the language model.
     """
 
     def __init__(
@@ -34,6 +41,10 @@ class BaseLMModule(L.LightningModule):
         warmup_steps: int = 50,
         max_steps: int = 1000,
         answer_weight: float = 1.0,
+        copy_batch: int = 0,
+        copy_length: int = 64,
+        copy_pool: int = 256,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -63,10 +74,22 @@ class BaseLMModule(L.LightningModule):
             return batch["input_ids"], batch.get("labels")
         return batch, None
 
+    def copy_loss(self, step: int) -> torch.Tensor:
+        """Masked NLL of this step's synthetic copy batch (only copyable targets count)."""
+        h = self.hparams
+        gen = torch.Generator().manual_seed(h.seed * 1_000_003 + step)
+        ids, mask = repeat_batch(h.copy_batch, h.copy_length, h.copy_pool, gen)
+        labels = ids.masked_fill(mask == 0, -100).to(self.device)
+        return self._loss(ids.to(self.device), labels)
+
     def training_step(self, batch: torch.Tensor | dict, batch_idx: int) -> torch.Tensor:
         answer = batch.get("answer_mask") if isinstance(batch, dict) else None
         loss = self._loss(*self._unpack(batch), answer)
         self.log("train/loss", loss, prog_bar=True)
+        if self.hparams.copy_batch:
+            copy = self.copy_loss(int(self.global_step))
+            self.log("train/copy_loss", copy)
+            loss = loss + copy
         return loss
 
     def validation_step(self, batch: torch.Tensor | dict, batch_idx: int) -> None:

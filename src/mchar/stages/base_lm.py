@@ -137,6 +137,10 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         warmup_steps=tcfg.warmup_steps,
         max_steps=steps,
         answer_weight=tcfg.answer_weight,
+        copy_batch=tcfg.copy_batch,
+        copy_length=tcfg.copy_length,
+        copy_pool=min(tcfg.copy_pool, len(tokenizer)),
+        seed=cfg.seed,
     )
     trainer = build_trainer(
         cfg.trainer,
