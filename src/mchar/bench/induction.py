@@ -39,17 +39,6 @@ def copy_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, offset: int) ->
     return (nll * m).sum() / m.sum(), float(acc)
 
 
-def text_loss(model: Any, batch: dict[str, torch.Tensor], answer_weight: float) -> torch.Tensor:
-    """Next-token NLL on text windows, answer tokens weighted like the base-LM stage does."""
-    ids = batch["input_ids"].long()
-    w = 1.0 + (answer_weight - 1.0) * batch["answer_mask"].float()
-    logits = model(input_ids=ids).logits[:, :-1]
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
-    )
-    return (nll * w[:, 1:].reshape(-1)).sum() / w[:, 1:].sum()
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,6 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.text_windows:
         import datasets
 
+        from mchar.lit.base_lm import next_token_loss
+
         text = datasets.load_from_disk(args.text_windows).with_format("torch")
     curve = []
     t0 = time.perf_counter()
@@ -78,7 +69,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if text is not None:
             rows = torch.randint(0, len(text), (args.text_batch,), generator=gen)
-            loss = loss + text_loss(model, text[rows], args.answer_weight)
+            batch = text[rows]
+            loss = loss + next_token_loss(
+                model,
+                batch["input_ids"].long(),
+                answer=batch["answer_mask"],
+                answer_weight=args.answer_weight,
+            )
         opt.zero_grad()
         loss.backward()
         opt.step()

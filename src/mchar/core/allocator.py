@@ -243,21 +243,19 @@ class FocusAllocator:
                 known = [v for v in vals if v is not None]
                 if need_scores and len(known) != group:
                     continue
-                kept = (
-                    self._expanded_at.get(e.parent(k))
-                    if e.level > 0 and self.group_score == "parent"
-                    else None
-                )
-                if kept is not None:
-                    score = kept
-                elif not known:
-                    score = 0.0
-                elif self.group_score == "max":
-                    score = max(known)
-                else:
-                    score = sum(known) / len(known)
+                score = self._group_value(e, known, k)
             out.append(_Cand(score, i, e, group))
         return out
+
+    def _group_value(self, first: Entry, known: list[float], k: int) -> float:
+        """What keeping a collapse group (starting with ``first``; ``known`` = its members' scores) is worth."""
+        if first.level > 0 and self.group_score == "parent":
+            kept = self._expanded_at.get(first.parent(k))
+            if kept is not None:
+                return kept
+        if not known:
+            return 0.0
+        return max(known) if self.group_score == "max" else sum(known) / len(known)
 
     def _churns(self, expand: _Cand, cols: list[_Cand], pay: _Cand | None) -> bool:
         """With ``group_score="parent"`` the expanded group keeps ``expand.score``; if that is the lowest keep-score
@@ -280,7 +278,8 @@ class FocusAllocator:
     def _do_expand(self, wc: WorkingContext, c: _Cand) -> Edit:
         i = wc.entry_at(c.entry.start(wc.block_size))
         after = wc.expand(i)
-        self._expanded_at[c.entry] = c.score
+        if self.group_score == "parent":
+            self._expanded_at[c.entry] = c.score
         for a in after:
             self._born[a] = (self._step, "expand")
         self.stats.expands += 1

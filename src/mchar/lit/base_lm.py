@@ -20,6 +20,28 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def next_token_loss(
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    answer: torch.Tensor | None = None,
+    answer_weight: float = 1.0,
+) -> torch.Tensor:
+    """Next-token NLL averaged over labelled tokens (-100 = padding), answer tokens weighted if given."""
+    labels = (ids if labels is None else labels)[:, 1:]
+    logits = model(input_ids=ids).logits[:, :-1]
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+    weight = labels.reshape(-1).ne(-100).float()
+    if answer is not None and answer_weight != 1.0:
+        weight = weight * (1.0 + (answer_weight - 1.0) * answer[:, 1:].reshape(-1).float())
+    return (nll * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 class BaseLMModule(L.LightningModule):
     """Causal-LM training of an HF model; validation perplexity through torchmetrics.
 
@@ -54,19 +76,7 @@ class BaseLMModule(L.LightningModule):
     def _loss(
         self, ids: torch.Tensor, labels: torch.Tensor | None = None, answer: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Next-token NLL averaged over labelled tokens (-100 = padding), answer tokens weighted if given."""
-        labels = (ids if labels is None else labels)[:, 1:]
-        logits = self.model(input_ids=ids).logits[:, :-1]
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="none",
-        )
-        weight = labels.reshape(-1).ne(-100).float()
-        if answer is not None and self.hparams.answer_weight != 1.0:
-            weight = weight * (1.0 + (self.hparams.answer_weight - 1.0) * answer[:, 1:].reshape(-1).float())
-        return (nll * weight).sum() / weight.sum().clamp_min(1.0)
+        return next_token_loss(self.model, ids, labels, answer, self.hparams.answer_weight)
 
     @staticmethod
     def _unpack(batch: torch.Tensor | dict) -> tuple[torch.Tensor, torch.Tensor | None]:
