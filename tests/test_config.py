@@ -41,6 +41,8 @@ def test_experiment_required_files_exist() -> None:
         (["allocator.fill_budget=maybe"], "allocator.fill_budget"),
         (["base_lm.copy_batch=-1"], "base_lm.copy_batch"),
         (["base_lm.copy_batch=8", "base_lm.copy_length=4"], "base_lm.copy_batch"),
+        (["base_lm.copy_only_steps=100"], "base_lm.copy_only_steps"),
+        (["base_lm.copy_batch=8", "base_lm.copy_from_step=-1"], "base_lm.copy_only_steps"),
         (["base_lm.curriculum_windows=[128]"], "base_lm.curriculum_steps"),
         (
             ["base_lm.curriculum_windows=[99999]", "base_lm.curriculum_steps=[5]"],

@@ -173,6 +173,8 @@ class BaseLMTrainConfig:
     copy_batch: int = 0
     copy_length: int = 64
     copy_pool: int = 256  # copy windows draw random token ids from [0, copy_pool)
+    copy_from_step: int = 0  # global step at which the copy term starts
+    copy_only_steps: int = 0  # its first N steps train the copy term alone (text batches skipped)
     # Short-window phases before the final ``max_steps`` at ``data.window`` (same tokens per step): retrieval is
     # learned on short windows first. One step count per window.
     curriculum_windows: list[int] = field(default_factory=list)
@@ -342,6 +344,11 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(
             f"base_lm.copy_batch: need copy_batch >= 0 and, when on, copy_length >= 16 and copy_pool >= 2 (got "
             f"{b.copy_batch}, {b.copy_length}, {b.copy_pool})"
+        )
+    if b.copy_from_step < 0 or b.copy_only_steps < 0 or (b.copy_only_steps and not b.copy_batch):
+        raise ConfigError(
+            "base_lm.copy_only_steps: need copy_from_step >= 0, copy_only_steps >= 0 and copy_batch > 0 when "
+            f"copy_only_steps is set (got {b.copy_from_step}, {b.copy_only_steps}, copy_batch={b.copy_batch})"
         )
     m = cfg.model.local
     if m.hidden_size % m.num_heads:

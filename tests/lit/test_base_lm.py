@@ -67,3 +67,17 @@ def test_copy_batch_adds_the_masked_copy_loss_deterministically_per_step() -> No
     m = mask[:, 1:]
     assert torch.allclose(copy, (nll * m).sum() / m.sum(), atol=1e-5)
     assert torch.allclose(BaseLMModule(module.model).training_step(b, 0), text, atol=1e-5)  # off by default
+
+
+def test_copy_only_steps_train_the_copy_term_alone_then_text_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    module = BaseLMModule(
+        tiny_causal_lm("llama"), copy_batch=4, copy_length=32, copy_from_step=3, copy_only_steps=2, seed=1
+    )
+    phases = [module.copy_phase(s) for s in range(7)]
+    assert phases == [(False, True)] * 3 + [(True, False)] * 2 + [(True, True)] * 2
+    b = _batch(3)
+    text = module._loss(b["input_ids"], b["labels"], b["answer_mask"])
+    for step, expected in [(0, text), (3, module.copy_loss(3)), (5, text + module.copy_loss(5))]:
+        monkeypatch.setattr(BaseLMModule, "global_step", property(lambda self, s=step: s))
+        assert torch.allclose(module.training_step(b, 0), expected, atol=1e-5), step

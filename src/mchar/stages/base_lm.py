@@ -140,6 +140,8 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         copy_batch=tcfg.copy_batch,
         copy_length=tcfg.copy_length,
         copy_pool=min(tcfg.copy_pool, len(tokenizer)),
+        copy_from_step=tcfg.copy_from_step,
+        copy_only_steps=tcfg.copy_only_steps,
         seed=cfg.seed,
     )
     trainer = build_trainer(
