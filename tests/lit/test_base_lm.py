@@ -81,3 +81,26 @@ def test_copy_only_steps_train_the_copy_term_alone_then_text_resumes(monkeypatch
     for step, expected in [(0, text), (3, module.copy_loss(3)), (5, text + module.copy_loss(5))]:
         monkeypatch.setattr(BaseLMModule, "global_step", property(lambda self, s=step: s))
         assert torch.allclose(module.training_step(b, 0), expected, atol=1e-5), step
+
+
+def test_a_trainer_fit_runs_through_the_copy_only_phase_and_back(tmp_path) -> None:
+    """Under a real Trainer the logged keys must stay consistent when the text loss switches off and on."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    module = BaseLMModule(
+        tiny_causal_lm("llama"), copy_batch=2, copy_length=16, copy_from_step=2, copy_only_steps=2, max_steps=6
+    )
+    data = torch.utils.data.DataLoader([_batch(i)["input_ids"][0] for i in range(6)], batch_size=1)
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=data)
+    assert trainer.global_step == 6
+    assert {"train/loss", "train/copy_loss"} <= set(trainer.callback_metrics)

@@ -114,7 +114,7 @@ class BaseLMModule(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True)
         if copy_on:
             copy = self.copy_loss(step)
-            self.log("train/copy_loss", copy, prog_bar=not text_on)
+            self.log("train/copy_loss", copy, prog_bar=True)
             loss = loss + copy
         return loss
 
