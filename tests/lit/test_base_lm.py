@@ -89,7 +89,12 @@ def test_a_trainer_fit_runs_through_the_copy_only_phase_and_back(tmp_path) -> No
 
     torch.manual_seed(0)
     module = BaseLMModule(
-        tiny_causal_lm("llama"), copy_batch=2, copy_length=16, copy_from_step=2, copy_only_steps=2, max_steps=6
+        tiny_causal_lm("llama"),
+        copy_batch=2,
+        copy_length=16,
+        copy_from_step=2,
+        copy_only_steps=2,
+        max_steps=6,
     )
     data = torch.utils.data.DataLoader([_batch(i)["input_ids"][0] for i in range(6)], batch_size=1)
     trainer = L.Trainer(
