@@ -42,6 +42,8 @@ def test_experiment_required_files_exist() -> None:
         (["base_lm.copy_batch=-1"], "base_lm.copy_batch"),
         (["base_lm.copy_batch=8", "base_lm.copy_length=4"], "base_lm.copy_batch"),
         (["base_lm.copy_only_steps=100"], "base_lm.copy_only_steps"),
+        (["model.local.induction_prior=true"], "model.local.induction_prior"),
+        (["model.local.head_dim=7"], "model.local.head_dim"),
         (["base_lm.copy_batch=8", "base_lm.copy_from_step=-1"], "base_lm.copy_only_steps"),
         (["base_lm.curriculum_windows=[128]"], "base_lm.curriculum_steps"),
         (

@@ -34,6 +34,10 @@ class LocalLMConfig:
     vocab_size: int = 8192
     max_positions: int = 8192
     rope_theta: float = 10000.0
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    # Hand-wired previous-token + induction heads (mchar.base.induction_prior): a CPU-trained base never formed
+    # them. Needs a large rope_theta (1e10) and head_dim 64 for its distance-invariant matching.
+    induction_prior: bool = False
 
 
 @dataclass
@@ -353,6 +357,23 @@ def check_semantics(cfg: RootConfig) -> None:
     m = cfg.model.local
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.local.hidden_size: {m.hidden_size} not divisible by model.local.num_heads")
+    if m.head_dim < 0 or m.head_dim % 2:
+        raise ConfigError(
+            f"model.local.head_dim: need 0 (hidden_size // num_heads) or a positive even number, got {m.head_dim}"
+        )
+    if m.induction_prior:
+        from mchar.base.induction_prior import check_prior
+
+        problem = check_prior(
+            m.hidden_size,
+            m.num_heads,
+            m.num_layers,
+            m.head_dim or m.hidden_size // m.num_heads,
+            m.rope_theta,
+            m.max_positions,
+        )
+        if problem:
+            raise ConfigError(f"model.local.induction_prior: {problem}")
     if cfg.model.kind == "local" and d.window > m.max_positions:
         raise ConfigError(f"data.window: {d.window} exceeds model.local.max_positions={m.max_positions}")
     e = cfg.eval

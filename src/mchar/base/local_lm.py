@@ -33,12 +33,19 @@ def build_local_lm(
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_positions,
         rope_theta=cfg.rope_theta,
+        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        attention_bias=cfg.induction_prior,  # the prior's previous-token heads are positional (q/k biases)
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if cfg.induction_prior:
+        from mchar.base.induction_prior import install_induction_prior
+
+        install_induction_prior(model, span=cfg.max_positions, seed=seed)
+    return model
 
 
 def is_built(path: str | Path) -> bool:
