@@ -11,7 +11,7 @@ and text training refines it like any other weights:
 * layer 1, heads 0 and 1: induction heads that match (current token, previous token) against (S1, S2) of every
   earlier position, using only the slow RoPE pairs (rotation over ``span`` positions < ``max_angle``), so the
   match does not depend on distance; their values copy the attended token's embedding (outside S1, S2) into
-  the residual stream, where the tied unembedding reads it.
+  the residual stream (at most 2 x head_dim of it), where the tied unembedding reads it.
 
 A 2-token match ("pass key is" -> the key, not every "is" of the haystack) needs enough slow pairs: a large
 ``rope_theta`` (1e10) and ``head_dim`` 64 give 19 at 4,096 positions. Heads 2+ of both layers and the MLPs are
@@ -57,8 +57,8 @@ def check_prior(hidden: int, heads: int, layers: int, head_dim: int, theta: floa
             f"only {code // 2} slow RoPE pairs per matched token at head_dim={head_dim}, rope_theta={theta:g} over "
             f"{span} positions (need >= 4): raise rope_theta (e.g. 1e10) or head_dim (e.g. 64)"
         )
-    if 3 * code >= hidden or math.ceil((hidden - 2 * code) / 2) > head_dim:
-        return f"hidden_size={hidden} does not fit three {code}-dim codes and a copy of the rest in two heads"
+    if 3 * code >= hidden:
+        return f"hidden_size={hidden} does not fit three {code}-dim codes"
     return None
 
 
@@ -91,7 +91,8 @@ def _install(model: Any, span: int, seed: int) -> None:
     basis = basis.float()
     write = [basis[:, :code], basis[:, code : 2 * code]]  # S1, S2: where the previous-token codes land
     read = basis[:, 2 * code : 3 * code]  # the token's own code is its projection on this subspace
-    rest = basis[:, 2 * code :]  # what the induction heads copy: the embedding outside S1, S2
+    # what the induction heads copy: the embedding outside S1, S2 (at most 2 x head_dim of it, a random projection)
+    rest = basis[:, 2 * code : min(d, 2 * code + 2 * hd)]
 
     prev, match = model.model.layers[0].self_attn, model.model.layers[1].self_attn
     fast = torch.arange(FAST_PAIRS)
