@@ -39,6 +39,10 @@ class LocalLMConfig:
     # them. Needs a large rope_theta (1e10) and head_dim 64 for its distance-invariant matching.
     induction_prior: bool = False
 
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
 
 @dataclass
 class ModelConfig:
@@ -368,7 +372,7 @@ def check_semantics(cfg: RootConfig) -> None:
             m.hidden_size,
             m.num_heads,
             m.num_layers,
-            m.head_dim or m.hidden_size // m.num_heads,
+            m.resolved_head_dim,
             m.rope_theta,
             m.max_positions,
         )

@@ -33,7 +33,7 @@ def build_local_lm(
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_positions,
         rope_theta=cfg.rope_theta,
-        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        head_dim=cfg.resolved_head_dim,
         attention_bias=cfg.induction_prior,  # the prior's previous-token heads are positional (q/k biases)
         bos_token_id=bos_id,
         eos_token_id=eos_id,
