@@ -37,6 +37,8 @@ def test_experiment_required_files_exist() -> None:
         (["model=nope"], "model"),
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
+        (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
+        (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
         (["data.mix_tasks=[passkey,cpy]"], "data.mix_tasks"),
         (["allocator.fill_budget=maybe"], "allocator.fill_budget"),
         (["base_lm.copy_batch=-1"], "base_lm.copy_batch"),

@@ -103,6 +103,9 @@ class AllocatorConfig:
     temperature: float = 1.0
     top_k: int = 4
     refocus_every: int | None = None  # default: every block
+    # content-scoring policies (lensnet, similarity) rate each LOD>=2 gist by the best of its children, so the
+    # allocator can walk down to a needle under a coarse gist (mchar.core.lookahead)
+    lookahead: bool = True
 
 
 @dataclass
@@ -129,6 +132,8 @@ class GistNetConfig:
     keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
     val_windows: int = 32  # held-out windows for the final metrics
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
+    # output = block mean + the trunk's correction (zero at init): starts at the summary a gist-exposed base reads
+    residual_mean: bool = False
 
 
 @dataclass
@@ -147,6 +152,11 @@ class LensNetConfig:
     warmup_steps: int = 10
     tail_tokens: int = 32
     random_edits: int = 3  # random legal edits applied to initial_context per step (WC diversity)
+    # share of training WCs built by random expansion from the coarsest cover instead of recency-first: puts
+    # LOD1 gists and raw blocks everywhere in the history, so far-back needles become candidates
+    random_fill: float = 0.5
+    # cosine(entry, mean of the newest query_tokens tail embeddings) as a LensNet input feature (0 = off)
+    query_tokens: int = 16
     alloc_rounds: int = 16  # refocus rounds when validating allocator gain
     val_windows: int = 16
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
@@ -183,6 +193,11 @@ class BaseLMTrainConfig:
     copy_pool: int = 256  # copy windows draw random token ids from [0, copy_pool)
     copy_from_step: int = 0  # global step at which the copy term starts
     copy_only_steps: int = 0  # its first N steps train the copy term alone (text batches skipped)
+    # Gist exposure (mchar.lit.gist_exposure): weight of a second loss on the same batch with a random mix of
+    # blocks replaced by mean summaries at their span's position (tree.block_size / tree.depth), so the base
+    # learns to read one-slot summaries. 0 = off.
+    gist_exposure: float = 0.0
+    gist_exposure_raw_prob: float = 0.5  # share of blocks left raw in an exposure layout
     # Short-window phases before the final ``max_steps`` at ``data.window`` (same tokens per step): retrieval is
     # learned on short windows first. One step count per window.
     curriculum_windows: list[int] = field(default_factory=list)
@@ -323,6 +338,16 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"gistnet.raw_prob: must be in [0, 1], got {g.raw_prob}")
     if g.keep_raw_blocks < 0:
         raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
+    if cfg.base_lm.gist_exposure < 0:
+        raise ConfigError(f"base_lm.gist_exposure: must be >= 0 (0 = off), got {cfg.base_lm.gist_exposure}")
+    if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:
+        raise ConfigError(
+            f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"
+        )
+    if not 0.0 <= cfg.lensnet.random_fill <= 1.0:
+        raise ConfigError(f"lensnet.random_fill: must be in [0, 1], got {cfg.lensnet.random_fill}")
+    if cfg.lensnet.query_tokens < 0:
+        raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
     if cfg.lensnet.width % cfg.lensnet.heads:
         raise ConfigError(
             f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}"

@@ -106,3 +106,23 @@ def test_gradients_flow_through_frozen_base_into_gistnet_only() -> None:
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "level" not in n
     )
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_residual_mean_starts_at_the_mean_summary_and_learns_a_correction(tmp_path, head: str) -> None:
+    torch.manual_seed(0)
+    net = GistNet(16, 4, n_layers=1, n_heads=2, head=head, max_level=2, out_scale=0.5, residual_mean=True)
+    x = torch.randn(3, 4, 16)
+    m = x.mean(1)
+    want = m * torch.rsqrt(m.pow(2).mean(-1, keepdim=True)) * 0.5
+    for level in (1, 2):
+        assert torch.allclose(net(x, level), want, atol=1e-5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(2):  # the zero-initialised last layer moves first, then the trunk behind it
+        opt.zero_grad()
+        net(x, 1).pow(3).sum().backward()
+        opt.step()
+    assert not torch.allclose(net(x, 1), want, atol=1e-3)
+    net.save_pretrained(tmp_path / "g")
+    back = from_pretrained(tmp_path / "g")
+    assert back.residual_mean and torch.allclose(back(x, 1), net(x, 1))

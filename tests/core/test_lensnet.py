@@ -83,3 +83,30 @@ def test_entry_embedding_convention() -> None:
     assert torch.allclose(entry_embedding(0, block), block.mean(0))
     gist = torch.randn(1, D)
     assert torch.equal(entry_embedding(2, gist), gist[0])
+
+
+def test_query_similarity_feature_reads_the_newest_valid_tail_tokens(tmp_path) -> None:
+    from mchar.core.lensnet import query_similarity
+
+    e, lv, wd, ds, tail = _inputs(w=6, t=5)
+    sim = query_similarity(e[None], tail[None], None, 3)
+    want = torch.nn.functional.cosine_similarity(e, tail[-3:].mean(0, keepdim=True), dim=-1)
+    assert torch.allclose(sim[0], want, atol=1e-6)
+    # left padding does not move the query: pad two junk columns in front, masked out
+    padded = torch.cat([torch.randn(2, D) * 5, tail[-2:]])[None]
+    mask = torch.tensor([[False, False, True, True]])
+    assert torch.allclose(
+        query_similarity(e[None], padded, mask, 3)[0],
+        torch.nn.functional.cosine_similarity(e, tail[-2:].mean(0, keepdim=True), dim=-1),
+        atol=1e-6,
+    )
+    assert torch.equal(query_similarity(e[None], None, None, 3), torch.zeros(1, 6))
+    torch.manual_seed(0)
+    net = LensNet(D, width=32, n_layers=1, n_heads=4, max_level=2, tail_tokens=8, query_tokens=3).eval()
+    assert net.features[0].in_features == 3
+    s = net(e, lv, wd, ds, tail)
+    net.save_pretrained(tmp_path / "q")
+    back = from_pretrained(tmp_path / "q")
+    assert back.query_tokens == 3 and torch.allclose(back(e, lv, wd, ds, tail), s)
+    with torch.no_grad():  # the feature reaches the score: a different query, a different score
+        assert not torch.allclose(net(e, lv, wd, ds, -tail), s)

@@ -120,3 +120,27 @@ def test_checkpoint_state_and_export(tmp_path) -> None:
         torch.arange(5).repeat(2, 1),
     )
     assert torch.allclose(net(*args), m.lensnet(*args))
+
+
+def test_random_fill_wcs_are_legal_full_and_reach_far_back() -> None:
+    import numpy as np
+
+    from mchar.lit.lensnet_module import random_fill_wc
+
+    shape = W.WindowShape(4, 2, 160)
+    far_raw = 0
+    for seed in range(20):
+        wc = random_fill_wc(shape, 40, np.random.default_rng(seed))
+        wc.validate(shape)
+        assert 40 - 3 <= wc.cost <= 40  # no further gist expand (K - 1 = 3 slots) fits
+        far_raw += any(e.level == 0 and e.index < 20 for e in wc.entries)
+    assert far_raw >= 5  # a recency-first WC never has a raw block in the older half
+
+
+def test_lookahead_allocation_and_random_fill_steps_run() -> None:
+    m = _module(random_fill=1.0, lookahead=True)
+    assert torch.isfinite(m.step_loss(windows(2), 0)[0])
+    out = m.evaluate_batch(windows(2), 0)
+    assert (
+        torch.isfinite(out["alloc_nll/lensnet"]).all() and torch.isfinite(out["alloc_nll/similarity"]).all()
+    )

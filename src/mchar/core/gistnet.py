@@ -12,6 +12,10 @@ Design choices (and why):
 * **Scale matching**: inputs are RMS-normalised (token embeddings and gists can have any scale) and outputs are
   RMS-normalised then multiplied by a learned ``out_scale`` initialised to the base embeddings' RMS, so a gist
   looks, to the frozen base, like something of the size of a token embedding.
+* **Residual from the mean** (``residual_mean=True``): the output is the block mean plus the trunk's correction,
+  whose last layer starts at zero, so an untrained GistNet *is* the mean summary. A base pre-trained with gist
+  exposure (``mchar.lit.gist_exposure``) has learnt to read exactly that summary, so GistNet starts from what
+  the base understands and only learns what to add.
 * Weights export as ``model.safetensors`` + ``config.json`` and rebuild with :func:`from_pretrained`, with no
   Lightning in the loop.
 """
@@ -149,6 +153,7 @@ class GistNet(_Exportable, nn.Module):
         max_level: int = 2,
         shared: bool = True,
         out_scale: float = 1.0,
+        residual_mean: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in {"mean", "query", "cls"}:
@@ -166,12 +171,19 @@ class GistNet(_Exportable, nn.Module):
             for _ in range(n_nets)
         )
         self.out_scale = nn.Parameter(torch.tensor(float(out_scale)))
+        self.residual_mean = residual_mean
+        if residual_mean:
+            for net in self.nets:
+                last = net.head if isinstance(net.head, nn.Linear) else net.head[-1]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def config_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "d_model": self.d_model,
             "block_size": self.block_size,
+            "residual_mean": self.residual_mean,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "width": self.width,
@@ -189,6 +201,8 @@ class GistNet(_Exportable, nn.Module):
         net = self.nets[0 if self.shared else level - 1]
         param = self.out_scale
         y = net(x.to(param.dtype), level)
+        if self.residual_mean:
+            y = y + _rms_normalise(x.to(param.dtype).mean(dim=1))
         return (_rms_normalise(y) * param).to(x.dtype)
 
 

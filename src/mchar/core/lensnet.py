@@ -9,6 +9,11 @@ Why it looks like this:
 * Per-entry features: entry embedding (RMS-normalised, projected ``d_model -> width``), LOD embedding,
   ``log(span width)`` and ``log1p(distance to cursor)`` (log-scaled so a 1M-token history does not blow up
   the input; divided by ``log(2**20)`` so typical values are O(1)).
+* **Query similarity** (``query_tokens > 0``): the cosine between each entry and the mean of the newest
+  ``query_tokens`` tail embeddings is a third scalar feature. A 2-layer net trained for minutes does not
+  rediscover this match from the raw tail on its own (measured: on passkey prompts the needle block ranked
+  near the *bottom*, while the plain ``similarity`` policy ranked it in the top 3), and with it LensNet can
+  start from what the similarity baseline knows and learn when to trust it.
 * Output: one **unsquashed** signed score per entry (no tanh: the allocator only compares and thresholds, and
   a ranking loss does not need a bounded range). Padded entries score 0.
 * Entry embedding convention (see :func:`entry_embedding`): a raw block is the mean of its K token
@@ -45,14 +50,18 @@ class LensNet(nn.Module):
         n_heads: int = 4,
         max_level: int = 2,
         tail_tokens: int = 32,
+        query_tokens: int = 0,
     ) -> None:
         super().__init__()
+        if query_tokens < 0:
+            raise ValueError(f"lensnet.query_tokens must be >= 0, got {query_tokens}")
         self.d_model, self.width, self.n_layers, self.n_heads = d_model, width, n_layers, n_heads
-        self.max_level, self.tail_tokens = max_level, tail_tokens
+        self.max_level, self.tail_tokens, self.query_tokens = max_level, tail_tokens, query_tokens
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
         self.level = nn.Embedding(max_level + 1, width)
-        self.features = nn.Sequential(nn.Linear(2, width), nn.GELU(), nn.Linear(width, width))
+        n_feats = 3 if query_tokens else 2
+        self.features = nn.Sequential(nn.Linear(n_feats, width), nn.GELU(), nn.Linear(width, width))
         self.tail_type = nn.Parameter(torch.randn(width) * 0.02)
         self.tail_pos = nn.Parameter(torch.randn(max(tail_tokens, 1), width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(n_layers))
@@ -69,6 +78,7 @@ class LensNet(nn.Module):
             "n_heads": self.n_heads,
             "max_level": self.max_level,
             "tail_tokens": self.tail_tokens,
+            "query_tokens": self.query_tokens,
         }
 
     @classmethod
@@ -113,13 +123,17 @@ class LensNet(nn.Module):
             tail_mask = None if tail_mask is None else tail_mask.unsqueeze(0)
         b, w, _ = entry_embeds.shape
         dtype = self.entry_proj.weight.dtype
-        feats = torch.stack(
-            [widths.to(dtype).clamp_min(1).log(), distances.to(dtype).clamp_min(0).log1p()], -1
+        feats = (
+            torch.stack([widths.to(dtype).clamp_min(1).log(), distances.to(dtype).clamp_min(0).log1p()], -1)
+            / _FEATURE_SCALE
         )
+        if self.query_tokens:
+            sim = query_similarity(entry_embeds.to(dtype), tail_embeds, tail_mask, self.query_tokens)
+            feats = torch.cat([feats, sim.unsqueeze(-1)], -1)
         h = (
             self.entry_proj(_rms_normalise(entry_embeds.to(dtype)))
             + self.level(levels.long().clamp(0, self.max_level))
-            + self.features(feats / _FEATURE_SCALE)
+            + self.features(feats)
         )
         key_mask = (
             torch.ones(b, w, dtype=torch.bool, device=h.device) if mask is None else mask.to(torch.bool)
@@ -144,6 +158,24 @@ class LensNet(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~key_mask[:, :w], 0.0)
         return scores[0] if squeeze else scores
+
+
+def query_similarity(
+    entry_embeds: torch.Tensor, tail_embeds: torch.Tensor | None, tail_mask: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """``[B, W]`` cosine between each entry and the mean of the newest ``n`` valid tail embeddings (0 without a
+    tail). Tails are left-padded, so the newest tokens are the last columns."""
+    b, w, _ = entry_embeds.shape
+    if tail_embeds is None or tail_embeds.shape[1] == 0:
+        return entry_embeds.new_zeros(b, w)
+    tail = tail_embeds[:, -n:].to(entry_embeds.dtype)
+    valid = (
+        torch.ones(tail.shape[:2], dtype=tail.dtype, device=tail.device)
+        if tail_mask is None
+        else tail_mask[:, -n:].to(tail.dtype)
+    )
+    query = (tail * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.nn.functional.cosine_similarity(entry_embeds, query.unsqueeze(1), dim=-1)
 
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:

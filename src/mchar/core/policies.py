@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mchar.core.allocator import initial_context
 from mchar.core.entries import Entry
+from mchar.core.lookahead import lookahead_view, max_by_owner
 from mchar.core.positions import check_mode, gist_position
 from mchar.core.working_context import BudgetExceeded, WorkingContext, coarsest_cover
 
@@ -405,19 +406,50 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, **kw: Any) -> Policy:
-    """Build a policy by registry name (``allocator.policy`` in configs)."""
+class LookaheadPolicy(Policy):
+    """Any score policy, with every gist of level >= 2 rated by the best of its children (see
+    :mod:`mchar.core.lookahead`): the allocator can then walk down to a needle buried under a coarse gist."""
+
+    def __init__(self, inner: Policy, min_level: int = 2) -> None:
+        if getattr(inner, "allows_drop", False):
+            raise ValueError(
+                f"lookahead: {inner.name!r} truncates instead of scoring; it has nothing to look at"
+            )
+        self.inner, self.min_level = inner, int(min_level)
+        self.name = inner.name  # type: ignore[misc]
+        self.relative_scores = inner.relative_scores  # type: ignore[misc]
+
+    def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
+        view, owner = lookahead_view(wc.entries, wc.block_size, self.min_level)
+        if len(view) == len(wc):
+            return self.inner.scores(wc, tree, context)
+        cost = sum(e.cost(wc.block_size) for e in view) + wc.tail_len
+        view_wc = WorkingContext(
+            wc.block_size, wc.depth, max(wc.budget, cost), wc.num_tokens, entries=view, tree=tree
+        )
+        pooled = max_by_owner(self.inner.scores(view_wc, tree, context), owner, len(wc))
+        return standardise(pooled) if self.relative_scores else pooled
+
+    def build(self, tree: Any, budget: int, depth: int | None = None) -> WorkingContext:
+        return self.inner.build(tree, budget, depth)
+
+
+def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:
+    """Build a policy by registry name (``allocator.policy`` in configs); ``lookahead`` wraps it in
+    :class:`LookaheadPolicy`."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r} (available: {', '.join(sorted(POLICIES))})") from None
-    return cls(**kw)
+    policy = cls(**kw)
+    return LookaheadPolicy(policy) if lookahead else policy
 
 
 __all__ = [
     "POLICIES",
     "GistsOnlyPolicy",
     "LensNetPolicy",
+    "LookaheadPolicy",
     "OraclePolicy",
     "Policy",
     "PolicyContext",

@@ -23,6 +23,7 @@ from mchar.errors import MCharError
 log = logging.getLogger(__name__)
 
 POLICY_NAMES = ("recency", "sink_recent", "gists_only", "similarity", "random", "lensnet", "oracle")
+LOOKAHEAD_POLICIES = ("lensnet", "similarity")  # content scorers; allocator.lookahead applies to these
 _EXPORT_KEYS = ("export_dir", "weights_dir", "model_dir", "gistnet_dir", "lensnet_dir", "dir", "path")
 
 
@@ -53,6 +54,7 @@ class SessionSettings:
     seed: int = 0
     sink_blocks: int = 1
     oracle_horizon: int | None = None
+    lookahead: bool = False
 
     def check(self) -> None:
         """Reject impossible shapes with one line before anything is loaded."""
@@ -87,6 +89,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         seed=int(cfg.seed),
         sink_blocks=int(e.sink_blocks),
         oracle_horizon=e.oracle_horizon,
+        lookahead=bool(a.lookahead),
     )
 
 
@@ -165,7 +168,7 @@ class EvalComponents:
             "lensnet": {"lensnet": self.lensnet},
             "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
         }.get(name, {})
-        return make_policy(name, **kwargs)
+        return make_policy(name, lookahead=s.lookahead and name in LOOKAHEAD_POLICIES, **kwargs)
 
     def session(self, policy: str, budget: int | None = None) -> Any:
         """A fresh, empty session for ``policy`` at ``budget`` (default: the settings' budget)."""

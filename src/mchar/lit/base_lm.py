@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 from torch import nn
 
 from mchar.data.copy_batches import repeat_batch
+from mchar.lit.gist_exposure import gist_exposure_loss
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -56,6 +58,9 @@ class BaseLMModule(L.LightningModule):
     it alone (the text batch is skipped): an ablation knob. On the 2-layer d128 retrieval base neither schedule
     formed an induction circuit on a CPU budget (copy loss ~5.1 vs chance 5.55 after 2,000 copy-only steps);
     ``model.local.induction_prior`` is what gives the local base the ability to copy.
+
+    ``gist_exposure > 0`` adds that weight times :func:`mchar.lit.gist_exposure.gist_exposure_loss` on the same
+    text batch (a seeded random layout per step): the base learns to read one-slot block summaries.
     """
 
     def __init__(
@@ -71,6 +76,11 @@ class BaseLMModule(L.LightningModule):
         copy_pool: int = 256,
         copy_from_step: int = 0,
         copy_only_steps: int = 0,
+        gist_exposure: float = 0.0,
+        gist_exposure_raw_prob: float = 0.5,
+        block_size: int = 16,
+        depth: int = 2,
+        position_mode: str = "centre",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -97,6 +107,14 @@ class BaseLMModule(L.LightningModule):
         labels = ids.masked_fill(mask == 0, -100).to(self.device)
         return self._loss(ids.to(self.device), labels)
 
+    def exposure_loss(self, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """NLL of the batch with a seeded random mix of its blocks replaced by mean summaries."""
+        h = self.hparams
+        gen = np.random.default_rng([h.seed, step, 17])
+        return gist_exposure_loss(
+            self.model, ids, h.block_size, h.depth, gen, h.gist_exposure_raw_prob, 1, h.position_mode
+        )
+
     def copy_phase(self, step: int) -> tuple[bool, bool]:
         """(copy term on, text loss on) at global step ``step``."""
         h = self.hparams
@@ -112,6 +130,10 @@ class BaseLMModule(L.LightningModule):
             answer = batch.get("answer_mask") if isinstance(batch, dict) else None
             loss = self._loss(*self._unpack(batch), answer)
             self.log("train/loss", loss, prog_bar=True)
+        if text_on and self.hparams.gist_exposure > 0:
+            exposure = self.exposure_loss(self._unpack(batch)[0], step)
+            self.log("train/gist_exposure_loss", exposure, prog_bar=True)
+            loss = loss + self.hparams.gist_exposure * exposure
         if copy_on:
             copy = self.copy_loss(step)
             self.log("train/copy_loss", copy, prog_bar=True)

@@ -33,6 +33,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
+from mchar.core.lookahead import lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
@@ -84,6 +85,19 @@ def random_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator, edits
     return wc
 
 
+def random_fill_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator) -> WorkingContext:
+    """The coarsest cover, then uniformly random gists expanded until the budget is spent: LOD1 gists and raw
+    blocks land anywhere in the history (a recency-first WC keeps far-back needles under LOD2 gists, where
+    their one-step utility is ~0, so LensNet would never see them as candidates)."""
+    wc = initial_context(shape, budget, expand_recent=False)
+    while wc.cost + shape.block_size - 1 <= budget:
+        gists = [i for i in range(len(wc)) if wc[i].level > 0]
+        if not gists:
+            break
+        wc.expand(gists[int(gen.integers(0, len(gists)))])
+    return wc
+
+
 class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
@@ -108,6 +122,8 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         random_edits: int = 3,
         position_mode: str = "centre",
         alloc_rounds: int = 16,
+        random_fill: float = 0.0,
+        lookahead: bool = False,
         seed: int = 0,
         train_gistnet: bool = False,
     ) -> None:
@@ -198,7 +214,11 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
 
     def sample_step(self, step: int, prefix: int) -> tuple[list[Entry], np.ndarray]:
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
-        wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
+        fill = self.hparams.random_fill
+        if fill > 0 and gen.random() < fill:
+            wc = random_fill_wc(self.shape(prefix), self.budget, gen)
+        else:
+            wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
         entries = list(wc.entries)
         c = min(self.hparams.candidates, len(entries))
         return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
@@ -254,7 +274,31 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         prefix: int,
         gen: np.random.Generator,
     ) -> list[torch.Tensor]:
-        """Per-WC entry scores of a score source (higher = expand first, lower = collapse first)."""
+        """Per-WC entry scores of a score source (higher = expand first, lower = collapse first).
+
+        With ``lookahead`` the content scorers (lensnet, similarity) rate each LOD>=2 gist by the best of its
+        children, as the evaluation sessions do (``allocator.lookahead``)."""
+        ents = [list(wc.entries) for wc in wcs]
+        if self.hparams.lookahead and policy in ("lensnet", "similarity"):
+            views = [lookahead_view(e, self.k) for e in ents]
+            view_wcs = [
+                WorkingContext(self.k, self.depth, 1 << 30, wc.num_tokens, entries=v)
+                for wc, (v, _) in zip(wcs, views, strict=True)
+            ]
+            scored = self.policy_scores_flat(policy, view_wcs, tok, gists, prefix, gen)
+            return [max_by_owner(s, o, len(e)) for s, (_, o), e in zip(scored, views, ents, strict=True)]
+        return self.policy_scores_flat(policy, wcs, tok, gists, prefix, gen)
+
+    def policy_scores_flat(
+        self,
+        policy: str,
+        wcs: Sequence[WorkingContext],
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        gen: np.random.Generator,
+    ) -> list[torch.Tensor]:
+        """:meth:`policy_scores` without lookahead: one score per entry as it stands."""
         ents = [list(wc.entries) for wc in wcs]
         if policy == "lensnet":
             s, _ = self.lens_scores(ents, range(len(wcs)), tok, gists, prefix)

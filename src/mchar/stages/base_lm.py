@@ -142,6 +142,11 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         copy_pool=min(tcfg.copy_pool, len(tokenizer)),
         copy_from_step=tcfg.copy_from_step,
         copy_only_steps=tcfg.copy_only_steps,
+        gist_exposure=tcfg.gist_exposure,
+        gist_exposure_raw_prob=tcfg.gist_exposure_raw_prob,
+        block_size=cfg.tree.block_size,
+        depth=cfg.tree.depth,
+        position_mode=cfg.tree.position_mode,
         seed=cfg.seed,
     )
     trainer = build_trainer(

@@ -188,6 +188,7 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
         max_level=t.depth,
         shared=g.shared,
         out_scale=base.embedding_rms,
+        residual_mean=g.residual_mean,
     )
 
 

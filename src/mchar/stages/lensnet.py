@@ -31,6 +31,7 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         n_heads=lc.heads,
         max_level=ctx.cfg.tree.depth,
         tail_tokens=lc.tail_tokens,
+        query_tokens=lc.query_tokens,
     )
 
 
@@ -49,6 +50,8 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         max_steps=steps,
         warmup_steps=lc.warmup_steps,
         random_edits=lc.random_edits,
+        random_fill=lc.random_fill,
+        lookahead=cfg.allocator.lookahead,
         position_mode=cfg.tree.position_mode,
         alloc_rounds=lc.alloc_rounds,
         seed=cfg.seed,
