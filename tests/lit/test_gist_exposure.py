@@ -38,7 +38,9 @@ def test_all_raw_layout_is_exactly_the_plain_lm_loss_and_summaries_carry_gradien
     loss.backward()
     grad = model.get_input_embeddings().weight.grad
     only_summarised = sorted(set(ids[:, :K].flatten().tolist()) - set(ids[:, -K:].flatten().tolist()))
-    assert only_summarised and grad[only_summarised].abs().sum() > 0  # seen only inside a summary, still learn
+    assert (
+        only_summarised and grad[only_summarised].abs().sum() > 0
+    )  # seen only inside a summary, still learn
 
 
 def test_module_adds_the_weighted_exposure_term_deterministically() -> None:
