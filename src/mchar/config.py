@@ -157,6 +157,9 @@ class LensNetConfig:
     random_fill: float = 0.5
     # cosine(entry, mean of the newest query_tokens tail embeddings) as a LensNet input feature (0 = off)
     query_tokens: int = 16
+    # corpus tokens after a synthetic window's last answer in LensNet's windows (None = data.mix_answer_tail);
+    # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it
+    mix_answer_tail: int | None = None
     alloc_rounds: int = 16  # refocus rounds when validating allocator gain
     val_windows: int = 16
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
@@ -346,6 +349,9 @@ def check_semantics(cfg: RootConfig) -> None:
         )
     if not 0.0 <= cfg.lensnet.random_fill <= 1.0:
         raise ConfigError(f"lensnet.random_fill: must be in [0, 1], got {cfg.lensnet.random_fill}")
+    tail = cfg.lensnet.mix_answer_tail
+    if tail is not None and not 0 <= tail < cfg.data.window // 2:
+        raise ConfigError(f"lensnet.mix_answer_tail: must be in [0, data.window/2), got {tail}")
     if cfg.lensnet.query_tokens < 0:
         raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
     if cfg.lensnet.width % cfg.lensnet.heads:

@@ -27,14 +27,17 @@ def load_base(ctx: RunContext) -> Any:
     return FrozenBaseLM.from_pretrained(path, dtype=ctx.cfg.model.dtype)
 
 
-def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train windows, val windows) as ``[N, window]`` id tensors; partial (padded) windows are left out."""
+def load_windows(
+    ctx: RunContext, base: Any, n_val: int, **overrides: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train windows, val windows) as ``[N, window]`` id tensors; partial (padded) windows are left out.
+    ``overrides`` replace data-module arguments (e.g. a side net's own ``mix_answer_tail``)."""
     import torch
 
     from mchar.stages.base_lm import window_module
 
     d = ctx.cfg.data
-    dm = window_module(ctx, base.tokenizer, num_workers=0)
+    dm = window_module(ctx, base.tokenizer, num_workers=0, **overrides)
     dm.setup("fit")
 
     def full(split: str) -> torch.Tensor:
@@ -53,7 +56,7 @@ def load_windows(ctx: RunContext, base: Any, n_val: int) -> tuple[torch.Tensor, 
     return train, val[:n_val]
 
 
-def retrieval_windows(ctx: RunContext, base: Any, n: int) -> torch.Tensor:
+def retrieval_windows(ctx: RunContext, base: Any, n: int, **overrides: Any) -> torch.Tensor:
     """``n`` held-out synthetic retrieval windows (haystack and needles from val-split files, never trained on).
 
     Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer in the
@@ -76,6 +79,7 @@ def retrieval_windows(ctx: RunContext, base: Any, n: int) -> torch.Tensor:
         num_workers=0,
         seed=ctx.cfg.seed + 7919,
         task_mix_fraction=0.5,
+        **overrides,
     )
     dm.setup("fit")
     ds = dm.datasets["train"]

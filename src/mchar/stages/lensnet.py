@@ -66,7 +66,9 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     base = load_base(ctx)
     gist_path = gistnet_dir(ctx)
     gistnet = from_pretrained(gist_path)
-    train, val = load_windows(ctx, base, lc.val_windows)
+    # LensNet's own answer tail: the question then sits in its query tail, as it does when a task is asked
+    data = {} if lc.mix_answer_tail is None else {"mix_answer_tail": lc.mix_answer_tail}
+    train, val = load_windows(ctx, base, lc.val_windows, **data)
     steps = cfg.trainer.max_steps or lc.max_steps
     module = LensNetModule(
         base,
@@ -74,7 +76,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         build_lensnet(ctx, base),
         **lens_training_kwargs(cfg, steps),
     )
-    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows)
+    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)
     trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
