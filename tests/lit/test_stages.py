@@ -53,3 +53,26 @@ def test_stages_export_and_log_to_mlflow(smoke_run) -> None:
         assert key in lm, key
     assert "train/loss" in gm and runs["gistnet"].data.tags["mchar.gistnet_dir"] == g["artifact_dir"]
     assert runs["gistnet"].info.status == "FINISHED" and runs["lensnet"].info.status == "FINISHED"
+
+
+def test_a_built_base_with_another_architecture_is_refused_not_reused(smoke_run) -> None:
+    from mchar.config import ConfigError
+    from mchar.pipeline import RunContext
+    from mchar.stages.base_lm import ensure_base_lm
+
+    tmp, ctx = smoke_run
+    built = ensure_base_lm(ctx)  # same config: reused, no error
+    hidden = ctx.cfg.model.local.hidden_size
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            f"artifacts_dir={tmp / 'art'}",
+            f"model.local.hidden_size={2 * hidden}",
+        ]
+    )
+    other = RunContext(cfg=cfg, tracker=None, run_dir=tmp / "runs", artifacts_dir=tmp / "art")
+    with pytest.raises(
+        ConfigError, match=rf"model.name: .* hidden_size={hidden} .* hidden_size={2 * hidden}"
+    ):
+        ensure_base_lm(other)
+    assert (built / "model.safetensors").is_file()  # nothing stored was touched

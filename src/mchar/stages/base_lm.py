@@ -64,9 +64,32 @@ def window_module(
     return LongDocDataModule(**(kwargs | overrides))
 
 
+def check_reusable(ctx: RunContext, path: Path) -> None:
+    """Refuse to reuse a built local base whose architecture differs from ``model.local`` (one line).
+
+    Bases are reused by ``model.name``; without this, a base built under the same name with, e.g., a different
+    ``induction_prior`` or ``hidden_size`` would silently stand in for the one the config asks for.
+    """
+    from mchar.config import ConfigError
+
+    if ctx.cfg.model.kind != "local" or ctx.cfg.base_lm.force or not is_built(path):
+        return
+    saved = json.loads((path / READY_MARKER).read_text()).get("config", {})
+    wanted = {k: v for k, v in vars(ctx.cfg.model.local).items() if k != "vocab_size"}
+    diff = [k for k, v in wanted.items() if k in saved and saved[k] != v]
+    if diff:
+        got = ", ".join(f"{k}={saved[k]!r}" for k in diff)
+        asked = ", ".join(f"{k}={wanted[k]!r}" for k in diff)
+        raise ConfigError(
+            f"model.name: {path} was built with {got} but this config asks for {asked}; choose another "
+            f"model.name or set base_lm.force=true to rebuild it"
+        )
+
+
 def ensure_base_lm(ctx: RunContext, run_id: str | None = None) -> Path:
     """The base model directory, training it first when it is a local model that is missing."""
     path = model_dir(ctx)
+    check_reusable(ctx, path)
     if ctx.cfg.model.kind == "local" and not is_built(path):
         if run_id is None:
             with ctx.tracker.stage("base_lm") as rid:
@@ -81,6 +104,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     target = model_dir(ctx)
     if cfg.model.kind == "hf":
         return {"model_dir": str(target), "trained": False}
+    check_reusable(ctx, target)
     if is_built(target) and not cfg.base_lm.force:
         info = json.loads((target / READY_MARKER).read_text())
         ctx.tracker.set_tags(run_id, {"mchar.base_lm": "reused", "mchar.model_dir": str(target)})
