@@ -19,6 +19,9 @@ import torch
 
 from mchar.core.entries import Entry
 
+CONTENT_POLICIES = ("lensnet", "similarity")
+"""Score sources that read entry content, the ones ``allocator.lookahead`` applies to."""
+
 
 def lookahead_view(
     entries: Sequence[Entry], block_size: int, min_level: int = 2

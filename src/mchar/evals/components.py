@@ -23,7 +23,6 @@ from mchar.errors import MCharError
 log = logging.getLogger(__name__)
 
 POLICY_NAMES = ("recency", "sink_recent", "gists_only", "similarity", "random", "lensnet", "oracle")
-LOOKAHEAD_POLICIES = ("lensnet", "similarity")  # content scorers; allocator.lookahead applies to these
 _EXPORT_KEYS = ("export_dir", "weights_dir", "model_dir", "gistnet_dir", "lensnet_dir", "dir", "path")
 
 
@@ -156,6 +155,7 @@ class EvalComponents:
         )
 
     def make_policy(self, name: str) -> Any:
+        from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import make_policy
 
         why = self.unavailable(name)
@@ -168,7 +168,7 @@ class EvalComponents:
             "lensnet": {"lensnet": self.lensnet},
             "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
         }.get(name, {})
-        return make_policy(name, lookahead=s.lookahead and name in LOOKAHEAD_POLICIES, **kwargs)
+        return make_policy(name, lookahead=s.lookahead and name in CONTENT_POLICIES, **kwargs)
 
     def session(self, policy: str, budget: int | None = None) -> Any:
         """A fresh, empty session for ``policy`` at ``budget`` (default: the settings' budget)."""

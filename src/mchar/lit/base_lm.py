@@ -112,7 +112,13 @@ class BaseLMModule(L.LightningModule):
         h = self.hparams
         gen = np.random.default_rng([h.seed, step, 17])
         return gist_exposure_loss(
-            self.model, ids, h.block_size, h.depth, gen, h.gist_exposure_raw_prob, 1, h.position_mode
+            self.model,
+            ids,
+            h.block_size,
+            h.depth,
+            gen,
+            raw_prob=h.gist_exposure_raw_prob,
+            position_mode=h.position_mode,
         )
 
     def copy_phase(self, step: int) -> tuple[bool, bool]:

@@ -14,6 +14,8 @@ is trained this way: an external HF base stays as it is (adapt it with the e2e s
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,19 +69,16 @@ def gist_exposure_loss(
     block_size: int,
     depth: int,
     gen: np.random.Generator,
-    raw_prob: float = 0.5,
-    keep_raw_blocks: int = 1,
-    position_mode: str = "centre",
+    **layout: Any,
 ) -> torch.Tensor:
     """Next-token NLL of every raw slot whose next true token exists, with a random mix of blocks summarised.
 
     A raw token predicts the token that followed it in the text even when that token now sits inside a summary
-    (the model saw only what came before it, so this is an honest next-token target).
+    (the model saw only what came before it, so this is an honest next-token target). ``layout``: the
+    :func:`gisted_inputs` options (``raw_prob``, ``keep_raw_blocks``, ``position_mode``).
     """
     emb = model.get_input_embeddings()(ids)
-    x, positions, token_pos = gisted_inputs(
-        emb, block_size, depth, gen, raw_prob, keep_raw_blocks, position_mode
-    )
+    x, positions, token_pos = gisted_inputs(emb, block_size, depth, gen, **layout)
     mask = torch.ones(positions.shape, dtype=torch.long, device=ids.device)
     logits = model(inputs_embeds=x, position_ids=positions, attention_mask=mask, use_cache=False).logits
     t = ids.shape[1]

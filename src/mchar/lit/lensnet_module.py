@@ -33,7 +33,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
-from mchar.core.lookahead import lookahead_view, max_by_owner
+from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
@@ -273,33 +273,21 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         gists: list[torch.Tensor],
         prefix: int,
         gen: np.random.Generator,
+        lookahead: bool | None = None,
     ) -> list[torch.Tensor]:
         """Per-WC entry scores of a score source (higher = expand first, lower = collapse first).
 
-        With ``lookahead`` the content scorers (lensnet, similarity) rate each LOD>=2 gist by the best of its
-        children, as the evaluation sessions do (``allocator.lookahead``)."""
+        With ``lookahead`` (default: the module's setting) the content scorers rate each LOD>=2 gist by the best
+        of its children, as the evaluation sessions do (``allocator.lookahead``)."""
         ents = [list(wc.entries) for wc in wcs]
-        if self.hparams.lookahead and policy in ("lensnet", "similarity"):
+        if (self.hparams.lookahead if lookahead is None else lookahead) and policy in CONTENT_POLICIES:
             views = [lookahead_view(e, self.k) for e in ents]
             view_wcs = [
                 WorkingContext(self.k, self.depth, 1 << 30, wc.num_tokens, entries=v)
                 for wc, (v, _) in zip(wcs, views, strict=True)
             ]
-            scored = self.policy_scores_flat(policy, view_wcs, tok, gists, prefix, gen)
+            scored = self.policy_scores(policy, view_wcs, tok, gists, prefix, gen, lookahead=False)
             return [max_by_owner(s, o, len(e)) for s, (_, o), e in zip(scored, views, ents, strict=True)]
-        return self.policy_scores_flat(policy, wcs, tok, gists, prefix, gen)
-
-    def policy_scores_flat(
-        self,
-        policy: str,
-        wcs: Sequence[WorkingContext],
-        tok: torch.Tensor,
-        gists: list[torch.Tensor],
-        prefix: int,
-        gen: np.random.Generator,
-    ) -> list[torch.Tensor]:
-        """:meth:`policy_scores` without lookahead: one score per entry as it stands."""
-        ents = [list(wc.entries) for wc in wcs]
         if policy == "lensnet":
             s, _ = self.lens_scores(ents, range(len(wcs)), tok, gists, prefix)
             return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
