@@ -106,6 +106,9 @@ class AllocatorConfig:
     # content-scoring policies (lensnet, similarity) rate each LOD>=2 gist by the best of its children, so the
     # allocator can walk down to a needle under a coarse gist (mchar.core.lookahead)
     lookahead: bool = True
+    # refocus rounds at a prompt's end before answering (stops at the first round without edits): walking from an
+    # LOD2 gist down to a raw needle takes two; one round is the ablation
+    query_rounds: int = 4
 
 
 @dataclass
@@ -247,6 +250,8 @@ class EvalConfig:
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     history_multiple: int = 8
     documents: int = 8
+    # each document is a window of one held-out file (false: files concatenated with EOS between, then cut)
+    documents_within_files: bool = True
     final_tokens: int = 64
     tasks: list[str] = field(default_factory=list)
     task_lengths: list[int] = field(default_factory=list)
@@ -326,6 +331,7 @@ def check_semantics(cfg: RootConfig) -> None:
     for p in cfg.eval.policies:
         _choice("eval.policies", p, POLICIES)
     _positive("allocator.n_diff", a.n_diff)
+    _positive("allocator.query_rounds", a.query_rounds)
     if a.protect_recent < 0 or a.cooldown < 0:
         raise ConfigError("allocator.protect_recent/allocator.cooldown: must be >= 0")
     g = cfg.gistnet

@@ -222,3 +222,61 @@ def test_segment_assembly_matches_wc_assemble(mode: str) -> None:
     assert any(e.level > 0 for e in s.wc.entries) and any(e.level == 0 for e in s.wc.entries)
     torch.testing.assert_close(x, wx.to(x.dtype))
     assert torch.equal(pos, wpos)
+
+
+class QuestionNeedlePolicy:
+    """Has an opinion only once the question has arrived: the needle's own LOD1 gist or raw block is +1, else -1
+    (a one-step scorer, so reaching the raw needle from under an LOD2 gist needs lookahead and several rounds)."""
+
+    name = "question_needle"
+    allows_drop = False
+    relative_scores = True
+
+    def __init__(self, block: int, question_at: int) -> None:
+        self.block, self.question_at = block, question_at
+
+    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
+        if wc.num_tokens < self.question_at:
+            return torch.zeros(len(wc))
+        return torch.tensor([1.0 if e.level <= 1 and e.index == self.block else -1.0 for e in wc.entries])
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 4])
+def test_query_rounds_walk_down_to_the_needle_and_stop_when_settled(rounds: int) -> None:
+    import math
+
+    from mchar.core.entries import Entry
+    from mchar.core.policies import LookaheadPolicy
+
+    base = _base("llama")
+    history = 4 * K * K  # four LOD2 gists' worth; block 2 lies under LOD2 gist 0
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(
+        tau_expand=-math.inf, tau_collapse=math.inf, max_edits=4, cooldown=0, protect_tokens=K
+    )
+    policy = LookaheadPolicy(QuestionNeedlePolicy(2, question_at=history + 1))
+    s = MegaContextSession(base, tree, alloc, policy, 48, refocus_every=K, query_rounds=rounds)
+    for c in range(0, history, K):
+        s.ingest(_ids(K, seed=c))
+    assert Entry(2, 0) in s.wc.entries  # the needle starts under a coarse gist
+    s.ingest(_ids(K // 2, seed=99))  # the question: shorter than a block, no periodic refocus yet
+    before = s.stats.refocuses
+    s.refocus_pending()
+    s.wc.validate(tree)
+    assert s.wc.cost <= 48
+    # round 1 expands the LOD2 gist, round 2 the needle's LOD1 gist, round 3 finds nothing left to do
+    assert (Entry(0, 2) in s.wc.entries) == (rounds >= 2)
+    assert s.stats.refocuses - before == min(rounds, 3)
+
+
+def test_query_rounds_must_be_positive() -> None:
+    base = _base("llama")
+    with pytest.raises(ValueError, match="query_rounds must be >= 1"):
+        _session_with(base, query_rounds=0)
+
+
+def _session_with(base: FrozenBaseLM, **kwargs) -> MegaContextSession:  # noqa: ANN003
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    return MegaContextSession(base, tree, FocusAllocator(), ZeroPolicy(), 40, **kwargs)

@@ -108,9 +108,23 @@ def test_recorder_focus_map_and_swap_rate() -> None:
     assert DROPPED == -1
 
 
-def test_make_documents_cuts_exact_lengths() -> None:
-    docs = make_documents([[1] * 10, [2] * 10, [3] * 10], length=12, count=5, sep=0)
+def test_make_documents_concatenated_cuts_exact_lengths() -> None:
+    docs = make_documents([[1] * 10, [2] * 10, [3] * 10], length=12, count=5, sep=0, within_files=False)
     assert [d.tolist() for d in docs] == [[1] * 10 + [0, 2], [2] * 9 + [0, 3, 3]]
+
+
+def test_make_documents_within_files_never_cross_a_file_and_take_files_round_robin() -> None:
+    files = [list(range(100, 130)), list(range(200, 205)), list(range(300, 320))]
+    docs = [d.tolist() for d in make_documents(files, length=10, count=5, sep=0)]
+    # first windows of every long-enough file, then second windows, ...; the 5-token file gives none
+    assert docs == [
+        list(range(100, 110)),
+        list(range(300, 310)),
+        list(range(110, 120)),
+        list(range(310, 320)),
+        list(range(120, 130)),
+    ]
+    assert make_documents(files, length=40, count=3, sep=0) == []
 
 
 def test_relative_score_policies_spend_the_whole_budget(base_dir: Path, docs: list[torch.Tensor]) -> None:

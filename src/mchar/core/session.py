@@ -88,8 +88,11 @@ class MegaContextSession:
         position_mode: str = "centre",
         reuse_cache: bool = True,
         profile: bool = False,
+        query_rounds: int = 1,
     ) -> None:
         check_mode(position_mode)
+        if int(query_rounds) < 1:
+            raise ValueError(f"allocator.query_rounds must be >= 1, got {query_rounds}")
         self.base, self.tree, self.allocator, self.policy = base, tree, allocator, policy
         self.budget = int(budget)
         self.block_size: int = int(tree.block_size)
@@ -97,9 +100,11 @@ class MegaContextSession:
         self.position_mode = position_mode
         self.reuse_cache = reuse_cache
         self.profile = profile
+        self.query_rounds = int(query_rounds)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
+        self._last_refocus_edits = 0
         self._cache: Any = None
         self._cached: list[Segment] = []
         self._cached_slots = 0
@@ -275,15 +280,28 @@ class MegaContextSession:
             edits = _refocus(self)
         self.stats.refocuses += 1
         self.stats.edits += edits
+        self._last_refocus_edits = edits
         return edits
 
     def refocus_pending(self) -> int:
-        """Refocus now if tokens arrived since the last refocus (0 edits otherwise).
+        """Settle the focus on the question before answering: refocus (if tokens arrived since the last refocus)
+        up to ``query_rounds`` times, stopping at the first round without edits; returns the edits made.
 
-        Called at a prompt's end, before answering: the question usually lands between two periodic refocuses,
-        and a query-driven policy can only fetch what the question asks for after it has seen it.
+        The question usually lands between two periodic refocuses, and a query-driven policy can only fetch what
+        it asks for after seeing it. One round cannot reach a needle under a coarse gist: the children an expand
+        creates carry no score until the next round, so walking LOD2 -> LOD1 -> raw takes two or more. Each round
+        costs one policy pass over at most ``budget`` entries, so answering stays constant-cost in the history.
         """
-        return self.refocus() if self._since_refocus else 0
+        pending = bool(self._since_refocus)
+        # without pending tokens the last periodic refocus already saw the whole question: it was round one
+        edits = self.refocus() if pending else self._last_refocus_edits
+        total = edits if pending else 0
+        for _ in range(self.query_rounds - 1):
+            if not edits:
+                break
+            edits = self.refocus()
+            total += edits
+        return total
 
     # ------------------------------------------------------------------ scoring and decoding
 

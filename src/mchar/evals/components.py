@@ -54,6 +54,7 @@ class SessionSettings:
     sink_blocks: int = 1
     oracle_horizon: int | None = None
     lookahead: bool = False
+    query_rounds: int = 1
 
     def check(self) -> None:
         """Reject impossible shapes with one line before anything is loaded."""
@@ -63,6 +64,8 @@ class SessionSettings:
             raise EvalError(f"depth: must be >= 1, got {self.depth}")
         if self.budget < self.block_size:
             raise EvalError(f"budget: {self.budget} is smaller than one block (block_size={self.block_size})")
+        if self.query_rounds < 1:
+            raise EvalError(f"query_rounds: must be >= 1, got {self.query_rounds}")
 
 
 def settings_from_config(cfg: Any) -> SessionSettings:
@@ -89,6 +92,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         sink_blocks=int(e.sink_blocks),
         oracle_horizon=e.oracle_horizon,
         lookahead=bool(a.lookahead),
+        query_rounds=int(a.query_rounds),
     )
 
 
@@ -184,6 +188,7 @@ class EvalComponents:
             int(budget or s.budget),
             refocus_every=s.refocus_every or s.block_size,
             position_mode=s.position_mode,
+            query_rounds=s.query_rounds,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ full NLL per document, with a 95 % interval over documents (Student t, or a perc
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,9 +119,29 @@ def confidence_interval(
 
 
 def make_documents(
-    token_streams: Sequence[Sequence[int]], length: int, count: int, sep: int | None
+    token_streams: Sequence[Sequence[int]],
+    length: int,
+    count: int,
+    sep: int | None,
+    within_files: bool = True,
 ) -> list[torch.Tensor]:
-    """Cut ``count`` documents of exactly ``length`` tokens from concatenated held-out files (``sep`` between)."""
+    """``count`` documents of exactly ``length`` tokens from held-out files.
+
+    ``within_files`` (default): every document is a contiguous window of ONE file, taken round-robin (each file's
+    first window, then each file's second, ...), so the history is the document's own past, not unrelated files
+    glued in front of it (that measures how well a policy ignores distractors, and made dropping the history look
+    better than reading it). ``False``: the files are concatenated with ``sep`` between and cut in order.
+    """
+    if within_files:
+        per_file = [
+            [
+                torch.tensor(list(s[i : i + length]), dtype=torch.long)
+                for i in range(0, len(s) - length + 1, length)
+            ]
+            for s in token_streams
+        ]
+        docs = [w for rank in itertools.zip_longest(*per_file) for w in rank if w is not None]
+        return docs[:count]
     docs: list[torch.Tensor] = []
     buf: list[int] = []
     for stream in token_streams:

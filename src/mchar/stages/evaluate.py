@@ -77,9 +77,16 @@ def _documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list
             if text:
                 yield tokenizer.encode(text, add_special_tokens=False)
 
-    docs = make_documents(streams(), length, count, getattr(tokenizer, "eos_token_id", None))
+    within = bool(ctx.cfg.eval.documents_within_files)
+    docs = make_documents(
+        streams(), length, count, getattr(tokenizer, "eos_token_id", None), within_files=within
+    )
     if not docs:
-        raise EvalError(f"eval: the test split has fewer than {length} tokens; lower eval.history_multiple")
+        where = "no held-out file has" if within else "the test split has fewer than"
+        raise EvalError(
+            f"eval: {where} {length} tokens; lower eval.history_multiple"
+            + (" or set eval.documents_within_files=false" if within else "")
+        )
     if len(docs) < count:
         log.warning("eval: only %d of %d held-out documents of %d tokens available", len(docs), count, length)
     return docs
