@@ -40,6 +40,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),
+        (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
         (["data.mix_tasks=[passkey,cpy]"], "data.mix_tasks"),
         (["allocator.fill_budget=maybe"], "allocator.fill_budget"),

@@ -164,6 +164,9 @@ class LensNetConfig:
     # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it
     mix_answer_tail: int | None = None
     alloc_rounds: int = 16  # refocus rounds when validating allocator gain
+    # where validation allocation starts: recent = the session's recency-first WC, protected tail and edit cap
+    # (what the deployed allocator gets); coarsest = greedy fill from the coarsest cover, scores alone decide
+    alloc_start: str = "recent"
     val_windows: int = 16
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
 
@@ -342,6 +345,7 @@ def check_semantics(cfg: RootConfig) -> None:
     if g.width % g.heads:
         raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
+    _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     if not 0.0 <= g.raw_prob <= 1.0:
         raise ConfigError(f"gistnet.raw_prob: must be in [0, 1], got {g.raw_prob}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mchar.core.lensnet import LensNet
@@ -144,3 +145,33 @@ def test_lookahead_allocation_and_random_fill_steps_run() -> None:
     assert (
         torch.isfinite(out["alloc_nll/lensnet"]).all() and torch.isfinite(out["alloc_nll/similarity"]).all()
     )
+
+
+def test_validation_allocation_starts_where_a_session_does() -> None:
+    from mchar.core.allocator import initial_context
+
+    ids = windows(2)
+    m = _module(alloc_start="recent", protect_tokens=2 * K, alloc_edits=1, alloc_rounds=1)
+    tok = m.base.embed(ids)
+    prefix = m.prefix(ids)
+    gists = m.gists(tok, prefix)
+    gen = np.random.default_rng(0)
+    start = list(initial_context(m.shape(prefix), m.budget).entries)
+    # recency scores agree with the recency-first start: nothing to change
+    assert [list(w.entries) for w in m.allocate("recency", 2, tok, gists, prefix, gen)] == [start, start]
+    for wc in m.allocate("random", 2, tok, gists, prefix, gen):
+        assert wc.cost <= m.budget
+        changed_entries = set(wc.entries) ^ set(start)
+        assert len(changed_entries) <= K + 1  # at most one edit (alloc_edits=1, one round)
+        protected = [e for e in start if e.level == 0 and e.end(K) > prefix - 2 * K]
+        assert all(e in wc.entries for e in protected)  # the protected tail is never collapsed
+    coarse = _module(alloc_start="coarsest")
+    cover = coarse.allocate("gists_only", 1, tok, gists, prefix, gen)[0]
+    assert all(e.level > 0 for e in cover.entries)
+
+
+def test_unknown_alloc_start_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="alloc_start"):
+        _module(alloc_start="middle")

@@ -122,12 +122,17 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         random_edits: int = 3,
         position_mode: str = "centre",
         alloc_rounds: int = 16,
+        alloc_start: str = "recent",
+        alloc_edits: int = 0,
+        protect_tokens: int = 0,
         random_fill: float = 0.0,
         lookahead: bool = False,
         seed: int = 0,
         train_gistnet: bool = False,
     ) -> None:
         super().__init__()
+        if alloc_start not in ("recent", "coarsest"):
+            raise ValueError(f"lensnet.alloc_start must be 'recent' or 'coarsest', got {alloc_start!r}")
         self.base = base
         self.base.requires_grad_(False)
         self.gistnet = gistnet
@@ -319,13 +324,26 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         prefix: int,
         gen: np.random.Generator,
     ) -> list[WorkingContext]:
-        """WCs the allocator builds at the budget: greedy fill from the coarsest cover, rescoring each round."""
+        """WCs the allocator builds at the budget, rescoring each round (``alloc_rounds``).
+
+        ``alloc_start="recent"`` (default) starts where a session does, from the recency-first WC, and refocuses with
+        the session's protected tail and edit cap: the NLL is what the deployed allocator gets from these scores.
+        ``"coarsest"`` fills the budget greedily from the coarsest cover with no cap (scores alone decide every
+        expand). ``gists_only`` is the coarsest cover either way."""
         shape = self.shape(prefix)
-        wcs = [initial_context(shape, self.budget, expand_recent=False) for _ in range(n)]
+        hp = self.hparams
+        recent = hp.alloc_start == "recent" and policy != "gists_only"
+        wcs = [initial_context(shape, self.budget, expand_recent=recent) for _ in range(n)]
         if policy == "gists_only":
             return wcs
         allocs = [
-            FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, max_edits=1 << 20, cooldown=2)
+            FocusAllocator(
+                tau_expand=-math.inf,
+                tau_collapse=math.inf,
+                max_edits=(hp.alloc_edits or 1 << 20) if recent else 1 << 20,
+                cooldown=2,
+                protect_tokens=hp.protect_tokens if recent else 0,
+            )
             for _ in range(n)
         ]
         for _ in range(self.hparams.alloc_rounds):

@@ -54,6 +54,9 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         lookahead=cfg.allocator.lookahead,
         position_mode=cfg.tree.position_mode,
         alloc_rounds=lc.alloc_rounds,
+        alloc_start=lc.alloc_start,
+        alloc_edits=cfg.allocator.n_diff,
+        protect_tokens=cfg.allocator.protect_recent,
         seed=cfg.seed,
     )
 
