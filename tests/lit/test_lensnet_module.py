@@ -145,6 +145,10 @@ def test_lookahead_allocation_and_random_fill_steps_run() -> None:
     assert (
         torch.isfinite(out["alloc_nll/lensnet"]).all() and torch.isfinite(out["alloc_nll/similarity"]).all()
     )
+    # both kinds of WC are ranked on every validation batch; "spearman" pools them
+    assert out["spearman_recent"].shape == out["spearman_fill"].shape == (2,)
+    assert torch.equal(out["spearman"], torch.cat([out["spearman_recent"], out["spearman_fill"]]))
+    assert "spearman_fill" not in _module().evaluate_batch(windows(2), 0)
 
 
 def test_validation_allocation_starts_where_a_session_does() -> None:

@@ -142,6 +142,7 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["base", "gistnet", "lensnet"])
         self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
+        names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
         self.val_metrics = nn.ModuleDict(
             {n.replace("/", "__"): torchmetrics.MeanMetric(nan_strategy="ignore") for n in names}
         )
@@ -217,10 +218,12 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=nll.device)
         return (nll[:, :1] - nll[:, 1:]) * sign
 
-    def sample_step(self, step: int, prefix: int) -> tuple[list[Entry], np.ndarray]:
+    def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
+        """A WC and its C candidates: ``kind`` "fill" (:func:`random_fill_wc`), "recent" (:func:`random_wc`), or
+        None = "fill" with probability ``random_fill`` (training)."""
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
         fill = self.hparams.random_fill
-        if fill > 0 and gen.random() < fill:
+        if kind == "fill" or (kind is None and fill > 0 and gen.random() < fill):
             wc = random_fill_wc(self.shape(prefix), self.budget, gen)
         else:
             wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
@@ -363,17 +366,21 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         tok = self.base.embed(ids[:, : prefix + self.horizon])
         gists = self.gists(tok, prefix)
         bank = W.source_bank(tok, gists)
-        entries, cand = self.sample_step(-1 - batch_idx, prefix)
-        utils = self.measure_utilities(bank, entries, cand, prefix, targets)
-        scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
-        cs = scores[:, torch.as_tensor(cand, device=scores.device)]
         out: dict[str, torch.Tensor] = {
-            "spearman": spearman_corrcoef(cs.T.float(), utils.T.float()).reshape(-1),
-            "lens_loss": pairwise_bt_loss(cs, utils).reshape(1),
-            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(
-                1
-            ),
+            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(1)
         }
+        # rank agreement on both kinds of training WC, every batch: the recency-first ones a session starts from,
+        # and the random-fill ones with far-back LOD1/raw candidates (mostly near-zero utilities, harder to rank)
+        kinds = ("recent", "fill") if self.hparams.random_fill > 0 else ("recent",)
+        for kind in kinds:
+            entries, cand = self.sample_step(-1 - batch_idx, prefix, kind=kind)
+            utils = self.measure_utilities(bank, entries, cand, prefix, targets)
+            scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
+            cs = scores[:, torch.as_tensor(cand, device=scores.device)]
+            out[f"spearman_{kind}"] = spearman_corrcoef(cs.T.float(), utils.T.float()).reshape(-1)
+            out[f"lens_loss_{kind}"] = pairwise_bt_loss(cs, utils).reshape(1)
+        out["spearman"] = torch.cat([out[f"spearman_{k}"] for k in kinds])
+        out["lens_loss"] = torch.cat([out[f"lens_loss_{k}"] for k in kinds]).mean().reshape(1)
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         spec = []
