@@ -46,7 +46,7 @@ def test_a_fresh_prior_model_copies_a_repeated_segment_at_any_distance(
     assert _copy_accuracy(plain, length, src, dst) < 0.05  # the circuit, not the architecture, copies
 
 
-def test_the_quickstart_sized_base_gets_the_circuit_too() -> None:
+def test_a_wider_deeper_base_gets_the_circuit_too() -> None:
     model = build_local_lm(_cfg(hidden_size=256, num_layers=4, head_dim=0), 4096, None, 0, 1, seed=0).eval()
     assert _copy_accuracy(model, 1024, 50, 900) >= 0.9
 
