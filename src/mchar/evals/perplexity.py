@@ -133,15 +133,15 @@ def make_documents(
     better than reading it). ``False``: the files are concatenated with ``sep`` between and cut in order.
     """
     if within_files:
-        per_file = [
-            [
-                torch.tensor(list(s[i : i + length]), dtype=torch.long)
-                for i in range(0, len(s) - length + 1, length)
-            ]
-            for s in token_streams
+        files = list(token_streams)
+        starts = [range(0, len(s) - length + 1, length) for s in files]
+        picks = (
+            (f, i) for rank in itertools.zip_longest(*starts) for f, i in enumerate(rank) if i is not None
+        )
+        return [
+            torch.tensor(list(files[f][i : i + length]), dtype=torch.long)
+            for f, i in itertools.islice(picks, count)
         ]
-        docs = [w for rank in itertools.zip_longest(*per_file) for w in rank if w is not None]
-        return docs[:count]
     docs: list[torch.Tensor] = []
     buf: list[int] = []
     for stream in token_streams:

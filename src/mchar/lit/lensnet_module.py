@@ -335,10 +335,10 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         expand). ``gists_only`` is the coarsest cover either way."""
         shape = self.shape(prefix)
         hp = self.hparams
-        recent = hp.alloc_start == "recent" and policy != "gists_only"
-        wcs = [initial_context(shape, self.budget, expand_recent=recent) for _ in range(n)]
         if policy == "gists_only":
-            return wcs
+            return [initial_context(shape, self.budget, expand_recent=False) for _ in range(n)]
+        recent = hp.alloc_start == "recent"
+        wcs = [initial_context(shape, self.budget, expand_recent=recent) for _ in range(n)]
         allocs = [
             FocusAllocator(
                 tau_expand=-math.inf,
@@ -367,7 +367,9 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         gists = self.gists(tok, prefix)
         bank = W.source_bank(tok, gists)
         out: dict[str, torch.Tensor] = {
-            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(1)
+            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(
+                1
+            )
         }
         # rank agreement on both kinds of training WC, every batch: the recency-first ones a session starts from,
         # and the random-fill ones with far-back LOD1/raw candidates (mostly near-zero utilities, harder to rank)
