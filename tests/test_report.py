@@ -65,6 +65,10 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                 "final_retrieval/delta_nll": 0.0777,
             }.items():
                 client.log_metric(rid, k, v)
+            for step, lod1, drop in ((0, 0.9, 0.6), (50, 0.5, 0.6), (100, 0.27, 0.6)):  # a validation trend
+                client.log_metric(rid, "val/dnll_lod1", lod1, step=step)
+                client.log_metric(rid, "val/drop_dnll_lod1", drop, step=step)
+            client.log_metric(rid, "val_retrieval/dnll_lod1", 0.4, step=100)  # validated once: no trend
             client.set_terminated(rid)
             ids["gistnet"] = rid
         rid = _stage_run(client, exp, parent, "eval", {"b": budget})
@@ -137,6 +141,12 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md
+    trend = md[md.index("## Training trends") :]
+    assert "**gistnet**, held-out code windows" in trend and "| step | dnll_lod1 | drop_dnll_lod1 |" in trend
+    assert "| 0 | 0.9 | 0.6 |" in trend and "| 50 | 0.5 | 0.6 |" in trend and "| 100 | 0.27 | 0.6 |" in trend
+    assert "held-out retrieval windows" not in trend.split("##")[1]  # one point is not a trend
+    png = tmp_path / "reports" / "quickstart" / "trend_gistnet_val.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](quickstart/trend_gistnet_val.png)" in md
 
 
 def test_report_scoped_to_one_run_and_missing_sections(tmp_path: Path) -> None:

@@ -135,6 +135,8 @@ class GistNetConfig:
     keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
     val_windows: int = 32  # held-out windows for the final metrics
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
+    # validate every N train steps and once before the first (the training trend); None = once, at the end
+    val_every: int | None = None
     # output = block mean + the trunk's correction (zero at init): starts at the summary a gist-exposed base reads
     residual_mean: bool = False
 
@@ -169,6 +171,8 @@ class LensNetConfig:
     alloc_start: str = "recent"
     val_windows: int = 16
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
+    # validate every N train steps and once before the first (the training trend); None = once, at the end
+    val_every: int | None = None
 
 
 @dataclass
@@ -362,6 +366,8 @@ def check_semantics(cfg: RootConfig) -> None:
     tail = cfg.lensnet.mix_answer_tail
     if tail is not None and not 0 <= tail < cfg.data.window // 2:
         raise ConfigError(f"lensnet.mix_answer_tail: must be in [0, data.window/2), got {tail}")
+    _positive("gistnet.val_every", g.val_every, allow_none=True)
+    _positive("lensnet.val_every", cfg.lensnet.val_every, allow_none=True)
     if cfg.lensnet.query_tokens < 0:
         raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
     if cfg.lensnet.width % cfg.lensnet.heads:

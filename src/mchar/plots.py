@@ -104,3 +104,17 @@ def telemetry(rows: dict[str, dict[str, float]], path: Path) -> Path:
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=30)
     return _save(fig, path)
+
+
+def trends(curves: dict[str, dict[int, float]], path: Path, title: str) -> Path:
+    """Validation metrics vs training step, one line per metric (``curves[metric][step]``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for metric, pts in curves.items():
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", label=metric, ls="--" if "drop" in metric else "-")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -30,6 +30,13 @@ PPL = re.compile(r"^ppl/([^/]+)/delta_nll$")
 PAIRED = re.compile(r"^ppl/([^/]+)/vs_([^/]+)/mean$")
 TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
+# Validation curves shown per side-net stage (``<set>/<metric>`` histories; ``gistnet.val_every`` /
+# ``lensnet.val_every`` log one point per validation, the first before training starts).
+TRENDS = {
+    "gistnet": ("dnll_lod1", "drop_dnll_lod1", "dnll_lod2", "drop_dnll_lod2", "subst_rate"),
+    "lensnet": ("spearman", "alloc_nll/lensnet", "alloc_nll/recency", "alloc_nll/similarity"),
+}
+VAL_SETS = {"val": "held-out code windows", "val_retrieval": "held-out retrieval windows"}
 
 
 @dataclass
@@ -340,6 +347,34 @@ def _focus_maps(client: Any, evals: list[RunInfo], out: Path, rel: str, figures:
     return [*lines, NOT_RUN, ""]
 
 
+def _trends(client: Any, stages: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
+    """Validation metrics over training steps for the latest GistNet / LensNet run (when validated > once)."""
+    lines = ["## Training trends (validation over steps)", ""]
+    found = False
+    for stage, metrics in TRENDS.items():
+        run = next((r for r in stages if r.stage == stage), None)
+        if run is None:
+            continue
+        for vset, label in VAL_SETS.items():
+            curves: dict[str, dict[int, float]] = {}
+            for m in metrics:
+                if f"{vset}/{m}" in run.metrics:
+                    hist = client.get_metric_history(run.run_id, f"{vset}/{m}")
+                    curves[m] = {int(h.step): float(h.value) for h in hist}
+            steps = sorted({st for c in curves.values() for st in c})
+            if len(steps) < 2:
+                continue
+            found = True
+            name = f"trend_{stage}_{vset}"
+            lines += [f"**{stage}**, {label} (run `{run.run_id}`; step 0 = before training):", ""]
+            lines += _table(
+                ["step", *curves], [[str(st), *[_fmt(c.get(st)) for c in curves.values()]] for st in steps]
+            )
+            figures.append(plots.trends(curves, out / f"{name}.png", f"{stage}: {label}"))
+            lines += ["", f"![{stage} trend]({rel}/{name}.png)", ""]
+    return lines if found else [*lines, f"{NOT_RUN} (validated once; set gistnet/lensnet.val_every)", ""]
+
+
 def _sweep(root: RunInfo | None) -> list[str]:
     if root is None or root.tags.get("mchar.role") != "study":
         return []
@@ -407,6 +442,7 @@ def build_report(
         "",
     ]
     lines += _headline(stages)
+    lines += _trends(client, stages, fig_dir, name, figures)
     lines += _sweep(root)
     lines += _perplexity(evals, fig_dir, name, figures)
     lines += _paired(evals)

@@ -23,7 +23,9 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             "base_lm.task_eval_examples=1",
             "data.max_files=20",
             "gistnet.max_steps=6",
+            "gistnet.val_every=4",
             "lensnet.max_steps=4",
+            "lensnet.val_every=2",
             "trainer.enable_progress_bar=false",
             "data.batch_size=2",
         ]
@@ -53,6 +55,26 @@ def test_stages_export_and_log_to_mlflow(smoke_run) -> None:
         assert key in lm, key
     assert "train/loss" in gm and runs["gistnet"].data.tags["mchar.gistnet_dir"] == g["artifact_dir"]
     assert runs["gistnet"].info.status == "FINISHED" and runs["lensnet"].info.status == "FINISHED"
+
+
+def test_val_every_logs_a_trend_on_both_validation_sets(smoke_run) -> None:
+    """Validation before step 1, every ``val_every`` steps and at the end; the last point is the final metric."""
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = smoke_run
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    runs = {r.data.tags.get("mchar.stage"): r for r in client.search_runs([exp.experiment_id])}
+    for stage, metric, steps in (("gistnet", "dnll_lod1", [0, 4, 6]), ("lensnet", "spearman", [0, 2, 4])):
+        run = runs[stage]
+        for vset, final in (("val", "final"), ("val_retrieval", "final_retrieval")):
+            hist = sorted(client.get_metric_history(run.info.run_id, f"{vset}/{metric}"), key=lambda h: h.step)
+            assert [h.step for h in hist] == steps, (stage, vset, [h.step for h in hist])
+            assert hist[-1].value == pytest.approx(run.data.metrics[f"{final}/{metric}"])
+    gist = sorted(
+        client.get_metric_history(runs["gistnet"].info.run_id, "val/dnll_lod1"), key=lambda h: h.step
+    )
+    assert gist[0].value != gist[-1].value, "training must move the metric between the first and last point"
 
 
 def test_a_built_base_with_another_architecture_is_refused_not_reused(smoke_run) -> None:

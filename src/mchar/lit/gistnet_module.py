@@ -13,6 +13,7 @@ spans whose ΔNLL is below ``substitutable_threshold``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,22 @@ def collect_metrics(metrics: nn.ModuleDict, prefix: str) -> dict[str, torch.Tens
     return out
 
 
+def metric_sets(val_sets: Sequence[str], names: Sequence[str], **kwargs: Any) -> nn.ModuleDict:
+    """One ``MeanMetric`` per name for each named validation set (``val``, ``val_retrieval``, ...).
+
+    Lightning runs one val dataloader per set (``dataloader_idx`` = position in ``val_sets``); each set's metrics
+    are logged as ``<set>/<name>`` at every validation, so every held-out set gets its own training trend.
+    """
+    return nn.ModuleDict(
+        {
+            s: nn.ModuleDict({n.replace("/", "__"): torchmetrics.MeanMetric(**kwargs) for n in names})
+            for s in val_sets
+        }
+    )
+
+
 class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
-
-    metric_prefix = "val"  # validation metrics are logged as <prefix>/<name> (a second val set: another)
 
     def __init__(
         self,
@@ -108,6 +121,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         raw_prob: float = 0.25,
         keep_raw_blocks: int = 1,
         seed: int = 0,
+        val_sets: Sequence[str] = ("val",),
     ) -> None:
         super().__init__()
         self.base = base
@@ -115,7 +129,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         self.gistnet = gistnet
         self.save_hyperparameters(ignore=["base", "gistnet"])
         self.k, self.depth, self.horizon = block_size, depth, horizon
-        mean = torchmetrics.MeanMetric
+        self.val_sets = tuple(val_sets)
         names = [
             "teacher_nll",
             "student_nll",
@@ -127,7 +141,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         ]
         names += [f"dnll_lod{lv}" for lv in range(1, depth + 1)]
         names += [f"drop_dnll_lod{lv}" for lv in range(1, depth + 1)]
-        self.val_metrics = nn.ModuleDict({n: mean() for n in names})
+        self.val_metrics = metric_sets(self.val_sets, names)
 
     # ------------------------------------------------------------------ core computation
     def gist_fn(self, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -241,12 +255,16 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             out["subst_rate"] = (s < self.hparams.substitutable_threshold).float()
         return out
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = self.val_metrics[self.val_sets[dataloader_idx]]
         for name, vals in self.evaluate_batch(batch, batch_idx).items():
-            self.val_metrics[name].update(vals)
+            metrics[name].update(vals)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(collect_metrics(self.val_metrics, self.metric_prefix), sync_dist=False)
+        out: dict[str, torch.Tensor] = {}
+        for s in self.val_sets:
+            out |= collect_metrics(self.val_metrics[s], s)
+        self.log_dict({**out, "step": float(self.global_step)}, sync_dist=False)  # x = optimizer steps done
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(

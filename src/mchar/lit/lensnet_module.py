@@ -27,7 +27,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
@@ -37,7 +36,7 @@ from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
-from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, collect_metrics
+from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, collect_metrics, metric_sets
 from mchar.lit.trainer import is_logging_step
 
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
@@ -101,8 +100,6 @@ def random_fill_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator) 
 class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
-    metric_prefix = "val"  # validation metrics are logged as <prefix>/<name> (a second val set: another)
-
     def __init__(
         self,
         base: nn.Module,
@@ -129,6 +126,7 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         lookahead: bool = False,
         seed: int = 0,
         train_gistnet: bool = False,
+        val_sets: Sequence[str] = ("val",),
     ) -> None:
         super().__init__()
         if alloc_start not in ("recent", "coarsest"):
@@ -143,9 +141,8 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
         names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
-        self.val_metrics = nn.ModuleDict(
-            {n.replace("/", "__"): torchmetrics.MeanMetric(nan_strategy="ignore") for n in names}
-        )
+        self.val_sets = tuple(val_sets)
+        self.val_metrics = metric_sets(self.val_sets, names, nan_strategy="ignore")
         self.timings: dict[str, list[float]] = {}
         self.profile = False
 
@@ -394,19 +391,22 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             out[f"alloc_nll/{p}"] = nll[j]
         return out
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = self.val_metrics[self.val_sets[dataloader_idx]]
         for name, vals in self.evaluate_batch(batch, batch_idx).items():
-            self.val_metrics[name.replace("/", "__")].update(vals)
+            metrics[name.replace("/", "__")].update(vals)
 
     def on_validation_epoch_end(self) -> None:
-        pre = self.metric_prefix
-        out = collect_metrics(self.val_metrics, pre)
-        lens = out.get(f"{pre}/alloc_nll/lensnet")
-        if lens is not None:
-            for p in ALLOC_POLICIES[1:]:
-                if f"{pre}/alloc_nll/{p}" in out:
-                    out[f"{pre}/alloc_gain/{p}"] = out[f"{pre}/alloc_nll/{p}"] - lens
-        self.log_dict(out)
+        out: dict[str, torch.Tensor] = {}
+        for pre in self.val_sets:
+            got = collect_metrics(self.val_metrics[pre], pre)
+            lens = got.get(f"{pre}/alloc_nll/lensnet")
+            if lens is not None:
+                for p in ALLOC_POLICIES[1:]:
+                    if f"{pre}/alloc_nll/{p}" in got:
+                        got[f"{pre}/alloc_gain/{p}"] = got[f"{pre}/alloc_nll/{p}"] - lens
+            out |= got
+        self.log_dict({**out, "step": float(self.global_step)})  # x = optimizer steps done
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.lensnet.parameters() if p.requires_grad]

@@ -58,6 +58,9 @@ def build_trainer(
         enable_checkpointing=ckpt_dir is not None,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        # no_grad, not inference_mode: metric states reset inside a stand-alone ``validate`` (the trend's step 0)
+        # would otherwise become inference tensors that the in-fit validation cannot update
+        inference_mode=False,
     )
     if limit_val_batches is not None:
         kwargs["limit_val_batches"] = limit_val_batches

@@ -391,6 +391,8 @@ class StepDataModule(L.LightningDataModule):
 
     Lightning builds the train dataloader after restoring a checkpoint, so a resumed run continues with the batch
     of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
+    ``extra_val`` adds further named validation sets (e.g. held-out retrieval windows): Lightning then runs one
+    val dataloader per set at every validation, in order (``dataloader_idx`` 0 = ``val``).
     """
 
     def __init__(
@@ -401,11 +403,13 @@ class StepDataModule(L.LightningDataModule):
         max_steps: int,
         seed: int = 0,
         val_batch_size: int | None = None,
+        extra_val: list[torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.train, self.val = train, val
         self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
         self.val_batch_size = val_batch_size or batch_size
+        self.extra_val = [v for v in (extra_val or []) if v.shape[0]]
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -414,7 +418,12 @@ class StepDataModule(L.LightningDataModule):
         ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank)
         return DataLoader(ds, batch_size=None, num_workers=0)
 
-    def val_dataloader(self) -> DataLoader:
-        if self.val is None or self.val.shape[0] == 0:
+    def _loader(self, windows: torch.Tensor | None) -> DataLoader:
+        if windows is None or windows.shape[0] == 0:
             return DataLoader([], batch_size=None)
-        return DataLoader(chunk_windows(self.val, self.val_batch_size), batch_size=None, shuffle=False)
+        return DataLoader(chunk_windows(windows, self.val_batch_size), batch_size=None, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.extra_val:
+            return self._loader(self.val)
+        return [self._loader(v) for v in (self.val, *self.extra_val)]

@@ -103,6 +103,11 @@ def final_metrics(trainer: L.Trainer, prefix: str, renamed: str) -> dict[str, fl
     }
 
 
+def val_sets(retrieval_val: torch.Tensor | None) -> tuple[str, ...]:
+    """The module's validation sets: held-out code windows, plus held-out retrieval windows when there are any."""
+    return ("val", "val_retrieval") if retrieval_val is not None and retrieval_val.shape[0] else ("val",)
+
+
 def fit(
     ctx: RunContext,
     run_id: str | None,
@@ -113,11 +118,14 @@ def fit(
     steps: int,
     manual_clip: bool = False,
     retrieval_val: torch.Tensor | None = None,
+    val_every: int | None = None,
 ) -> tuple[L.Trainer, dict[str, float]]:
-    """Fit with step-indexed batches (exact resume), validate once on held-out windows, return final metrics.
+    """Fit with step-indexed batches (exact resume) and return the last validation's metrics as ``final/*``.
 
-    With ``retrieval_val`` the fitted module is validated again on those windows, logged as ``val_retrieval/*``
-    and returned as ``final_retrieval/*``.
+    Validation runs once at the end, or with ``val_every`` also before the first step and every ``val_every``
+    steps (the training trend, logged per step). ``retrieval_val`` is a second validation set, run by Lightning
+    next to the first (``val_retrieval/*``, returned as ``final_retrieval/*``); the module must have been built
+    with ``val_sets=val_sets(retrieval_val)``.
     """
     import lightning as L
 
@@ -128,7 +136,13 @@ def fit(
     stage_dir = ctx.stage_dir(stage)
     tcfg = cfg.trainer if not manual_clip else dataclasses.replace(cfg.trainer, gradient_clip_val=None)
     steps = cfg.trainer.max_steps or steps
-    dm = StepDataModule(train, val, batch_size=cfg.data.batch_size, max_steps=steps, seed=cfg.seed)
+    sets = val_sets(retrieval_val)
+    if tuple(getattr(module, "val_sets", ("val",))) != sets:
+        raise ValueError(f"{stage}: module validates {module.val_sets}, the data gives {sets}")
+    extra = [retrieval_val] if len(sets) > 1 else None
+    dm = StepDataModule(
+        train, val, batch_size=cfg.data.batch_size, max_steps=steps, seed=cfg.seed, extra_val=extra
+    )
     trainer = build_trainer(
         tcfg,
         steps,
@@ -136,22 +150,17 @@ def fit(
         logger=ctx.tracker.lightning_logger(run_id),
         callbacks=ctx.callbacks,
         every_n_train_steps=cfg.trainer.checkpoint_every,
-        val_check_interval=steps,
+        val_check_interval=min(val_every or steps, steps),
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path(ctx, stage_dir))
+    resume = ckpt_path(ctx, stage_dir)
+    if val_every and resume is None:  # the starting point of the trend (e.g. GistNet's mean-summary init)
+        trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if steps % min(val_every or steps, steps):  # the last interval did not end on the final step
+        trainer.validate(module, datamodule=dm, verbose=False)
     metrics = final_metrics(trainer, "val", "final")
-    if retrieval_val is not None and retrieval_val.shape[0]:
-        from torch.utils.data import DataLoader
-
-        from mchar.lit.windows import chunk_windows
-
-        module.metric_prefix = "val_retrieval"
-        try:
-            loader = DataLoader(chunk_windows(retrieval_val, cfg.data.batch_size), batch_size=None)
-            trainer.validate(module, dataloaders=loader, verbose=False)
-        finally:
-            module.metric_prefix = "val"
+    if len(sets) > 1:
         metrics |= final_metrics(trainer, "val_retrieval", "final_retrieval")
     return trainer, metrics
 
@@ -202,6 +211,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     cfg, g = ctx.cfg, ctx.cfg.gistnet
     base = load_base(ctx)
     train, val = load_windows(ctx, base, g.val_windows)
+    rv = retrieval_windows(ctx, base, g.val_retrieval_windows)
     steps = cfg.trainer.max_steps or g.max_steps
     module = GistNetModule(
         base,
@@ -221,9 +231,11 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         raw_prob=g.raw_prob,
         keep_raw_blocks=g.keep_raw_blocks,
         seed=cfg.seed,
+        val_sets=val_sets(rv),
     )
-    rv = retrieval_windows(ctx, base, g.val_retrieval_windows)
-    trainer, metrics = fit(ctx, run_id, "gistnet", module, train, val, steps, retrieval_val=rv)
+    trainer, metrics = fit(
+        ctx, run_id, "gistnet", module, train, val, steps, retrieval_val=rv, val_every=g.val_every
+    )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "gistnet", module, metrics, steps)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish, retrieval_windows
+from mchar.stages.gistnet import (
+    export_dirs,
+    fit,
+    load_base,
+    load_windows,
+    publish,
+    retrieval_windows,
+    val_sets,
+)
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
@@ -72,15 +80,18 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     # LensNet's own answer tail: the question then sits in its query tail, as it does when a task is asked
     data = {} if lc.mix_answer_tail is None else {"mix_answer_tail": lc.mix_answer_tail}
     train, val = load_windows(ctx, base, lc.val_windows, **data)
+    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)
     steps = cfg.trainer.max_steps or lc.max_steps
     module = LensNetModule(
         base,
         gistnet,
         build_lensnet(ctx, base),
         **lens_training_kwargs(cfg, steps),
+        val_sets=val_sets(rv),
     )
-    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)
-    trainer, metrics = fit(ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv)
+    trainer, metrics = fit(
+        ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv, val_every=lc.val_every
+    )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "lensnet", module, metrics, steps)
