@@ -68,7 +68,9 @@ def test_val_every_logs_a_trend_on_both_validation_sets(smoke_run) -> None:
     for stage, metric, steps in (("gistnet", "dnll_lod1", [0, 4, 6]), ("lensnet", "spearman", [0, 2, 4])):
         run = runs[stage]
         for vset, final in (("val", "final"), ("val_retrieval", "final_retrieval")):
-            hist = sorted(client.get_metric_history(run.info.run_id, f"{vset}/{metric}"), key=lambda h: h.step)
+            hist = sorted(
+                client.get_metric_history(run.info.run_id, f"{vset}/{metric}"), key=lambda h: h.step
+            )
             assert [h.step for h in hist] == steps, (stage, vset, [h.step for h in hist])
             assert hist[-1].value == pytest.approx(run.data.metrics[f"{final}/{metric}"])
     gist = sorted(
