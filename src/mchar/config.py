@@ -132,6 +132,8 @@ class GistNetConfig:
     contrastive_margin: float = 0.2
     warmup_steps: int = 10
     raw_prob: float = 0.25  # share of raw blocks in the random training layouts
+    # share of raw blocks in the validation mix (``dnll``): fixed apart from raw_prob, so ablations stay comparable
+    val_raw_prob: float = 0.25
     keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
     val_windows: int = 32  # held-out windows for the final metrics
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
@@ -353,6 +355,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     if not 0.0 <= g.raw_prob <= 1.0:
         raise ConfigError(f"gistnet.raw_prob: must be in [0, 1], got {g.raw_prob}")
+    if not 0.0 <= g.val_raw_prob <= 1.0:
+        raise ConfigError(f"gistnet.val_raw_prob: must be in [0, 1], got {g.val_raw_prob}")
     if g.keep_raw_blocks < 0:
         raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
     if cfg.base_lm.gist_exposure < 0:

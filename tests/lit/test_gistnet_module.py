@@ -146,3 +146,17 @@ def test_left_padding_does_not_change_logits() -> None:
         assert both.padded
         mixed = W.horizon_logits(m.base, W.gather_rows(bank, both), both, H)
     assert torch.allclose(alone[0], mixed[0], atol=1e-5)
+
+
+def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
+    """``raw_prob`` shapes training layouts only; the validation mix uses ``val_raw_prob`` (comparable ablations)."""
+    torch.manual_seed(0)
+    base, gist = tiny_base(), tiny_gistnet()
+    kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4)
+    ids = windows(2)
+    a = GistNetModule(base, gist, raw_prob=0.0, **kw).evaluate_batch(ids, 0)
+    b = GistNetModule(base, gist, raw_prob=0.9, **kw).evaluate_batch(ids, 0)
+    c = GistNetModule(base, gist, raw_prob=0.0, val_raw_prob=0.9, **kw).evaluate_batch(ids, 0)
+    assert torch.equal(a["dnll"], b["dnll"])
+    assert not torch.equal(a["dnll"], c["dnll"])
+    assert torch.equal(a["dnll_lod1"], c["dnll_lod1"])  # single-level layouts do not use the mix at all

@@ -119,6 +119,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         substitutable_threshold: float = 0.5,
         position_mode: str = "centre",
         raw_prob: float = 0.25,
+        val_raw_prob: float = 0.25,
         keep_raw_blocks: int = 1,
         seed: int = 0,
         val_sets: Sequence[str] = ("val",),
@@ -222,7 +223,7 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 5))
         layouts: list[tuple[str, list, bool]] = []
         mixed = W.random_layout(
-            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob
+            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.val_raw_prob
         )
         layouts += [("dnll", mixed, False), ("drop_dnll", mixed, True)]
         for lv in range(1, self.depth + 1):

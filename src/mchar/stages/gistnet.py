@@ -229,6 +229,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         substitutable_threshold=g.substitutable_threshold,
         position_mode=cfg.tree.position_mode,
         raw_prob=g.raw_prob,
+        val_raw_prob=g.val_raw_prob,
         keep_raw_blocks=g.keep_raw_blocks,
         seed=cfg.seed,
         val_sets=val_sets(rv),
