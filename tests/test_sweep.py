@@ -312,3 +312,19 @@ def test_shipped_specs_validate(spec_path: Path) -> None:
     spec = load_spec(spec_path)
     validate(spec, [])  # every swept value composes into a valid config, before any trial would run
     assert spec.search_space
+
+
+def test_a_study_is_only_continued_under_the_same_spec(toy: Path) -> None:
+    """Changed overrides (other models, documents, ...) must not add trials to a study run under the old ones."""
+    from mchar.sweep import SweepError, run_sweep
+
+    spec = write_spec(toy, "same", space="allocator.budget: {type: int, values: [64]}")
+    assert len(run_sweep(spec).trials) == 1
+    resumed = run_sweep(spec, extra_overrides=["trainer.enable_progress_bar=false"])  # cosmetic: same study
+    assert len(resumed.trials) == 1
+    with pytest.raises(SweepError, match="was run with other overrides.*optuna delete-study"):
+        run_sweep(spec, extra_overrides=["eval.documents=3"])
+    spec.write_text(spec.read_text().replace("stages=[eval]", "stages=[eval]\n  - seed=7"))
+    with pytest.raises(SweepError, match="new study_name"):
+        run_sweep(spec)
+    assert len(toy_log(toy)) == 1  # nothing ran under the changed spec

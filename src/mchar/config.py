@@ -258,6 +258,9 @@ class EvalConfig:
 
     policies: list[str] = field(default_factory=lambda: list(POLICIES))
     history_multiple: int = 8
+    # a fixed history length in tokens instead of history_multiple x budget: a budget sweep then scores the same
+    # documents (and the same full-context reference) at every budget
+    history_tokens: int | None = None
     documents: int = 8
     # each document is a window of one held-out file (false: files concatenated with EOS between, then cut)
     documents_within_files: bool = True
@@ -434,6 +437,7 @@ def check_semantics(cfg: RootConfig) -> None:
     e = cfg.eval
     if e.history_multiple < 1:
         raise ConfigError("eval.history_multiple: must be >= 1")
+    _positive("eval.history_tokens", e.history_tokens, allow_none=True)
     _positive("eval.documents", e.documents)
     _positive("eval.final_tokens", e.final_tokens)
     _positive("eval.task_examples", e.task_examples)

@@ -683,6 +683,43 @@ class Objective:
 # ----------------------------------------------------------------------------------------------- driver
 
 
+SPEC_ATTR = "mchar.spec_fingerprint"
+COSMETIC = ("trainer.enable_progress_bar",)  # extra overrides that cannot change a trial's result
+
+
+def spec_fingerprint(spec: SweepSpec, extra: list[str]) -> str:
+    """Hash of what decides a trial's result besides its sampled values: the fixed, derived and extra overrides,
+    the objective and the search space. A study is continued only under the same fingerprint, so trials run on
+    other models, data or documents never end up side by side in one study."""
+    import dataclasses
+    import hashlib
+    import json
+
+    payload = {
+        "base_overrides": spec.base_overrides,
+        "derived_overrides": spec.derived_overrides,
+        "extra": [o for o in extra if not o.lstrip("+~").startswith(COSMETIC)],
+        "metric": spec.metric,
+        "metric_stage": spec.metric_stage,
+        "search_space": {k: dataclasses.asdict(d) for k, d in sorted(spec.search_space.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_same_spec(study: Any, spec: SweepSpec, extra: list[str]) -> None:
+    """Refuse to continue a study that was run under another spec (first run: record the fingerprint)."""
+    fp = spec_fingerprint(spec, extra)
+    known = study.user_attrs.get(SPEC_ATTR)
+    if known is None:
+        study.set_user_attr(SPEC_ATTR, fp)
+    elif known != fp:
+        raise SweepError(
+            f"sweep: study {spec.study_name!r} in {_redact(spec.storage)} was run with other overrides, objective "
+            f"or search space (spec {known}, now {fp}); give the spec a new study_name, or delete the old study: "
+            f"optuna delete-study --study-name {spec.study_name} --storage URL"
+        )
+
+
 def run_sweep(
     spec_path: str | Path, n_trials: int | None = None, extra_overrides: list[str] | None = None
 ) -> Any:
@@ -710,6 +747,7 @@ def run_sweep(
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
+    check_same_spec(study, spec, extra)
     study_run = StudyRun(spec, base, study)
     recovered = recover_dead_trials(study, spec.max_retry)
     if recovered:

@@ -103,3 +103,22 @@ def test_bad_requests_fail_with_one_line_before_loading(tmp_path: Path) -> None:
     with pytest.raises(MCharError, match="no passkey task YAML for length") as err:
         preflight(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_history_tokens_scores_the_same_documents_at_every_budget(stage_run, tmp_path: Path) -> None:
+    """``eval.history_tokens`` fixes the history, so a budget sweep compares budgets on one set of documents."""
+    from mchar.pipeline import run_pipeline
+
+    root, _ = stage_run
+    results = []
+    for budget in (32, 48):
+        extra = (f"allocator.budget={budget}", "eval.history_tokens=128", "eval.policies=[recency]")
+        out = run_pipeline(_cfg(tmp_path / str(budget), root / "base", *extra), command="eval").results[
+            "eval"
+        ]
+        results.append(json.loads(Path(out["results_path"]).read_text()))
+    assert [r["documents"]["history_tokens"] for r in results] == [128, 128]
+    assert results[0]["full"]["nll"] == results[1]["full"]["nll"]  # the same documents, the same reference
+    assert results[0]["policies"]["recency"]["nll"] != results[1]["policies"]["recency"]["nll"]
+    with pytest.raises(MCharError, match="eval.history_tokens"):
+        _cfg(tmp_path, root / "base", "eval.history_tokens=0")

@@ -84,7 +84,7 @@ def _documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list
     if not docs:
         where = "no held-out file has" if within else "the test split has fewer than"
         raise EvalError(
-            f"eval: {where} {length} tokens; lower eval.history_multiple"
+            f"eval: {where} {length} tokens; lower eval.history_multiple (or eval.history_tokens)"
             + (" or set eval.documents_within_files=false" if within else "")
         )
     if len(docs) < count:
@@ -92,18 +92,23 @@ def _documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list
     return docs
 
 
+def history_length(e: Any, budget: int) -> int:
+    """Tokens of history before the scored ones: ``eval.history_tokens`` when set, else ``history_multiple x budget``."""
+    return int(e.history_tokens) if e.history_tokens else e.history_multiple * budget
+
+
 def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     from mchar.evals.perplexity import evaluate_policy, full_context_nll, summarise
 
     cfg, e = ctx.cfg, ctx.cfg.eval
     budget = cfg.allocator.budget
-    length = e.history_multiple * budget + e.final_tokens
+    length = history_length(e, budget) + e.final_tokens
     base = comp.base
     limit = getattr(base, "max_positions", None)
     if getattr(base, "learned_positions", False) and limit is not None and length > limit:
         raise EvalError(
             f"eval: documents of {length} tokens exceed the base's {limit} learned positions (MegaContext keeps "
-            f"true positions); lower eval.history_multiple or allocator.budget"
+            f"true positions); lower eval.history_multiple / eval.history_tokens or allocator.budget"
         )
     docs = _documents(ctx, comp.tokenizer, length, e.documents)
     runnable = [p for p in e.policies if not comp.unavailable(p)] or list(e.policies)
