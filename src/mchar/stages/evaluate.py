@@ -47,6 +47,7 @@ def preflight(cfg: Any) -> None:
         raise EvalError(
             f"allocator.budget: {cfg.allocator.budget} is smaller than one block (tree.block_size={k})"
         )
+    _check_cover(cfg)
     if e.tasks:
         have = available_lengths(_task_dir(cfg))
         for t in e.tasks:
@@ -60,6 +61,28 @@ def preflight(cfg: Any) -> None:
                 )
     if cfg.model.kind == "hf" and not Path(cfg.model.name_or_path).exists():
         return  # hub ids: the length check happens after loading
+
+
+DROPPING = ("recency", "sink_recent")  # policies that drop history instead of keeping a gist cover of it
+
+
+def _check_cover(cfg: Any) -> None:
+    """Every non-dropping policy keeps the whole history at some LOD: its coarsest cover must fit the budget."""
+    from mchar.core.working_context import min_cost
+
+    e, k, depth, budget = cfg.eval, cfg.tree.block_size, cfg.tree.depth, cfg.allocator.budget
+    needs: list[tuple[str, int]] = []
+    if any(p not in DROPPING for p in e.policies):
+        needs.append(("eval document", history_length(e, budget) + e.final_tokens))
+    if e.tasks and any(p not in (*DROPPING, "full") for p in e.task_policies):
+        needs += [("eval.task_lengths", n) for n in e.task_lengths]
+    for what, n in needs:
+        cost = min_cost(k, depth, n)
+        if cost > budget:
+            raise EvalError(
+                f"allocator.budget: {budget} cannot hold a {n}-token {what} at tree.depth={depth} (its coarsest "
+                f"cover costs {cost}); raise allocator.budget or tree.depth, or shorten the history"
+            )
 
 
 def _documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list[Any]:
