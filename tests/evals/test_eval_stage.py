@@ -99,30 +99,12 @@ def test_bad_requests_fail_with_one_line_before_loading(tmp_path: Path) -> None:
         _cfg(tmp_path, base, "eval.policies=[nope]")
     with pytest.raises(MCharError, match="smaller than one block"):
         _cfg(tmp_path, base, "allocator.budget=4")
-    from mchar.stages.evaluate import preflight as check
-
-    # 4 x 32 + 16 = 144 tokens need 18 LOD1 gists at depth 1 (K=8): more than a budget of 16
+    # a 128 + 16 = 144-token document needs 18 LOD1 gists at depth 1 (K=8): more than a budget of 16, unless every
+    # policy drops history
+    small = ("allocator.budget=16", "tree.depth=1", "eval.history_tokens=128")
     with pytest.raises(MCharError, match="cannot hold a 144-token eval document at tree.depth=1"):
-        check(
-            _cfg(
-                tmp_path,
-                base,
-                "allocator.budget=16",
-                "tree.depth=1",
-                "eval.history_multiple=8",
-                "eval.history_tokens=128",
-            )
-        )
-    check(
-        _cfg(
-            tmp_path,
-            base,
-            "allocator.budget=16",
-            "tree.depth=1",
-            "eval.history_tokens=128",
-            "eval.policies=[recency]",
-        )
-    )
+        preflight(_cfg(tmp_path, base, *small))
+    preflight(_cfg(tmp_path, base, *small, "eval.policies=[recency]"))
     cfg = _cfg(tmp_path, base, "eval.tasks=[passkey]", "eval.task_lengths=[300]")
     with pytest.raises(MCharError, match="no passkey task YAML for length") as err:
         preflight(cfg)
