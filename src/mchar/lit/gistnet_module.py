@@ -98,7 +98,33 @@ def metric_sets(val_sets: Sequence[str], names: Sequence[str], **kwargs: Any) ->
     )
 
 
-class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
+class MultiSetValidation:
+    """Validation over the named sets of ``self.val_sets`` (one val dataloader each), shared by the side nets.
+
+    The module provides ``evaluate_batch(batch, batch_idx) -> {name: per-window values}``; every set is logged as
+    ``<set>/<name>`` at the optimizer step, after ``finish_set`` (default: unchanged) may add derived values.
+    """
+
+    val_sets: tuple[str, ...]
+    val_metrics: nn.ModuleDict
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = self.val_metrics[self.val_sets[dataloader_idx]]
+        for name, vals in self.evaluate_batch(batch, batch_idx).items():  # type: ignore[attr-defined]
+            metrics[name.replace("/", "__")].update(vals)
+
+    def finish_set(self, prefix: str, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return metrics
+
+    def on_validation_epoch_end(self) -> None:
+        out: dict[str, torch.Tensor] = {}
+        for s in self.val_sets:
+            out |= self.finish_set(s, collect_metrics(self.val_metrics[s], s))
+        step = float(self.global_step)  # type: ignore[attr-defined]
+        self.log_dict({**out, "step": step}, sync_dist=False)  # type: ignore[attr-defined]
+
+
+class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
 
     def __init__(
@@ -255,17 +281,6 @@ class GistNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             out["span_drop_dnll"] = torch.cat(span_drops)
             out["subst_rate"] = (s < self.hparams.substitutable_threshold).float()
         return out
-
-    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        metrics = self.val_metrics[self.val_sets[dataloader_idx]]
-        for name, vals in self.evaluate_batch(batch, batch_idx).items():
-            metrics[name].update(vals)
-
-    def on_validation_epoch_end(self) -> None:
-        out: dict[str, torch.Tensor] = {}
-        for s in self.val_sets:
-            out |= collect_metrics(self.val_metrics[s], s)
-        self.log_dict({**out, "step": float(self.global_step)}, sync_dist=False)  # x = optimizer steps done
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(

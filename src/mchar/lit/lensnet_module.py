@@ -36,7 +36,7 @@ from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
-from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, collect_metrics, metric_sets
+from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, MultiSetValidation, metric_sets
 from mchar.lit.trainer import is_logging_step
 
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
@@ -97,7 +97,7 @@ def random_fill_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator) 
     return wc
 
 
-class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
+class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
     def __init__(
@@ -391,22 +391,14 @@ class LensNetModule(FrozenBaseCheckpointMixin, L.LightningModule):
             out[f"alloc_nll/{p}"] = nll[j]
         return out
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        metrics = self.val_metrics[self.val_sets[dataloader_idx]]
-        for name, vals in self.evaluate_batch(batch, batch_idx).items():
-            metrics[name.replace("/", "__")].update(vals)
-
-    def on_validation_epoch_end(self) -> None:
-        out: dict[str, torch.Tensor] = {}
-        for pre in self.val_sets:
-            got = collect_metrics(self.val_metrics[pre], pre)
-            lens = got.get(f"{pre}/alloc_nll/lensnet")
-            if lens is not None:
-                for p in ALLOC_POLICIES[1:]:
-                    if f"{pre}/alloc_nll/{p}" in got:
-                        got[f"{pre}/alloc_gain/{p}"] = got[f"{pre}/alloc_nll/{p}"] - lens
-            out |= got
-        self.log_dict({**out, "step": float(self.global_step)})  # x = optimizer steps done
+    def finish_set(self, prefix: str, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adds ``<set>/alloc_gain/<policy>`` = baseline's horizon NLL - LensNet's at the same budget."""
+        lens = metrics.get(f"{prefix}/alloc_nll/lensnet")
+        if lens is not None:
+            for p in ALLOC_POLICIES[1:]:
+                if f"{prefix}/alloc_nll/{p}" in metrics:
+                    metrics[f"{prefix}/alloc_gain/{p}"] = metrics[f"{prefix}/alloc_nll/{p}"] - lens
+        return metrics
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.lensnet.parameters() if p.requires_grad]

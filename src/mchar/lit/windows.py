@@ -409,7 +409,7 @@ class StepDataModule(L.LightningDataModule):
         self.train, self.val = train, val
         self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
         self.val_batch_size = val_batch_size or batch_size
-        self.extra_val = [v for v in (extra_val or []) if v.shape[0]]
+        self.extra_val = list(extra_val or [])
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -137,12 +137,13 @@ def fit(
     tcfg = cfg.trainer if not manual_clip else dataclasses.replace(cfg.trainer, gradient_clip_val=None)
     steps = cfg.trainer.max_steps or steps
     sets = val_sets(retrieval_val)
-    if tuple(getattr(module, "val_sets", ("val",))) != sets:
+    if tuple(module.val_sets) != sets:
         raise ValueError(f"{stage}: module validates {module.val_sets}, the data gives {sets}")
     extra = [retrieval_val] if len(sets) > 1 else None
     dm = StepDataModule(
         train, val, batch_size=cfg.data.batch_size, max_steps=steps, seed=cfg.seed, extra_val=extra
     )
+    interval = min(val_every or steps, steps)
     trainer = build_trainer(
         tcfg,
         steps,
@@ -150,14 +151,14 @@ def fit(
         logger=ctx.tracker.lightning_logger(run_id),
         callbacks=ctx.callbacks,
         every_n_train_steps=cfg.trainer.checkpoint_every,
-        val_check_interval=min(val_every or steps, steps),
+        val_check_interval=interval,
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = ckpt_path(ctx, stage_dir)
     if val_every and resume is None:  # the starting point of the trend (e.g. GistNet's mean-summary init)
         trainer.validate(module, datamodule=dm, verbose=False)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    if steps % min(val_every or steps, steps):  # the last interval did not end on the final step
+    if steps % interval:  # the last interval did not end on the final step
         trainer.validate(module, datamodule=dm, verbose=False)
     metrics = final_metrics(trainer, "val", "final")
     if len(sets) > 1:
