@@ -39,6 +39,7 @@ def test_experiment_required_files_exist() -> None:
         (["gistnet.pooling=max"], "gistnet.pooling"),
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
+        (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),
         (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),

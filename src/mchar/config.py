@@ -164,6 +164,9 @@ class LensNetConfig:
     random_fill: float = 0.5
     # cosine(entry, mean of the newest query_tokens tail embeddings) as a LensNet input feature (0 = off)
     query_tokens: int = 16
+    # a linear path from log distance / log width / query similarity to the score, initialised to rank like
+    # recency (-recency_prior x log1p(distance)); 0 = off (the ablation)
+    recency_prior: float = 0.5
     # corpus tokens after a synthetic window's last answer in LensNet's windows (None = data.mix_answer_tail);
     # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it
     mix_answer_tail: int | None = None
@@ -377,6 +380,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _positive("lensnet.val_every", cfg.lensnet.val_every, allow_none=True)
     if cfg.lensnet.query_tokens < 0:
         raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
+    if cfg.lensnet.recency_prior < 0:
+        raise ConfigError(f"lensnet.recency_prior: must be >= 0 (0 = off), got {cfg.lensnet.recency_prior}")
     if cfg.lensnet.width % cfg.lensnet.heads:
         raise ConfigError(
             f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mchar.core.lensnet import LensNet, entry_embedding, from_pretrained
@@ -110,3 +111,24 @@ def test_query_similarity_feature_reads_the_newest_valid_tail_tokens(tmp_path) -
     assert back.query_tokens == 3 and torch.allclose(back(e, lv, wd, ds, tail), s)
     with torch.no_grad():  # the feature reaches the score: a different query, a different score
         assert not torch.allclose(net(e, lv, wd, ds, -tail), s)
+
+
+def test_recency_prior_ranks_an_untrained_lensnet_like_recency(tmp_path) -> None:
+    """With the prior, newer entries score higher before any training; it exports, reloads, and 0 = no path."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    torch.manual_seed(0)
+    w = 40
+    e, lv, wd = torch.randn(w, D), torch.zeros(w, dtype=torch.long), torch.full((w,), 8)
+    ds = torch.arange(w - 1, -1, -1) * 8  # oldest first, the newest entry ends at the cursor
+    net = LensNet(D, width=32, n_layers=1, n_heads=4, max_level=2, recency_prior=1.0).eval()
+    plain = LensNet(D, width=32, n_layers=1, n_heads=4, max_level=2).eval()
+    assert plain.prior is None and "prior.weight" not in plain.state_dict()
+    with torch.no_grad():
+        s = net(e, lv, wd, ds)
+    assert spearman_corrcoef(s, -ds.float()) > 0.9
+    net.save_pretrained(tmp_path / "p")
+    back = from_pretrained(tmp_path / "p")
+    assert back.recency_prior == 1.0 and torch.equal(back(e, lv, wd, ds), s)
+    with pytest.raises(ValueError, match="recency_prior"):
+        LensNet(D, recency_prior=-1.0)

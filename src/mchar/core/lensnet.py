@@ -14,6 +14,13 @@ Why it looks like this:
   rediscover this match from the raw tail on its own (measured: on passkey prompts the needle block ranked
   near the *bottom*, while the plain ``similarity`` policy ranked it in the top 3), and with it LensNet can
   start from what the similarity baseline knows and learn when to trust it.
+* **Recency prior** (``recency_prior > 0``): a linear path from the unscaled scalar features (``log width``,
+  ``log1p distance``, query similarity) straight to the score, initialised to ``-recency_prior * log1p(distance)``,
+  so an untrained LensNet already ranks like ``recency`` and training learns where content should overrule it.
+  Measured on the quickstart nets (400 steps, held-out windows): without it LensNet ranked code entries *worse*
+  than plain distance (Spearman 0.30 vs 0.35 on session-like WCs, 0.05 vs 0.22 on random-fill WCs) and its
+  allocations lost to ``recency`` on code (eval ΔNLL 0.24 vs 0.04); with it (0.5) 0.35 / 0.20 and ΔNLL 0.08.
+  Its coefficients train at the net's learning rate, so the init stays the dominant ranking in a short run.
 * Output: one **unsquashed** signed score per entry (no tanh: the allocator only compares and thresholds, and
   a ranking loss does not need a bounded range). Padded entries score 0.
 * Entry embedding convention (see :func:`entry_embedding`): a raw block is the mean of its K token
@@ -51,12 +58,16 @@ class LensNet(nn.Module):
         max_level: int = 2,
         tail_tokens: int = 32,
         query_tokens: int = 0,
+        recency_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if query_tokens < 0:
             raise ValueError(f"lensnet.query_tokens must be >= 0, got {query_tokens}")
+        if recency_prior < 0:
+            raise ValueError(f"lensnet.recency_prior must be >= 0, got {recency_prior}")
         self.d_model, self.width, self.n_layers, self.n_heads = d_model, width, n_layers, n_heads
         self.max_level, self.tail_tokens, self.query_tokens = max_level, tail_tokens, query_tokens
+        self.recency_prior = float(recency_prior)
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
         self.level = nn.Embedding(max_level + 1, width)
@@ -68,6 +79,13 @@ class LensNet(nn.Module):
         self.ln_f = nn.LayerNorm(width)
         self.score = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
         nn.init.normal_(self.level.weight, std=0.02)
+        self.prior: nn.Linear | None = None
+        if self.recency_prior > 0:
+            self.prior = nn.Linear(n_feats, 1)
+            with torch.no_grad():
+                self.prior.weight.zero_()
+                self.prior.weight[0, 1] = -self.recency_prior  # column 1 = log1p(distance)
+                self.prior.bias.zero_()
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +97,7 @@ class LensNet(nn.Module):
             "max_level": self.max_level,
             "tail_tokens": self.tail_tokens,
             "query_tokens": self.query_tokens,
+            "recency_prior": self.recency_prior,
         }
 
     @classmethod
@@ -123,17 +142,15 @@ class LensNet(nn.Module):
             tail_mask = None if tail_mask is None else tail_mask.unsqueeze(0)
         b, w, _ = entry_embeds.shape
         dtype = self.entry_proj.weight.dtype
-        feats = (
-            torch.stack([widths.to(dtype).clamp_min(1).log(), distances.to(dtype).clamp_min(0).log1p()], -1)
-            / _FEATURE_SCALE
-        )
+        raw = torch.stack([widths.to(dtype).clamp_min(1).log(), distances.to(dtype).clamp_min(0).log1p()], -1)
         if self.query_tokens:
             sim = query_similarity(entry_embeds.to(dtype), tail_embeds, tail_mask, self.query_tokens)
-            feats = torch.cat([feats, sim.unsqueeze(-1)], -1)
+            raw = torch.cat([raw, sim.unsqueeze(-1)], -1)
+        scale = raw.new_tensor([_FEATURE_SCALE, _FEATURE_SCALE, 1.0][: raw.shape[-1]])
         h = (
             self.entry_proj(_rms_normalise(entry_embeds.to(dtype)))
             + self.level(levels.long().clamp(0, self.max_level))
-            + self.features(feats)
+            + self.features(raw / scale)
         )
         key_mask = (
             torch.ones(b, w, dtype=torch.bool, device=h.device) if mask is None else mask.to(torch.bool)
@@ -155,6 +172,8 @@ class LensNet(nn.Module):
         for block in self.blocks:
             h = block(h, attn_mask)
         scores = self.score(self.ln_f(h[:, :w])).squeeze(-1)
+        if self.prior is not None:
+            scores = scores + self.prior(raw).squeeze(-1)
         if mask is not None:
             scores = scores.masked_fill(~key_mask[:, :w], 0.0)
         return scores[0] if squeeze else scores

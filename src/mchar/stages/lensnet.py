@@ -40,6 +40,7 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         max_level=ctx.cfg.tree.depth,
         tail_tokens=lc.tail_tokens,
         query_tokens=lc.query_tokens,
+        recency_prior=lc.recency_prior,
     )
 
 
