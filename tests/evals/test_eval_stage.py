@@ -128,3 +128,30 @@ def test_history_tokens_scores_the_same_documents_at_every_budget(stage_run, tmp
     assert results[0]["policies"]["recency"]["nll"] != results[1]["policies"]["recency"]["nll"]
     with pytest.raises(MCharError, match="eval.history_tokens"):
         _cfg(tmp_path, root / "base", "eval.history_tokens=0")
+
+
+def test_an_e2e_result_of_the_same_run_is_what_eval_loads(stage_run, tmp_path: Path) -> None:
+    """``stages=[..., e2e, eval]``: the e2e exports win over the gistnet/lensnet stage exports of the same run."""
+    from mchar.core.gistnet import make_gistnet
+    from mchar.core.lensnet import LensNet
+    from mchar.evals.components import components_from_run
+
+    root, _ = stage_run
+    cfg = _cfg(tmp_path, root / "base")
+    dirs = {}
+    for where in ("stage", "e2e"):
+        make_gistnet("transformer", d_model=32, block_size=8, n_layers=1, n_heads=4).save_pretrained(
+            tmp_path / where / "gistnet"
+        )
+        LensNet(32, width=16, n_layers=1, n_heads=4).save_pretrained(tmp_path / where / "lensnet")
+        dirs[where] = tmp_path / where
+    results = {
+        "gistnet": {"artifact_dir": str(dirs["stage"] / "gistnet")},
+        "lensnet": {"artifact_dir": str(dirs["stage"] / "lensnet")},
+        "e2e": {"artifact_dir": str(dirs["e2e"]), "metrics": {}},  # a publish() summary
+    }
+    comp = components_from_run(cfg, results, root / "base")
+    assert Path(comp.sources["gistnet"]) == dirs["e2e"] / "gistnet"
+    assert Path(comp.sources["lensnet"]) == dirs["e2e"] / "lensnet"
+    without = components_from_run(cfg, {k: v for k, v in results.items() if k != "e2e"}, root / "base")
+    assert Path(without.sources["gistnet"]) == dirs["stage"] / "gistnet"

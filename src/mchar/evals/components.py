@@ -23,7 +23,16 @@ from mchar.errors import MCharError
 log = logging.getLogger(__name__)
 
 POLICY_NAMES = ("recency", "sink_recent", "gists_only", "similarity", "random", "lensnet", "oracle")
-_EXPORT_KEYS = ("export_dir", "weights_dir", "model_dir", "gistnet_dir", "lensnet_dir", "dir", "path")
+_EXPORT_KEYS = (
+    "export_dir",
+    "artifact_dir",
+    "weights_dir",
+    "model_dir",
+    "gistnet_dir",
+    "lensnet_dir",
+    "dir",
+    "path",
+)
 
 
 class EvalError(MCharError, ValueError):
@@ -217,6 +226,20 @@ def export_dir(result: Any) -> Path | None:
     return None
 
 
+def e2e_export(result: Any, part: str) -> Path | None:
+    """The ``part`` ("gistnet" / "lensnet") of an e2e stage result: ``{part: dir}`` (an earlier run found in
+    ``artifacts/e2e``) or this run's stage summary, whose export directory holds ``<part>/``. Without this a
+    ``stages=[e2e, eval]`` run silently evaluated the nets from *before* the e2e fine-tuning."""
+    if not isinstance(result, dict):
+        return None
+    if part in result:
+        return export_dir(result[part])
+    for key in _EXPORT_KEYS:
+        if result.get(key) and (found := export_dir(Path(result[key]) / part)):
+            return found
+    return None
+
+
 def load_gistnet(
     path: str | Path | None, base: Any, settings: SessionSettings
 ) -> tuple[torch.nn.Module, bool, str]:
@@ -319,16 +342,7 @@ def components_from_run(
                 **results,
                 "e2e": {"gistnet": export_dir(e2e / "gistnet"), "lensnet": export_dir(e2e / "lensnet")},
             }
-    g = (
-        gistnet
-        or cfg.eval.gistnet_dir
-        or export_dir(results.get("e2e", {}).get("gistnet") if isinstance(results.get("e2e"), dict) else None)
-        or export_dir(results.get("gistnet"))
-    )
-    ln = (
-        lensnet
-        or cfg.eval.lensnet_dir
-        or export_dir(results.get("e2e", {}).get("lensnet") if isinstance(results.get("e2e"), dict) else None)
-        or export_dir(results.get("lensnet"))
-    )
+    e2e = results.get("e2e")
+    g = gistnet or cfg.eval.gistnet_dir or e2e_export(e2e, "gistnet") or export_dir(results.get("gistnet"))
+    ln = lensnet or cfg.eval.lensnet_dir or e2e_export(e2e, "lensnet") or export_dir(results.get("lensnet"))
     return load_components(base_dir, settings_from_config(cfg), gistnet=g, lensnet=ln, dtype=cfg.model.dtype)
