@@ -227,17 +227,11 @@ def export_dir(result: Any) -> Path | None:
 
 
 def e2e_export(result: Any, part: str) -> Path | None:
-    """The ``part`` ("gistnet" / "lensnet") of an e2e stage result: ``{part: dir}`` (an earlier run found in
-    ``artifacts/e2e``) or this run's stage summary, whose export directory holds ``<part>/``. Without this a
-    ``stages=[e2e, eval]`` run silently evaluated the nets from *before* the e2e fine-tuning."""
-    if not isinstance(result, dict):
-        return None
-    if part in result:
-        return export_dir(result[part])
-    for key in _EXPORT_KEYS:
-        if result.get(key) and (found := export_dir(Path(result[key]) / part)):
-            return found
-    return None
+    """The ``part`` ("gistnet" / "lensnet") of an e2e export: a directory holding ``<part>/``, or a stage summary
+    whose export directory does. Without this a ``stages=[e2e, eval]`` run silently evaluated the nets from
+    *before* the e2e fine-tuning."""
+    roots = [result[k] for k in _EXPORT_KEYS if result.get(k)] if isinstance(result, dict) else [result]
+    return next((found for r in roots if r and (found := export_dir(Path(r) / part))), None)
 
 
 def load_gistnet(
@@ -331,17 +325,8 @@ def components_from_run(
     """Components for a pipeline run: nets from ``eval.gistnet_dir``/``eval.lensnet_dir``, this run's results, or
     an earlier run's exports in ``<artifacts_dir>/{e2e,gistnet,lensnet}/<name>`` (so ``mchar eval`` alone finds them).
     """
-    if artifacts_dir is not None:
-        root = Path(artifacts_dir)
-        for stage in ("gistnet", "lensnet"):
-            if stage not in results:
-                results = {**results, stage: export_dir(root / stage / cfg.name)}
-        if "e2e" not in results and (root / "e2e" / cfg.name).is_dir():
-            e2e = root / "e2e" / cfg.name
-            results = {
-                **results,
-                "e2e": {"gistnet": export_dir(e2e / "gistnet"), "lensnet": export_dir(e2e / "lensnet")},
-            }
+    if artifacts_dir is not None:  # this run's results first, else the exports an earlier run left
+        results = {s: Path(artifacts_dir) / s / cfg.name for s in ("gistnet", "lensnet", "e2e")} | results
     e2e = results.get("e2e")
     g = gistnet or cfg.eval.gistnet_dir or e2e_export(e2e, "gistnet") or export_dir(results.get("gistnet"))
     ln = lensnet or cfg.eval.lensnet_dir or e2e_export(e2e, "lensnet") or export_dir(results.get("lensnet"))
