@@ -32,6 +32,7 @@ def test_experiment_required_files_exist() -> None:
         (["tree.block_size=1.5"], "tree.block_size"),
         (["tree.bogus=1"], "tree.bogus"),
         (["allocator.policy=nope"], "allocator.policy"),
+        (["eval.oracle_documents=0"], "eval.oracle_documents"),
         (["model=hf"], "model.name_or_path"),
         (["+experiment=does_not_exist"], "available: "),
         (["model=nope"], "model"),

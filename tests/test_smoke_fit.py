@@ -51,6 +51,8 @@ def test_smoke_fit_tracks_parent_and_stage_runs(smoke_run: tuple[Path, object]) 
         assert params["tree.block_size"] == "8"
         assert len(run.data.tags["git_revision"]) >= 7
         assert run.data.tags["version.torch"]
+        assert run.data.tags["host.cpu"] and int(run.data.tags["host.cpu_count"]) >= 1
+        assert run.data.tags["host.accelerator"]  # "none" on a CPU-only machine
         assert "config" in [a.path for a in client.list_artifacts(run.info.run_id)]
     metrics = stage.data.metrics
     assert metrics["final/val_ppl"] > 1.0

@@ -281,6 +281,9 @@ class EvalConfig:
     ci: str = "t"  # t | bootstrap (95 % interval of ΔNLL over documents)
     sink_blocks: int = 1
     oracle_horizon: int | None = None  # default: the next refocus_every tokens
+    # the oracle (an eval-only upper bound, ~20x a policy's cost: it measures every entry's counterfactual at every
+    # refocus) scores only the first N documents, so the policies can use many; None = all documents
+    oracle_documents: int | None = None
     focus_map_policy: str = ""  # default: lensnet if evaluated, else the first policy
     gistnet_dir: str = ""  # explicit exported GistNet (default: the gistnet stage's result)
     lensnet_dir: str = ""  # explicit exported LensNet (default: the lensnet stage's result)
@@ -444,6 +447,7 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError("eval.history_multiple: must be >= 1")
     _positive("eval.history_tokens", e.history_tokens, allow_none=True)
     _positive("eval.documents", e.documents)
+    _positive("eval.oracle_documents", e.oracle_documents, allow_none=True)
     _positive("eval.final_tokens", e.final_tokens)
     _positive("eval.task_examples", e.task_examples)
     _positive("eval.refocus_every", e.refocus_every, allow_none=True)

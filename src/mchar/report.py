@@ -179,7 +179,8 @@ def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
                 "nll": run.metrics.get(f"ppl/{policy}/nll"),
                 "ci_low": run.metrics.get(f"ppl/{policy}/delta_nll_ci_low"),
                 "ci_high": run.metrics.get(f"ppl/{policy}/delta_nll_ci_high"),
-                "full": run.metrics.get("ppl/full/nll"),
+                "full": run.metrics.get(f"ppl/{policy}/full_nll", run.metrics.get("ppl/full/nll")),
+                "documents": run.metrics.get(f"ppl/{policy}/documents"),
                 "run": run,
                 "block": run.int_param("tree.block_size"),
             }
@@ -201,11 +202,13 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
             _fmt(r["delta_nll"]),
             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
             _fmt(r["full"]),
+            "" if r["documents"] is None else str(int(r["documents"])),
             f"`{r['run'].run_id[:12]}`",
         ]
         for r in rows
     ]
-    lines += _table(["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "run"], table)
+    header = ["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "documents", "run"]
+    lines += _table(header, table)
     figures.append(plots.dnll_vs_budget(rows, out / "dnll_vs_budget.png"))
     lines += ["", f"![ΔNLL vs budget]({rel}/dnll_vs_budget.png)", ""]
     return lines

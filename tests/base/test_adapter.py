@@ -34,6 +34,9 @@ def test_from_pretrained_directory_is_frozen_and_exact(saved: tuple[str, Path]) 
     logits, cache = base.forward_embeds(base.embed(ids), torch.arange(24).expand(2, -1))
     assert cache is None
     torch.testing.assert_close(logits, reference)
+    kept, _ = base.forward_embeds(base.embed(ids), torch.arange(24).expand(2, -1), logits_to_keep=5)
+    assert kept.shape[1] == 5  # only the LM-head rows a horizon needs, equal to the full forward's last rows
+    torch.testing.assert_close(kept, reference[:, -5:])
     # The saved weights equal the in-memory ones: a second load gives identical logits.
     again = FrozenBaseLM.from_pretrained(path)
     torch.testing.assert_close(again.forward_ids(ids), reference)

@@ -50,6 +50,7 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
         "eval.task_lengths=[256]",
         "eval.task_examples=1",
         "eval.task_policies=[recency]",
+        "eval.oracle_documents=1",
     )
     return root, run_pipeline(cfg, command="eval")
 
@@ -82,6 +83,14 @@ def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> 
     assert res["policies"]["lensnet"] == {"skipped": res["policies"]["lensnet"]["skipped"]}
     rec = res["policies"]["recency"]
     assert rec["ci"][0] <= rec["delta_nll"] <= rec["ci"][1]
+    # eval.oracle_documents=1: the oracle scores the first document only, against the reference on that document
+    oracle = res["policies"]["oracle"]
+    assert (rec["documents"], oracle["documents"], metrics["ppl/oracle/documents"]) == (2, 1, 1.0)
+    full_first = res["full"]["per_document"][0]
+    assert oracle["delta_nll"] == pytest.approx(oracle["per_document"][0] - full_first)
+    assert (
+        metrics["ppl/oracle/full_nll"] == pytest.approx(full_first) and "ppl/recency/full_nll" not in metrics
+    )
     assert {"telemetry", "lod_histogram", "nll"} <= set(rec)
     assert res["tasks"]["recency"]["passkey"]["256"] == metrics["task/recency/passkey/256/acc"]
     assert res["components"]["gistnet_trained"] is False

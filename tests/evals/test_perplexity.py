@@ -160,3 +160,20 @@ def test_paired_difference_to_the_reference_policy() -> None:
     assert "vs_reference" not in s["policies"]["a"]
     # no reference run: no paired metrics
     assert not any("/vs_" in k for k in metrics_from_summary(summarise({"b": b}, None)))
+
+
+def test_a_policy_scored_on_fewer_documents_is_compared_on_those() -> None:
+    """``eval.oracle_documents``: the oracle's ΔNLL and its paired difference use only the documents it scored."""
+    from mchar.evals.perplexity import PolicyResult
+
+    full = [1.0, 2.0, 3.0]
+    ref = PolicyResult(nll=[1.5, 2.5, 3.5], telemetry=[])
+    few = PolicyResult(nll=[1.1, 2.1], telemetry=[])
+    s = summarise({"lensnet": ref, "oracle": few}, full, reference="lensnet")
+    rec = s["policies"]["oracle"]
+    assert rec["documents"] == 2 and s["policies"]["lensnet"]["documents"] == 3
+    assert rec["delta_nll"] == pytest.approx(0.1) and rec["full_nll"] == pytest.approx(1.5)
+    assert rec["vs_reference"]["documents"] == 2 and rec["vs_reference"]["mean"] == pytest.approx(-0.4)
+    m = metrics_from_summary(s)
+    assert m["ppl/oracle/documents"] == 2.0 and m["ppl/oracle/full_nll"] == pytest.approx(1.5)
+    assert "full_nll" not in s["policies"]["lensnet"]

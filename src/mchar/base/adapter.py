@@ -123,7 +123,10 @@ class FrozenBaseLM(nn.Module):
         position_ids: torch.Tensor,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, Any]:
+        """(logits, cache): ``logits_to_keep`` > 0 computes the LM head for the last that many positions only
+        (scoring a horizon needs a few rows of a vocabulary-wide matrix, which otherwise dominates a small base)."""
         self.check_positions(position_ids)
         # An explicit all-ones mask: without one, transformers may infer packed-sequence boundaries from
         # non-contiguous position ids (gists jump), silently cutting attention at every gist.
@@ -139,6 +142,7 @@ class FrozenBaseLM(nn.Module):
             position_ids=position_ids,
             attention_mask=mask,
             use_cache=use_cache,
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
             **{self._cache_kw: past_key_values},
         )
         if not use_cache:

@@ -352,9 +352,10 @@ class OraclePolicy(Policy):
             b = batch_emb.shape[0]
             x = torch.cat([batch_emb, fut_in.unsqueeze(0).expand(b, -1, -1)], 1)
             p = torch.cat([batch_pos, fut_pos.unsqueeze(0).expand(b, -1)], 1)
-            logits, _ = lm.forward_embeds(x, p)
-            w = batch_emb.shape[1]
-            lg = logits[:, w - 1 : w - 1 + h].float()
+            logits, _ = lm.forward_embeds(
+                x, p, logits_to_keep=h
+            )  # the slots that predict the h future tokens
+            lg = logits[:, -h:].float()
             return (
                 F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(b), reduction="none")
                 .view(b, h)

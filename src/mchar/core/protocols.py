@@ -31,6 +31,7 @@ class BaseLM(Protocol):
         position_ids: torch.Tensor,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, Any]:
-        """Return (logits [B, T, V], cache or None)."""
+        """Return (logits [B, T, V], cache or None); ``logits_to_keep`` > 0 = only the last that many positions."""
         ...

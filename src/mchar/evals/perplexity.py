@@ -219,9 +219,12 @@ def summarise(
             "lod_histogram": hist,
             "seconds": r.seconds,
         }
-        if full:
-            deltas = [a - b for a, b in zip(r.nll, full, strict=True)]
+        rec["documents"] = len(r.nll)
+        if full:  # a policy run on fewer documents (eval.oracle_documents) is compared on its first ones
+            deltas = [a - b for a, b in zip(r.nll, full[: len(r.nll)], strict=True)]
             rec["delta_nll"] = float(np.mean(deltas))
+            if len(r.nll) < len(full):
+                rec["full_nll"] = float(np.mean(full[: len(r.nll)]))  # the reference on the same documents
             rec["ci"] = list(confidence_interval(deltas, ci, seed=seed))
         else:
             rec["delta_nll"], rec["ci"] = None, [None, None]
@@ -231,7 +234,8 @@ def summarise(
         for name, rec in out["policies"].items():
             if name == reference or "skipped" in rec:
                 continue
-            diffs = [a - b for a, b in zip(results[name].nll, ref.nll, strict=True)]
+            n = min(len(results[name].nll), len(ref.nll))  # the documents both scored
+            diffs = [a - b for a, b in zip(results[name].nll[:n], ref.nll[:n], strict=True)]
             rec["vs_reference"] = {
                 "reference": reference,
                 "mean": float(np.mean(diffs)),
@@ -251,6 +255,9 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
         if "skipped" in rec:
             continue
         m[f"ppl/{name}/nll"] = rec["nll"]
+        m[f"ppl/{name}/documents"] = float(rec["documents"])
+        if "full_nll" in rec:
+            m[f"ppl/{name}/full_nll"] = rec["full_nll"]
         if rec["delta_nll"] is not None:
             m[f"ppl/{name}/delta_nll"] = rec["delta_nll"]
             lo, hi = rec["ci"]

@@ -146,7 +146,7 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
             continue
         results[p] = evaluate_policy(
             lambda p=p: comp.session(p),
-            docs,
+            docs[: e.oracle_documents] if p == "oracle" else docs,
             e.final_tokens,
             budget,
             map_document=0 if p == map_policy else None,

@@ -77,6 +77,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def host_info() -> dict[str, str]:
+    """The hardware a run used: CPU kernels differ across machines, so a base trained with the same seed and config
+    on another CPU model gives slightly different numbers (and every later stage with it). Logged to tell them apart."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "cpu": cpu,
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "accelerator": ", ".join(gpus) if gpus else "none",
+        "platform": platform.platform(),
+    }
+
+
 class Tracker:
     """Owns the MLflow client for one command; a no-op on non-zero ranks."""
 
@@ -121,6 +142,7 @@ class Tracker:
             "command": self.command,
             "argv": " ".join(sys.argv)[:5000],
             **{f"version.{k}": v for k, v in package_versions().items()},
+            **{f"host.{k}": v for k, v in host_info().items()},
         }
         self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
