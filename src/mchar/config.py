@@ -62,6 +62,10 @@ class DataConfig:
 
     globs: list[str] = field(default_factory=lambda: ["stdlib"])
     split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])
+    # which files are train / val / test: fixed apart from ``seed``, so seed replicates of the side nets on a reused
+    # base keep the base's held-out files held out (with the split tied to ``seed``, seed=1 made some of the base's
+    # training files "test" documents)
+    split_seed: int = 0
     max_files: int | None = None
     window: int = 512
     stride: int | None = None

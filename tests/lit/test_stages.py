@@ -91,6 +91,7 @@ def test_a_built_base_with_another_architecture_is_refused_not_reused(smoke_run)
         [
             "+experiment=smoke",
             f"artifacts_dir={tmp / 'art'}",
+            "data.max_files=20",  # the base's split: only the architecture differs
             f"model.local.hidden_size={2 * hidden}",
         ]
     )
@@ -100,3 +101,28 @@ def test_a_built_base_with_another_architecture_is_refused_not_reused(smoke_run)
     ):
         ensure_base_lm(other)
     assert (built / "model.safetensors").is_file()  # nothing stored was touched
+
+
+def test_the_corpus_split_follows_split_seed_not_the_training_seed(smoke_run) -> None:
+    """Seed replicates on a reused base keep its held-out files held out; another split is refused, not reused."""
+    from mchar.config import ConfigError
+    from mchar.pipeline import RunContext
+    from mchar.stages.base_lm import corpus_splits, ensure_base_lm
+
+    tmp, ctx = smoke_run
+
+    def context(*extra: str) -> RunContext:
+        cfg = compose_config(["+experiment=smoke", f"artifacts_dir={tmp / 'art'}", "data.max_files=20", *extra])
+        return RunContext(cfg=cfg, tracker=None, run_dir=tmp / "runs", artifacts_dir=tmp / "art")
+
+    built = ensure_base_lm(ctx)
+    replicate = context("seed=7")
+    assert corpus_splits(replicate).as_dict() == corpus_splits(ctx).as_dict()
+    assert ensure_base_lm(replicate) == built  # same split: reused
+    other = context("data.split_seed=7")
+    assert corpus_splits(other)["test"] != corpus_splits(ctx)["test"]
+    with pytest.raises(ConfigError, match=r"^data.split_seed: .* another train/val/test split"):
+        ensure_base_lm(other)
+    with pytest.raises(ConfigError, match=r"^data.split_seed: "):
+        ensure_base_lm(context("data.max_files=21"))  # a different subset of files is another split too
+    assert (built / "model.safetensors").is_file()

@@ -6,6 +6,7 @@ then renamed), so a killed build never leaves a half-written model that later st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +32,7 @@ def corpus_splits(ctx: RunContext) -> Any:
 
     d = ctx.cfg.data
     globs = [g for g in d.globs if g != "stdlib"]
-    kwargs: dict[str, Any] = {"fractions": tuple(d.split), "seed": ctx.cfg.seed, "max_files": d.max_files}
+    kwargs: dict[str, Any] = {"fractions": tuple(d.split), "seed": d.split_seed, "max_files": d.max_files}
     if globs:
         kwargs["globs"] = globs
     return discover_corpus(**kwargs)
@@ -64,6 +65,14 @@ def window_module(
     return LongDocDataModule(**(kwargs | overrides))
 
 
+def split_fingerprint(splits: Any) -> str:
+    """sha256 of which files (relative to the corpus root) are in which split: a base records the split it was
+    trained on, and is reused only under the same one."""
+    root = Path(splits.root)
+    names = {s: sorted(Path(p).relative_to(root).as_posix() for p in files) for s, files in splits.as_dict().items()}
+    return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def check_reusable(ctx: RunContext, path: Path) -> None:
     """Refuse to reuse a built local base whose architecture differs from ``model.local`` (one line).
 
@@ -74,7 +83,14 @@ def check_reusable(ctx: RunContext, path: Path) -> None:
 
     if ctx.cfg.model.kind != "local" or ctx.cfg.base_lm.force or not is_built(path):
         return
-    saved = json.loads((path / READY_MARKER).read_text()).get("config", {})
+    marker = json.loads((path / READY_MARKER).read_text())
+    if "split_fingerprint" in marker and marker["split_fingerprint"] != split_fingerprint(corpus_splits(ctx)):
+        raise ConfigError(
+            f"data.split_seed: {path} was trained on another train/val/test split of the corpus (data.split_seed, "
+            f"data.split, data.max_files or data.globs differ), so this config's held-out files may be its training "
+            f"files; keep its split, choose another model.name, or set base_lm.force=true to rebuild it"
+        )
+    saved = marker.get("config", {})
     wanted = {k: v for k, v in vars(ctx.cfg.model.local).items() if k != "vocab_size"}
     diff = [k for k, v in wanted.items() if k in saved and saved[k] != v]
     if diff:
@@ -215,6 +231,7 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
             "steps": steps,
             "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
             "corpus": report,
+            "split_fingerprint": split_fingerprint(splits),
             "train_files": len(splits["train"]),
             "test_files": len(splits["test"]),
         }
