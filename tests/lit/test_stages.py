@@ -112,7 +112,9 @@ def test_the_corpus_split_follows_split_seed_not_the_training_seed(smoke_run) ->
     tmp, ctx = smoke_run
 
     def context(*extra: str) -> RunContext:
-        cfg = compose_config(["+experiment=smoke", f"artifacts_dir={tmp / 'art'}", "data.max_files=20", *extra])
+        cfg = compose_config(
+            ["+experiment=smoke", f"artifacts_dir={tmp / 'art'}", "data.max_files=20", *extra]
+        )
         return RunContext(cfg=cfg, tracker=None, run_dir=tmp / "runs", artifacts_dir=tmp / "art")
 
     built = ensure_base_lm(ctx)

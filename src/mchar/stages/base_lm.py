@@ -69,7 +69,10 @@ def split_fingerprint(splits: Any) -> str:
     """sha256 of which files (relative to the corpus root) are in which split: a base records the split it was
     trained on, and is reused only under the same one."""
     root = Path(splits.root)
-    names = {s: sorted(Path(p).relative_to(root).as_posix() for p in files) for s, files in splits.as_dict().items()}
+    names = {
+        s: sorted(Path(p).relative_to(root).as_posix() for p in files)
+        for s, files in splits.as_dict().items()
+    }
     return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
 
 
