@@ -352,9 +352,8 @@ class OraclePolicy(Policy):
             b = batch_emb.shape[0]
             x = torch.cat([batch_emb, fut_in.unsqueeze(0).expand(b, -1, -1)], 1)
             p = torch.cat([batch_pos, fut_pos.unsqueeze(0).expand(b, -1)], 1)
-            logits, _ = lm.forward_embeds(
-                x, p, logits_to_keep=h
-            )  # the slots that predict the h future tokens
+            # the LM head only for the h slots that predict the future tokens (it dominates a small base's cost)
+            logits, _ = lm.forward_embeds(x, p, logits_to_keep=h)
             lg = logits[:, -h:].float()
             return (
                 F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.repeat(b), reduction="none")

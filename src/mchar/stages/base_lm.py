@@ -77,7 +77,8 @@ def split_fingerprint(splits: Any) -> str:
 
 
 def check_reusable(ctx: RunContext, path: Path) -> None:
-    """Refuse to reuse a built local base whose architecture differs from ``model.local`` (one line).
+    """Refuse to reuse a built local base whose architecture differs from ``model.local``, or that was trained on
+    another split of the corpus (one line).
 
     Bases are reused by ``model.name``; without this, a base built under the same name with, e.g., a different
     ``induction_prior`` or ``hidden_size`` would silently stand in for the one the config asks for.
