@@ -51,7 +51,6 @@ def run_pipeline(
     import lightning as L
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     tracker = tracker or Tracker(cfg, command)
     ctx = RunContext(
         cfg=cfg,
@@ -67,6 +66,10 @@ def run_pipeline(
     try:
         with tracker.parent() as parent_id:
             for stage, fn in fns:
+                # Every stage starts from the seed, not from whatever RNG state the stages before it left: a net
+                # built before its fit (GistNet, LensNet init) is then the same whether the base was trained in this
+                # process, reused from disk, or run by another command (a sweep trial, `stages=[gistnet,...]`).
+                L.seed_everything(cfg.seed, workers=True, verbose=False)
                 with tracker.stage(stage) as run_id:
                     ctx.results[stage] = fn(ctx, run_id)
             ctx.results["parent_run_id"] = parent_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mchar.compose import compose_config
 from mchar.pipeline import run_pipeline
@@ -128,3 +129,33 @@ def test_the_corpus_split_follows_split_seed_not_the_training_seed(smoke_run) ->
     with pytest.raises(ConfigError, match=r"^data.split_seed: "):
         ensure_base_lm(context("data.max_files=21"))  # a different subset of files is another split too
     assert (built / "model.safetensors").is_file()
+
+
+def test_a_stage_trains_the_same_net_whatever_ran_before_it(smoke_run) -> None:
+    """GistNet after a base trained in the same process == GistNet alone on the reused base (every stage starts from
+    the seed): `stages=[gistnet,...]`, a sweep trial and the full quickstart give the same nets."""
+    from safetensors.torch import load_file
+
+    tmp, ctx = smoke_run
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            f"run_dir={tmp / 'runs_again'}",
+            f"artifacts_dir={tmp / 'art'}",
+            "stages=[base_lm,gistnet]",  # base_lm is reused from disk: it consumes no randomness this time
+            "base_lm.max_steps=5",
+            "base_lm.task_eval_examples=1",
+            "data.max_files=20",
+            "gistnet.max_steps=6",
+            "gistnet.val_every=4",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=2",
+        ]
+    )
+    again = run_pipeline(cfg)
+    first = load_file(Path(ctx.results["gistnet"]["export_dir"]) / "model.safetensors")
+    second = load_file(Path(again.results["gistnet"]["export_dir"]) / "model.safetensors")
+    assert again.results["base_lm"]["trained"] is False
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
