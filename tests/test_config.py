@@ -39,6 +39,7 @@ def test_experiment_required_files_exist() -> None:
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
+        (["lensnet.on_policy=-0.1"], "lensnet.on_policy"),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
         (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),

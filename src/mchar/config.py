@@ -166,6 +166,9 @@ class LensNetConfig:
     # share of training WCs built by random expansion from the coarsest cover instead of recency-first: puts
     # LOD1 gists and raw blocks everywhere in the history, so far-back needles become candidates
     random_fill: float = 0.5
+    # share of training WCs that are the allocator's own output from LensNet's current scores (DAgger-style
+    # on-policy states; drawn after random_fill's choice, so 0.5 + 0.5 = half on-policy, a quarter each other kind)
+    on_policy: float = 0.0
     # cosine(entry, mean of the newest query_tokens tail embeddings) as a LensNet input feature (0 = off)
     query_tokens: int = 16
     # a linear path from log distance / log width / query similarity to the score, initialised to rank like
@@ -378,6 +381,8 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"
         )
+    if not 0.0 <= cfg.lensnet.on_policy <= 1.0:
+        raise ConfigError(f"lensnet.on_policy: must be in [0, 1], got {cfg.lensnet.on_policy}")
     if not 0.0 <= cfg.lensnet.random_fill <= 1.0:
         raise ConfigError(f"lensnet.random_fill: must be in [0, 1], got {cfg.lensnet.random_fill}")
     tail = cfg.lensnet.mix_answer_tail

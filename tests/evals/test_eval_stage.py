@@ -164,3 +164,46 @@ def test_an_e2e_result_of_the_same_run_is_what_eval_loads(stage_run, tmp_path: P
     assert Path(comp.sources["lensnet"]) == dirs["e2e"] / "lensnet"
     without = components_from_run(cfg, {k: v for k, v in results.items() if k != "e2e"}, root / "base")
     assert Path(without.sources["gistnet"]) == dirs["stage"] / "gistnet"
+
+
+def test_an_e2e_lora_adapter_is_applied_with_its_gistnet_and_only_then(stage_run, tmp_path: Path) -> None:
+    """An e2e export with LoRA: eval's base is the adapted base (the GistNet was trained for it); a GistNet given
+    explicitly comes without it; an adapter without its lora.json stops with one line."""
+    import shutil
+
+    import torch
+
+    from mchar.base.adapter import FrozenBaseLM
+    from mchar.core.gistnet import make_gistnet
+    from mchar.core.lensnet import LensNet
+    from mchar.core.lora import add_lora, save_lora
+    from mchar.evals.components import EvalError, components_from_run
+
+    root, _ = stage_run
+    cfg = _cfg(tmp_path, root / "base")
+    export = tmp_path / "e2e"
+    make_gistnet("transformer", d_model=32, block_size=8, n_layers=1, n_heads=4).save_pretrained(
+        export / "gistnet"
+    )
+    LensNet(32, width=16, n_layers=1, n_heads=4).save_pretrained(export / "lensnet")
+    adapted = FrozenBaseLM.from_pretrained(root / "base")
+    for layer in add_lora(adapted.model, rank=2, alpha=4.0):
+        torch.nn.init.normal_(layer.lora_b, std=0.5)
+    save_lora(adapted.model, export, rank=2, alpha=4.0)
+    shutil.copytree(export / "gistnet", tmp_path / "other")
+    results = {"e2e": {"artifact_dir": str(export)}}
+
+    ids = torch.arange(24).reshape(1, -1)
+    with torch.no_grad():
+        want = adapted.model(ids).logits
+        comp = components_from_run(cfg, results, root / "base")
+        got = comp.base.model(ids).logits
+        other = components_from_run(cfg, results, root / "base", gistnet=tmp_path / "other")
+        plain = other.base.model(ids).logits
+    assert comp.describe()["lora"] == str(export)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3) and other.describe()["lora"] == ""  # another GistNet
+
+    (export / "lora.json").unlink()
+    with pytest.raises(EvalError, match=r"lora: .*lora\.json"):
+        components_from_run(cfg, results, root / "base")

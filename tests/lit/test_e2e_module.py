@@ -95,3 +95,15 @@ def test_checkpoint_and_export_contain_every_trained_module(tmp_path) -> None:
         tmp_path / "lensnet" / "config.json"
     ).exists()
     assert set(load_file(str(tmp_path / "lora.safetensors"))) == {k[len("base.model.") :] for k in base_keys}
+    # the adapter loads onto a fresh base without Lightning and reproduces the trained module's base exactly
+    from mchar.core.lora import load_lora
+
+    with torch.no_grad():
+        for layer in m.lora_layers:
+            layer.lora_b.normal_(std=0.5)
+        m.export(tmp_path)
+        fresh = tiny_base()
+        load_lora(fresh.model, tmp_path)
+        ids = windows(1)[:, :16]
+        assert torch.allclose(fresh.model(ids).logits, m.base.model(ids).logits, atol=1e-6)
+        assert not torch.allclose(tiny_base().model(ids).logits, m.base.model(ids).logits, atol=1e-3)

@@ -179,3 +179,23 @@ def test_unknown_alloc_start_is_refused() -> None:
 
     with pytest.raises(ValueError, match="alloc_start"):
         _module(alloc_start="middle")
+
+
+def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
+    """``on_policy=1``: every training WC is what the allocator builds from LensNet's current scores (legal, within
+    the budget), its candidates are drawn from it, and the step still trains every LensNet parameter."""
+    ids = windows(2)
+    m = _module(on_policy=1.0)
+    prefix = m.prefix(ids)
+    tok = m.base.embed(ids[:, : prefix + H])
+    gists = m.gists(tok, prefix)
+    gen = np.random.default_rng(W.step_seed(0, 3, 17))
+    gen.random()  # the on/off draw lens_loss makes first
+    entries, cand = m.on_policy_step(tok, gists, prefix, gen)
+    want = m.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, np.random.default_rng(0))[0]
+    assert [(e.level, e.index) for e in entries] == [(e.level, e.index) for e in want.entries]
+    assert want.cost <= 24 and len(cand) == min(6, len(entries)) and (np.diff(cand) > 0).all()
+    before = snapshot(m)
+    one_step(m, ids, step=3)
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved, (sorted(stuck), sorted(moved))

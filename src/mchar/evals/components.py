@@ -208,6 +208,7 @@ class EvalComponents:
             "gistnet_trained": self.gistnet_trained,
             "lensnet": self.sources.get("lensnet", ""),
             "lensnet_trained": self.lensnet is not None,
+            "lora": self.sources.get("lora", ""),
         }
 
 
@@ -286,8 +287,12 @@ def load_components(
     dtype: str = "float32",
     device: str = "cpu",
     tokenizer: Any = None,
+    lora: str | Path | None = None,
 ) -> EvalComponents:
-    """Load (or wrap) the base and the nets; ``base`` is a directory / hub id or a ready ``FrozenBaseLM``."""
+    """Load (or wrap) the base and the nets; ``base`` is a directory / hub id or a ready ``FrozenBaseLM``.
+
+    ``lora``: a directory holding an e2e export's ``lora.safetensors`` + ``lora.json``; the adapter is applied to the
+    base for *every* policy and the full-context reference (one model, so the comparison stays at equal footing)."""
     from mchar.base.adapter import FrozenBaseLM
 
     settings.check()
@@ -299,6 +304,15 @@ def load_components(
     tok = tokenizer if tokenizer is not None else getattr(frozen, "tokenizer", None)
     if tok is None:
         raise EvalError(f"base: {source!r} has no tokenizer (save one next to the model)")
+    sources = {"base": source}
+    if lora:
+        from mchar.core.lora import load_lora
+
+        try:
+            load_lora(frozen.model, lora)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+        sources["lora"] = str(lora)
     g, trained, g_src = load_gistnet(gistnet, frozen, settings)
     ln, l_src = load_lensnet(lensnet, frozen, settings)
     if not trained:
@@ -310,7 +324,7 @@ def load_components(
         settings=settings,
         lensnet=ln,
         gistnet_trained=trained,
-        sources={"base": source, "gistnet": g_src, "lensnet": l_src},
+        sources=sources | {"gistnet": g_src, "lensnet": l_src},
     )
 
 
@@ -328,6 +342,13 @@ def components_from_run(
     if artifacts_dir is not None:  # this run's results first, else the exports an earlier run left
         results = {s: Path(artifacts_dir) / s / cfg.name for s in ("gistnet", "lensnet", "e2e")} | results
     e2e = results.get("e2e")
-    g = gistnet or cfg.eval.gistnet_dir or e2e_export(e2e, "gistnet") or export_dir(results.get("gistnet"))
+    e2e_gist = e2e_export(e2e, "gistnet")
+    g = gistnet or cfg.eval.gistnet_dir or e2e_gist or export_dir(results.get("gistnet"))
     ln = lensnet or cfg.eval.lensnet_dir or e2e_export(e2e, "lensnet") or export_dir(results.get("lensnet"))
-    return load_components(base_dir, settings_from_config(cfg), gistnet=g, lensnet=ln, dtype=cfg.model.dtype)
+    # an e2e LoRA adapter belongs to the GistNet it was trained with: it comes along exactly when that GistNet does
+    from mchar.core.lora import has_lora
+
+    lora = e2e_gist.parent if e2e_gist and Path(g) == e2e_gist and has_lora(e2e_gist.parent) else None
+    return load_components(
+        base_dir, settings_from_config(cfg), gistnet=g, lensnet=ln, dtype=cfg.model.dtype, lora=lora
+    )

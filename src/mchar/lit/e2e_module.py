@@ -6,16 +6,13 @@ the *current* GistNet (so its labels never go stale, the upstream JT2 problem). 
 step. One AdamW over parameter groups: in alternate mode the idle group has ``grad=None`` and AdamW skips it
 (no weight-decay drift either). Ablations: ``train_gistnet``, ``train_lensnet``, ``lora``.
 
-LoRA is a minimal in-house wrapper (peft is not a dependency): ``y = W x + (alpha/r) B A x`` on the base's
-attention projections, ``B`` zero-initialised so step 0 is exactly the frozen base. The teacher always runs with
-LoRA disabled (it is the frozen base's own prediction on the raw context).
+LoRA (:mod:`mchar.core.lora`) wraps the base's attention projections, ``B`` zero-initialised so step 0 is exactly
+the frozen base. The teacher always runs with LoRA disabled (it is the frozen base's own prediction on the raw
+context). The export holds the adapter next to the nets, and evaluation re-applies it with that GistNet.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mchar.core.lora import LORA_TARGETS, LoRALinear, add_lora, lora_disabled, lora_state, save_lora
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.gistnet_module import substitutability_loss
 from mchar.lit.lensnet_module import LensNetModule
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
-
-    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float = 8.0) -> None:
-        super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-        self.scale = alpha / rank
-        self.enabled = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scale
-
-
-def add_lora(
-    model: nn.Module, targets: Sequence[str] = LORA_TARGETS, rank: int = 4, alpha: float = 8.0
-) -> list[LoRALinear]:
-    """Wrap every ``nn.Linear`` whose attribute name is in ``targets``; returns the wrappers."""
-    added = []
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                wrapped = LoRALinear(child, rank, alpha)
-                setattr(parent, name, wrapped)
-                added.append(wrapped)
-    if not added:
-        raise ValueError(f"lora: no nn.Linear named {list(targets)} in the base model")
-    return added
-
-
-@contextmanager
-def lora_disabled(layers: Sequence[LoRALinear]) -> Iterator[None]:
-    prev = [layer.enabled for layer in layers]
-    for layer in layers:
-        layer.enabled = False
-    try:
-        yield
-    finally:
-        for layer, p in zip(layers, prev, strict=True):
-            layer.enabled = p
 
 
 class E2EModule(LensNetModule):
@@ -106,8 +55,7 @@ class E2EModule(LensNetModule):
         self.lensnet.requires_grad_(train_lensnet)
         self.lora_layers: list[LoRALinear] = []
         if lora:
-            model = base.model if hasattr(base, "model") else base
-            self.lora_layers = add_lora(model, rank=lora_rank, alpha=lora_alpha)
+            self.lora_layers = add_lora(self.base_model(), rank=lora_rank, alpha=lora_alpha)
 
     def phase(self, step: int) -> str:
         """'gist', 'lens' or 'joint' for a global step (odd = GistNet, even = LensNet)."""
@@ -185,17 +133,18 @@ class E2EModule(LensNetModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def base_model(self) -> nn.Module:
+        return self.base.model if hasattr(self.base, "model") else self.base
+
     def lora_state(self) -> dict[str, torch.Tensor]:
-        model = self.base.model if hasattr(self.base, "model") else self.base
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+        return lora_state(self.base_model())
 
     def export(self, directory: Any) -> Any:
-        """GistNet and LensNet (safetensors + config) and, with LoRA, ``lora.safetensors``."""
-        from safetensors.torch import save_file
-
+        """GistNet and LensNet (safetensors + config) and, with LoRA, ``lora.safetensors`` + ``lora.json``."""
         out = Path(directory)
         self.gistnet.save_pretrained(out / "gistnet")
         self.lensnet.save_pretrained(out / "lensnet")
         if self.lora_layers:
-            save_file(self.lora_state(), str(out / "lora.safetensors"))
+            hp = self.hparams
+            save_lora(self.base_model(), out, hp.lora_rank, hp.lora_alpha, LORA_TARGETS)
         return out

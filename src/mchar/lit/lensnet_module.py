@@ -123,6 +123,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         alloc_edits: int = 0,
         protect_tokens: int = 0,
         random_fill: float = 0.0,
+        on_policy: float = 0.0,
         lookahead: bool = False,
         seed: int = 0,
         train_gistnet: bool = False,
@@ -228,6 +229,17 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         c = min(self.hparams.candidates, len(entries))
         return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
 
+    def on_policy_step(
+        self, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int, gen: np.random.Generator
+    ) -> tuple[list[Entry], np.ndarray]:
+        """The WC the allocator builds from LensNet's *current* scores for the batch's first window, and C of its
+        entries: training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where
+        its allocations actually go, not only on random WCs it never produces."""
+        wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen)[0]
+        entries = list(wc.entries)
+        c = min(self.hparams.candidates, len(entries))
+        return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
+
     def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``)."""
         t0 = time.perf_counter()
@@ -240,6 +252,10 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             bank = W.source_bank(tok, gists)
         t0 = self._tick("gists", t0)
         entries, cand = self.sample_step(step, prefix)
+        if self.hparams.on_policy > 0:
+            gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
+            if gen.random() < self.hparams.on_policy:
+                entries, cand = self.on_policy_step(tok, gists, prefix, gen)
         t0 = self._tick("sample_wc", t0)
         utils = self.measure_utilities(bank, entries, cand, prefix, targets)
         t0 = self._tick("utilities", t0)

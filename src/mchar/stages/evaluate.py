@@ -316,6 +316,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         {
             "mchar.gistnet_trained": str(comp.gistnet_trained).lower(),
             "mchar.lensnet_trained": str(comp.lensnet is not None).lower(),
+            "mchar.lora": comp.sources.get("lora", "none"),
         },
     )
     return {"metrics": metrics, "results_path": str(results_path), "focus_map_path": str(map_path)}

@@ -60,6 +60,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         warmup_steps=lc.warmup_steps,
         random_edits=lc.random_edits,
         random_fill=lc.random_fill,
+        on_policy=lc.on_policy,
         lookahead=cfg.allocator.lookahead,
         position_mode=cfg.tree.position_mode,
         alloc_rounds=lc.alloc_rounds,
