@@ -199,3 +199,33 @@ def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
     one_step(m, ids, step=3)
     stuck, moved = changed(m, before)
     assert not stuck and not moved, (sorted(stuck), sorted(moved))
+
+
+def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it() -> None:
+    """Train/serve parity: for the same WC over the same tokens, the ``lensnet`` policy (tree-built entry vectors,
+    distances, tail) gives the scores the training module's batched features give, up to the policy's
+    standardisation. A mismatch here would make every validation number say nothing about evaluation."""
+    from mchar.core.policies import LensNetPolicy, standardise
+    from mchar.core.tree import MegaContextTree
+    from mchar.lit.lensnet_module import random_fill_wc, random_wc
+
+    torch.manual_seed(3)
+    lens = LensNet(
+        32, width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8, query_tokens=4, recency_prior=0.5
+    )
+    m = LensNetModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H)
+    ids = windows(1, seed=5)
+    prefix = m.prefix(ids)
+    with torch.no_grad():
+        tok = m.base.embed(ids[:, :prefix])
+        gists = m.gists(tok, prefix)
+        tree = MegaContextTree.in_memory(K, DEPTH, 32, m.base.embed, lambda x, level: m.gistnet(x, level))
+        tree.ingest(ids[0, :prefix])
+        policy = LensNetPolicy(lens)
+        for seed in range(4):
+            gen = np.random.default_rng(seed)
+            make = random_fill_wc if seed % 2 else (lambda s, b, g: random_wc(s, b, g, 3))
+            wc = make(m.shape(prefix), 24, gen)
+            want, _ = m.lens_scores([list(wc.entries)], [0], tok, gists, prefix)
+            got = policy.scores(wc, tree)
+            assert torch.allclose(got, standardise(want[0]), atol=1e-4), (seed, got, standardise(want[0]))
