@@ -199,6 +199,9 @@ class E2EConfig:
     lora_alpha: float = 8.0
     lr: float = 3e-4
     max_steps: int = 100
+    # start from the gistnet / lensnet exports of another experiment name (artifacts/<stage>/<init_from>), so an e2e
+    # ablation gets its own name and never overwrites what it starts from; None = this run's own exports
+    init_from: str | None = None
 
 
 @dataclass

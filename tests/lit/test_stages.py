@@ -159,3 +159,74 @@ def test_a_stage_trains_the_same_net_whatever_ran_before_it(smoke_run) -> None:
     assert first.keys() == second.keys()
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
+
+
+def test_e2e_starts_from_another_experiments_nets_and_eval_applies_its_lora(smoke_run) -> None:
+    """``stages=[e2e,eval] e2e.init_from=NAME e2e.lora=true`` under a new name: it starts from NAME's exports without
+    touching them, exports GistNet + LensNet + the adapter, and the evaluation loads all three together."""
+    import json
+
+    from mchar.config import ConfigError
+
+    tmp, ctx = smoke_run
+
+    def cfg(*extra: str):  # noqa: ANN202
+        return compose_config(
+            [
+                "+experiment=smoke",
+                "name=smoke_e2e",
+                f"run_dir={tmp / 'runs_e2e'}",
+                f"artifacts_dir={tmp / 'art'}",
+                "data.max_files=20",
+                "data.batch_size=2",
+                "trainer.enable_progress_bar=false",
+                *extra,
+            ]
+        )
+
+    with pytest.raises(ConfigError, match=r"^e2e.init_from: no GistNet export at .*nowhere"):
+        run_pipeline(cfg("stages=[e2e]", "e2e.init_from=nowhere"))
+    source = Path(ctx.results["gistnet"]["artifact_dir"])
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    run = run_pipeline(
+        cfg(
+            "stages=[e2e,eval]",
+            f"e2e.init_from={ctx.cfg.name}",
+            "e2e.lora=true",
+            "e2e.max_steps=2",
+            "eval.policies=[recency,lensnet]",
+            "eval.tasks=[]",
+            "eval.documents=1",
+        )
+    )
+    export = Path(run.results["e2e"]["artifact_dir"])
+    assert export == tmp / "art" / "e2e" / "smoke_e2e"
+    assert {p.name for p in export.iterdir()} >= {"gistnet", "lensnet", "lora.safetensors", "lora.json"}
+    components = json.loads(Path(run.results["eval"]["results_path"]).read_text())["components"]
+    assert components["lora"] and Path(components["gistnet"]).parent == Path(components["lora"])
+    assert Path(components["lensnet"]).parent == Path(components["lora"])
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # what it started from is untouched
+
+
+def test_a_base_finished_elsewhere_meanwhile_is_kept_not_replaced(tmp_path: Path) -> None:
+    """Two processes building one base (sweep workers on a fresh machine): each writes its own directory, and the
+    one that finishes second keeps the first's complete base instead of deleting it under its readers."""
+    from mchar.base.local_lm import READY_MARKER
+    from mchar.stages.base_lm import publish_build
+
+    target = tmp_path / "lm"
+
+    def build(name: str, marker: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / READY_MARKER).write_text(marker)
+        return d
+
+    assert publish_build(build("lm.tmp-1", "first"), target)
+    assert not publish_build(build("lm.tmp-2", "second"), target)
+    assert (target / READY_MARKER).read_text() == "first" and not (tmp_path / "lm.tmp-2").exists()
+    unfinished = tmp_path / "other"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")  # a leftover without the ready marker is replaced
+    assert publish_build(build("other.tmp-3", "third"), unfinished)
+    assert (unfinished / READY_MARKER).read_text() == "third" and not (unfinished / "config.json").exists()

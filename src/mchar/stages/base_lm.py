@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,8 @@ from mchar.base.local_lm import READY_MARKER, build_local_lm, is_built
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
+
+log = logging.getLogger(__name__)
 
 TASK_NAMES = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 
@@ -146,7 +150,9 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
 
     cfg, tcfg = ctx.cfg, ctx.cfg.base_lm
     stage_dir = ctx.stage_dir("base_lm")
-    tmp = target.with_name(target.name + ".tmp")
+    # one build directory per process: a second process building the same base (a sweep worker, a DDP rank
+    # re-running the pipeline) must not delete or overwrite the files this one is writing
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
@@ -240,10 +246,22 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
             "test_files": len(splits["test"]),
         }
         (tmp / READY_MARKER).write_text(json.dumps(info, indent=2, default=str))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        publish_build(tmp, target)
         ctx.tracker.log_metrics(run_id, metrics, step=steps)
         ctx.tracker.set_tags(run_id, {"mchar.model_dir": str(target), "mchar.checkpoints": str(stage_dir)})
         ctx.tracker.log_json(run_id, info, "base_lm/summary.json")
+    shutil.rmtree(tmp, ignore_errors=True)  # the other ranks' build directories (rank zero's was renamed)
     return {"model_dir": str(target), "trained": True, "metrics": metrics}
+
+
+def publish_build(tmp: Path, target: Path) -> bool:
+    """Move a finished build into place; False (and ``tmp`` discarded) when another process finished the same base
+    first: its complete directory is kept, never deleted under a reader."""
+    if is_built(target):
+        log.warning("base_lm: %s was built by another process meanwhile; keeping that one", target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    if target.exists():  # an unfinished leftover (no ready marker)
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return True

@@ -1,17 +1,33 @@
 """Stage ``e2e``: fine-tune GistNet + LensNet (+ optional LoRA) together on allocator-built WCs.
 
-Starts from the ``gistnet`` export and, when present, the ``lensnet`` export (else a fresh LensNet).
+Starts from the ``gistnet`` export and, when present, the ``lensnet`` export (else a fresh LensNet): this run's, or
+with ``e2e.init_from=NAME`` those of experiment ``NAME`` (an ablation under its own name, nothing overwritten).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mchar.config import ConfigError
 from mchar.stages.gistnet import export_dirs, fit, load_base, load_windows, publish
 from mchar.stages.lensnet import build_lensnet, gistnet_dir, lens_training_kwargs
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
+
+
+def start_dirs(ctx: RunContext) -> tuple[Path, Path]:
+    """(GistNet export, LensNet export) e2e starts from; a missing ``e2e.init_from`` GistNet stops in one line."""
+    init = ctx.cfg.e2e.init_from
+    if not init:
+        return gistnet_dir(ctx), export_dirs(ctx, "lensnet")[1]
+    gist = ctx.artifacts_dir / "gistnet" / init
+    if not (gist / "model.safetensors").is_file():
+        raise ConfigError(
+            f"e2e.init_from: no GistNet export at {gist} (run experiment {init!r}'s gistnet stage)"
+        )
+    return gist, ctx.artifacts_dir / "lensnet" / init
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
@@ -20,9 +36,9 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.lit.e2e_module import E2EModule
 
     cfg, e, lc = ctx.cfg, ctx.cfg.e2e, ctx.cfg.lensnet
+    gist_dir, lens_dir = start_dirs(ctx)
     base = load_base(ctx)
-    gistnet = from_pretrained(gistnet_dir(ctx))
-    lens_dir = export_dirs(ctx, "lensnet")[1]
+    gistnet = from_pretrained(gist_dir)
     lensnet = (
         LensNet.from_pretrained(lens_dir)
         if (lens_dir / "model.safetensors").exists()
