@@ -174,6 +174,9 @@ class LensNetConfig:
     # a linear path from log distance / log width / query similarity to the score, initialised to rank like
     # recency (-recency_prior x log1p(distance)); 0 = off (the ablation)
     recency_prior: float = 0.5
+    # the same linear path's initial weight on query similarity: untrained, LensNet then ranks like recency plus
+    # similarity (a needle that matches the question outranks a few blocks of distance); 0 = off
+    similarity_prior: float = 0.0
     # corpus tokens after a synthetic window's last answer in LensNet's windows (None = data.mix_answer_tail);
     # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it
     mix_answer_tail: int | None = None

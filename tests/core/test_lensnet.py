@@ -132,3 +132,25 @@ def test_recency_prior_ranks_an_untrained_lensnet_like_recency(tmp_path) -> None
     assert back.recency_prior == 1.0 and torch.equal(back(e, lv, wd, ds), s)
     with pytest.raises(ValueError, match="recency_prior"):
         LensNet(D, recency_prior=-1.0)
+
+
+def test_similarity_prior_lifts_the_entry_that_matches_the_query(tmp_path) -> None:
+    """With a similarity prior an untrained LensNet ranks the far entry equal to the query above the recent ones
+    (the recency prior alone keeps it at the bottom); it exports, reloads, and needs the features it weighs."""
+    torch.manual_seed(0)
+    w = 12
+    e, lv, wd = torch.randn(w, D), torch.zeros(w, dtype=torch.long), torch.full((w,), 8)
+    ds = torch.arange(w - 1, -1, -1) * 8
+    tail = e[0:1].repeat(4, 1)  # the query repeats the OLDEST entry
+    kw = dict(width=32, n_layers=1, n_heads=4, max_level=2, tail_tokens=4, query_tokens=4, recency_prior=0.5)
+    with torch.no_grad():
+        for layer in (recency := LensNet(D, **kw).eval()).score[-1:]:
+            layer.weight.zero_()  # isolate the prior path: the learned head starts at ~0 anyway
+        both = LensNet(D, **kw, similarity_prior=4.0).eval()
+        both.load_state_dict(recency.state_dict() | {"prior.weight": both.prior.weight.clone()})
+        assert recency(e, lv, wd, ds, tail).argmin() == 0
+        assert both(e, lv, wd, ds, tail).argmax() == 0
+    both.save_pretrained(tmp_path / "s")
+    assert from_pretrained(tmp_path / "s").similarity_prior == 4.0
+    with pytest.raises(ValueError, match="similarity_prior"):
+        LensNet(D, query_tokens=0, recency_prior=0.5, similarity_prior=1.0)

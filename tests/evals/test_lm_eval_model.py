@@ -148,3 +148,23 @@ def test_ruler_niah_runs_offline_with_the_local_tokenizer(base_dir: Path) -> Non
     )
     assert res is not None
     assert 0.0 <= res["results"]["niah_single_1"]["512,none"] <= 1.0
+
+
+def test_a_lora_adapter_is_applied_through_model_args(base_dir: Path, tmp_path: Path) -> None:
+    """``lora=<e2e export dir>``: the session's base is the adapted base (full context scores change); a directory
+    without an adapter fails with one line."""
+    from mchar.base.adapter import FrozenBaseLM
+    from mchar.core.lora import add_lora, save_lora
+
+    adapted = FrozenBaseLM.from_pretrained(base_dir)
+    for layer in add_lora(adapted.model, rank=2, alpha=4.0):
+        torch.nn.init.normal_(layer.lora_b, std=0.5)
+    save_lora(adapted.model, tmp_path, rank=2, alpha=4.0)
+    plain = _model(base_dir, budget=512).loglikelihood_rolling([_req(TEXT)])[0]
+    lm = _model(base_dir, budget=512, lora=str(tmp_path))
+    assert lm.components.sources["lora"] == str(tmp_path)
+    assert lm.loglikelihood_rolling([_req(TEXT)])[0] != pytest.approx(plain, abs=1e-3)
+    (tmp_path / "lora.json").unlink()
+    with pytest.raises(MCharError, match="lora: ") as err:
+        _model(base_dir, lora=str(tmp_path))
+    assert "\n" not in str(err.value)

@@ -59,15 +59,21 @@ class LensNet(nn.Module):
         tail_tokens: int = 32,
         query_tokens: int = 0,
         recency_prior: float = 0.0,
+        similarity_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if query_tokens < 0:
             raise ValueError(f"lensnet.query_tokens must be >= 0, got {query_tokens}")
         if recency_prior < 0:
             raise ValueError(f"lensnet.recency_prior must be >= 0, got {recency_prior}")
+        if similarity_prior and not (query_tokens and recency_prior > 0):
+            raise ValueError(
+                "lensnet.similarity_prior needs lensnet.query_tokens > 0 and lensnet.recency_prior > 0"
+            )
         self.d_model, self.width, self.n_layers, self.n_heads = d_model, width, n_layers, n_heads
         self.max_level, self.tail_tokens, self.query_tokens = max_level, tail_tokens, query_tokens
         self.recency_prior = float(recency_prior)
+        self.similarity_prior = float(similarity_prior)
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
         self.level = nn.Embedding(max_level + 1, width)
@@ -85,6 +91,8 @@ class LensNet(nn.Module):
             with torch.no_grad():
                 self.prior.weight.zero_()
                 self.prior.weight[0, 1] = -self.recency_prior  # column 1 = log1p(distance)
+                if query_tokens:
+                    self.prior.weight[0, 2] = self.similarity_prior  # column 2 = query similarity
                 self.prior.bias.zero_()
 
     def config_dict(self) -> dict[str, Any]:
@@ -98,6 +106,7 @@ class LensNet(nn.Module):
             "tail_tokens": self.tail_tokens,
             "query_tokens": self.query_tokens,
             "recency_prior": self.recency_prior,
+            "similarity_prior": self.similarity_prior,
         }
 
     @classmethod

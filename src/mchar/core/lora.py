@@ -94,6 +94,8 @@ def load_lora(model: nn.Module, directory: str | Path) -> list[LoRALinear]:
     from safetensors.torch import load_file
 
     d = Path(directory)
+    if not has_lora(d):
+        raise ValueError(f"lora: no {WEIGHTS} in {d}")
     if not (d / CONFIG).is_file():
         raise ValueError(f"lora: {d / WEIGHTS} has no {CONFIG} next to it (rank, alpha, targets unknown)")
     cfg = json.loads((d / CONFIG).read_text())

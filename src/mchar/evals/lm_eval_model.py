@@ -1,7 +1,8 @@
 """lm-eval model ``mchar``: every request runs through a fresh MegaContext session for one policy at one budget.
 
 ``lm_eval --model mchar --model_args base=<dir>,gistnet=<dir>,lensnet=<dir>,policy=recency,budget=256,
-block_size=32,depth=2 --tasks mchar_passkey_512 --include_path evals/tasks``
+block_size=32,depth=2 --tasks mchar_passkey_512 --include_path evals/tasks`` (an e2e export's LoRA adapter, if any:
+``lora=<the export dir>``, next to ``gistnet=<the export dir>/gistnet``)
 
 * ``loglikelihood``: the context is streamed into the session (refocus every ``refocus_every`` tokens), then the
   continuation is fed token by token through the session (so ``is_greedy`` is exact and the WC keeps
@@ -70,6 +71,7 @@ class MegaContextLM(LM):
         base: Any = "",
         gistnet: str = "",
         lensnet: str = "",
+        lora: str = "",
         policy: str = "recency",
         budget: int | str | None = 256,
         block_size: int | str = 32,
@@ -120,6 +122,7 @@ class MegaContextLM(LM):
                 lensnet=lensnet or None,
                 dtype=str(dtype),
                 device=str(device),
+                lora=lora or None,
             )
         self.components = components
         self.policy = "recency" if full else policy

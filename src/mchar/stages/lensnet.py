@@ -41,6 +41,7 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         tail_tokens=lc.tail_tokens,
         query_tokens=lc.query_tokens,
         recency_prior=lc.recency_prior,
+        similarity_prior=lc.similarity_prior,
     )
 
 
