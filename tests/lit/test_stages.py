@@ -230,3 +230,22 @@ def test_a_base_finished_elsewhere_meanwhile_is_kept_not_replaced(tmp_path: Path
     (unfinished / "config.json").write_text("{}")  # a leftover without the ready marker is replaced
     assert publish_build(build("other.tmp-3", "third"), unfinished)
     assert (unfinished / READY_MARKER).read_text() == "third" and not (unfinished / "config.json").exists()
+
+
+def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
+    """``lensnet.gistnet_dir``: LensNet ablations under their own names reuse one exported GistNet; a directory
+    without one stops in one line."""
+    from mchar.config import ConfigError
+    from mchar.pipeline import RunContext
+    from mchar.stages.lensnet import gistnet_dir
+
+    tmp, ctx = smoke_run
+    export = ctx.results["gistnet"]["artifact_dir"]
+
+    def context(where: str) -> RunContext:
+        cfg = compose_config(["+experiment=smoke", "name=ablation", f"lensnet.gistnet_dir={where}"])
+        return RunContext(cfg=cfg, tracker=None, run_dir=tmp / "runs", artifacts_dir=tmp / "art")
+
+    assert gistnet_dir(context(export)) == Path(export)
+    with pytest.raises(ConfigError, match=r"^lensnet.gistnet_dir: no exported GistNet at .*nowhere"):
+        gistnet_dir(context(str(tmp / "nowhere")))

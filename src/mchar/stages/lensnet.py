@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mchar.config import ConfigError
 from mchar.stages.gistnet import (
     export_dirs,
     fit,
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
 
 
 def gistnet_dir(ctx: RunContext) -> Path:
-    """The GistNet export of this run (``ctx.results``) or of an earlier run of the same experiment."""
+    """``lensnet.gistnet_dir``, else the GistNet export of this run (``ctx.results``) or of an earlier run of the same
+    experiment."""
+    if ctx.cfg.lensnet.gistnet_dir:
+        path = Path(ctx.cfg.lensnet.gistnet_dir)
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"lensnet.gistnet_dir: no exported GistNet at {path} (no model.safetensors)")
+        return path
     found = ctx.results.get("gistnet", {}).get("artifact_dir")
     path = Path(found) if found else export_dirs(ctx, "gistnet")[1]
     if not (path / "model.safetensors").exists():
