@@ -225,3 +225,36 @@ def _real(stage: str) -> Any:
 
     module, _, fn = mchar.pipeline.STAGE_MODULES[stage].partition(":")
     return getattr(importlib.import_module(module), fn)
+
+
+def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
+    """A sweep over a setting that is not budget/depth/policy: each trial's task accuracies (logged by its eval stage,
+    a child of the trial run) sit in the sweep table next to the objective."""
+    from mlflow.tracking import MlflowClient
+
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    study = client.create_run(exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"})
+    sid = study.info.run_id
+    for k, v in {"search_space": "lensnet.similarity_prior", "metric": "ppl/lensnet/delta_nll"}.items():
+        client.log_param(sid, k, v)
+    for trial, (prior, acc) in enumerate(((0.0, 0.5625), (4.0, 0.9375))):
+        tags = {"mlflow.parentRunId": sid, "mchar.trial": str(trial), "optuna.value": str(0.17 + trial / 10)}
+        tid = client.create_run(exp, run_name=f"s/trial-{trial}", tags=tags).info.run_id
+        client.log_param(tid, "lensnet.similarity_prior", str(prior))
+        tags = {"mlflow.parentRunId": tid, "mchar.stage": "eval", "mchar.role": "stage"}
+        eid = client.create_run(exp, run_name="eval", tags=tags).info.run_id
+        client.log_metric(eid, "task/lensnet/passkey/1024/acc", acc)
+        client.log_metric(eid, "task/lensnet/passkey/512/acc", 1.0)
+    md = build_report(name="s", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
+    assert (
+        "| trial | state | lensnet.similarity_prior | value | lensnet/passkey/512 | lensnet/passkey/1024 | run |"
+        in md
+    )
+    assert (
+        "| 0 | RUNNING | 0.0 | 0.17 | 1 | 0.5625 |" in md
+        and "| 1 | RUNNING | 4.0 | 0.27 | 1 | 0.9375 |" in md
+    )

@@ -390,17 +390,38 @@ def _sweep(root: RunInfo | None) -> list[str]:
         "",
     ]
     trials = sorted(root.children, key=lambda r: int(r.tags.get("mchar.trial", "0")))
+    # the trials' task accuracies next to the objective: the perplexity and task sections below key on budget, depth
+    # and policy, so a sweep over anything else (a seed, a LensNet setting) shows only one trial there
+    found = [_subtree_metrics(r) for r in trials]
+    tasks = sorted(
+        {k for m in found for k in m if k.startswith("task/") and k.endswith("/acc")},
+        key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split("/")],
+    )
+    tasks = tasks if len(tasks) <= MAX_SWEEP_TASK_COLUMNS else []
     rows = [
         [
             r.tags.get("mchar.trial", "?"),
             r.tags.get("optuna.state", r.status),
             *[r.params.get(k, "—") for k in keys],
             _fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
+            *[_fmt(m.get(t)) for t in tasks],
             f"`{r.run_id[:12]}`",
         ]
-        for r in trials
+        for r, m in zip(trials, found, strict=True)
     ]
-    return [*lines, *_table(["trial", "state", *keys, "value", "run"], rows), ""]
+    header = ["trial", "state", *keys, "value", *[t[len("task/") : -len("/acc")] for t in tasks], "run"]
+    return [*lines, *_table(header, rows), ""]
+
+
+MAX_SWEEP_TASK_COLUMNS = 8
+
+
+def _subtree_metrics(run: RunInfo) -> dict[str, float]:
+    """A run's metrics merged with every descendant's (a trial's eval stage is a child of the trial run)."""
+    out: dict[str, float] = {}
+    for child in run.children:
+        out |= _subtree_metrics(child)
+    return out | run.metrics
 
 
 def build_report(
