@@ -40,11 +40,7 @@ for li, lens_dir in enumerate(lens_dirs):
     mod = LensNetModule(base, gist, LensNet.from_pretrained(lens_dir), **lens_training_kwargs(cfg, 10))
     for d, doc in enumerate(docs):
         ids = doc[None]
-        prefix = mod.prefix(ids)
-        targets = ids[:, prefix : prefix + mod.horizon]
-        tok = base.embed(ids)
-        gists = mod.gists(tok, prefix)
-        bank = W.source_bank(tok, gists)
+        prefix, targets, tok, gists, bank = mod.window_state(ids)
         offs = W.bank_offsets(prefix + mod.horizon, prefix, k, cfg.tree.depth)
         full = W.token_nll(W.teacher_logits(base, ids, prefix, mod.horizon), targets).mean().item()
         gen = np.random.default_rng(d)

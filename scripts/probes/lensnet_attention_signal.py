@@ -69,11 +69,7 @@ def run(name, wins, bs=4):
         rows = []
         for s in range(0, wins.shape[0], bs):
             ids = wins[s : s + bs]
-            prefix = mod.prefix(ids)
-            targets = ids[:, prefix : prefix + mod.horizon]
-            tok = base.embed(ids[:, : prefix + mod.horizon])
-            gists = mod.gists(tok, prefix)
-            bank = W.source_bank(tok, gists)
+            prefix, targets, tok, gists, bank = mod.window_state(ids)
             offs = W.bank_offsets(prefix + mod.horizon, prefix, K, cfg.tree.depth)
             for rep in range(2):
                 entries, cand = mod.sample_step(-1000 - s * 7 - rep, prefix, kind=kind)

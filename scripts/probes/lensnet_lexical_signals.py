@@ -19,7 +19,6 @@ from mchar.base.adapter import FrozenBaseLM
 from mchar.compose import compose_config
 from mchar.core.gistnet import from_pretrained as g_from
 from mchar.core.lensnet import LensNet
-from mchar.lit import windows as W
 from mchar.lit.lensnet_module import LensNetModule
 from mchar.pipeline import RunContext
 from mchar.stages.gistnet import load_windows, retrieval_windows
@@ -70,11 +69,7 @@ def run(name, wins, bs=4):
         rows = []
         for s in range(0, wins.shape[0], bs):
             ids = wins[s : s + bs]
-            prefix = mod.prefix(ids)
-            targets = ids[:, prefix : prefix + mod.horizon]
-            tok = base.embed(ids[:, : prefix + mod.horizon])
-            gists = mod.gists(tok, prefix)
-            bank = W.source_bank(tok, gists)
+            prefix, targets, tok, gists, bank = mod.window_state(ids)
             for rep in range(2):
                 entries, cand = mod.sample_step(-1000 - s * 7 - rep, prefix, kind=kind)
                 utils = mod.measure_utilities(bank, entries, cand, prefix, targets)

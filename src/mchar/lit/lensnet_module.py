@@ -164,6 +164,17 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return W.build_gists(self.gistnet, tok[:, :prefix], self.k, self.depth)
 
+    @torch.no_grad()
+    def window_state(
+        self, ids: torch.Tensor
+    ) -> tuple[int, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """What every utility measurement of a batch starts from: (prefix length, horizon targets ``[B, H]``, token
+        embeddings, the prefix's gists per level, the bank of token embeddings + gists the WC rows gather from)."""
+        prefix = self.prefix(ids)
+        tok = self.base.embed(ids[:, : prefix + self.horizon])
+        gists = self.gists(tok, prefix)
+        return prefix, ids[:, prefix : prefix + self.horizon], tok, gists, W.source_bank(tok, gists)
+
     def horizon_nll(
         self, bank: torch.Tensor, rows_spec: list, prefix: int, targets: torch.Tensor
     ) -> torch.Tensor:
@@ -225,9 +236,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             wc = random_fill_wc(self.shape(prefix), self.budget, gen)
         else:
             wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
-        entries = list(wc.entries)
-        c = min(self.hparams.candidates, len(entries))
-        return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
+        return self.pick_candidates(list(wc.entries), gen)
 
     def on_policy_step(
         self, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int, gen: np.random.Generator
@@ -236,7 +245,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         entries: training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where
         its allocations actually go, not only on random WCs it never produces."""
         wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen)[0]
-        entries = list(wc.entries)
+        return self.pick_candidates(list(wc.entries), gen)
+
+    def pick_candidates(
+        self, entries: list[Entry], gen: np.random.Generator
+    ) -> tuple[list[Entry], np.ndarray]:
+        """``entries`` and C of their indices (sorted), the ones whose utilities a step measures."""
         c = min(self.hparams.candidates, len(entries))
         return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
 
@@ -244,12 +258,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``)."""
         t0 = time.perf_counter()
         ids = ids.to(self.device)
-        prefix = self.prefix(ids)
-        targets = ids[:, prefix : prefix + self.horizon]
-        with torch.no_grad():
-            tok = self.base.embed(ids[:, : prefix + self.horizon])
-            gists = self.gists(tok, prefix)
-            bank = W.source_bank(tok, gists)
+        prefix, targets, tok, gists, bank = self.window_state(ids)
         t0 = self._tick("gists", t0)
         entries, cand = self.sample_step(step, prefix)
         if self.hparams.on_policy > 0:
@@ -374,11 +383,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
     ) -> dict[str, torch.Tensor]:
         ids = ids.to(self.device)
         n = ids.shape[0]
-        prefix = self.prefix(ids)
-        targets = ids[:, prefix : prefix + self.horizon]
-        tok = self.base.embed(ids[:, : prefix + self.horizon])
-        gists = self.gists(tok, prefix)
-        bank = W.source_bank(tok, gists)
+        prefix, targets, tok, gists, bank = self.window_state(ids)
         out: dict[str, torch.Tensor] = {
             "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(
                 1
