@@ -201,6 +201,10 @@ def test_e2e_starts_from_another_experiments_nets_and_eval_applies_its_lora(smok
     )
     export = Path(run.results["e2e"]["artifact_dir"])
     assert export == tmp / "art" / "e2e" / "smoke_e2e"
+    assert run.results["e2e"]["started_from"] == {
+        "gistnet": str(source),
+        "lensnet": str(tmp / "art" / "lensnet" / ctx.cfg.name),
+    }
     assert {p.name for p in export.iterdir()} >= {"gistnet", "lensnet", "lora.safetensors", "lora.json"}
     components = json.loads(Path(run.results["eval"]["results_path"]).read_text())["components"]
     assert components["lora"] and Path(components["gistnet"]).parent == Path(components["lora"])

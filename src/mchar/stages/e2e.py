@@ -39,11 +39,8 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     gist_dir, lens_dir = start_dirs(ctx)
     base = load_base(ctx)
     gistnet = from_pretrained(gist_dir)
-    lensnet = (
-        LensNet.from_pretrained(lens_dir)
-        if (lens_dir / "model.safetensors").exists()
-        else build_lensnet(ctx, base)
-    )
+    lens_found = (lens_dir / "model.safetensors").exists()
+    lensnet = LensNet.from_pretrained(lens_dir) if lens_found else build_lensnet(ctx, base)
     train, val = load_windows(ctx, base, lc.val_windows)
     steps = cfg.trainer.max_steps or e.max_steps
     module = E2EModule(
@@ -63,4 +60,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "e2e", module, metrics, steps)
+        started = {"gistnet": str(gist_dir), "lensnet": str(lens_dir) if lens_found else "fresh"}
+        result["started_from"] = started
+        ctx.tracker.set_tags(run_id, {f"mchar.e2e_start_{k}": v for k, v in started.items()})
     return result
