@@ -3,6 +3,7 @@ LensNet's measured utilities? Usage, after the quickstart: .venv/bin/python scri
 """
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from mchar.lit.lensnet_module import LensNetModule
 from mchar.pipeline import RunContext
 from mchar.stages.gistnet import load_windows, retrieval_windows
 from mchar.stages.lensnet import lens_training_kwargs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _utility_rows import utility_rows  # noqa: E402
 
 torch.set_grad_enabled(False)
 cfg = compose_config(["+experiment=quickstart"] + os.environ.get("OVR", "").split())
@@ -63,24 +67,16 @@ def attn_scores(bank_w, entries, prefix, offs):
     return res
 
 
+def features(ids, bank_w, prefix, entries, cand):
+    offs = W.bank_offsets(prefix + mod.horizon, prefix, K, cfg.tree.depth)
+    f = {k: v[cand] for k, v in attn_scores(bank_w, entries, prefix, offs).items()}
+    f["neg_dist"] = np.array([-np.log1p(prefix - entries[int(i)].end(K)) for i in cand])
+    return f
+
+
 def run(name, wins, bs=4):
     res = {}
-    for kind in ("recent", "fill"):
-        rows = []
-        for s in range(0, wins.shape[0], bs):
-            ids = wins[s : s + bs]
-            prefix, targets, tok, gists, bank = mod.window_state(ids)
-            offs = W.bank_offsets(prefix + mod.horizon, prefix, K, cfg.tree.depth)
-            for rep in range(2):
-                entries, cand = mod.sample_step(-1000 - s * 7 - rep, prefix, kind=kind)
-                utils = mod.measure_utilities(bank, entries, cand, prefix, targets)
-                scores, _ = mod.lens_scores([entries] * ids.shape[0], range(ids.shape[0]), tok, gists, prefix)
-                cs = scores[:, torch.as_tensor(cand)]
-                for w in range(ids.shape[0]):
-                    f = {k: v[cand] for k, v in attn_scores(bank[w], entries, prefix, offs).items()}
-                    f["lensnet"] = cs[w].numpy()
-                    f["neg_dist"] = np.array([-np.log1p(prefix - entries[int(i)].end(K)) for i in cand])
-                    rows.append((utils[w].numpy(), f))
+    for kind, rows in utility_rows(mod, wins, features, bs).items():
         out = {
             key: float(np.nanmean([spearmanr(f[key], u).statistic for u, f in rows])) for key in rows[0][1]
         }

@@ -24,6 +24,9 @@ from mchar.pipeline import RunContext
 from mchar.stages.gistnet import load_windows, retrieval_windows
 from mchar.stages.lensnet import build_lensnet, lens_training_kwargs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _utility_rows import utility_rows  # noqa: E402
+
 torch.set_grad_enabled(False)
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 
@@ -65,20 +68,8 @@ def feats(ids, prefix, entries, cand):
 
 def run(name, wins, bs=4):
     res = {}
-    for kind in ("recent", "fill"):
-        rows = []
-        for s in range(0, wins.shape[0], bs):
-            ids = wins[s : s + bs]
-            prefix, targets, tok, gists, bank = mod.window_state(ids)
-            for rep in range(2):
-                entries, cand = mod.sample_step(-1000 - s * 7 - rep, prefix, kind=kind)
-                utils = mod.measure_utilities(bank, entries, cand, prefix, targets)
-                scores, _ = mod.lens_scores([entries] * ids.shape[0], range(ids.shape[0]), tok, gists, prefix)
-                cs = scores[:, torch.as_tensor(cand)]
-                for w in range(ids.shape[0]):
-                    f = feats(ids[w], prefix, entries, cand)
-                    f["lensnet"] = cs[w].numpy()
-                    rows.append((utils[w].numpy(), f))
+    lexical = lambda ids, _bank, prefix, entries, cand: feats(ids, prefix, entries, cand)  # noqa: E731
+    for kind, rows in utility_rows(mod, wins, lexical, bs).items():
         out = {}
         for key in rows[0][1]:
             rs = [spearmanr(f[key], u).statistic for u, f in rows]
