@@ -17,6 +17,7 @@ def test_registry_and_unknown_name() -> None:
     assert set(POLICIES) == {
         "recency",
         "sink_recent",
+        "tree_recency",
         "gists_only",
         "similarity",
         "random",
@@ -46,6 +47,23 @@ def test_sink_recent_keeps_first_block() -> None:
     live = [e for e, d in zip(wc.entries, wc.dropped, strict=True) if not d]
     assert live[0] == Entry(0, 0) and live[1:] == [Entry(0, b) for b in range(11, 17)]
     assert wc.cost <= 30
+
+
+def test_tree_recency_covers_everything_and_spends_the_budget_on_the_newest_blocks() -> None:
+    tree = FakeTree(4, 2, 70)
+    pol = make_policy("tree_recency")
+    assert not pol.allows_drop and pol.relative_scores
+    wc = pol.build(tree, 30)
+    fill = FocusAllocator(tau_expand=-float("inf"), tau_collapse=float("inf"), max_edits=50)
+    for _ in range(4):
+        fill.refocus(wc, pol.scores(wc, tree))
+    wc.validate(tree)
+    assert not any(wc.dropped) and wc.cost <= 30
+    raw = [e.index for e in wc.entries if e.level == 0]
+    full_blocks = 70 // 4
+    # the raw blocks are exactly the newest ones, and no further block fits raw
+    assert raw == list(range(full_blocks - len(raw), full_blocks)) and len(raw) >= 3
+    assert wc.cost + 3 > 30 or all(e.level == 0 for e in wc.entries)
 
 
 def test_gists_only_never_expands_and_collapses_raw() -> None:
@@ -189,7 +207,7 @@ def test_policies_work_on_the_real_tree() -> None:
 
     tree = MegaContextTree.in_memory(4, 2, 8, embed_fn=lambda ids: table[ids], gist_fn=gist_fn)
     tree.ingest(torch.randint(0, 50, (70,)))
-    for name in ("similarity", "random", "gists_only"):
+    for name in ("similarity", "random", "gists_only", "tree_recency"):
         wc = initial_context(tree, 30)
         FocusAllocator().refocus(wc, make_policy(name).scores(wc, tree))
         wc.validate(tree)

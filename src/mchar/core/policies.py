@@ -141,6 +141,19 @@ class SinkRecentPolicy(Policy):
         return _truncated(tree, budget, depth, sink_blocks=self.sink_blocks)
 
 
+class TreeRecencyPolicy(Policy):
+    """MegaContext's tree with a recency focus: the whole history stays covered by gists and the newest entries
+    are expanded first (the scores are :func:`_recency_ramp`). It pays the same cover cost as every tiling policy,
+    so ``lensnet - tree_recency`` measures what a learned focus adds, apart from what gisting costs against
+    plain truncation (``tree_recency - recency``)."""
+
+    name = "tree_recency"
+    relative_scores = True
+
+    def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
+        return _recency_ramp(wc)
+
+
 class GistsOnlyPolicy(Policy):
     """Compressive memory: all history as gists, never re-expanded.
 
@@ -397,6 +410,7 @@ POLICIES: dict[str, type[Policy]] = {
     for cls in (
         RecencyPolicy,
         SinkRecentPolicy,
+        TreeRecencyPolicy,
         GistsOnlyPolicy,
         SimilarityPolicy,
         RandomPolicy,
@@ -457,6 +471,7 @@ __all__ = [
     "RecencyPolicy",
     "SimilarityPolicy",
     "SinkRecentPolicy",
+    "TreeRecencyPolicy",
     "entry_vectors",
     "make_policy",
 ]

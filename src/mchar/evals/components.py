@@ -22,7 +22,9 @@ from mchar.errors import MCharError
 
 log = logging.getLogger(__name__)
 
-POLICY_NAMES = ("recency", "sink_recent", "gists_only", "similarity", "random", "lensnet", "oracle")
+POLICY_NAMES = (
+    "recency", "sink_recent", "tree_recency", "gists_only", "similarity", "random", "lensnet", "oracle"
+)
 _EXPORT_KEYS = (
     "export_dir",
     "artifact_dir",
