@@ -178,7 +178,7 @@ class LensNetConfig:
     # similarity (a needle that matches the question outranks a few blocks of distance); 0 = off
     similarity_prior: float = 0.0
     # train on this exported GistNet instead of this run's (e.g. LensNet ablations over the quickstart's fixed
-    # GistNet under their own names; pass the same directory as eval.gistnet_dir); "" = this run's gistnet export
+    # GistNet under their own names; the eval of the same run then uses it too); "" = this run's gistnet export
     gistnet_dir: str = ""
     # corpus tokens after a synthetic window's last answer in LensNet's windows (None = data.mix_answer_tail);
     # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it

@@ -166,6 +166,28 @@ def test_an_e2e_result_of_the_same_run_is_what_eval_loads(stage_run, tmp_path: P
     assert Path(without.sources["gistnet"]) == dirs["stage"] / "gistnet"
 
 
+def test_a_lensnet_trained_over_another_gistnet_is_evaluated_over_that_gistnet(stage_run, tmp_path: Path) -> None:
+    """``stages=[lensnet,eval] lensnet.gistnet_dir=X``: the eval scores that LensNet over X (it used to silently
+    take the untrained mean-pool GistNet); an explicit ``eval.gistnet_dir`` still wins."""
+    from mchar.core.gistnet import make_gistnet
+    from mchar.core.lensnet import LensNet
+    from mchar.evals.components import components_from_run
+
+    root, _ = stage_run
+    cfg = _cfg(tmp_path, root / "base")
+    for name in ("fixed", "explicit"):
+        make_gistnet("transformer", d_model=32, block_size=8, n_layers=1, n_heads=4).save_pretrained(
+            tmp_path / name
+        )
+    LensNet(32, width=16, n_layers=1, n_heads=4).save_pretrained(tmp_path / "lens")
+    results = {"lensnet": {"artifact_dir": str(tmp_path / "lens"), "gistnet_dir": str(tmp_path / "fixed")}}
+    comp = components_from_run(cfg, results, root / "base")
+    assert Path(comp.sources["gistnet"]) == tmp_path / "fixed" and comp.gistnet_trained
+    assert Path(comp.sources["lensnet"]) == tmp_path / "lens"
+    cfg.eval.gistnet_dir = str(tmp_path / "explicit")
+    assert Path(components_from_run(cfg, results, root / "base").sources["gistnet"]) == tmp_path / "explicit"
+
+
 def test_an_e2e_lora_adapter_is_applied_with_its_gistnet_and_only_then(stage_run, tmp_path: Path) -> None:
     """An e2e export with LoRA: eval's base is the adapted base (the GistNet was trained for it); a GistNet given
     explicitly comes without it; an adapter without its lora.json stops with one line."""

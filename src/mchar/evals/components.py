@@ -345,8 +345,13 @@ def components_from_run(
         results = {s: Path(artifacts_dir) / s / cfg.name for s in ("gistnet", "lensnet", "e2e")} | results
     e2e = results.get("e2e")
     e2e_gist = e2e_export(e2e, "gistnet")
-    g = gistnet or cfg.eval.gistnet_dir or e2e_gist or export_dir(results.get("gistnet"))
-    ln = lensnet or cfg.eval.lensnet_dir or e2e_export(e2e, "lensnet") or export_dir(results.get("lensnet"))
+    chosen_lens = lensnet or cfg.eval.lensnet_dir or e2e_export(e2e, "lensnet")
+    ln = chosen_lens or export_dir(results.get("lensnet"))
+    # a LensNet this run trained over another run's GistNet (lensnet.gistnet_dir) is scored over that GistNet: it
+    # learned that GistNet's gists, and this run has no GistNet of its own (it used to get the mean-pool stand-in)
+    lens_result = results.get("lensnet")
+    lens_gist = lens_result.get("gistnet_dir") if isinstance(lens_result, dict) and not chosen_lens else None
+    g = gistnet or cfg.eval.gistnet_dir or e2e_gist or lens_gist or export_dir(results.get("gistnet"))
     # an e2e LoRA adapter belongs to the GistNet it was trained with: it comes along exactly when that GistNet does
     from mchar.core.lora import has_lora
 
