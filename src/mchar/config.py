@@ -113,6 +113,9 @@ class AllocatorConfig:
     # refocus rounds at a prompt's end before answering (stops at the first round without edits): walking from an
     # LOD2 gist down to a raw needle takes two; one round is the ablation
     query_rounds: int = 4
+    # the allocator's cooldown during those rounds (the streaming cooldown damps oscillation, but at the question it
+    # vetoes re-expanding what was just collapsed and ends the settle early); null = the streaming cooldown
+    query_cooldown: int | None = 0
 
 
 @dataclass
@@ -366,6 +369,8 @@ def check_semantics(cfg: RootConfig) -> None:
         _choice("eval.policies", p, POLICIES)
     _positive("allocator.n_diff", a.n_diff)
     _positive("allocator.query_rounds", a.query_rounds)
+    if a.query_cooldown is not None and a.query_cooldown < 0:
+        raise ConfigError(f"allocator.query_cooldown: must be >= 0 or null, got {a.query_cooldown}")
     if a.protect_recent < 0 or a.cooldown < 0:
         raise ConfigError("allocator.protect_recent/allocator.cooldown: must be >= 0")
     g = cfg.gistnet

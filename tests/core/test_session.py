@@ -270,6 +270,47 @@ def test_query_rounds_walk_down_to_the_needle_and_stop_when_settled(rounds: int)
     assert s.stats.refocuses - before == min(rounds, 3)
 
 
+class CooldownSpy:
+    """Scores like recency and records the allocator cooldown each scoring pass ran under."""
+
+    name = "cooldown_spy"
+    allows_drop = False
+    relative_scores = True
+
+    def __init__(self) -> None:
+        self.allocator, self.seen = None, []
+
+    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
+        self.seen.append(self.allocator.cooldown)
+        return torch.linspace(-1.0, 1.0, len(wc))
+
+
+@pytest.mark.parametrize("query_cooldown", [None, 0, 1])
+def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(query_cooldown: int | None) -> None:
+    """The settle before an answer may ignore the streaming cooldown (it vetoes re-expanding what a refocus just
+    collapsed, and a vetoed round has no edits, ending the settle); streaming refocuses keep it."""
+    import math
+
+    base = _base("llama")
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
+    spy = CooldownSpy()
+    spy.allocator = alloc
+    s = MegaContextSession(
+        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, query_cooldown=query_cooldown
+    )
+    s.ingest(_ids(6 * K))
+    streaming = len(spy.seen)
+    s.ingest(_ids(K // 2, seed=5))
+    s.refocus_pending()
+    assert streaming > 0 and set(spy.seen[:streaming]) == {2}
+    assert set(spy.seen[streaming:]) == {2 if query_cooldown is None else query_cooldown}
+    assert alloc.cooldown == 2
+    with pytest.raises(ValueError, match="query_cooldown must be >= 0"):
+        _session_with(base, query_cooldown=-1)
+
+
 def test_query_rounds_must_be_positive() -> None:
     base = _base("llama")
     with pytest.raises(ValueError, match="query_rounds must be >= 1"):

@@ -89,10 +89,13 @@ class MegaContextSession:
         reuse_cache: bool = True,
         profile: bool = False,
         query_rounds: int = 1,
+        query_cooldown: int | None = None,
     ) -> None:
         check_mode(position_mode)
         if int(query_rounds) < 1:
             raise ValueError(f"allocator.query_rounds must be >= 1, got {query_rounds}")
+        if query_cooldown is not None and int(query_cooldown) < 0:
+            raise ValueError(f"allocator.query_cooldown must be >= 0, got {query_cooldown}")
         self.base, self.tree, self.allocator, self.policy = base, tree, allocator, policy
         self.budget = int(budget)
         self.block_size: int = int(tree.block_size)
@@ -101,6 +104,7 @@ class MegaContextSession:
         self.reuse_cache = reuse_cache
         self.profile = profile
         self.query_rounds = int(query_rounds)
+        self.query_cooldown = None if query_cooldown is None else int(query_cooldown)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -291,16 +295,26 @@ class MegaContextSession:
         it asks for after seeing it. One round cannot reach a needle under a coarse gist: the children an expand
         creates carry no score until the next round, so walking LOD2 -> LOD1 -> raw takes two or more. Each round
         costs one policy pass over at most ``budget`` entries, so answering stays constant-cost in the history.
+        ``query_cooldown`` (when set) replaces the allocator's cooldown for these rounds: the cooldown damps
+        streaming oscillation, but here it vetoes the walk back to a block collapsed moments earlier, and a round
+        whose only wanted edit is vetoed has no edits, which ends the settle.
         """
-        pending = bool(self._since_refocus)
-        # without pending tokens the last periodic refocus already saw the whole question: it was round one
-        edits = self.refocus() if pending else self._last_refocus_edits
-        total = edits if pending else 0
-        for _ in range(self.query_rounds - 1):
-            if not edits:
-                break
-            edits = self.refocus()
-            total += edits
+        streaming_cooldown = getattr(self.allocator, "cooldown", None)
+        if self.query_cooldown is not None and streaming_cooldown is not None:
+            self.allocator.cooldown = self.query_cooldown
+        try:
+            pending = bool(self._since_refocus)
+            # without pending tokens the last periodic refocus already saw the whole question: it was round one
+            edits = self.refocus() if pending else self._last_refocus_edits
+            total = edits if pending else 0
+            for _ in range(self.query_rounds - 1):
+                if not edits:
+                    break
+                edits = self.refocus()
+                total += edits
+        finally:
+            if streaming_cooldown is not None:
+                self.allocator.cooldown = streaming_cooldown
         return total
 
     # ------------------------------------------------------------------ scoring and decoding

@@ -66,6 +66,7 @@ class SessionSettings:
     oracle_horizon: int | None = None
     lookahead: bool = False
     query_rounds: int = 1
+    query_cooldown: int | None = None
 
     def check(self) -> None:
         """Reject impossible shapes with one line before anything is loaded."""
@@ -77,6 +78,8 @@ class SessionSettings:
             raise EvalError(f"budget: {self.budget} is smaller than one block (block_size={self.block_size})")
         if self.query_rounds < 1:
             raise EvalError(f"query_rounds: must be >= 1, got {self.query_rounds}")
+        if self.query_cooldown is not None and self.query_cooldown < 0:
+            raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
 
 
 def settings_from_config(cfg: Any) -> SessionSettings:
@@ -104,6 +107,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         oracle_horizon=e.oracle_horizon,
         lookahead=bool(a.lookahead),
         query_rounds=int(a.query_rounds),
+        query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
     )
 
 
@@ -200,6 +204,7 @@ class EvalComponents:
             refocus_every=s.refocus_every or s.block_size,
             position_mode=s.position_mode,
             query_rounds=s.query_rounds,
+            query_cooldown=s.query_cooldown,
         )
 
     def describe(self) -> dict[str, Any]:
