@@ -34,7 +34,14 @@ NOT_RUN = "_not run_"
 # ``lensnet.val_every`` log one point per validation, the first before training starts).
 TRENDS = {
     "gistnet": ("dnll_lod1", "drop_dnll_lod1", "dnll_lod2", "drop_dnll_lod2", "subst_rate"),
-    "lensnet": ("spearman", "alloc_nll/lensnet", "alloc_nll/recency", "alloc_nll/similarity"),
+    "lensnet": (
+        "spearman",
+        "spearman/recency",
+        "utility_split_half",
+        "alloc_nll/lensnet",
+        "alloc_nll/recency",
+        "alloc_nll/similarity",
+    ),
 }
 VAL_SETS = {"val": "held-out code windows", "val_retrieval": "held-out retrieval windows"}
 

@@ -229,3 +229,30 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it() -> None
             want, _ = m.lens_scores([list(wc.entries)], [0], tok, gists, prefix)
             got = policy.scores(wc, tree)
             assert torch.allclose(got, standardise(want[0]), atol=1e-4), (seed, got, standardise(want[0]))
+
+
+def test_validation_puts_lensnet_spearman_in_scale_with_references_and_a_split_half() -> None:
+    """The hand-made scorers' Spearman and the utilities' odd/even split-half agreement are measured on the same
+    candidates as LensNet's: recomputed here from the per-token utilities and entry ends."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    m = _module()
+    ids = windows(3)
+    out = m.evaluate_batch(ids, 0)
+    p = m.prefix(ids)
+    with torch.no_grad():
+        tok = m.base.embed(ids[:, : p + H])
+        gists = m.gists(tok, p)
+        bank = W.source_bank(tok, gists)
+        entries, cand = m.sample_step(-1, p, kind="recent")
+        per_token = m.measure_utilities(bank, entries, cand, p, ids[:, p : p + H], per_token=True)
+    assert per_token.shape == (3, len(cand), H)
+    utils = per_token.mean(-1)
+    assert torch.allclose(utils, m.measure_utilities(bank, entries, cand, p, ids[:, p : p + H]))
+    ends = torch.tensor([float(entries[int(i)].end(K)) for i in cand])
+    for w in range(3):
+        want = spearman_corrcoef(ends, utils[w])
+        assert abs(float(out["spearman/recency"][w]) - float(want)) < 1e-5
+        half = spearman_corrcoef(per_token[w, :, 0::2].mean(-1), per_token[w, :, 1::2].mean(-1))
+        assert abs(float(out["utility_split_half"][w]) - float(half)) < 1e-5
+    assert out["spearman/similarity"].shape == out["spearman"].shape == (3,)

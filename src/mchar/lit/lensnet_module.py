@@ -40,6 +40,13 @@ from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, MultiSetValidati
 from mchar.lit.trainer import is_logging_step
 
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
+# hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
+RANK_REFERENCES = ("recency", "similarity")
+
+
+def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
+    """Spearman of each row of ``[B, C]`` scores against the same row of utilities: ``[B]``."""
+    return spearman_corrcoef(scores.T.float(), utils.T.float()).reshape(-1)
 
 
 def pairwise_bt_loss(
@@ -142,6 +149,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
         names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
+        names += [f"spearman/{p}" for p in RANK_REFERENCES] + ["utility_split_half"]
         self.val_sets = tuple(val_sets)
         self.val_metrics = metric_sets(self.val_sets, names, nan_strategy="ignore")
         self.timings: dict[str, list[float]] = {}
@@ -209,8 +217,11 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         cand: np.ndarray,
         prefix: int,
         targets: torch.Tensor,
+        per_token: bool = False,
     ) -> torch.Tensor:
-        """``[B, C]`` utilities of the candidate entries of one WC shared by the batch: ONE base forward."""
+        """``[B, C]`` utilities of the candidate entries of one WC shared by the batch: ONE base forward.
+
+        ``per_token``: ``[B, C, H]``, each horizon token's share before the mean (validation splits it in halves)."""
         b = targets.shape[0]
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         t0 = time.perf_counter()
@@ -223,9 +234,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
         t0 = self._tick("base_forward", t0)
-        nll = W.token_nll(logits, targets[rows.batch]).mean(1).view(len(variants), b).T  # [B, 1 + C]
+        nll = (
+            W.token_nll(logits, targets[rows.batch]).view(len(variants), b, -1).transpose(0, 1)
+        )  # [B, 1+C, H]
         sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=nll.device)
-        return (nll[:, :1] - nll[:, 1:]) * sign
+        utils = (nll[:, :1] - nll[:, 1:]) * sign[:, None]
+        return utils if per_token else utils.mean(-1)
 
     def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
         """A WC and its C candidates: ``kind`` "fill" (:func:`random_fill_wc`), "recent" (:func:`random_wc`), or
@@ -392,14 +406,30 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         # rank agreement on both kinds of training WC, every batch: the recency-first ones a session starts from,
         # and the random-fill ones with far-back LOD1/raw candidates (mostly near-zero utilities, harder to rank)
         kinds = ("recent", "fill") if self.hparams.random_fill > 0 else ("recent",)
+        # Two references put LensNet's Spearman in scale: the hand-made scorers' agreement with the same utilities,
+        # and the utilities' odd/even split-half agreement (how much of a window's ranking the horizon's tokens
+        # agree on; a ranking that only some tokens show is noise no scorer can predict).
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 19))
+        refs: dict[str, list[torch.Tensor]] = {p: [] for p in RANK_REFERENCES}
+        halves = []
         for kind in kinds:
             entries, cand = self.sample_step(-1 - batch_idx, prefix, kind=kind)
-            utils = self.measure_utilities(bank, entries, cand, prefix, targets)
+            per_token = self.measure_utilities(bank, entries, cand, prefix, targets, per_token=True)
+            utils = per_token.mean(-1)
             scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
-            cs = scores[:, torch.as_tensor(cand, device=scores.device)]
-            out[f"spearman_{kind}"] = spearman_corrcoef(cs.T.float(), utils.T.float()).reshape(-1)
+            cand_t = torch.as_tensor(cand, device=scores.device)
+            cs = scores[:, cand_t]
+            out[f"spearman_{kind}"] = per_window_spearman(cs, utils)
             out[f"lens_loss_{kind}"] = pairwise_bt_loss(cs, utils).reshape(1)
+            wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
+            for p in RANK_REFERENCES:
+                ref = torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))
+                refs[p].append(per_window_spearman(ref[:, torch.as_tensor(cand)], utils.cpu()))
+            halves.append(per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1)))
         out["spearman"] = torch.cat([out[f"spearman_{k}"] for k in kinds])
+        for p in RANK_REFERENCES:
+            out[f"spearman/{p}"] = torch.cat(refs[p])
+        out["utility_split_half"] = torch.cat(halves)
         out["lens_loss"] = torch.cat([out[f"lens_loss_{k}"] for k in kinds]).mean().reshape(1)
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
