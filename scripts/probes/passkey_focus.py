@@ -1,0 +1,71 @@
+"""Probe (diagnostic, not a test): where the passkey needle sits in the working context when a policy answers.
+
+For each passkey example the eval generated (``runs/<run>/eval/task_data/passkey_<length>.jsonl``) it streams the
+prompt through a session exactly as the lm-eval model does (``stream_ingest``, ``refocus_pending``, greedy answer)
+and prints, per policy: accuracy, and how often the needle's tokens were raw / under an LOD1 / LOD2 gist at answer
+time, split by right and wrong answers. It says whether a miss is the focus (needle not raw) or the base (needle raw,
+answer still wrong).
+
+Usage, after the quickstart: .venv/bin/python scripts/probes/passkey_focus.py [length] [run] [policy ...]
+   e.g. .venv/bin/python scripts/probes/passkey_focus.py 1024 quickstart lensnet similarity
+Overrides (e.g. OVR="allocator.query_cooldown=null") go through the quickstart config.
+"""
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mchar.compose import compose_config
+from mchar.evals.components import load_components, settings_from_config
+from mchar.evals.perplexity import stream_ingest
+
+torch.set_grad_enabled(False)
+length = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+run = sys.argv[2] if len(sys.argv) > 2 else "quickstart"
+policies = sys.argv[3:] or ["lensnet"]
+root = Path(__file__).resolve().parents[2]
+cfg = compose_config(["+experiment=quickstart"] + os.environ.get("OVR", "").split())
+comp = load_components(
+    root / "artifacts/base_lm/quickstart_lm",
+    settings_from_config(cfg),
+    gistnet=root / "artifacts/gistnet" / run,
+    lensnet=root / "artifacts/lensnet" / run,
+)
+tokenizer = comp.base.tokenizer
+data = root / f"runs/{run}/eval/task_data/passkey_{length}.jsonl"
+examples = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+
+
+def needle_span(ex: dict) -> tuple[int, int]:
+    """Token range of the needle line (the prompt's tokenisation is prefix-stable at line starts)."""
+    start = len(tokenizer.encode(ex["context"][: ex["needle_char_offset"]], add_special_tokens=False))
+    line_end = ex["context"].index("\n", ex["needle_char_offset"]) + 1
+    return start, len(tokenizer.encode(ex["context"][:line_end], add_special_tokens=False))
+
+
+for policy in policies:
+    rows = []
+    for ex in examples:
+        prompt = tokenizer.encode(ex["context"] + ex["query"], add_special_tokens=False)
+        target = tokenizer.encode(ex["answer"], add_special_tokens=False)
+        s = comp.session(policy)
+        stream_ingest(s, torch.tensor(prompt, dtype=torch.long))
+        s.future_tokens = torch.zeros(0, dtype=torch.long)
+        s.refocus_pending()
+        lo, hi = needle_span(ex)
+        k = s.wc.block_size
+        levels = sorted({e.level for e in s.wc.entries if e.start(k) < hi and e.end(k) > lo})
+        answer = s.generate(len(target))
+        rows.append((answer == target, max(levels), ex["needle_depth"]))
+    right = Counter(lv for ok, lv, _ in rows if ok)
+    wrong = Counter(lv for ok, lv, _ in rows if not ok)
+    acc = sum(ok for ok, _, _ in rows) / len(rows)
+    print(
+        f"{policy} passkey@{length}: acc {acc:.3f} ({len(rows)} examples); coarsest level over the needle at answer "
+        f"time, right {dict(sorted(right.items()))}, wrong {dict(sorted(wrong.items()))}; "
+        f"wrong at depths {sorted(d for ok, _, d in rows if not ok)}"
+    )
