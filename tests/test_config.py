@@ -44,6 +44,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),
         (["allocator.query_cooldown=-1"], "allocator.query_cooldown"),
+        (["allocator.query_similarity=-1"], "allocator.query_similarity"),
         (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
         (["data.mix_tasks=[passkey,cpy]"], "data.mix_tasks"),

@@ -116,6 +116,9 @@ class AllocatorConfig:
     # the allocator's cooldown during those rounds (the streaming cooldown damps oscillation, but at the question it
     # vetoes re-expanding what was just collapsed and ends the settle early); null = the streaming cooldown
     query_cooldown: int | None = 0
+    # weight of query similarity blended into a relative-score policy's z-scores during those rounds only (the
+    # question is known then; streaming perplexity never settles, so it is unaffected); 0 = off
+    query_similarity: float = 0.0
 
 
 @dataclass
@@ -371,6 +374,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _positive("allocator.query_rounds", a.query_rounds)
     if a.query_cooldown is not None and a.query_cooldown < 0:
         raise ConfigError(f"allocator.query_cooldown: must be >= 0 or null, got {a.query_cooldown}")
+    if not a.query_similarity >= 0:
+        raise ConfigError(f"allocator.query_similarity: must be >= 0, got {a.query_similarity}")
     if a.protect_recent < 0 or a.cooldown < 0:
         raise ConfigError("allocator.protect_recent/allocator.cooldown: must be >= 0")
     g = cfg.gistnet

@@ -7,7 +7,7 @@ import torch
 
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
-from mchar.core.policies import POLICIES, PolicyContext, make_policy
+from mchar.core.policies import POLICIES, PolicyContext, QueryBlendPolicy, make_policy, standardise
 from mchar.core.working_context import WorkingContext
 
 from .test_working_context import FakeTree
@@ -87,6 +87,29 @@ def test_similarity_prefers_blocks_like_the_query() -> None:
     wc = initial_context(tree, 10 + 3, expand_recent=False)
     s = make_policy("similarity").scores(wc, tree)
     assert s.shape == (len(wc),) and int(s[:-1].argmax()) == 2 and s.max() > 0 > s.min()
+
+
+def test_query_blend_adds_weighted_z_scores_and_refuses_what_cannot_blend() -> None:
+    """The settle's blend: z(policy) + w * z(query), z-scored again; weight 0 is the policy's own order."""
+    tree = FakeTree(4, 1, 40)
+    tree.ids[8:12] = tree.ids[36:40]  # block 2 repeats the tail query
+    tree._build()
+    wc = initial_context(tree, 10 + 3, expand_recent=False)
+    recent, sim = make_policy("tree_recency"), make_policy("similarity")
+    a, b = recent.scores(wc, tree), sim.scores(wc, tree)
+    for w in (0.0, 0.5, 3.0):
+        blend = QueryBlendPolicy(recent, sim, w)
+        assert blend.name == "tree_recency" and blend.relative_scores and not blend.allows_drop
+        assert torch.allclose(blend.scores(wc, tree), standardise(standardise(a) + w * standardise(b)))
+    assert torch.equal(QueryBlendPolicy(recent, sim, 0.0).scores(wc, tree).argsort(), a.argsort())
+    # a large weight ranks by the query: the block that repeats it comes first among the old ones
+    assert int(QueryBlendPolicy(recent, sim, 50.0).scores(wc, tree)[:-1].argmax()) == 2
+    with pytest.raises(ValueError, match="'recency' does not rank by relative scores"):
+        QueryBlendPolicy(make_policy("recency"), sim, 1.0)
+    with pytest.raises(ValueError, match="'gists_only' does not rank"):
+        QueryBlendPolicy(make_policy("gists_only"), sim, 1.0)
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        QueryBlendPolicy(recent, sim, -1.0)
 
 
 def test_random_is_seeded() -> None:

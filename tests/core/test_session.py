@@ -286,7 +286,9 @@ class CooldownSpy:
 
 
 @pytest.mark.parametrize("query_cooldown", [None, 0, 1])
-def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(query_cooldown: int | None) -> None:
+def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(
+    query_cooldown: int | None,
+) -> None:
     """The settle before an answer may ignore the streaming cooldown (it vetoes re-expanding what a refocus just
     collapsed, and a vetoed round has no edits, ending the settle); streaming refocuses keep it."""
     import math
@@ -309,6 +311,29 @@ def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(q
     assert alloc.cooldown == 2
     with pytest.raises(ValueError, match="query_cooldown must be >= 0"):
         _session_with(base, query_cooldown=-1)
+
+
+def test_a_query_policy_scores_the_settle_only_and_the_streaming_policy_comes_back() -> None:
+    import math
+
+    base = _base("llama")
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
+    streaming, query = CooldownSpy(), CooldownSpy()
+    streaming.allocator = query.allocator = alloc
+    s = MegaContextSession(
+        base, tree, alloc, streaming, 48, refocus_every=K, query_rounds=3, query_policy=query
+    )
+    s.ingest(_ids(6 * K))
+    before = len(streaming.seen)
+    assert before > 0 and not query.seen
+    s.ingest(_ids(K // 2, seed=5))
+    s.refocus_pending()
+    assert len(streaming.seen) == before and query.seen  # only the query policy scored the settle
+    assert s.policy is streaming
+    s.ingest(_ids(K, seed=6))
+    assert len(streaming.seen) > before  # streaming refocuses score with the streaming policy again
 
 
 def test_query_rounds_must_be_positive() -> None:

@@ -105,6 +105,7 @@ def test_simple_evaluate_runs_a_local_task(base_dir: Path, tmp_path: Path) -> No
         ({"policy": "nope"}, "unknown 'nope'"),
         ({"budget": 4}, "smaller than one block"),
         ({"lensnet": ""} | {"policy": "lensnet"}, "no trained LensNet"),
+        ({"query_similarity": "-1"}, "query_similarity: must be >= 0"),
     ],
 )
 def test_bad_model_args_fail_with_one_line(base_dir: Path, kw: dict, needle: str) -> None:

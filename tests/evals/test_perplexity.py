@@ -177,3 +177,21 @@ def test_a_policy_scored_on_fewer_documents_is_compared_on_those() -> None:
     m = metrics_from_summary(s)
     assert m["ppl/oracle/documents"] == 2.0 and m["ppl/oracle/full_nll"] == pytest.approx(1.5)
     assert "full_nll" not in s["policies"]["lensnet"]
+
+
+def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base_dir: Path) -> None:
+    from mchar.core.policies import QueryBlendPolicy
+
+    comp = load_components(base_dir, SessionSettings(budget=64, block_size=K, depth=2, query_similarity=2.0))
+    for name in ("tree_recency", "random"):
+        qp = comp.session(name).query_policy
+        assert isinstance(qp, QueryBlendPolicy) and qp.weight == 2.0 and qp.query.name == "similarity"
+    for name in (
+        "recency",
+        "sink_recent",
+        "gists_only",
+        "similarity",
+    ):  # nothing to blend, or blending is a no-op
+        assert comp.session(name).query_policy is None
+    off = load_components(base_dir, SessionSettings(budget=64, block_size=K, depth=2))
+    assert all(off.session(p).query_policy is None for p in ("tree_recency", "random"))

@@ -448,6 +448,30 @@ class LookaheadPolicy(Policy):
         return self.inner.build(tree, budget, depth)
 
 
+class QueryBlendPolicy(Policy):
+    """``policy``'s scores plus ``weight`` x ``query``'s, each standardised: what a session may settle on before
+    answering (``MegaContextSession(query_policy=...)``), e.g. LensNet plus query similarity once the question is
+    known. Only order-only (``relative_scores``) policies blend: their scales are arbitrary, so z-scores are the
+    common unit."""
+
+    relative_scores = True
+
+    def __init__(self, policy: Policy, query: Policy, weight: float) -> None:
+        for p in (policy, query):
+            if not p.relative_scores or p.allows_drop:
+                raise ValueError(
+                    f"query blend: {p.name!r} does not rank by relative scores; it cannot be blended"
+                )
+        if not float(weight) >= 0:
+            raise ValueError(f"query blend: weight must be >= 0, got {weight}")
+        self.policy, self.query, self.weight = policy, query, float(weight)
+        self.name = policy.name  # type: ignore[misc]
+
+    def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
+        own = standardise(self.policy.scores(wc, tree, context))
+        return standardise(own + self.weight * standardise(self.query.scores(wc, tree, context)))
+
+
 def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:
     """Build a policy by registry name (``allocator.policy`` in configs); ``lookahead`` wraps it in
     :class:`LookaheadPolicy`."""
@@ -461,6 +485,7 @@ def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:
 
 __all__ = [
     "POLICIES",
+    "QueryBlendPolicy",
     "GistsOnlyPolicy",
     "LensNetPolicy",
     "LookaheadPolicy",

@@ -90,6 +90,7 @@ class MegaContextSession:
         profile: bool = False,
         query_rounds: int = 1,
         query_cooldown: int | None = None,
+        query_policy: Any = None,
     ) -> None:
         check_mode(position_mode)
         if int(query_rounds) < 1:
@@ -105,6 +106,7 @@ class MegaContextSession:
         self.profile = profile
         self.query_rounds = int(query_rounds)
         self.query_cooldown = None if query_cooldown is None else int(query_cooldown)
+        self.query_policy = query_policy
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -297,11 +299,15 @@ class MegaContextSession:
         costs one policy pass over at most ``budget`` entries, so answering stays constant-cost in the history.
         ``query_cooldown`` (when set) replaces the allocator's cooldown for these rounds: the cooldown damps
         streaming oscillation, but here it vetoes the walk back to a block collapsed moments earlier, and a round
-        whose only wanted edit is vetoed has no edits, which ends the settle.
+        whose only wanted edit is vetoed has no edits, which ends the settle. ``query_policy`` (when set) scores
+        these rounds instead of the streaming policy (:class:`~mchar.core.policies.QueryBlendPolicy`).
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
+        streaming_policy = self.policy
         if self.query_cooldown is not None and streaming_cooldown is not None:
             self.allocator.cooldown = self.query_cooldown
+        if self.query_policy is not None:
+            self.policy = self.query_policy
         try:
             pending = bool(self._since_refocus)
             # without pending tokens the last periodic refocus already saw the whole question: it was round one
@@ -313,6 +319,7 @@ class MegaContextSession:
                 edits = self.refocus()
                 total += edits
         finally:
+            self.policy = streaming_policy
             if streaming_cooldown is not None:
                 self.allocator.cooldown = streaming_cooldown
         return total

@@ -23,7 +23,14 @@ from mchar.errors import MCharError
 log = logging.getLogger(__name__)
 
 POLICY_NAMES = (
-    "recency", "sink_recent", "tree_recency", "gists_only", "similarity", "random", "lensnet", "oracle"
+    "recency",
+    "sink_recent",
+    "tree_recency",
+    "gists_only",
+    "similarity",
+    "random",
+    "lensnet",
+    "oracle",
 )
 _EXPORT_KEYS = (
     "export_dir",
@@ -67,6 +74,7 @@ class SessionSettings:
     lookahead: bool = False
     query_rounds: int = 1
     query_cooldown: int | None = None
+    query_similarity: float = 0.0
 
     def check(self) -> None:
         """Reject impossible shapes with one line before anything is loaded."""
@@ -80,6 +88,8 @@ class SessionSettings:
             raise EvalError(f"query_rounds: must be >= 1, got {self.query_rounds}")
         if self.query_cooldown is not None and self.query_cooldown < 0:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
+        if not self.query_similarity >= 0:
+            raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
 
 
 def settings_from_config(cfg: Any) -> SessionSettings:
@@ -108,6 +118,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         lookahead=bool(a.lookahead),
         query_rounds=int(a.query_rounds),
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
+        query_similarity=float(a.query_similarity),
     )
 
 
@@ -205,7 +216,18 @@ class EvalComponents:
             position_mode=s.position_mode,
             query_rounds=s.query_rounds,
             query_cooldown=s.query_cooldown,
+            query_policy=self.query_policy(pol),
         )
+
+    def query_policy(self, policy: Any) -> Any:
+        """The settle's scores for ``policy``: blended with query similarity when ``query_similarity`` > 0 and
+        the policy ranks by relative scores (truncation and fixed-cover baselines settle as they stream)."""
+        from mchar.core.policies import QueryBlendPolicy
+
+        w = self.settings.query_similarity
+        if not w or not policy.relative_scores or policy.allows_drop or policy.name == "similarity":
+            return None
+        return QueryBlendPolicy(policy, self.make_policy("similarity"), w)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for results JSON and tags."""
