@@ -117,8 +117,9 @@ class AllocatorConfig:
     # vetoes re-expanding what was just collapsed and ends the settle early); null = the streaming cooldown
     query_cooldown: int | None = 0
     # weight of query similarity blended into a relative-score policy's z-scores during those rounds only (the
-    # question is known then; streaming perplexity never settles, so it is unaffected); 0 = off
-    query_similarity: float = 0.0
+    # question is known then; streaming perplexity never settles, so it is unaffected): 1 = equal weight, not tuned;
+    # 0 = the policy's own scores (the ablation)
+    query_similarity: float = 1.0
 
 
 @dataclass
