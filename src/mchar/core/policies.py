@@ -456,9 +456,14 @@ class QueryBlendPolicy(Policy):
 
     relative_scores = True
 
+    @staticmethod
+    def can_blend(policy: Policy) -> bool:
+        """Whether ``policy`` ranks by relative scores (truncation baselines rebuild instead of scoring)."""
+        return bool(policy.relative_scores) and not policy.allows_drop
+
     def __init__(self, policy: Policy, query: Policy, weight: float) -> None:
         for p in (policy, query):
-            if not p.relative_scores or p.allows_drop:
+            if not self.can_blend(p):
                 raise ValueError(
                     f"query blend: {p.name!r} does not rank by relative scores; it cannot be blended"
                 )

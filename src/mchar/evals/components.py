@@ -225,7 +225,7 @@ class EvalComponents:
         from mchar.core.policies import QueryBlendPolicy
 
         w = self.settings.query_similarity
-        if not w or not policy.relative_scores or policy.allows_drop or policy.name == "similarity":
+        if not w or not QueryBlendPolicy.can_blend(policy) or policy.name == "similarity":
             return None
         return QueryBlendPolicy(policy, self.make_policy("similarity"), w)
 

@@ -424,7 +424,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
             for p in RANK_REFERENCES:
                 ref = torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))
-                refs[p].append(per_window_spearman(ref[:, torch.as_tensor(cand)], utils.cpu()))
+                refs[p].append(per_window_spearman(ref[:, cand_t.cpu()], utils.cpu()))
             halves.append(per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1)))
         out["spearman"] = torch.cat([out[f"spearman_{k}"] for k in kinds])
         for p in RANK_REFERENCES:
