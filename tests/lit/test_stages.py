@@ -236,6 +236,45 @@ def test_a_base_finished_elsewhere_meanwhile_is_kept_not_replaced(tmp_path: Path
     assert (unfinished / READY_MARKER).read_text() == "third" and not (unfinished / "config.json").exists()
 
 
+def test_build_directories_of_dead_processes_are_removed_and_a_failed_build_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill -9 cannot clean up after itself, so the next build on the host removes what dead builds left; live
+    builds, other hosts' builds (shared filesystems) and other bases' builds stay. A build that raises removes its own
+    directory."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mchar.stages import base_lm
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "lm"
+    names = {
+        "dead": f"lm.tmp-{host}-{dead_pid}",
+        "live": f"lm.tmp-{host}-{os.getpid()}",
+        "other_host": f"lm.tmp-elsewhere.example-{dead_pid}",
+        "other_base": f"lm2.tmp-{host}-{dead_pid}",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text("{}")
+    assert base_lm.remove_dead_builds(target) == [tmp_path / names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
+
+    def failing_build(ctx, run_id, target, tmp):  # noqa: ANN001, ANN202 - stands in for the real build
+        (tmp / "half-written.safetensors").write_bytes(b"\0")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(base_lm, "_build", failing_build)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        base_lm._train(None, None, target)  # type: ignore[arg-type]
+    assert not base_lm.build_dir(target).exists() and not target.exists()
+
+
 def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
     """``lensnet.gistnet_dir``: LensNet ablations under their own names reuse one exported GistNet; a directory
     without one stops in one line."""

@@ -6,11 +6,13 @@ then renamed), so a killed build never leaves a half-written model that later st
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BUILD_SUFFIX = ".tmp-"
 TASK_NAMES = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 
 
@@ -138,6 +141,20 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
 
 
 def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
+    # one build directory per process: a second process building the same base (a sweep worker, a DDP rank
+    # re-running the pipeline) must not delete or overwrite the files this one is writing
+    tmp = build_dir(target)
+    remove_dead_builds(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        return _build(ctx, run_id, target, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
+        raise
+
+
+def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict[str, Any]:
     import lightning as L
     import torch
 
@@ -150,11 +167,6 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
 
     cfg, tcfg = ctx.cfg, ctx.cfg.base_lm
     stage_dir = ctx.stage_dir("base_lm")
-    # one build directory per process: a second process building the same base (a sweep worker, a DDP rank
-    # re-running the pipeline) must not delete or overwrite the files this one is writing
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
 
     splits = corpus_splits(ctx)
     report = {s: vars(r) for s, r in splits.report.items()}
@@ -252,6 +264,39 @@ def _train(ctx: RunContext, run_id: str | None, target: Path) -> dict[str, Any]:
         ctx.tracker.log_json(run_id, info, "base_lm/summary.json")
     shutil.rmtree(tmp, ignore_errors=True)  # the other ranks' build directories (rank zero's was renamed)
     return {"model_dir": str(target), "trained": True, "metrics": metrics}
+
+
+def build_dir(target: Path) -> Path:
+    """This process's build directory next to ``target``, named by host and pid so leftovers can be traced."""
+    return target.with_name(f"{target.name}{BUILD_SUFFIX}{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_dead_builds(target: Path) -> list[Path]:
+    """Delete build directories that a killed process (kill -9, OOM) left next to ``target`` on this host.
+
+    Only directories whose process no longer exists here are removed: a live build, or one from another host on a
+    shared filesystem, is never touched.
+    """
+    host = socket.gethostname()
+    removed = []
+    for path in target.parent.glob(f"{glob.escape(target.name)}{BUILD_SUFFIX}*"):
+        owner, _, pid = path.name[len(target.name) + len(BUILD_SUFFIX) :].rpartition("-")
+        if owner == host and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("base_lm: removed %d build directories left by dead processes", len(removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def publish_build(tmp: Path, target: Path) -> bool:
