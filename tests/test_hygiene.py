@@ -31,7 +31,8 @@ def test_core_imports_no_harness_framework() -> None:
 )
 def test_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    out = subprocess.run(
-        [ruff, "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stdout[-3000:]
+    for args in (["check"], ["format", "--check"]):
+        out = subprocess.run(
+            [ruff, *args, "src", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, f"ruff {' '.join(args)}: {out.stdout[-3000:]}"

@@ -13,7 +13,16 @@ from typing import Any
 from mchar.errors import MCharError
 
 STAGES = ("base_lm", "gistnet", "lensnet", "e2e", "eval", "report")
-POLICIES = ("lensnet", "recency", "sink_recent", "tree_recency", "gists_only", "similarity", "random", "oracle")
+POLICIES = (
+    "lensnet",
+    "recency",
+    "sink_recent",
+    "tree_recency",
+    "gists_only",
+    "similarity",
+    "random",
+    "oracle",
+)
 EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 MIX_TASKS = (*EVAL_TASKS, "copy")  # the training mix may also draw ``copy`` episodes (dense induction signal)
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")

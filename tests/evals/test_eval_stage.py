@@ -166,7 +166,9 @@ def test_an_e2e_result_of_the_same_run_is_what_eval_loads(stage_run, tmp_path: P
     assert Path(without.sources["gistnet"]) == dirs["stage"] / "gistnet"
 
 
-def test_a_lensnet_trained_over_another_gistnet_is_evaluated_over_that_gistnet(stage_run, tmp_path: Path) -> None:
+def test_a_lensnet_trained_over_another_gistnet_is_evaluated_over_that_gistnet(
+    stage_run, tmp_path: Path
+) -> None:
     """``stages=[lensnet,eval] lensnet.gistnet_dir=X``: the eval scores that LensNet over X (it used to silently
     take the untrained mean-pool GistNet); an explicit ``eval.gistnet_dir`` still wins."""
     from mchar.core.gistnet import make_gistnet

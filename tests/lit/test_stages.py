@@ -250,7 +250,9 @@ def test_build_directories_of_dead_processes_are_removed_and_a_failed_build_leav
     from mchar.stages import base_lm
 
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     target = tmp_path / "lm"
     names = {
