@@ -258,3 +258,45 @@ def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
         "| 0 | RUNNING | 0.0 | 0.17 | 1 | 0.5625 |" in md
         and "| 1 | RUNNING | 4.0 | 0.27 | 1 | 0.9375 |" in md
     )
+
+
+def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(tmp_path: Path) -> None:
+    """A sweep over a seed (not budget/depth/policy): the perplexity, paired, task and telemetry sections show each
+    trial's numbers as their own labelled rows; before, the newest trial's hid the others under the policy name."""
+    from mlflow.tracking import MlflowClient
+
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    sid = client.create_run(exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"}).info.run_id
+    client.log_param(sid, "search_space", "seed,allocator.policy")
+    for trial, (seed, lens) in enumerate(((0, 0.125), (1, 0.25))):
+        tid = client.create_run(
+            exp, run_name=f"s/trial-{trial}", tags={"mlflow.parentRunId": sid, "mchar.trial": str(trial)}
+        ).info.run_id
+        for k, v in {"seed": seed, "allocator.policy": "lensnet"}.items():
+            client.log_param(tid, k, str(v))
+        tags = {"mlflow.parentRunId": tid, "mchar.stage": "eval", "mchar.role": "stage"}
+        eid = client.create_run(exp, run_name="eval", tags=tags).info.run_id
+        for k, v in {"allocator.budget": 128, "tree.depth": 2, "tree.block_size": 16}.items():
+            client.log_param(eid, k, str(v))
+        for k, v in {
+            "ppl/lensnet/delta_nll": lens,
+            "ppl/recency/delta_nll": 0.5,
+            "ppl/recency/vs_lensnet/mean": 0.5 - lens,
+            "task/lensnet/passkey/1024/acc": 1 - lens,
+            "focus/lensnet/swap_rate": lens / 2,
+        }.items():
+            client.log_metric(eid, k, v)
+        client.set_terminated(eid)
+    md = build_report(name="s", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
+    perplexity = md.split("## Perplexity at budget")[1].split("### Paired")[0]
+    for seed, lens in ((0, 0.125), (1, 0.25)):
+        assert f"| 128 | 2 | 16 | lensnet [seed={seed}] | — | {lens:.4g} |" in perplexity
+        assert f"| 128 | 2 | 16 | recency [seed={seed}] | — | 0.5 |" in perplexity
+        assert f"| recency [seed={seed}] | {0.5 - lens:.4g} |" in md
+        assert f"| lensnet [seed={seed}] | passkey | {1 - lens:.4g} |" in md
+        assert f"| lensnet [seed={seed}] | {lens / 2:.4g} |" in md
+    assert "| 128 | 2 | 16 | lensnet | " not in md  # no unlabelled row standing for one of the trials

@@ -57,10 +57,16 @@ class RunInfo:
     metrics: dict[str, float]
     tags: dict[str, str]
     children: list[RunInfo] = field(default_factory=list)
+    # the sweep setting this run was made under when it is not budget/depth/policy ("seed=1"); "" outside sweeps
+    variant: str = ""
 
     @property
     def stage(self) -> str | None:
         return self.tags.get("mchar.stage")
+
+    def series(self, policy: str) -> str:
+        """The label of ``policy``'s numbers from this run: the policy, plus the sweep variant that made them."""
+        return f"{policy} [{self.variant}]" if self.variant else policy
 
     def int_param(self, key: str) -> int | None:
         try:
@@ -132,6 +138,10 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.4g}"
 
 
+def _of_variant(run: RunInfo) -> str:
+    return f", the newest trial's: {run.variant}" if run.variant else ""
+
+
 def _ids(runs: list[RunInfo]) -> str:
     return ", ".join(f"`{r.run_id}`" for r in runs)
 
@@ -153,7 +163,7 @@ def _headline(stages: list[RunInfo]) -> list[str]:
             continue
         plain = {k[6:]: v for k, v in run.metrics.items() if k.startswith("final/")}
         retr = {k[16:]: v for k, v in run.metrics.items() if k.startswith("final_retrieval/")}
-        lines += [f"**{stage}** (run `{run.run_id}`)", ""]
+        lines += [f"**{stage}** (run `{run.run_id}`{_of_variant(run)})", ""]
         if retr:  # side nets validated twice: held-out code windows and held-out retrieval windows
             header = ["metric", "held-out code windows", "held-out retrieval windows"]
             rows = [
@@ -167,14 +177,14 @@ def _headline(stages: list[RunInfo]) -> list[str]:
 
 
 def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
-    """Latest value per (budget, depth, policy) across eval runs."""
+    """Latest value per (budget, depth, policy and sweep variant) across eval runs."""
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     for run in evals:  # newest first
         for key, value in run.metrics.items():
             m = PPL.match(key)
             if not m:
                 continue
-            policy = m.group(1)
+            policy = run.series(m.group(1))
             ident = (run.int_param("allocator.budget"), run.int_param("tree.depth"), policy)
             if ident in seen or ident[0] is None:
                 continue
@@ -222,33 +232,39 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
 
 
 def _paired(evals: list[RunInfo]) -> list[str]:
-    """Per-document paired differences to the reference policy, from the newest eval run that has them."""
-    run = next((r for r in evals if any(PAIRED.match(k) for k in r.metrics)), None)
-    if run is None:
+    """Per-document paired differences to the reference policy, from the newest eval run that has them (in a sweep
+    over another setting, the newest of each variant: each row compares within its own trial)."""
+    runs = _pick_budget_runs(evals, lambda r: any(PAIRED.match(k) for k in r.metrics))
+    variants: dict[str, RunInfo] = {}
+    for r in runs:
+        variants.setdefault(r.variant, r)
+    runs = sorted(variants.values(), key=lambda r: r.variant)
+    if not runs:
         return []
     rows, ref = [], ""
-    for key, value in sorted(run.metrics.items()):
-        m = PAIRED.match(key)
-        if not m:
-            continue
-        policy, ref = m.group(1), m.group(2)
-        stem = key.rsplit("/", 1)[0]
-        lo, hi = run.metrics.get(f"{stem}/ci_low"), run.metrics.get(f"{stem}/ci_high")
-        wins, docs = run.metrics.get(f"{stem}/wins"), run.metrics.get(f"{stem}/documents")
-        rows.append(
-            [
-                policy,
-                _fmt(value),
-                f"[{_fmt(lo)}, {_fmt(hi)}]",
-                f"{int(wins)}/{int(docs)}" if wins is not None and docs else _fmt(wins),
-            ]
-        )
+    for run in runs:
+        for key, value in sorted(run.metrics.items()):
+            m = PAIRED.match(key)
+            if not m:
+                continue
+            policy, ref = run.series(m.group(1)), m.group(2)
+            stem = key.rsplit("/", 1)[0]
+            lo, hi = run.metrics.get(f"{stem}/ci_low"), run.metrics.get(f"{stem}/ci_high")
+            wins, docs = run.metrics.get(f"{stem}/wins"), run.metrics.get(f"{stem}/documents")
+            rows.append(
+                [
+                    policy,
+                    _fmt(value),
+                    f"[{_fmt(lo)}, {_fmt(hi)}]",
+                    f"{int(wins)}/{int(docs)}" if wins is not None and docs else _fmt(wins),
+                ]
+            )
     lines = [
         f"### Paired: NLL(policy) − NLL({ref}) per document",
         "",
-        f"Budget {run.int_param('allocator.budget')}, depth {run.int_param('tree.depth')}; run "
-        f"`{run.run_id}`. Positive = {ref} better; the interval is over documents of the same paired "
-        f"difference, so it is much tighter than the ΔNLL intervals above.",
+        f"Budget {runs[0].int_param('allocator.budget')}, depth {runs[0].int_param('tree.depth')}; "
+        f"{'runs' if len(runs) > 1 else 'run'} {_ids(runs)}. Positive = {ref} better; the interval is over "
+        "documents of the same paired difference, so it is much tighter than the ΔNLL intervals above.",
         "",
     ]
     return [*lines, *_table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
@@ -277,7 +293,7 @@ def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> li
         for key, value in run.metrics.items():
             m = TASK.match(key)
             if m:
-                acc.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = value
+                acc.setdefault(run.series(m.group(1)), {}).setdefault(m.group(2), {})[int(m.group(3))] = value
     lengths = sorted({n for per in acc.values() for t in per.values() for n in t})
     tasks = sorted({t for per in acc.values() for t in per})
     rows = [[p, t, *[_fmt(acc[p].get(t, {}).get(n)) for n in lengths]] for p in sorted(acc) for t in tasks]
@@ -302,7 +318,7 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         for key, value in run.metrics.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "focus":
-                rows.setdefault(parts[1], {})[parts[2]] = value
+                rows.setdefault(run.series(parts[1]), {})[parts[2]] = value
     lines += [
         f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
         f"runs {_ids(runs)}.",
@@ -376,7 +392,10 @@ def _trends(client: Any, stages: list[RunInfo], out: Path, rel: str, figures: li
                 continue
             found = True
             name = f"trend_{stage}_{vset}"
-            lines += [f"**{stage}**, {label} (run `{run.run_id}`; step 0 = before training):", ""]
+            lines += [
+                f"**{stage}**, {label} (run `{run.run_id}`{_of_variant(run)}; step 0 = before training):",
+                "",
+            ]
             lines += _table(
                 ["step", *curves], [[str(st), *[_fmt(c.get(st)) for c in curves.values()]] for st in steps]
             )
@@ -421,6 +440,26 @@ def _sweep(root: RunInfo | None) -> list[str]:
 
 
 MAX_SWEEP_TASK_COLUMNS = 8
+# what the perplexity, task and telemetry sections already tell apart
+SECTION_KEYS = ("allocator.budget", "tree.depth", "allocator.policy")
+
+
+def label_sweep_variants(root: RunInfo | None) -> None:
+    """Mark every run under a study's trial with the trial's values of the searched settings that the per-policy
+    sections do not key on (a seed, a LensNet setting), so trials show as separate rows instead of the newest
+    hiding the others."""
+    if root is None or root.tags.get("mchar.role") != "study":
+        return
+    keys = [k for k in root.params.get("search_space", "").split(",") if k and k not in SECTION_KEYS]
+    if not keys:
+        return
+    for trial in root.children:
+        label = ", ".join(f"{k}={trial.params.get(k, '—')}" for k in keys)
+        frontier = [trial]
+        while frontier:
+            run = frontier.pop()
+            run.variant = label
+            frontier += run.children
 
 
 def _subtree_metrics(run: RunInfo) -> dict[str, float]:
@@ -452,6 +491,7 @@ def build_report(
     if exp is None:
         raise MCharError(f"report: no MLflow experiment {experiment!r} in {uri}")
     stages, root = collect(client, exp.experiment_id, name, run_id)
+    label_sweep_variants(root)
     out_root = Path(out_dir)
     fig_dir = out_root / name
     fig_dir.mkdir(parents=True, exist_ok=True)
