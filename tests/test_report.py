@@ -270,7 +270,9 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    sid = client.create_run(exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"}).info.run_id
+    sid = client.create_run(
+        exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"}
+    ).info.run_id
     client.log_param(sid, "search_space", "seed,allocator.policy")
     for trial, (seed, lens) in enumerate(((0, 0.125), (1, 0.25))):
         tid = client.create_run(
@@ -284,6 +286,9 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
             client.log_param(eid, k, str(v))
         for k, v in {
             "ppl/lensnet/delta_nll": lens,
+            "ppl/lensnet/nll": 3 + lens,
+            "ppl/lensnet/delta_nll_ci_low": lens - 0.0625,
+            "ppl/lensnet/documents": 40,
             "ppl/recency/delta_nll": 0.5,
             "ppl/recency/vs_lensnet/mean": 0.5 - lens,
             "task/lensnet/passkey/1024/acc": 1 - lens,
@@ -294,7 +299,12 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
     md = build_report(name="s", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
     perplexity = md.split("## Perplexity at budget")[1].split("### Paired")[0]
     for seed, lens in ((0, 0.125), (1, 0.25)):
-        assert f"| 128 | 2 | 16 | lensnet [seed={seed}] | — | {lens:.4g} |" in perplexity
+        assert (
+            f"| 128 | 2 | 16 | lensnet [seed={seed}] | {3 + lens:.4g} | {lens:.4g} | [{lens - 0.0625:.4g}, —]"
+            in perplexity
+        )
+        row = next(line for line in perplexity.splitlines() if f"lensnet [seed={seed}]" in line)
+        assert "| 40 |" in row  # the documents column: read with the policy's own name, not the label
         assert f"| 128 | 2 | 16 | recency [seed={seed}] | — | 0.5 |" in perplexity
         assert f"| recency [seed={seed}] | {0.5 - lens:.4g} |" in md
         assert f"| lensnet [seed={seed}] | passkey | {1 - lens:.4g} |" in md

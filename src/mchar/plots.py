@@ -102,7 +102,7 @@ def telemetry(rows: dict[str, dict[str, float]], path: Path) -> Path:
         vals = [rows[p].get(key, float("nan")) for p in policies]
         ax.bar(policies, vals, color="tab:blue")
         ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=30)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")  # long labels (a sweep's "policy [seed=1]")
     return _save(fig, path)
 
 

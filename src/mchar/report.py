@@ -184,14 +184,14 @@ def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
             m = PPL.match(key)
             if not m:
                 continue
-            policy = run.series(m.group(1))
-            ident = (run.int_param("allocator.budget"), run.int_param("tree.depth"), policy)
+            policy = m.group(1)
+            ident = (run.int_param("allocator.budget"), run.int_param("tree.depth"), run.series(policy))
             if ident in seen or ident[0] is None:
                 continue
             seen[ident] = {
                 "budget": ident[0],
                 "depth": ident[1],
-                "policy": policy,
+                "policy": ident[2],
                 "delta_nll": value,
                 "nll": run.metrics.get(f"ppl/{policy}/nll"),
                 "ci_low": run.metrics.get(f"ppl/{policy}/delta_nll_ci_low"),
