@@ -84,6 +84,10 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                 f"focus/{policy}/swap_rate": 0.11 * (j + 1),
                 f"focus/{policy}/budget_util": 0.97 - 0.01 * j,
                 f"focus/{policy}/residency": 0.5 + 0.1 * j,
+                f"focus/{policy}/raw_tokens": budget - 8.0 * j,
+                f"focus/{policy}/gist_slots": 4.0 * j,
+                f"focus/{policy}/lod_share/0": 0.25,
+                f"focus/{policy}/lod_share/{'dropped' if policy == 'recency' else '2'}": 0.75,
             }
             for t, task in enumerate(TASKS):
                 for n, length in enumerate(LENGTHS):
@@ -137,7 +141,13 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "| final/drop_delta_nll | 1.414 | — |" in md
     assert ids["base_lm"] in md and ids["gistnet"] in md and all(r in md for r in ids["eval"].values())
     assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md
-    assert "| lensnet | 0.22 | 0.96 | 0.6 |" in md  # telemetry from the newest budget's eval run
+    # telemetry from the newest budget's eval run; a LOD share a policy never held is "—"
+    assert (
+        "| policy | swap rate | budget util | residency | raw tokens | gist slots | LOD0 | LOD2 | dropped |"
+        in md
+    )
+    assert "| lensnet | 0.22 | 0.96 | 0.6 | 248 | 4 | 0.25 | 0.75 | — |" in md
+    assert "| recency | 0.11 | 0.97 | 0.5 | 256 | 0 | 0.25 | — | 0.75 |" in md
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md

@@ -91,14 +91,14 @@ def focus_map(lod: Any, path: Path, title: str) -> Path:
 
 
 def telemetry(rows: dict[str, dict[str, float]], path: Path) -> Path:
-    """Swap rate and budget utilisation per policy (bars)."""
+    """Swap rate, budget utilisation and raw tokens in view per policy (bars)."""
     plt = _plt()
     policies = sorted(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, label in (
-        (axes[0], "swap_rate", "swap rate (edits / refocus)"),
-        (axes[1], "budget_util", "budget utilisation"),
-    ):
+    panels = [("swap_rate", "swap rate (edits / refocus)"), ("budget_util", "budget utilisation")]
+    if any("raw_tokens" in v for v in rows.values()):  # runs logged before it existed have no raw_tokens
+        panels.append(("raw_tokens", "raw tokens in the working context"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
         vals = [rows[p].get(key, float("nan")) for p in policies]
         ax.bar(policies, vals, color="tab:blue")
         ax.set_ylabel(label)

@@ -316,7 +316,7 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
     rows: dict[str, dict[str, float]] = {}
     for run in reversed(runs):
         for key, value in run.metrics.items():
-            parts = key.split("/")
+            parts = key.split("/", 2)
             if len(parts) == 3 and parts[0] == "focus":
                 rows.setdefault(run.series(parts[1]), {})[parts[2]] = value
     lines += [
@@ -324,12 +324,27 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         f"runs {_ids(runs)}.",
         "",
     ]
+    lods = sorted(
+        {k.split("/", 1)[1] for v in rows.values() for k in v if k.startswith("lod_share/")},
+        key=lambda lod: (not lod.isdigit(), int(lod) if lod.isdigit() else 0),
+    )
+    lines += [
+        "Raw tokens and gist slots: the mean raw tokens and gist entries in the working context per refocus (their "
+        "sum is budget util x budget); LOD shares: the mean share of the history seen so far held at each LOD.",
+        "",
+    ]
+    keys = [
+        "swap_rate",
+        "budget_util",
+        "residency",
+        "raw_tokens",
+        "gist_slots",
+        *[f"lod_share/{x}" for x in lods],
+    ]
     lines += _table(
-        ["policy", "swap rate", "budget util", "residency"],
-        [
-            [p, _fmt(v.get("swap_rate")), _fmt(v.get("budget_util")), _fmt(v.get("residency"))]
-            for p, v in sorted(rows.items())
-        ],
+        ["policy", "swap rate", "budget util", "residency", "raw tokens", "gist slots"]
+        + [f"LOD{x}" if x.isdigit() else x for x in lods],
+        [[p, *[_fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
     )
     figures.append(plots.telemetry(rows, out / "telemetry.png"))
     lines += ["", f"![telemetry]({rel}/telemetry.png)", ""]

@@ -59,9 +59,14 @@ def test_every_policy_runs_at_the_same_budget(base_dir: Path, docs: list[torch.T
         assert abs(sum(rec["lod_histogram"].values()) - 1.0) < 1e-6
         for key in ("nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"):
             assert f"ppl/{p}/{key}" in m
-        for key in ("swap_rate", "budget_util", "residency"):
+        for key in ("swap_rate", "budget_util", "residency", "raw_tokens", "gist_slots"):
             assert f"focus/{p}/{key}" in m
+        t = rec["telemetry"]  # what a WC costs is its raw tokens plus its gist entries, at every snapshot
+        assert t["raw_tokens"] + t["gist_slots"] == pytest.approx(t["budget_util"] * 32)
+        assert sum(v for k, v in m.items() if k.startswith(f"focus/{p}/lod_share/")) == pytest.approx(1.0)
     assert "ppl/full/nll" in m
+    assert summary["policies"]["recency"]["telemetry"]["gist_slots"] == 0.0
+    assert summary["policies"]["gists_only"]["telemetry"]["gist_slots"] > 0.0
     # truncation drops history; gists_only never holds raw history beyond the protected/new blocks
     assert summary["policies"]["recency"]["lod_histogram"].get("dropped", 0) > 0
     assert "dropped" not in summary["policies"]["gists_only"]["lod_histogram"]
@@ -106,6 +111,8 @@ def test_recorder_focus_map_and_swap_rate() -> None:
     s = rec.summary()
     assert 0.0 < s["swap_rate"] <= 1.0 and s["budget_util"] <= 1.0
     assert DROPPED == -1
+    # raw tokens in view: 20, then blocks 1-3 (24) + the 4-token tail; gist entries: none, then block 0's gist
+    assert s["raw_tokens"] == (20 + 28) / 2 and s["gist_slots"] == 0.5
 
 
 def test_make_documents_concatenated_cuts_exact_lengths() -> None:

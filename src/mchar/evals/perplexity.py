@@ -274,7 +274,8 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
             m[f"{key}/wins"] = float(vs["wins"])
             m[f"{key}/documents"] = float(vs["documents"])
         t = rec["telemetry"]
-        m[f"focus/{name}/swap_rate"] = t["swap_rate"]
-        m[f"focus/{name}/budget_util"] = t["budget_util"]
-        m[f"focus/{name}/residency"] = t["residency"]
+        for key in ("swap_rate", "budget_util", "residency", "raw_tokens", "gist_slots"):
+            m[f"focus/{name}/{key}"] = t[key]
+        for lod, share in rec["lod_histogram"].items():  # share of seen history held at each LOD, or dropped
+            m[f"focus/{name}/lod_share/{lod}"] = share
     return m

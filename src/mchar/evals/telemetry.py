@@ -9,6 +9,9 @@ policy the same way:
 * ``residency``: mean number of consecutive snapshots an entry (level, index, dropped) survives unchanged; an
   entry still alive at the end counts what it had (right-censored, so residency is a lower bound).
 * ``budget_util``: mean ``cost / budget`` over snapshots.
+* ``raw_tokens`` / ``gist_slots``: mean raw tokens (LOD0 blocks and the tail) and mean gist entries in the WC per
+  snapshot. A cover spends slots on gists and leaves slack below the budget that a raw tail of whole blocks cannot
+  fill; these two show what that costs against truncation, which holds ``budget`` raw tokens.
 * ``lod_histogram``: mean share of history tokens held at each LOD (``"dropped"`` for truncated history).
 * focus map: int8 ``[snapshots, tokens]`` with the LOD of every position at every snapshot; ``-1`` = dropped,
   ``-2`` = not yet seen.
@@ -25,6 +28,8 @@ DROPPED = -1
 UNSEEN = -2
 
 EntryKey = tuple[int, int, bool]
+# the per-snapshot means a summary holds besides the LOD histogram
+NUMBERS = ("swap_rate", "residency", "budget_util", "raw_tokens", "gist_slots", "snapshots")
 
 
 def position_lods(wc: Any, num_tokens: int | None = None) -> np.ndarray:
@@ -50,6 +55,8 @@ class FocusRecorder:
         self.snapshots = 0
         self._swap: list[float] = []
         self._util: list[float] = []
+        self._raw: list[int] = []
+        self._gists: list[int] = []
         self._lod_share: dict[str, float] = defaultdict(float)
         self._alive: dict[EntryKey, int] = {}
         self._lifetimes: list[int] = []
@@ -68,6 +75,8 @@ class FocusRecorder:
         for k in current:
             self._alive[k] = self._alive.get(k, 0) + 1
         self._util.append(wc.cost / self.budget if self.budget else 0.0)
+        self._raw.append(int(wc.telemetry()["raw_tokens"]))
+        self._gists.append(sum(n for level, n in wc.lod_histogram().items() if level > 0))
         t = int(wc.num_tokens)
         if t:
             lods = position_lods(wc)
@@ -90,6 +99,8 @@ class FocusRecorder:
             "swap_rate": float(np.mean(self._swap)) if self._swap else 0.0,
             "residency": float(np.mean(lifetimes)) if lifetimes else 0.0,
             "budget_util": float(np.mean(self._util)) if self._util else 0.0,
+            "raw_tokens": float(np.mean(self._raw)) if self._raw else 0.0,
+            "gist_slots": float(np.mean(self._gists)) if self._gists else 0.0,
             "snapshots": float(self.snapshots),
             "lod_histogram": {k: v / n for k, v in sorted(self._lod_share.items())},
         }
@@ -108,9 +119,9 @@ class FocusRecorder:
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """Average per-document telemetry into one per-policy record."""
     if not summaries:
-        return {"swap_rate": 0.0, "residency": 0.0, "budget_util": 0.0, "snapshots": 0.0, "lod_histogram": {}}
+        return {key: 0.0 for key in NUMBERS} | {"lod_histogram": {}}
     out: dict[str, Any] = {}
-    for key in ("swap_rate", "residency", "budget_util", "snapshots"):
+    for key in NUMBERS:
         out[key] = float(np.mean([s[key] for s in summaries]))
     hist: dict[str, float] = defaultdict(float)
     for s in summaries:
