@@ -47,6 +47,8 @@ def test_experiment_required_files_exist() -> None:
         (["allocator.query_similarity=-1"], "allocator.query_similarity"),
         (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
+        (["lensnet.task_mix_fraction=1.0"], "lensnet.task_mix_fraction"),
+        (["data.task_mix_fraction=1.0"], "data.task_mix_fraction"),
         (["data.mix_tasks=[passkey,cpy]"], "data.mix_tasks"),
         (["allocator.fill_budget=maybe"], "allocator.fill_budget"),
         (["base_lm.copy_batch=-1"], "base_lm.copy_batch"),

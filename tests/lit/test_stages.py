@@ -277,6 +277,25 @@ def test_build_directories_of_dead_processes_are_removed_and_a_failed_build_leav
     assert not base_lm.build_dir(target).exists() and not target.exists()
 
 
+def test_lensnet_can_train_on_its_own_data_mix(smoke_run) -> None:
+    """``lensnet.task_mix_fraction``: LensNet's training windows follow its own share of retrieval episodes (0 =
+    natural code windows only) while the base's mix and both held-out sets stay as they were."""
+    from mchar.pipeline import RunContext
+    from mchar.stages.gistnet import load_base
+    from mchar.stages.lensnet import lensnet_windows
+
+    tmp, ctx = smoke_run
+
+    def windows(*overrides: str) -> tuple[torch.Tensor, ...]:
+        cfg = compose_config(["+experiment=smoke", "data.max_files=20", "data.batch_size=2", *overrides])
+        run = RunContext(cfg=cfg, tracker=None, run_dir=tmp / "runs", artifacts_dir=tmp / "art")
+        return lensnet_windows(run, load_base(run))
+
+    default, code_only = windows(), windows("lensnet.task_mix_fraction=0.0")
+    assert ctx.cfg.data.task_mix_fraction > 0 and default[0].shape[0] > code_only[0].shape[0] > 0
+    assert torch.equal(default[1], code_only[1]) and torch.equal(default[2], code_only[2])
+
+
 def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
     """``lensnet.gistnet_dir``: LensNet ablations under their own names reuse one exported GistNet; a directory
     without one stops in one line."""

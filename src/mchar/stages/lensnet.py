@@ -17,6 +17,8 @@ from mchar.stages.gistnet import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from mchar.pipeline import RunContext
 
 
@@ -79,6 +81,16 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
     )
 
 
+def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, held-out code, held-out retrieval) windows for LensNet, with its own answer tail (the question then
+    sits in its query tail, as when a task is asked) and its own training mix when ``lensnet`` sets them."""
+    lc = ctx.cfg.lensnet
+    data = {} if lc.mix_answer_tail is None else {"mix_answer_tail": lc.mix_answer_tail}
+    mix = {} if lc.task_mix_fraction is None else {"task_mix_fraction": lc.task_mix_fraction}
+    train, val = load_windows(ctx, base, lc.val_windows, **data, **mix)
+    return train, val, retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)  # a fixed held-out mix
+
+
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
     from mchar.lit.lensnet_module import LensNetModule
@@ -87,10 +99,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     base = load_base(ctx)
     gist_path = gistnet_dir(ctx)
     gistnet = from_pretrained(gist_path)
-    # LensNet's own answer tail: the question then sits in its query tail, as it does when a task is asked
-    data = {} if lc.mix_answer_tail is None else {"mix_answer_tail": lc.mix_answer_tail}
-    train, val = load_windows(ctx, base, lc.val_windows, **data)
-    rv = retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)
+    train, val, rv = lensnet_windows(ctx, base)
     steps = cfg.trainer.max_steps or lc.max_steps
     module = LensNetModule(
         base,
