@@ -18,20 +18,12 @@ from typing import Any
 
 import torch
 
+from mchar.config import POLICIES
 from mchar.errors import MCharError
 
 log = logging.getLogger(__name__)
 
-POLICY_NAMES = (
-    "recency",
-    "sink_recent",
-    "tree_recency",
-    "gists_only",
-    "similarity",
-    "random",
-    "lensnet",
-    "oracle",
-)
+POLICY_NAMES = POLICIES  # one list: what the config accepts is what the evaluation can build
 _EXPORT_KEYS = (
     "export_dir",
     "artifact_dir",
