@@ -200,8 +200,8 @@ class LensNetConfig:
     # horizon - a few tokens puts the question at the end of the prefix, where LensNet's query tail reads it
     mix_answer_tail: int | None = None
     # share of LensNet's training windows that are synthetic retrieval episodes (None = data.task_mix_fraction); on
-    # the quickstart (data's 0.7: ΔNLL 0.173, passkey 1.0/0.97) 0 gave ΔNLL 0.153 and passkey 0.63/0.50, 0.3 gave
-    # 0.178 and 1.0/0.90 (one seed each; seeds alone move ΔNLL by 0.162-0.180)
+    # the quickstart (sweeps/lensnet_mix_quick.yaml, seeds 0-2) code only (0) has the same mean ΔNLL as data's 0.7
+    # (0.178 vs 0.177) and loses passkey@1024 (0.30-0.60 vs 0.93-0.97)
     task_mix_fraction: float | None = None
     alloc_rounds: int = 16  # refocus rounds when validating allocator gain
     # where validation allocation starts: recent = the session's recency-first WC, protected tail and edit cap
