@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mchar.errors import MCharError
+from mchar.processes import process_alive, process_start
 
 SPEC_KEYS = {
     "study_name",
@@ -401,24 +402,6 @@ def make_pruner(spec: SweepSpec) -> Any:
         raise SweepError(f"sweep: {spec.path}: pruner: {err}") from None
 
 
-def _proc_start(pid: int) -> str:
-    """Process start time (clock ticks since boot) so a recycled pid is not mistaken for the old worker."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not start or not _proc_start(pid) or _proc_start(pid) == start
-
-
 def _retried_numbers(trials: list[Any]) -> set[int]:
     out: set[int] = set()
     for t in trials:
@@ -441,7 +424,7 @@ def recover_dead_trials(study: Any, max_retry: int) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get(HOST_ATTR) != host or PID_ATTR not in t.user_attrs:
             continue  # another machine's worker: Optuna heartbeats decide
-        if _alive(int(t.user_attrs[PID_ATTR]), str(t.user_attrs.get(START_ATTR, ""))):
+        if process_alive(int(t.user_attrs[PID_ATTR]), str(t.user_attrs.get(START_ATTR, ""))):
             continue
         requeue(study, t, max_retry)
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (interrupted)")
@@ -628,7 +611,7 @@ class Objective:
         pid = os.getpid()
         trial.set_user_attr(HOST_ATTR, socket.gethostname())
         trial.set_user_attr(PID_ATTR, pid)
-        trial.set_user_attr(START_ATTR, _proc_start(pid))
+        trial.set_user_attr(START_ATTR, process_start(pid))
         params = {key: dim.suggest(trial, self.spec.is_grid) for key, dim in self.spec.search_space.items()}
         retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         label = f"[sweep {self.spec.study_name}] trial {trial.number}" + (

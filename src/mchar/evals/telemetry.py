@@ -78,15 +78,14 @@ class FocusRecorder:
         self._raw.append(int(wc.telemetry()["raw_tokens"]))
         self._gists.append(sum(n for level, n in wc.lod_histogram().items() if level > 0))
         t = int(wc.num_tokens)
+        lods = position_lods(wc)
         if t:
-            lods = position_lods(wc)
             values, counts = np.unique(lods, return_counts=True)
             for v, c in zip(values.tolist(), counts.tolist(), strict=True):
                 self._lod_share["dropped" if v == DROPPED else str(v)] += c / t
         if self.map_tokens:
             row = np.full(self.map_tokens, UNSEEN, dtype=np.int8)
-            lods = position_lods(wc)[: self.map_tokens]
-            row[: lods.size] = lods
+            row[: min(lods.size, self.map_tokens)] = lods[: self.map_tokens]
             self._rows.append(row)
             self._times.append(t)
         self.snapshots += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mchar.base.local_lm import READY_MARKER, build_local_lm, is_built
+from mchar.processes import process_alive
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
@@ -281,22 +282,12 @@ def remove_dead_builds(target: Path) -> list[Path]:
     removed = []
     for path in target.parent.glob(f"{glob.escape(target.name)}{BUILD_SUFFIX}*"):
         owner, _, pid = path.name[len(target.name) + len(BUILD_SUFFIX) :].rpartition("-")
-        if owner == host and pid.isdigit() and not _process_alive(int(pid)):
+        if owner == host and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if removed:
         log.info("base_lm: removed %d build directories left by dead processes", len(removed))
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def publish_build(tmp: Path, target: Path) -> bool:
