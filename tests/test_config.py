@@ -38,6 +38,8 @@ def test_experiment_required_files_exist() -> None:
         (["model=nope"], "model"),
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
+        (["gistnet.session_share=1.5"], "gistnet.session_share"),
+        (["gistnet.session_edits=-1"], "gistnet.session_edits"),
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.on_policy=-0.1"], "lensnet.on_policy"),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),

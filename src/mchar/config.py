@@ -155,6 +155,10 @@ class GistNetConfig:
     # share of raw blocks in the validation mix (``dnll``): fixed apart from raw_prob, so ablations stay comparable
     val_raw_prob: float = 0.25
     keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
+    # share of training steps on a session-like WC at allocator.budget (recency-first cover + random edits: gists
+    # behind a raw present) instead of a random mix of levels; 0 = off
+    session_share: float = 0.0
+    session_edits: int = 3  # at most this many random legal edits to a session-like training WC
     val_windows: int = 32  # held-out windows for the final metrics
     val_retrieval_windows: int = 0  # held-out synthetic retrieval windows for a second validation
     # validate every N train steps and once before the first (the training trend); None = once, at the end
@@ -408,6 +412,10 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"gistnet.val_raw_prob: must be in [0, 1], got {g.val_raw_prob}")
     if g.keep_raw_blocks < 0:
         raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
+    if not 0.0 <= g.session_share <= 1.0:
+        raise ConfigError(f"gistnet.session_share: must be in [0, 1], got {g.session_share}")
+    if g.session_edits < 0:
+        raise ConfigError(f"gistnet.session_edits: must be >= 0, got {g.session_edits}")
     if cfg.base_lm.gist_exposure < 0:
         raise ConfigError(f"base_lm.gist_exposure: must be >= 0 (0 = off), got {cfg.base_lm.gist_exposure}")
     if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:

@@ -33,7 +33,15 @@ NOT_RUN = "_not run_"
 # Validation curves shown per side-net stage (``<set>/<metric>`` histories; ``gistnet.val_every`` /
 # ``lensnet.val_every`` log one point per validation, the first before training starts).
 TRENDS = {
-    "gistnet": ("dnll_lod1", "drop_dnll_lod1", "dnll_lod2", "drop_dnll_lod2", "subst_rate"),
+    "gistnet": (
+        "dnll_lod1",
+        "drop_dnll_lod1",
+        "dnll_lod2",
+        "drop_dnll_lod2",
+        "dnll_session",
+        "drop_dnll_session",
+        "subst_rate",
+    ),
     "lensnet": (
         "spearman",
         "spearman/recency",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mchar.core.entries import Entry
 from mchar.core.gistnet import from_pretrained
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.gistnet_module import GistNetModule
-from tests.lit.helpers import DEPTH, H, K, changed, one_step, snapshot, tiny_base, tiny_gistnet, windows
+from tests.lit.helpers import DEPTH, H, K, T, changed, one_step, snapshot, tiny_base, tiny_gistnet, windows
 
 
 def _module(**kw) -> GistNetModule:
@@ -160,3 +163,41 @@ def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
     assert torch.equal(a["dnll"], b["dnll"])
     assert not torch.equal(a["dnll"], c["dnll"])
     assert torch.equal(a["dnll_lod1"], c["dnll_lod1"])  # single-level layouts do not use the mix at all
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.integers(4, 80), seed=st.integers(0, 2**16), edits=st.integers(0, 6))
+def test_session_layouts_tile_the_prefix_within_the_budget(budget: int, seed: int, edits: int) -> None:
+    p = T - H
+    ents = W.session_layout(p, K, DEPTH, budget, np.random.default_rng(seed), edits)
+    W.check_tiling(ents, K, p)
+    assert sum(e.cost(K) for e in ents) <= budget
+    recency_first = W.session_layout(p, K, DEPTH, budget, np.random.default_rng(seed), 0)
+    levels = [e.level for e in recency_first]
+    assert levels == sorted(levels, reverse=True)  # coarse far back, raw at the present
+    all_raw = max(levels) == 0
+    assert all_raw or sum(e.cost(K) for e in recency_first) > budget - (K - 1)  # as much raw as fits
+
+
+def test_session_share_trains_on_session_wcs_and_validation_scores_the_cover() -> None:
+    p = T - H
+    m = _module(budget=24, session_share=1.0)
+    for step in range(6):
+        ents = m.train_layout(step, p)
+        W.check_tiling(ents, K, p)
+        assert sum(e.cost(K) for e in ents) <= 24
+    # session_share 0 keeps the random layouts (and their random stream) as they were
+    off = _module(budget=24)
+    gen = np.random.default_rng(W.step_seed(0, 3, 3))
+    assert off.train_layout(3, p) == W.random_layout(p, K, DEPTH, gen, 1, 0.25)
+    out = m.evaluate_batch(windows(2), 0)
+    for key in ("dnll_session", "drop_dnll_session"):
+        assert torch.isfinite(out[key]).all(), key
+    assert not torch.equal(out["dnll_session"], out["drop_dnll_session"])
+    assert "dnll_session" not in _module().evaluate_batch(windows(2), 0)
+    before = snapshot(m)
+    assert torch.isfinite(one_step(m, windows(4), step=0))
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved
+    with pytest.raises(ValueError, match="session_share"):
+        _module(session_share=0.5)

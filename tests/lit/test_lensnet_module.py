@@ -126,7 +126,7 @@ def test_checkpoint_state_and_export(tmp_path) -> None:
 def test_random_fill_wcs_are_legal_full_and_reach_far_back() -> None:
     import numpy as np
 
-    from mchar.lit.lensnet_module import random_fill_wc
+    from mchar.lit.windows import random_fill_wc
 
     shape = W.WindowShape(4, 2, 160)
     far_raw = 0
@@ -207,7 +207,7 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it() -> None
     standardisation. A mismatch here would make every validation number say nothing about evaluation."""
     from mchar.core.policies import LensNetPolicy, standardise
     from mchar.core.tree import MegaContextTree
-    from mchar.lit.lensnet_module import random_fill_wc, random_wc
+    from mchar.lit.windows import random_fill_wc, random_wc
 
     torch.manual_seed(3)
     lens = LensNet(

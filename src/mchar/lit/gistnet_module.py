@@ -1,14 +1,17 @@
 """GistNet substitutability training on a frozen base LM.
 
 teacher = base on the raw window; student = base with earlier blocks replaced by gists (a random aligned mix of
-LOD1..LODdepth per step, LOD2 computed from the LOD1 gists just made, with grad); loss on the H true next tokens
+LOD1..LODdepth per step, LOD2 computed from the LOD1 gists just made, with grad; or, with ``session_share``, a WC
+like a session's at the allocator budget: raw present, gists behind it); loss on the H true next tokens
 after the prefix: KL(teacher || student) and/or NLL, plus an optional contrastive term on adjacent LOD1 gists.
 Only GistNet is in the optimizer; the base's weights never require grad and are left out of checkpoints (they
 are re-inserted from the live base on load, so ``ckpt_path=last`` resumption works).
 
 Validation reports, per window: ΔNLL@H = student NLL - teacher NLL for the mixed layout and for all-LODl layouts,
 the *drop* baseline (the same entries removed instead of gisted), and the substitutability rate (share of single
-spans whose ΔNLL is below ``substitutable_threshold``).
+spans whose ΔNLL is below ``substitutable_threshold``), and, given the budget, ``dnll_session`` /
+``drop_dnll_session``: a session's recency-first cover at the budget against the same WC with its gists dropped
+(plain truncation), i.e. what the gists a session actually holds are worth.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from mchar.core.allocator import initial_context
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.trainer import is_logging_step
@@ -147,10 +151,17 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         raw_prob: float = 0.25,
         val_raw_prob: float = 0.25,
         keep_raw_blocks: int = 1,
+        budget: int | None = None,
+        session_share: float = 0.0,
+        session_edits: int = 3,
         seed: int = 0,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
         super().__init__()
+        if session_share > 0 and budget is None:
+            raise ValueError(
+                "gistnet.session_share > 0 needs the allocator budget the session layouts are built at"
+            )
         self.base = base
         self.base.requires_grad_(False)
         self.gistnet = gistnet
@@ -168,6 +179,8 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         ]
         names += [f"dnll_lod{lv}" for lv in range(1, depth + 1)]
         names += [f"drop_dnll_lod{lv}" for lv in range(1, depth + 1)]
+        if budget is not None:
+            names += ["dnll_session", "drop_dnll_session"]
         self.val_metrics = metric_sets(self.val_sets, names)
 
     # ------------------------------------------------------------------ core computation
@@ -197,10 +210,12 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         return [(i, b, p) for i in range(n)]
 
     def train_layout(self, step: int, prefix: int) -> list:
-        gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 3))
-        return W.random_layout(
-            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.raw_prob
-        )
+        """A random aligned mix of levels, or with probability ``session_share`` a session-like WC at the budget."""
+        hp = self.hparams
+        gen = np.random.default_rng(W.step_seed(hp.seed, step, 3))
+        if hp.session_share > 0 and gen.random() < hp.session_share:
+            return W.session_layout(prefix, self.k, self.depth, hp.budget, gen, hp.session_edits)
+        return W.random_layout(prefix, self.k, self.depth, gen, hp.keep_raw_blocks, hp.raw_prob)
 
     def compute_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training loss (used by ``training_step`` and by the plain-loop benchmark alike)."""
@@ -260,6 +275,11 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             if n_nodes > 0:
                 span = W.single_span_layout(prefix, self.k, lv, int(gen.integers(0, n_nodes)))
                 layouts += [(f"span{lv}", span, False), (f"spandrop{lv}", span, True)]
+        if self.hparams.budget is not None:
+            # a session's cover at the budget, against the same WC with its gists truncated away
+            shape = W.WindowShape(self.k, self.depth, prefix)
+            cover = list(initial_context(shape, self.hparams.budget).entries)
+            layouts += [("dnll_session", cover, False), ("drop_dnll_session", cover, True)]
         rows: list[tuple[int, np.ndarray, np.ndarray]] = []
         for _, ents, drop in layouts:
             rows += self.same_layout(n, ents, prefix, t_len, [e.level > 0 for e in ents] if drop else None)

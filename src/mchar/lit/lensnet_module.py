@@ -77,33 +77,6 @@ def perturb(entries: Sequence[Entry], i: int, block_size: int) -> list[Entry]:
     return [*entries[:i], *repl, *entries[i + 1 :]]
 
 
-def random_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator, edits: int) -> WorkingContext:
-    """``initial_context`` at the budget plus ``edits`` random legal edits (varies the WCs LensNet sees)."""
-    wc = initial_context(shape, budget)
-    for _ in range(edits):
-        ops = [(i, "c") for i in range(len(wc)) if wc.collapse_error(i) is None]
-        if wc.cost + shape.block_size - 1 <= budget:
-            ops += [(i, "e") for i in range(len(wc)) if wc[i].level > 0]
-        if not ops:
-            break
-        i, op = ops[int(gen.integers(0, len(ops)))]
-        wc.expand(i) if op == "e" else wc.collapse(i)
-    return wc
-
-
-def random_fill_wc(shape: W.WindowShape, budget: int, gen: np.random.Generator) -> WorkingContext:
-    """The coarsest cover, then uniformly random gists expanded until the budget is spent: LOD1 gists and raw
-    blocks land anywhere in the history (a recency-first WC keeps far-back needles under LOD2 gists, where
-    their one-step utility is ~0, so LensNet would never see them as candidates)."""
-    wc = initial_context(shape, budget, expand_recent=False)
-    while wc.cost + shape.block_size - 1 <= budget:
-        gists = [i for i in range(len(wc)) if wc[i].level > 0]
-        if not gists:
-            break
-        wc.expand(gists[int(gen.integers(0, len(gists)))])
-    return wc
-
-
 class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
@@ -242,14 +215,14 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         return utils if per_token else utils.mean(-1)
 
     def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
-        """A WC and its C candidates: ``kind`` "fill" (:func:`random_fill_wc`), "recent" (:func:`random_wc`), or
+        """A WC and its C candidates: ``kind`` "fill" (:func:`~mchar.lit.windows.random_fill_wc`), "recent" (:func:`~mchar.lit.windows.random_wc`), or
         None = "fill" with probability ``random_fill`` (training)."""
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
         fill = self.hparams.random_fill
         if kind == "fill" or (kind is None and fill > 0 and gen.random() < fill):
-            wc = random_fill_wc(self.shape(prefix), self.budget, gen)
+            wc = W.random_fill_wc(self.shape(prefix), self.budget, gen)
         else:
-            wc = random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
+            wc = W.random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
         return self.pick_candidates(list(wc.entries), gen)
 
     def on_policy_step(

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from mchar.core.allocator import initial_context
 from mchar.core.entries import Entry
 from mchar.core.positions import gist_positions
+from mchar.core.working_context import WorkingContext
 
 GistFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -245,6 +247,44 @@ def random_layout(
         out.append(Entry(lv, b // w))
         b += w
     return out
+
+
+def random_wc(shape: WindowShape, budget: int, gen: np.random.Generator, edits: int) -> WorkingContext:
+    """``initial_context`` at the budget plus ``edits`` random legal edits: the WCs a session holds, varied."""
+    wc = initial_context(shape, budget)
+    for _ in range(edits):
+        ops = [(i, "c") for i in range(len(wc)) if wc.collapse_error(i) is None]
+        if wc.cost + shape.block_size - 1 <= budget:
+            ops += [(i, "e") for i in range(len(wc)) if wc[i].level > 0]
+        if not ops:
+            break
+        i, op = ops[int(gen.integers(0, len(ops)))]
+        wc.expand(i) if op == "e" else wc.collapse(i)
+    return wc
+
+
+def random_fill_wc(shape: WindowShape, budget: int, gen: np.random.Generator) -> WorkingContext:
+    """The coarsest cover, then uniformly random gists expanded until the budget is spent: LOD1 gists and raw
+    blocks land anywhere in the history (a recency-first WC keeps far-back needles under LOD2 gists, where
+    their one-step utility is ~0, so LensNet would never see them as candidates)."""
+    wc = initial_context(shape, budget, expand_recent=False)
+    while wc.cost + shape.block_size - 1 <= budget:
+        gists = [i for i in range(len(wc)) if wc[i].level > 0]
+        if not gists:
+            break
+        wc.expand(gists[int(gen.integers(0, len(gists)))])
+    return wc
+
+
+def session_layout(
+    prefix: int, block_size: int, depth: int, budget: int, gen: np.random.Generator, max_edits: int = 3
+) -> list[Entry]:
+    """A layout like the WCs a session holds at ``budget``: the recency-first cover (the newest blocks raw, then
+    LOD1, LOD2, ... going back) plus 0..``max_edits`` random legal edits. In a session a gist stands for history
+    *behind* a raw present, unlike :func:`random_layout`'s mostly-gist prefixes, where the gists next to the
+    horizon carry what raw tokens carry in a session."""
+    shape = WindowShape(block_size, depth, prefix)
+    return list(random_wc(shape, budget, gen, int(gen.integers(0, max_edits + 1))).entries)
 
 
 # ---------------------------------------------------------------------------------------------- assembly
