@@ -328,3 +328,42 @@ def test_a_study_is_only_continued_under_the_same_spec(toy: Path) -> None:
     with pytest.raises(SweepError, match="new study_name"):
         run_sweep(spec)
     assert len(toy_log(toy)) == 1  # nothing ran under the changed spec
+
+
+def test_enqueued_points_run_first_and_only_once(toy: Path) -> None:
+    from mchar.errors import MCharError
+    from mchar.sweep import run_sweep
+
+    def spec_with(name: str, enqueue: str, sampler: str = "{type: random, seed: 0}") -> Path:
+        path = write_spec(toy, name, "allocator.budget: {type: int, low: 64, high: 256}", enqueue)
+        path.write_text(path.read_text().replace("sampler: {type: grid}", f"sampler: {sampler}"))
+        return path
+
+    spec = spec_with("enq", "enqueue: [{allocator.budget: 100}]\n")
+    study = run_sweep(spec, n_trials=2)
+    assert study.trials[0].params == {"allocator.budget": 100}
+    assert study.trials[0].value == pytest.approx(toy_value(100, 2))  # smoke: tree.depth 2
+    study = run_sweep(spec, n_trials=3)  # continued: the point is not queued again
+    assert len(study.trials) == 3
+    assert sum("fixed_params" in t.system_attrs for t in study.trials) == 1
+    for name, enqueue, sampler, needle in [
+        ("enq_key", "enqueue: [{tree.depth: 2}]\n", None, "'tree.depth' is not a search_space key"),
+        ("enq_range", "enqueue: [{allocator.budget: 999}]\n", None, "outside"),
+        ("enq_type", "enqueue: [{allocator.budget: 1.5}]\n", None, "not an integer"),
+        ("enq_grid", "enqueue: [{allocator.budget: 64}]\n", "{type: grid}", "grid sampler"),
+        ("enq_list", "enqueue: {allocator.budget: 64}\n", None, "list of non-empty mappings"),
+    ]:
+        bad = spec_with(name, enqueue, sampler or "{type: random, seed: 0}")
+        if sampler:
+            bad.write_text(
+                bad.read_text().replace("{type: int, low: 64, high: 256}", "{type: int, values: [64]}")
+            )
+        with pytest.raises(MCharError, match=needle):
+            run_sweep(bad)
+    assert {s for s in _study_names(toy)} == {"enq"}  # the bad specs touched no storage
+
+
+def _study_names(tmp: Path) -> list[str]:
+    import optuna
+
+    return [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp}/optuna.db")]

@@ -22,6 +22,7 @@ Spec (YAML)::
       gistnet.pooling: {type: categorical, choices: [mean, query]}
     base_overrides: [+experiment=quickstart, "stages=[eval]"]
     derived_overrides: ["eval.policies=[{allocator.policy}]"]    # filled from the trial's config
+    enqueue: [{gistnet.lr: 1e-3, gistnet.pooling: mean}]       # points run first (e.g. today's defaults), once
 
 Resuming: the same command continues the study (``load_if_exists``). A trial left RUNNING by a dead local
 worker (host + pid + process start time in its user attrs) is marked FAIL and its parameters are re-queued
@@ -63,6 +64,7 @@ SPEC_KEYS = {
     "grace_period",
     "max_retry",
     "description",
+    "enqueue",
 }
 DIM_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]+)\}")
@@ -95,6 +97,18 @@ class Dimension:
         if self.type == "int" and self.low is not None and self.high is not None:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         raise SweepError(f"search_space.{self.key}: a grid sampler needs explicit `values`")
+
+    def rejects(self, value: Any) -> str | None:
+        """Why ``value`` is not a point of this axis (None when it is)."""
+        if self.values is not None:
+            return None if value in self.values else f"is not one of {self.values}"
+        if self.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            return "is not an integer"
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return "is not a number"
+        if not float(self.low) <= value <= float(self.high):  # type: ignore[arg-type]
+            return f"is outside [{self.low}, {self.high}]"
+        return None
 
     def suggest(self, trial: Any, grid: bool) -> Any:
         if grid or self.type == "categorical":
@@ -130,6 +144,9 @@ class SweepSpec:
     heartbeat_interval: int | None = None
     grace_period: int | None = None
     max_retry: int = 2
+    # points of the search space every study runs first (once), e.g. the current defaults, so a search shows
+    # whether it beat them
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_grid(self) -> bool:
@@ -225,6 +242,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             heartbeat_interval=raw.get("heartbeat_interval"),
             grace_period=raw.get("grace_period"),
             max_retry=int(raw.get("max_retry", 2)),
+            enqueue=_parse_enqueue(raw.get("enqueue")),
         )
     except SweepError as err:
         raise SweepError(f"sweep: {p}: {err}") from None
@@ -243,7 +261,25 @@ def load_spec(path: str | Path) -> SweepSpec:
             spec.grid()
         except SweepError as err:
             raise SweepError(f"sweep: {p}: {err}") from None
+        if spec.enqueue:
+            raise SweepError(f"sweep: {p}: enqueue: a grid sampler runs every point already")
+    for point in spec.enqueue:
+        for key, value in point.items():
+            dim = spec.search_space.get(key)
+            if dim is None:
+                raise SweepError(f"sweep: {p}: enqueue: {key!r} is not a search_space key")
+            problem = dim.rejects(value)
+            if problem:
+                raise SweepError(f"sweep: {p}: enqueue: {key}={value!r} {problem}")
     return spec
+
+
+def _parse_enqueue(raw: Any) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(pt, dict) and pt for pt in raw):
+        raise SweepError("enqueue: expected a list of non-empty mappings {dotted.key: value}")
+    return [{str(k): v for k, v in pt.items()} for pt in raw]
 
 
 def override(key: str, value: Any) -> str:
@@ -302,6 +338,11 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
                 if any(k != key and k in str(err) for k in spec.search_space):
                     continue  # may be fine combined with another swept value: that trial decides
                 raise SweepError(f"sweep: {spec.path}: search_space.{key}={value!r}: {err}") from None
+    for point in spec.enqueue:
+        try:
+            compose_config(trial_overrides(spec, point, extra, flat))
+        except MCharError as err:
+            raise SweepError(f"sweep: {spec.path}: enqueue {point}: {err}") from None
     for template in spec.derived_overrides:
         fill(
             template,
@@ -731,6 +772,8 @@ def run_sweep(
         load_if_exists=True,
     )
     check_same_spec(study, spec, extra)
+    for point in spec.enqueue:  # a point already run or waiting is not queued again
+        study.enqueue_trial(point, skip_if_exists=True)
     study_run = StudyRun(spec, base, study)
     recovered = recover_dead_trials(study, spec.max_retry)
     if recovered:
