@@ -320,3 +320,35 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
         assert f"| lensnet [seed={seed}] | passkey | {1 - lens:.4g} |" in md
         assert f"| lensnet [seed={seed}] | {lens / 2:.4g} |" in md
     assert "| 128 | 2 | 16 | lensnet | " not in md  # no unlabelled row standing for one of the trials
+
+
+def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path: Path) -> None:
+    """Whatever the objective, a trial's GistNet held-out numbers (gists vs dropping, in a session's cover) are in
+    the sweep table, so a search over GistNet settings can be read against the issue's targets."""
+    from mlflow.tracking import MlflowClient
+
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    sid = client.create_run(
+        exp, run_name="study:g", tags={"mchar.role": "study", "mchar.study": "g"}
+    ).info.run_id
+    client.log_param(sid, "search_space", "gistnet.lr")
+    for trial, lod1 in enumerate((0.375, 0.25)):
+        tags = {"mlflow.parentRunId": sid, "mchar.trial": str(trial), "optuna.value": "0.2"}
+        tid = client.create_run(exp, run_name=f"g/trial-{trial}", tags=tags).info.run_id
+        client.log_param(tid, "gistnet.lr", str(10.0 ** -(trial + 3)))
+        tags = {"mlflow.parentRunId": tid, "mchar.stage": "gistnet", "mchar.role": "stage"}
+        gid = client.create_run(exp, run_name="gistnet", tags=tags).info.run_id
+        for k, v in {
+            "final/dnll_lod1": lod1,
+            "final/drop_dnll_lod1": 0.5,
+            "final/dnll_session": 0.0625,
+        }.items():
+            client.log_metric(gid, k, v)
+    md = build_report(name="g", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
+    assert "| trial | state | gistnet.lr | value | dnll_lod1 | drop_dnll_lod1 | dnll_session | run |" in md
+    assert "| 0 | RUNNING | 0.001 | 0.2 | 0.375 | 0.5 | 0.0625 |" in md
+    assert "| 1 | RUNNING | 0.0001 | 0.2 | 0.25 | 0.5 | 0.0625 |" in md

@@ -447,22 +447,34 @@ def _sweep(root: RunInfo | None) -> list[str]:
         key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split("/")],
     )
     tasks = tasks if len(tasks) <= MAX_SWEEP_TASK_COLUMNS else []
+    side = [k for k in SWEEP_SIDE_METRICS if any(k in m for m in found)]
     rows = [
         [
             r.tags.get("mchar.trial", "?"),
             r.tags.get("optuna.state", r.status),
             *[r.params.get(k, "—") for k in keys],
             _fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
+            *[_fmt(m.get(k)) for k in side],
             *[_fmt(m.get(t)) for t in tasks],
             f"`{r.run_id[:12]}`",
         ]
         for r, m in zip(trials, found, strict=True)
     ]
-    header = ["trial", "state", *keys, "value", *[t[len("task/") : -len("/acc")] for t in tasks], "run"]
+    task_names = [t[len("task/") : -len("/acc")] for t in tasks]
+    header = ["trial", "state", *keys, "value", *[k.split("/", 1)[1] for k in side], *task_names, "run"]
     return [*lines, *_table(header, rows), ""]
 
 
 MAX_SWEEP_TASK_COLUMNS = 8
+# side-net held-out numbers shown per trial when a trial's stages logged them (GistNet's gists against dropping the
+# same blocks, and in a session's cover; LensNet's rank agreement), whatever the objective is
+SWEEP_SIDE_METRICS = (
+    "final/dnll_lod1",
+    "final/drop_dnll_lod1",
+    "final/dnll_session",
+    "final/drop_dnll_session",
+    "final/spearman",
+)
 # what the perplexity, task and telemetry sections already tell apart
 SECTION_KEYS = ("allocator.budget", "tree.depth", "allocator.policy")
 
