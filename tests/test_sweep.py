@@ -331,6 +331,9 @@ def test_a_study_is_only_continued_under_the_same_spec(toy: Path) -> None:
 
 
 def test_enqueued_points_run_first_and_only_once(toy: Path) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
     from mchar.errors import MCharError
     from mchar.sweep import run_sweep
 
@@ -346,6 +349,33 @@ def test_enqueued_points_run_first_and_only_once(toy: Path) -> None:
     study = run_sweep(spec, n_trials=3)  # continued: the point is not queued again
     assert len(study.trials) == 3
     assert sum("fixed_params" in t.system_attrs for t in study.trials) == 1
+    # a reference point is never pruned, even the worst one (median pruning is on from the second trial)
+    spec.write_text(
+        spec.read_text().replace(
+            "{allocator.budget: 100}]", "{allocator.budget: 100}, {allocator.budget: 256}]"
+        )
+    )
+    study = run_sweep(spec, n_trials=4)
+    (ref,) = [t for t in study.trials if t.system_attrs.get("fixed_params") == {"allocator.budget": 256}]
+    assert ref.state == TrialState.COMPLETE and ref.value == pytest.approx(toy_value(256, 2))
+    # a reference pruned before (older code, another pruner) is queued again until it finishes
+    pruned = optuna.trial.create_trial(
+        state=TrialState.PRUNED,
+        params={"allocator.budget": 200},
+        distributions={"allocator.budget": optuna.distributions.IntDistribution(64, 256)},
+        system_attrs={"fixed_params": {"allocator.budget": 200}},
+    )
+    study.add_trial(pruned)
+    spec.write_text(
+        spec.read_text().replace(
+            "{allocator.budget: 256}]", "{allocator.budget: 256}, {allocator.budget: 200}]"
+        )
+    )
+    study = run_sweep(spec, n_trials=6)  # the added pruned trial counts as finished
+    states = [
+        t.state for t in study.trials if t.system_attrs.get("fixed_params") == {"allocator.budget": 200}
+    ]
+    assert states == [TrialState.PRUNED, TrialState.COMPLETE]
     for name, enqueue, sampler, needle in [
         ("enq_key", "enqueue: [{tree.depth: 2}]\n", None, "'tree.depth' is not a search_space key"),
         ("enq_range", "enqueue: [{allocator.budget: 999}]\n", None, "outside"),

@@ -22,7 +22,7 @@ Spec (YAML)::
       gistnet.pooling: {type: categorical, choices: [mean, query]}
     base_overrides: [+experiment=quickstart, "stages=[eval]"]
     derived_overrides: ["eval.policies=[{allocator.policy}]"]    # filled from the trial's config
-    enqueue: [{gistnet.lr: 1e-3, gistnet.pooling: mean}]       # points run first (e.g. today's defaults), once
+    enqueue: [{gistnet.lr: 1e-3, gistnet.pooling: mean}]       # run first, once, never pruned (e.g. the defaults)
 
 Resuming: the same command continues the study (``load_if_exists``). A trial left RUNNING by a dead local
 worker (host + pid + process start time in its user attrs) is marked FAIL and its parameters are re-queued
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import math
 import os
 import re
 import socket
@@ -474,6 +475,31 @@ def recover_dead_trials(study: Any, max_retry: int) -> list[int]:
     return recovered
 
 
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(
+        math.isclose(float(v), float(b[k]), rel_tol=1e-12)
+        if isinstance(v, int | float) and isinstance(b[k], int | float)
+        else v == b[k]
+        for k, v in a.items()
+    )
+
+
+def enqueue_points(study: Any, points: list[dict[str, Any]]) -> None:
+    """Queue each reference point unless a trial with exactly its values is waiting, running or finished unpruned
+    (enqueued trials are never pruned: a reference that stops early has no final number to compare against)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    for point in points:
+        if not any(
+            t.state != TrialState.PRUNED and _same_point(t.system_attrs.get("fixed_params", t.params), point)
+            for t in trials
+        ):
+            study.enqueue_trial(point)
+
+
 def finished_count(study: Any) -> int:
     """Trials that count toward ``n_trials``: complete, pruned, or failed and not retried."""
     from optuna.trial import TrialState
@@ -654,7 +680,8 @@ class Objective:
         trial.set_user_attr(PID_ATTR, pid)
         trial.set_user_attr(START_ATTR, process_start(pid))
         params = {key: dim.suggest(trial, self.spec.is_grid) for key, dim in self.spec.search_space.items()}
-        retry_of = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        system_attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        retry_of = system_attrs.get("failed_trial")
         label = f"[sweep {self.spec.study_name}] trial {trial.number}" + (
             f" (retry of {retry_of})" if retry_of is not None else ""
         )
@@ -672,7 +699,8 @@ class Objective:
         if retry_of is not None:
             tags["mchar.retry_of"] = str(retry_of)
         tracker = Tracker(cfg, "sweep", parent_tags={k: v for k, v in tags.items() if v})
-        callbacks = [pruning_callback(trial, self.spec.monitor)] if self.spec.monitor else []
+        enqueued = "fixed_params" in system_attrs  # a reference point (spec `enqueue`) runs to the end
+        callbacks = [pruning_callback(trial, self.spec.monitor)] if self.spec.monitor and not enqueued else []
         t0 = time.perf_counter()
         try:
             ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker)
@@ -772,8 +800,7 @@ def run_sweep(
         load_if_exists=True,
     )
     check_same_spec(study, spec, extra)
-    for point in spec.enqueue:  # a point already run or waiting is not queued again
-        study.enqueue_trial(point, skip_if_exists=True)
+    enqueue_points(study, spec.enqueue)
     study_run = StudyRun(spec, base, study)
     recovered = recover_dead_trials(study, spec.max_retry)
     if recovered:
