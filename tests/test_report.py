@@ -339,7 +339,7 @@ def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path:
     for trial, lod1 in enumerate((0.375, 0.25)):
         tags = {"mlflow.parentRunId": sid, "mchar.trial": str(trial), "optuna.value": "0.2"}
         tid = client.create_run(exp, run_name=f"g/trial-{trial}", tags=tags).info.run_id
-        client.log_param(tid, "gistnet.lr", str(10.0 ** -(trial + 3)))
+        client.log_param(tid, "gistnet.lr", str(10.0 ** -(trial + 3) * (1.0 + 1 / 3)))
         tags = {"mlflow.parentRunId": tid, "mchar.stage": "gistnet", "mchar.role": "stage"}
         gid = client.create_run(exp, run_name="gistnet", tags=tags).info.run_id
         for k, v in {
@@ -350,5 +350,6 @@ def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path:
             client.log_metric(gid, k, v)
     md = build_report(name="g", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
     assert "| trial | state | gistnet.lr | value | dnll_lod1 | drop_dnll_lod1 | dnll_session | run |" in md
-    assert "| 0 | RUNNING | 0.001 | 0.2 | 0.375 | 0.5 | 0.0625 |" in md
-    assert "| 1 | RUNNING | 0.0001 | 0.2 | 0.25 | 0.5 | 0.0625 |" in md
+    # sampled floats at 4 significant digits (the store holds 0.0013333333333333333)
+    assert "| 0 | RUNNING | 0.001333 | 0.2 | 0.375 | 0.5 | 0.0625 |" in md
+    assert "| 1 | RUNNING | 0.0001333 | 0.2 | 0.25 | 0.5 | 0.0625 |" in md

@@ -146,6 +146,15 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.4g}"
 
 
+def _param(v: str) -> str:
+    """A logged parameter as shown: sampled floats (``0.00042246380742484593``) to 4 significant digits."""
+    try:
+        x = float(v)
+    except ValueError:
+        return v
+    return f"{x:.4g}" if "." in v and len(v) > 8 else v
+
+
 def _of_variant(run: RunInfo) -> str:
     return f", the newest trial's: {run.variant}" if run.variant else ""
 
@@ -452,7 +461,7 @@ def _sweep(root: RunInfo | None) -> list[str]:
         [
             r.tags.get("mchar.trial", "?"),
             r.tags.get("optuna.state", r.status),
-            *[r.params.get(k, "—") for k in keys],
+            *[_param(r.params.get(k, "—")) for k in keys],
             _fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
             *[_fmt(m.get(k)) for k in side],
             *[_fmt(m.get(t)) for t in tasks],
