@@ -256,6 +256,8 @@ class BaseLMTrainConfig:
     # learns to read one-slot summaries. 0 = off.
     gist_exposure: float = 0.0
     gist_exposure_raw_prob: float = 0.5  # share of blocks left raw in an exposure layout
+    # share of exposure layouts that are a session's WC at allocator.budget (summaries behind a raw present)
+    gist_exposure_session_share: float = 0.0
     # Short-window phases before the final ``max_steps`` at ``data.window`` (same tokens per step): retrieval is
     # learned on short windows first. One step count per window.
     curriculum_windows: list[int] = field(default_factory=list)
@@ -418,6 +420,11 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"gistnet.session_edits: must be >= 0, got {g.session_edits}")
     if cfg.base_lm.gist_exposure < 0:
         raise ConfigError(f"base_lm.gist_exposure: must be >= 0 (0 = off), got {cfg.base_lm.gist_exposure}")
+    if not 0.0 <= cfg.base_lm.gist_exposure_session_share <= 1.0:
+        raise ConfigError(
+            "base_lm.gist_exposure_session_share: must be in [0, 1], "
+            f"got {cfg.base_lm.gist_exposure_session_share}"
+        )
     if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:
         raise ConfigError(
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from mchar.base.adapter import tiny_causal_lm
+from mchar.lit import windows as W
 from mchar.lit.base_lm import BaseLMModule, next_token_loss
 from mchar.lit.gist_exposure import gist_exposure_loss, gisted_inputs
 from tests.lit.helpers import DEPTH, K, T, windows
@@ -56,3 +57,24 @@ def test_module_adds_the_weighted_exposure_term_deterministically() -> None:
         extra = exposed.exposure_loss(ids, 0)
     assert torch.allclose(mixed, plain + 0.5 * extra, atol=1e-5)
     assert torch.allclose(exposed.exposure_loss(ids, 0), extra) and extra > 0
+
+
+def test_session_layouts_put_summaries_behind_a_raw_present_within_the_budget() -> None:
+    torch.manual_seed(0)
+    emb = torch.randn(2, T, 8)
+    budget = 30
+    for seed in range(8):
+        gen = np.random.default_rng(seed)
+        x, pos, token_pos = gisted_inputs(emb, K, DEPTH, gen, session_share=1.0, session_budget=budget)
+        raw = token_pos >= 0
+        assert x.shape[1] <= budget and (~raw).any()
+        assert bool((pos[0, 1:] >= pos[0, :-1]).all())
+        replay = np.random.default_rng(seed)
+        replay.random()  # the share draw
+        entries = W.session_layout(T // K * K, K, DEPTH, budget, replay)
+        expected = [p for e in entries if e.level == 0 for p in range(*e.span(K))]
+        assert token_pos[raw].tolist() == expected  # exactly the session WC's raw blocks, in place
+    # session_share 0 (the default) draws the random mix exactly as before
+    a = gisted_inputs(emb, K, DEPTH, np.random.default_rng(5), raw_prob=0.3)
+    b = gisted_inputs(emb, K, DEPTH, np.random.default_rng(5), raw_prob=0.3, session_budget=budget)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

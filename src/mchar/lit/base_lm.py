@@ -78,6 +78,8 @@ class BaseLMModule(L.LightningModule):
         copy_only_steps: int = 0,
         gist_exposure: float = 0.0,
         gist_exposure_raw_prob: float = 0.5,
+        gist_exposure_session_share: float = 0.0,
+        budget: int | None = None,
         block_size: int = 16,
         depth: int = 2,
         position_mode: str = "centre",
@@ -119,6 +121,8 @@ class BaseLMModule(L.LightningModule):
             gen,
             raw_prob=h.gist_exposure_raw_prob,
             position_mode=h.position_mode,
+            session_share=h.gist_exposure_session_share,
+            session_budget=h.budget,
         )
 
     def copy_phase(self, step: int) -> tuple[bool, bool]:

@@ -42,16 +42,23 @@ def gisted_inputs(
     raw_prob: float = 0.5,
     keep_raw_blocks: int = 1,
     position_mode: str = "centre",
+    session_share: float = 0.0,
+    session_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(inputs_embeds [B, S, d], position_ids [B, S], token_pos [S])`` for one random layout shared by the batch.
 
     ``token_pos`` is the true position of each raw slot and -1 for a summary slot. The last partial block and the
-    newest ``keep_raw_blocks`` blocks stay raw.
+    newest ``keep_raw_blocks`` blocks stay raw. With probability ``session_share`` the layout is a session's WC at
+    ``session_budget`` instead (:func:`mchar.lit.windows.session_layout`: raw present, summaries behind it), where
+    the evaluation reads gists.
     """
     b, t, _ = emb.shape
     k = block_size
     prefix = t // k * k
-    entries = W.random_layout(prefix, k, depth, gen, keep_raw_blocks, raw_prob)
+    if session_share > 0 and session_budget is not None and gen.random() < session_share:
+        entries = W.session_layout(prefix, k, depth, session_budget, gen)
+    else:
+        entries = W.random_layout(prefix, k, depth, gen, keep_raw_blocks, raw_prob)
     scale = emb.detach().pow(2).mean().sqrt()
     gists = W.build_gists(mean_summary(scale), emb[:, :prefix], k, depth)
     bank = W.source_bank(emb, gists)

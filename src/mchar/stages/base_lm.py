@@ -207,6 +207,8 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         copy_only_steps=tcfg.copy_only_steps,
         gist_exposure=tcfg.gist_exposure,
         gist_exposure_raw_prob=tcfg.gist_exposure_raw_prob,
+        gist_exposure_session_share=tcfg.gist_exposure_session_share,
+        budget=cfg.allocator.budget,
         block_size=cfg.tree.block_size,
         depth=cfg.tree.depth,
         position_mode=cfg.tree.position_mode,
