@@ -215,8 +215,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         return utils if per_token else utils.mean(-1)
 
     def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
-        """A WC and its C candidates: ``kind`` "fill" (:func:`~mchar.lit.windows.random_fill_wc`), "recent" (:func:`~mchar.lit.windows.random_wc`), or
-        None = "fill" with probability ``random_fill`` (training)."""
+        """A WC and its C candidates: ``kind`` "fill" (:func:`~mchar.lit.windows.random_fill_wc`), "recent"
+        (:func:`~mchar.lit.windows.random_wc`), or None = "fill" with probability ``random_fill`` (training)."""
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
         fill = self.hparams.random_fill
         if kind == "fill" or (kind is None and fill > 0 and gen.random() < fill):
