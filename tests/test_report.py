@@ -237,20 +237,29 @@ def _real(stage: str) -> Any:
     return getattr(importlib.import_module(module), fn)
 
 
-def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
-    """A sweep over a setting that is not budget/depth/policy: each trial's task accuracies (logged by its eval stage,
-    a child of the trial run) sit in the sweep table next to the objective."""
+def _study_store(tmp_path: Path, name: str, params: dict[str, str]) -> tuple[Any, str, str, str]:
+    """A real SQLite MLflow store holding one study run (``mchar.role=study``) with ``params``:
+    ``(client, experiment id, study run id, tracking uri)``."""
     from mlflow.tracking import MlflowClient
-
-    from mchar.report import build_report
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    study = client.create_run(exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"})
-    sid = study.info.run_id
-    for k, v in {"search_space": "lensnet.similarity_prior", "metric": "ppl/lensnet/delta_nll"}.items():
+    tags = {"mchar.role": "study", "mchar.study": name}
+    sid = client.create_run(exp, run_name=f"study:{name}", tags=tags).info.run_id
+    for k, v in params.items():
         client.log_param(sid, k, v)
+    return client, exp, sid, uri
+
+
+def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
+    """A sweep over a setting that is not budget/depth/policy: each trial's task accuracies (logged by its eval stage,
+    a child of the trial run) sit in the sweep table next to the objective."""
+    from mchar.report import build_report
+
+    client, exp, sid, uri = _study_store(
+        tmp_path, "s", {"search_space": "lensnet.similarity_prior", "metric": "ppl/lensnet/delta_nll"}
+    )
     for trial, (prior, acc) in enumerate(((0.0, 0.5625), (4.0, 0.9375))):
         tags = {"mlflow.parentRunId": sid, "mchar.trial": str(trial), "optuna.value": str(0.17 + trial / 10)}
         tid = client.create_run(exp, run_name=f"s/trial-{trial}", tags=tags).info.run_id
@@ -273,17 +282,9 @@ def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
 def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(tmp_path: Path) -> None:
     """A sweep over a seed (not budget/depth/policy): the perplexity, paired, task and telemetry sections show each
     trial's numbers as their own labelled rows; before, the newest trial's hid the others under the policy name."""
-    from mlflow.tracking import MlflowClient
-
     from mchar.report import build_report
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    sid = client.create_run(
-        exp, run_name="study:s", tags={"mchar.role": "study", "mchar.study": "s"}
-    ).info.run_id
-    client.log_param(sid, "search_space", "seed,allocator.policy")
+    client, exp, sid, uri = _study_store(tmp_path, "s", {"search_space": "seed,allocator.policy"})
     for trial, (seed, lens) in enumerate(((0, 0.125), (1, 0.25))):
         tid = client.create_run(
             exp, run_name=f"s/trial-{trial}", tags={"mlflow.parentRunId": sid, "mchar.trial": str(trial)}
@@ -325,17 +326,9 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
 def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path: Path) -> None:
     """Whatever the objective, a trial's GistNet held-out numbers (gists vs dropping, in a session's cover) are in
     the sweep table, so a search over GistNet settings can be read against the issue's targets."""
-    from mlflow.tracking import MlflowClient
-
     from mchar.report import build_report
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("mchar", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    sid = client.create_run(
-        exp, run_name="study:g", tags={"mchar.role": "study", "mchar.study": "g"}
-    ).info.run_id
-    client.log_param(sid, "search_space", "gistnet.lr")
+    client, exp, sid, uri = _study_store(tmp_path, "g", {"search_space": "gistnet.lr"})
     for trial, lod1 in enumerate((0.375, 0.25)):
         tags = {"mlflow.parentRunId": sid, "mchar.trial": str(trial), "optuna.value": "0.2"}
         tid = client.create_run(exp, run_name=f"g/trial-{trial}", tags=tags).info.run_id
