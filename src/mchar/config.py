@@ -365,6 +365,11 @@ def _positive(key: str, value: int | float | None, allow_none: bool = False) -> 
         raise ConfigError(f"{key}: must be a positive number, got {value!r}")
 
 
+def _share(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+
+
 def check_semantics(cfg: RootConfig) -> None:
     """Reject impossible combinations that types alone cannot catch."""
     for stage in cfg.stages:
@@ -408,31 +413,22 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
-    if not 0.0 <= g.raw_prob <= 1.0:
-        raise ConfigError(f"gistnet.raw_prob: must be in [0, 1], got {g.raw_prob}")
-    if not 0.0 <= g.val_raw_prob <= 1.0:
-        raise ConfigError(f"gistnet.val_raw_prob: must be in [0, 1], got {g.val_raw_prob}")
+    _share("gistnet.raw_prob", g.raw_prob)
+    _share("gistnet.val_raw_prob", g.val_raw_prob)
     if g.keep_raw_blocks < 0:
         raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
-    if not 0.0 <= g.session_share <= 1.0:
-        raise ConfigError(f"gistnet.session_share: must be in [0, 1], got {g.session_share}")
+    _share("gistnet.session_share", g.session_share)
     if g.session_edits < 0:
         raise ConfigError(f"gistnet.session_edits: must be >= 0, got {g.session_edits}")
     if cfg.base_lm.gist_exposure < 0:
         raise ConfigError(f"base_lm.gist_exposure: must be >= 0 (0 = off), got {cfg.base_lm.gist_exposure}")
-    if not 0.0 <= cfg.base_lm.gist_exposure_session_share <= 1.0:
-        raise ConfigError(
-            "base_lm.gist_exposure_session_share: must be in [0, 1], "
-            f"got {cfg.base_lm.gist_exposure_session_share}"
-        )
+    _share("base_lm.gist_exposure_session_share", cfg.base_lm.gist_exposure_session_share)
     if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:
         raise ConfigError(
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"
         )
-    if not 0.0 <= cfg.lensnet.on_policy <= 1.0:
-        raise ConfigError(f"lensnet.on_policy: must be in [0, 1], got {cfg.lensnet.on_policy}")
-    if not 0.0 <= cfg.lensnet.random_fill <= 1.0:
-        raise ConfigError(f"lensnet.random_fill: must be in [0, 1], got {cfg.lensnet.random_fill}")
+    _share("lensnet.on_policy", cfg.lensnet.on_policy)
+    _share("lensnet.random_fill", cfg.lensnet.random_fill)
     mix = cfg.lensnet.task_mix_fraction
     if mix is not None and not 0.0 <= mix < 1.0:
         raise ConfigError(f"lensnet.task_mix_fraction: must be in [0, 1), got {mix}")

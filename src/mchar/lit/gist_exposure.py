@@ -55,10 +55,9 @@ def gisted_inputs(
     b, t, _ = emb.shape
     k = block_size
     prefix = t // k * k
-    if session_share > 0 and session_budget is not None and gen.random() < session_share:
-        entries = W.session_layout(prefix, k, depth, session_budget, gen)
-    else:
-        entries = W.random_layout(prefix, k, depth, gen, keep_raw_blocks, raw_prob)
+    entries = W.training_layout(
+        prefix, k, depth, gen, keep_raw_blocks, raw_prob, session_share, session_budget
+    )
     scale = emb.detach().pow(2).mean().sqrt()
     gists = W.build_gists(mean_summary(scale), emb[:, :prefix], k, depth)
     bank = W.source_bank(emb, gists)

@@ -213,9 +213,17 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         """A random aligned mix of levels, or with probability ``session_share`` a session-like WC at the budget."""
         hp = self.hparams
         gen = np.random.default_rng(W.step_seed(hp.seed, step, 3))
-        if hp.session_share > 0 and gen.random() < hp.session_share:
-            return W.session_layout(prefix, self.k, self.depth, hp.budget, gen, hp.session_edits)
-        return W.random_layout(prefix, self.k, self.depth, gen, hp.keep_raw_blocks, hp.raw_prob)
+        return W.training_layout(
+            prefix,
+            self.k,
+            self.depth,
+            gen,
+            hp.keep_raw_blocks,
+            hp.raw_prob,
+            hp.session_share,
+            hp.budget,
+            hp.session_edits,
+        )
 
     def compute_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training loss (used by ``training_step`` and by the plain-loop benchmark alike)."""

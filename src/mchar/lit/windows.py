@@ -287,6 +287,24 @@ def session_layout(
     return list(random_wc(shape, budget, gen, int(gen.integers(0, max_edits + 1))).entries)
 
 
+def training_layout(
+    prefix: int,
+    block_size: int,
+    depth: int,
+    gen: np.random.Generator,
+    keep_raw_blocks: int = 1,
+    raw_prob: float = 0.25,
+    session_share: float = 0.0,
+    budget: int | None = None,
+    session_edits: int = 3,
+) -> list[Entry]:
+    """With probability ``session_share`` (and a ``budget``) a :func:`session_layout`, otherwise a
+    :func:`random_layout`; at ``session_share`` 0 the random stream is exactly :func:`random_layout`'s."""
+    if session_share > 0 and budget is not None and gen.random() < session_share:
+        return session_layout(prefix, block_size, depth, budget, gen, session_edits)
+    return random_layout(prefix, block_size, depth, gen, keep_raw_blocks, raw_prob)
+
+
 # ---------------------------------------------------------------------------------------------- assembly
 
 
