@@ -7,7 +7,9 @@ Lightning re-launches ``sys.argv`` for extra DDP ranks, so every subcommand is a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 USAGE_OVERRIDES = "Hydra overrides, e.g. +experiment=quickstart allocator.budget=1024 tree.depth=3"
 
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", default=None)
     bn = sub.add_parser("bench", help="run a benchmark and print one JSON object")
+    bn.add_argument(
+        "--out", default=None, help="also write the JSON object to this file (give it before NAME)"
+    )
     bn.add_argument("name", help="train-overhead | train-step | decode | tree-io | fault | induction")
     bn.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options (see: bench NAME --help)")
     return p
@@ -94,9 +99,33 @@ def _dispatch(args: argparse.Namespace) -> int:
             from mchar.errors import MCharError
 
             raise MCharError(f"bench: unknown benchmark {args.name!r}") from None
-        module.main(args.args)
+        out = _bench_out_path(args.out) if args.out else None
+        result = module.main(args.args)
+        if out is not None:
+            _write_atomically(out, json.dumps(result, indent=2) + "\n")
         return 0
     raise AssertionError(args.command)
+
+
+def _bench_out_path(raw: str) -> Path:
+    """Check where a benchmark's JSON goes before the benchmark runs (minutes), not after."""
+    from mchar.errors import MCharError
+
+    path = Path(raw)
+    if path.is_dir():
+        raise MCharError(f"bench: --out {raw!r} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MCharError(f"bench: cannot create the folder of --out {raw!r}: {err.strerror}") from None
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A file that was there stays whole until the new one is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _core_errors() -> tuple[type[Exception], ...]:

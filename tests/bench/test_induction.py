@@ -33,7 +33,7 @@ def test_control_task_is_learnt_and_reported(tmp_path: Path, capsys: pytest.Capt
     base = build_tiny_base(tmp_path / "base")
     main(f"--base {base} --steps 150 --length 32 --batch 16 --offset 3 --lr 3e-3 --every 50".split())
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["benchmark"] == "induction" and out["task"] == "fixed offset 3"
+    assert out["bench"] == "induction" and out["task"] == "fixed offset 3"
     assert out["curve"][0]["acc"] < 0.5 < 0.9 < out["final_acc"]  # measured: 0.14 at step 50, 1.0 at 150
     assert out["curve"][-1]["nll"] < out["chance_nll"] / 4
 

@@ -1,7 +1,9 @@
-"""Shared bits of the benchmarks: environment stamp and median timing."""
+"""Shared bits of the benchmarks: the JSON envelope every benchmark prints, environment stamp, median timing."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
 import statistics
 import time
@@ -19,6 +21,18 @@ def environment() -> dict:
         "device": device,
         "python": platform.python_version(),
     }
+
+
+def emit(name: str, config: argparse.Namespace | dict, result: dict) -> dict:
+    """Print (one line) and return a benchmark's result in the common envelope.
+
+    Every benchmark's object starts with ``bench`` (its CLI name), ``config`` (the options it ran with) and ends with
+    ``env``, so results from different benchmarks, machines and commits can be collected and compared by key.
+    """
+    cfg = dict(vars(config)) if isinstance(config, argparse.Namespace) else dict(config)
+    out = {"bench": name, "config": cfg, **result, "env": environment()}
+    print(json.dumps(out))
+    return out
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -16,7 +16,6 @@ grows). Plus the overhead share of GistNet + LensNet + allocator vs the base for
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import environment
+from mchar.bench.common import emit
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import make_gistnet
 from mchar.core.lensnet import LensNet
@@ -306,9 +305,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(setup_threads)
     first, last = rows[0]["mc"], rows[-1]["mc"]
     result = {
-        "bench": "decode",
-        "config": {k: v for k, v in vars(args).items()},
-        "env": environment(),
         "rows": rows,
         "overhead_share_at_budget": first["overhead_share"],
         "overhead_target": 0.10,
@@ -317,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_ratio_target": 1.15,
         "latency_ratio_mults": [mults[0], mults[-1]],
     }
-    print(json.dumps(result))
-    return result
+    return emit("decode", args, result)
 
 
 if __name__ == "__main__":

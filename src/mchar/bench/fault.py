@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mchar.bench.common import emit
 from mchar.core.tree import MegaContextTree
 
 VOCAB = 50_000
@@ -299,11 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    res["config"] = {k: v for k, v in vars(args).items() if k not in ("child",)}
     res["wall_s"] = round(time.perf_counter() - t0, 2)
     res.pop("per_kill")
-    print(json.dumps(res))
-    return res
+    return emit("fault", {k: v for k, v in vars(args).items() if k != "child"}, res)
 
 
 if __name__ == "__main__":

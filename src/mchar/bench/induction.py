@@ -15,7 +15,6 @@ base (with the tokenizer) for the task evaluations.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mchar.bench.common import environment
+from mchar.bench.common import emit
 from mchar.data.copy_batches import repeat_batch
 
 
@@ -88,7 +87,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for f in Path(args.base).glob("*token*"):  # the tokenizer travels with the weights
             shutil.copy2(f, Path(args.save) / f.name)
     return {
-        "benchmark": "induction",
         "base": args.base,
         "fresh_init": bool(args.fresh),
         "layers": int(model.config.num_hidden_layers),
@@ -102,11 +100,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "curve": curve,
         "final_acc": curve[-1]["acc"] if curve else None,
         "seconds": round(time.perf_counter() - t0, 1),
-        "environment": environment(),
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="mchar bench induction", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--base", required=True, help="a saved HF causal-LM directory (its weights, or its config)"
@@ -136,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need --steps >= 1, --length >= 16, --batch >= 1, --pool >= 2, --offset >= 0")
     if args.offset >= args.length:
         p.error(f"--offset {args.offset} must be smaller than --length {args.length}")
-    print(json.dumps(run(args)))
+    return emit("induction", args, run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

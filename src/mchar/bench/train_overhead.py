@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
 
-from mchar.bench.common import environment
+from mchar.bench.common import emit
 from mchar.bench.loop_timing import lightning_stamps, steps_per_second
 from mchar.lit.base_lm import BaseLMModule
 
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
         plain.append(_throughput(_plain(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
         light.append(_throughput(_lightning(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
     result = {
-        "benchmark": "train-overhead",
         "model": {
             "hidden": args.hidden,
             "layers": args.layers,
@@ -92,7 +90,5 @@ def main(argv: list[str] | None = None) -> dict:
         "lightning_runs": light,
         "ratio_lightning_over_plain": statistics.median(light) / statistics.median(plain),
         "target": ">= 0.95",
-        **environment(),
     }
-    print(json.dumps(result))
-    return result
+    return emit("train-overhead", args, result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Any
@@ -20,7 +19,7 @@ import lightning as L
 import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import environment
+from mchar.bench.common import emit
 from mchar.bench.loop_timing import lightning_stamps, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
@@ -122,8 +121,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates[side].append(steps_per_second(fn(module, batches), w))
     plain, light = statistics.median(rates["plain"]), statistics.median(rates["lightning"])
     out = {
-        "bench": "train_step",
-        "config": vars(args),
         "lensnet": lens_out,
         "gistnet": {
             "plain_steps_per_s": plain,
@@ -133,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "meets_target": light / plain >= 0.95,
             "rates": rates,
         },
-        "environment": environment(),
     }
-    print(json.dumps(out))
-    return out
+    return emit("train-step", args, out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mchar.bench.common import emit
 from mchar.core.storage import GIST_DTYPES
 from mchar.core.tree import MegaContextTree
 
@@ -138,8 +139,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     io_med = statistics.median(io_times)
     comp_med = statistics.median(comp_times)
     res = {
-        "bench": "tree_io",
-        "config": {k: v for k, v in vars(args).items() if k != "dir"},
         "io": {
             "gist_fn": io_fns[2],
             "tokens": args.tokens,
@@ -168,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     res["disk"]["meets_target"] = res["disk"]["overhead_pct_vs_payload"] <= 5.0
-    print(json.dumps(res))
-    return res
+    return emit("tree-io", {k: v for k, v in vars(args).items() if k != "dir"}, res)
 
 
 if __name__ == "__main__":
