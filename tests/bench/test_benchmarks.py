@@ -53,7 +53,7 @@ def test_every_benchmark_runs_and_its_derived_numbers_add_up(
         sec = rows[0]["mc"]["seconds"]  # the session's own work, relative to the base's forward passes
         own = sec["gistnet"] + sec["lensnet_policy"] + sec["allocator"]
         assert res["overhead_share_at_budget"] == pytest.approx(own / sec["base_forward"])
-        assert all(r["full"] is not None for r in rows)
+        assert all(r["mc"]["wc_slots"] <= 32 and r["full"]["median_ms"] > 0 for r in rows)
     elif name == "tree-io":
         counts = res["disk"]["counts"]
         assert counts == {"lod0": 4096, "lod1": 1024, "lod2": 256}

@@ -169,47 +169,6 @@ def test_common_prefix_matches_wc_first_difference() -> None:
         assert common_prefix_slots(before, s.segments()) == before_wc.first_difference(s.wc)
 
 
-def test_decode_bench_smoke(capsys) -> None:  # noqa: ANN001
-    import json
-
-    from mchar.bench.decode import main
-
-    out = main(
-        [
-            "--hidden",
-            "32",
-            "--layers",
-            "1",
-            "--vocab",
-            "128",
-            "--budget",
-            "32",
-            "--block-size",
-            "8",
-            "--depth",
-            "2",
-            "--mults",
-            "1,4",
-            "--new-tokens",
-            "8",
-            "--full-tokens",
-            "4",
-            "--round",
-            "4",
-            "--gist-width",
-            "16",
-            "--lens-width",
-            "16",
-            "--prefill-chunk",
-            "64",
-        ]
-    )
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["latency_ratio"] == out["latency_ratio"] > 0
-    assert [r["mult"] for r in out["rows"]] == [1, 4]
-    assert all(r["mc"]["wc_slots"] <= 32 and r["full"]["median_ms"] > 0 for r in out["rows"])
-
-
 @pytest.mark.parametrize("mode", ["centre", "start", "end"])
 def test_segment_assembly_matches_wc_assemble(mode: str) -> None:
     base = _base("llama")
