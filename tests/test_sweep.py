@@ -200,6 +200,10 @@ def test_bad_specs_fail_before_any_trial(toy: Path, capsys: pytest.CaptureFixtur
     bad_field = write_spec(toy, "badfield", "tree.depth: {type: int, lo: 1, high: 3}")
     with pytest.raises(MCharError, match="unknown field"):
         run_sweep(bad_field)
+    with pytest.raises(MCharError, match=r"toy.yaml: lensnet.gistnet_dir: no exported GistNet"):
+        run_sweep(  # an input every trial shares: checked once, before trial 0
+            write_spec(toy), extra_overrides=["stages=[lensnet,eval]", f"lensnet.gistnet_dir={toy}/none"]
+        )
     assert not (toy / "optuna.db").exists() and toy_log(toy) == []  # nothing ran, no storage touched
 
     assert main(["sweep", str(bad_policy)]) == 2

@@ -44,6 +44,16 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
     return getattr(importlib.import_module(module), fn)
 
 
+def preflight(cfg: RootConfig) -> None:
+    """Every stage's cheap input checks (paths it is told to load, tasks, budgets), before any stage starts: a bad
+    ``eval.lensnet_dir`` stops in one line, not after the base LM has trained for minutes, and opens no run."""
+    for stage in cfg.stages:
+        module = importlib.import_module(STAGE_MODULES[stage].partition(":")[0])
+        check = getattr(module, "preflight", None)
+        if check is not None:
+            check(cfg)
+
+
 def run_pipeline(
     cfg: RootConfig, command: str = "fit", callbacks: list[Any] | None = None, tracker: Tracker | None = None
 ) -> RunContext:
@@ -51,6 +61,7 @@ def run_pipeline(
     import lightning as L
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    preflight(cfg)
     tracker = tracker or Tracker(cfg, command)
     ctx = RunContext(
         cfg=cfg,

@@ -317,11 +317,16 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
     """Compose the base config and every categorical/grid value; any error is one line, before trial 0."""
     from mchar.compose import compose_config, flatten
     from mchar.config import STAGES
+    from mchar.pipeline import preflight
 
     try:
         base = compose_config([*spec.base_overrides, *extra])
     except MCharError as err:
         raise SweepError(f"sweep: {spec.path}: base_overrides: {err}") from None
+    try:
+        preflight(base)  # the trials' shared inputs (paths, tasks): a bad one would fail every trial
+    except MCharError as err:
+        raise SweepError(f"sweep: {spec.path}: {err}") from None
     flat = flatten(base)
     for key, dim in spec.search_space.items():
         if key not in flat:

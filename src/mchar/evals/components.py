@@ -256,6 +256,16 @@ def e2e_export(result: Any, part: str) -> Path | None:
     return next((found for r in roots if r and (found := export_dir(Path(r) / part))), None)
 
 
+def check_export(path: str | Path, net: str, key: str | None = None) -> Path:
+    """``path`` as an exported ``net`` ("GistNet"/"LensNet") directory; ``key`` names the setting it came from."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise EvalError(
+            f"{key or net.lower()}: {str(p)!r} is not an exported {net} directory (no config.json)"
+        )
+    return p
+
+
 def load_gistnet(
     path: str | Path | None, base: Any, settings: SessionSettings
 ) -> tuple[torch.nn.Module, bool, str]:
@@ -263,9 +273,7 @@ def load_gistnet(
     from mchar.core.gistnet import MeanPoolGistNet, from_pretrained
 
     if path:
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise EvalError(f"gistnet: {str(p)!r} is not an exported GistNet directory (no config.json)")
+        p = check_export(path, "GistNet")
         net = from_pretrained(p, map_location=base.device)
         if net.d_model != base.hidden_size or net.block_size != settings.block_size:
             raise EvalError(
@@ -289,9 +297,7 @@ def load_lensnet(
 
     if not path:
         return None, "none"
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise EvalError(f"lensnet: {str(p)!r} is not an exported LensNet directory (no config.json)")
+    p = check_export(path, "LensNet")
     net = LensNet.from_pretrained(p, map_location=base.device)
     if net.d_model != base.hidden_size:
         raise EvalError(

@@ -17,17 +17,30 @@ if TYPE_CHECKING:
     from mchar.pipeline import RunContext
 
 
-def start_dirs(ctx: RunContext) -> tuple[Path, Path]:
-    """(GistNet export, LensNet export) e2e starts from; a missing ``e2e.init_from`` GistNet stops in one line."""
-    init = ctx.cfg.e2e.init_from
+def _init_gistnet(cfg: Any, artifacts_dir: Path) -> Path | None:
+    """The GistNet export ``e2e.init_from`` names (None without one); a missing one stops in one line."""
+    init = cfg.e2e.init_from
     if not init:
-        return gistnet_dir(ctx), export_dirs(ctx, "lensnet")[1]
-    gist = ctx.artifacts_dir / "gistnet" / init
+        return None
+    gist = artifacts_dir / "gistnet" / init
     if not (gist / "model.safetensors").is_file():
         raise ConfigError(
             f"e2e.init_from: no GistNet export at {gist} (run experiment {init!r}'s gistnet stage)"
         )
-    return gist, ctx.artifacts_dir / "lensnet" / init
+    return gist
+
+
+def preflight(cfg: Any) -> None:
+    """Before any stage runs: ``e2e.init_from`` must name an experiment with a GistNet export."""
+    _init_gistnet(cfg, Path(cfg.artifacts_dir).resolve())
+
+
+def start_dirs(ctx: RunContext) -> tuple[Path, Path]:
+    """(GistNet export, LensNet export) e2e starts from: ``e2e.init_from``'s, else this experiment's."""
+    gist = _init_gistnet(ctx.cfg, ctx.artifacts_dir)
+    if gist is None:
+        return gistnet_dir(ctx), export_dirs(ctx, "lensnet")[1]
+    return gist, ctx.artifacts_dir / "lensnet" / ctx.cfg.e2e.init_from
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:

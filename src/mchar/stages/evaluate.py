@@ -31,11 +31,16 @@ def _task_dir(cfg: Any) -> Path:
 
 
 def preflight(cfg: Any) -> None:
-    """Cheap checks of the eval request (no model, no data)."""
+    """Cheap checks of the eval request (no model, no data); the pipeline runs them before any stage starts."""
     from mchar.config import POLICIES
+    from mchar.evals.components import check_export
     from mchar.evals.make_tasks import TASKS, available_lengths
 
     e, k = cfg.eval, cfg.tree.block_size
+    if e.gistnet_dir:
+        check_export(e.gistnet_dir, "GistNet", "eval.gistnet_dir")
+    if e.lensnet_dir:
+        check_export(e.lensnet_dir, "LensNet", "eval.lensnet_dir")
     for key, names, allowed in (
         ("eval.policies", e.policies, POLICIES),
         ("eval.task_policies", e.task_policies, (*POLICIES, "full")),
@@ -278,7 +283,6 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.stages.base_lm import ensure_base_lm
 
     cfg = ctx.cfg
-    preflight(cfg)
     stage_dir = ctx.stage_dir("eval")
     base_dir = ensure_base_lm(ctx)
     comp = components_from_run(cfg, ctx.results, base_dir, artifacts_dir=ctx.artifacts_dir)

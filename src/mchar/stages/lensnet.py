@@ -22,14 +22,23 @@ if TYPE_CHECKING:
     from mchar.pipeline import RunContext
 
 
+def _explicit_gistnet_dir(cfg: Any) -> Path | None:
+    path = Path(cfg.lensnet.gistnet_dir) if cfg.lensnet.gistnet_dir else None
+    if path is not None and not (path / "model.safetensors").is_file():
+        raise ConfigError(f"lensnet.gistnet_dir: no exported GistNet at {path} (no model.safetensors)")
+    return path
+
+
+def preflight(cfg: Any) -> None:
+    """Before any stage runs: an explicit ``lensnet.gistnet_dir`` must hold a GistNet."""
+    _explicit_gistnet_dir(cfg)
+
+
 def gistnet_dir(ctx: RunContext) -> Path:
     """``lensnet.gistnet_dir``, else the GistNet export of this run (``ctx.results``) or of an earlier run of the same
     experiment."""
-    if ctx.cfg.lensnet.gistnet_dir:
-        path = Path(ctx.cfg.lensnet.gistnet_dir)
-        if not (path / "model.safetensors").is_file():
-            raise ConfigError(f"lensnet.gistnet_dir: no exported GistNet at {path} (no model.safetensors)")
-        return path
+    if explicit := _explicit_gistnet_dir(ctx.cfg):
+        return explicit
     found = ctx.results.get("gistnet", {}).get("artifact_dir")
     path = Path(found) if found else export_dirs(ctx, "gistnet")[1]
     if not (path / "model.safetensors").exists():

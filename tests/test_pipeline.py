@@ -1,0 +1,46 @@
+"""The pipeline checks every stage's inputs before the first stage runs: a bad path or task given for a late stage
+stops in one line, before the base LM trains and before any MLflow run or run folder exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["eval.lensnet_dir={tmp}/missing"], "eval.lensnet_dir: '{tmp}/missing' is not an exported LensNet"),
+        (["eval.gistnet_dir={tmp}"], "eval.gistnet_dir: '{tmp}' is not an exported GistNet"),
+        (
+            ["stages=[base_lm,lensnet]", "lensnet.gistnet_dir={tmp}/none"],
+            "lensnet.gistnet_dir: no exported GistNet",
+        ),
+        (["stages=[base_lm,e2e]", "e2e.init_from=nobody"], "e2e.init_from: no GistNet export"),
+        (
+            ["eval.tasks=[passkey]", "eval.task_lengths=[777]"],
+            "eval.task_lengths: no passkey task YAML for length(s) [777]",
+        ),
+    ],
+)
+def test_a_late_stages_bad_input_stops_before_the_first_stage(
+    overrides: list[str], needle: str, tmp_path: Path
+) -> None:
+    runs, artifacts = tmp_path / "runs", tmp_path / "artifacts"
+    args = [
+        "fit",
+        "+experiment=smoke",  # stages base_lm, gistnet, lensnet, eval, ...: the base LM would train first
+        f"run_dir={runs}",
+        f"artifacts_dir={artifacts}",
+        *(o.format(tmp=tmp_path) for o in overrides),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "mchar", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mchar: error: " + needle.format(tmp=tmp_path))
+    assert not runs.exists() and not artifacts.exists()  # no run opened, nothing trained or cached
