@@ -11,15 +11,18 @@ from collections.abc import Callable
 
 import torch
 
+from mchar.host import host_info
+
 
 def environment() -> dict:
-    """What the numbers were measured on (printed inside every benchmark's JSON)."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    """What the numbers were measured on (printed inside every benchmark's JSON): the host as MLflow runs tag it."""
+    host = host_info()
     return {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": device,
         "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": host["accelerator"] if torch.cuda.is_available() else host["cpu"],
+        **{k: v for k, v in host.items() if k != "torch_threads"},
     }
 
 
