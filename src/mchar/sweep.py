@@ -317,16 +317,11 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
     """Compose the base config and every categorical/grid value; any error is one line, before trial 0."""
     from mchar.compose import compose_config, flatten
     from mchar.config import STAGES
-    from mchar.pipeline import preflight
 
     try:
         base = compose_config([*spec.base_overrides, *extra])
     except MCharError as err:
         raise SweepError(f"sweep: {spec.path}: base_overrides: {err}") from None
-    try:
-        preflight(base)  # the trials' shared inputs (paths, tasks): a bad one would fail every trial
-    except MCharError as err:
-        raise SweepError(f"sweep: {spec.path}: {err}") from None
     flat = flatten(base)
     for key, dim in spec.search_space.items():
         if key not in flat:
@@ -362,6 +357,17 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
         )
     fill(spec.metric, {**flat, **{k: "x" for k in spec.search_space}}, f"sweep: {spec.path}: metric")
     return base
+
+
+def check_inputs(spec: SweepSpec, base: Any) -> None:
+    """The inputs every trial shares (exports it loads, task files): one that is missing would fail every trial, so
+    it stops the sweep before the storage is touched. Apart from :func:`validate`, which checks the spec alone."""
+    from mchar.pipeline import preflight
+
+    try:
+        preflight(base)
+    except MCharError as err:
+        raise SweepError(f"sweep: {spec.path}: {err}") from None
 
 
 def _default_stage(stages: list[str]) -> str:
@@ -790,6 +796,7 @@ def run_sweep(
     spec = load_spec(spec_path)
     extra = list(extra_overrides or [])
     base = validate(spec, extra)
+    check_inputs(spec, base)
     total = n_trials or spec.n_trials or (spec.grid_size() if spec.is_grid else 20)
     if spec.is_grid:
         total = min(total, spec.grid_size())

@@ -39,7 +39,9 @@ def _run(name: str, out: Path, capsys: pytest.CaptureFixture[str]) -> dict:
     assert printed == written
     assert list(written)[:2] == ["bench", "config"] and list(written)[-1] == "env"
     assert written["bench"] == name and written["env"]["torch"] == torch.__version__
-    assert written["env"]["cpu_count"] == str(os.cpu_count()) and written["env"]["cpu"]  # the host, as runs tag it
+    assert (
+        written["env"]["cpu_count"] == str(os.cpu_count()) and written["env"]["cpu"]
+    )  # the host, as runs tag it
     return written
 
 

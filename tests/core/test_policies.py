@@ -14,8 +14,9 @@ from .test_working_context import FakeTree
 
 
 def test_registry_and_unknown_name() -> None:
-    from mchar import config  # the names configs may use (checked without importing torch) = what the core builds
+    from mchar import config
 
+    # the names configs may use (checked without importing torch) are exactly the ones the core can build
     assert set(POLICIES) == set(config.POLICIES) >= {"recency", "sink_recent", "lensnet", "oracle"}
     with pytest.raises(ValueError, match=r"unknown policy 'x' \(available: gists_only, lensnet"):
         make_policy("x")
