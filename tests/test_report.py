@@ -175,8 +175,15 @@ def test_report_scoped_to_one_run_and_missing_sections(tmp_path: Path) -> None:
     md = path.read_text()
     assert ids["eval"][128] in md and ids["eval"][64] not in md and ids["eval"][256] not in md
     assert "**base_lm**: _not run_" in md and "**gistnet**: _not run_" in md
-    empty = build_report(name="nothing", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "reports")
-    assert empty.read_text().count("_not run_") >= 7
+    kept = tmp_path / "reports" / "nothing.md"
+    kept.write_text("an earlier report\n")
+    with pytest.raises(
+        MCharError, match="no finished runs of experiment 'nothing' and no sweep study 'nothing'"
+    ):
+        build_report(name="nothing", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "reports")
+    assert (
+        kept.read_text() == "an earlier report\n"
+    )  # a mistyped name never overwrites a report with an empty one
     with pytest.raises(MCharError, match="no tracking store"):
         build_report(name="x", tracking_uri=f"sqlite:///{tmp_path}/absent.db", out_dir=tmp_path / "r")
     with pytest.raises(MCharError, match="not found"):
@@ -277,6 +284,10 @@ def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
         "| 0 | RUNNING | 0.0 | 0.17 | 1 | 0.5625 |" in md
         and "| 1 | RUNNING | 4.0 | 0.27 | 1 | 0.9375 |" in md
     )
+    # without --run-id, a sweep's name finds its newest study run: the same report
+    by_name = build_report(name="s", tracking_uri=uri, out_dir=tmp_path / "r2").read_text()
+    assert f"scope: run `{sid}` and its descendants" in by_name
+    assert by_name.split("\n", 3)[3] == md.split("\n", 3)[3]  # all but the "Generated ... by" line
 
 
 def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(tmp_path: Path) -> None:

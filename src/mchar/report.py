@@ -121,10 +121,19 @@ def _search(client: Any, exp_id: str, filter_string: str) -> list[RunInfo]:
 
 
 def collect(client: Any, exp_id: str, name: str, run_id: str | None) -> tuple[list[RunInfo], RunInfo | None]:
-    """Stage runs in scope (newest first) and the root run when ``run_id`` was given."""
+    """Stage runs in scope (newest first) and the root run: ``run_id``'s; without one, the finished stage runs of
+    experiment ``name``, else the newest study run of sweep ``name``. Finding nothing is an error, so a mistyped name
+    never overwrites a report with an empty one."""
     if run_id is None:
         runs = _search(client, exp_id, f"params.name = '{name}' and attributes.status = 'FINISHED'")
-        return [r for r in runs if r.stage], None
+        if any(r.stage for r in runs):
+            return [r for r in runs if r.stage], None
+        studies = _search(client, exp_id, f"tags.`mchar.study` = '{name}' and tags.`mchar.role` = 'study'")
+        if not studies:
+            raise MCharError(
+                f"report: no finished runs of experiment {name!r} and no sweep study {name!r} in the tracking store"
+            )
+        run_id = studies[0].run_id
     try:
         root = _info(client.get_run(run_id))
     except Exception as err:
@@ -535,6 +544,7 @@ def build_report(
     if exp is None:
         raise MCharError(f"report: no MLflow experiment {experiment!r} in {uri}")
     stages, root = collect(client, exp.experiment_id, name, run_id)
+    scope_id = root.run_id if root else None
     label_sweep_variants(root)
     out_root = Path(out_dir)
     fig_dir = out_root / name
@@ -544,8 +554,8 @@ def build_report(
     evals = [r for r in stages if r.stage == "eval"]
     figures: list[Path] = []
     scope = (
-        f"run `{run_id}` and its descendants"
-        if run_id
+        f"run `{scope_id}` and its descendants"
+        if scope_id
         else f"all FINISHED stage runs with `name={name}` (latest per stage / per budget, depth, policy)"
     )
     lines = [
@@ -589,7 +599,7 @@ def build_report(
             {
                 "tracking_uri": _redact(uri),
                 "experiment": experiment,
-                "run_id": run_id,
+                "run_id": scope_id,
                 "runs": [r.run_id for r in stages],
                 "figures": [f.name for f in figures],
             },
