@@ -39,17 +39,19 @@ class RunContext:
         return path
 
 
+def _stage_module(stage: str) -> Any:
+    return importlib.import_module(STAGE_MODULES[stage].partition(":")[0])
+
+
 def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
-    module, _, fn = STAGE_MODULES[stage].partition(":")
-    return getattr(importlib.import_module(module), fn)
+    return getattr(_stage_module(stage), STAGE_MODULES[stage].partition(":")[2])
 
 
 def preflight(cfg: RootConfig) -> None:
     """Every stage's cheap input checks (paths it is told to load, tasks, budgets), before any stage starts: a bad
     ``eval.lensnet_dir`` stops in one line, not after the base LM has trained for minutes, and opens no run."""
     for stage in cfg.stages:
-        module = importlib.import_module(STAGE_MODULES[stage].partition(":")[0])
-        check = getattr(module, "preflight", None)
+        check = getattr(_stage_module(stage), "preflight", None)
         if check is not None:
             check(cfg)
 
