@@ -86,6 +86,8 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                 f"focus/{policy}/residency": 0.5 + 0.1 * j,
                 f"focus/{policy}/raw_tokens": budget - 8.0 * j,
                 f"focus/{policy}/gist_slots": 4.0 * j,
+                f"focus/{policy}/scored_raw_tokens": budget - 16.0 * j,
+                f"focus/{policy}/scored_gist_slots": 5.0 * j,
                 f"focus/{policy}/lod_share/0": 0.25,
                 f"focus/{policy}/lod_share/{'dropped' if policy == 'recency' else '2'}": 0.75,
             }
@@ -143,11 +145,11 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md
     # telemetry from the newest budget's eval run; a LOD share a policy never held is "—"
     assert (
-        "| policy | swap rate | budget util | residency | raw tokens | gist slots | LOD0 | LOD2 | dropped |"
-        in md
+        "| policy | swap rate | budget util | residency | raw tokens | gist slots | raw tokens (scored) "
+        "| gist slots (scored) | LOD0 | LOD2 | dropped |" in md
     )
-    assert "| lensnet | 0.22 | 0.96 | 0.6 | 248 | 4 | 0.25 | 0.75 | — |" in md
-    assert "| recency | 0.11 | 0.97 | 0.5 | 256 | 0 | 0.25 | — | 0.75 |" in md
+    assert "| lensnet | 0.22 | 0.96 | 0.6 | 248 | 4 | 240 | 5 | 0.25 | 0.75 | — |" in md
+    assert "| recency | 0.11 | 0.97 | 0.5 | 256 | 0 | 256 | 0 | 0.25 | — | 0.75 |" in md
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md

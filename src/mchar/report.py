@@ -356,7 +356,9 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
     )
     lines += [
         "Raw tokens and gist slots: the mean raw tokens and gist entries in the working context per refocus (their "
-        "sum is budget util x budget); LOD shares: the mean share of the history seen so far held at each LOD.",
+        "sum is budget util x budget), over the whole stream, and (scored) over the contexts the scored final "
+        "tokens are predicted from, which is what ΔNLL compares; LOD shares: the mean share of the history seen so "
+        "far held at each LOD.",
         "",
     ]
     keys = [
@@ -365,10 +367,13 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         "residency",
         "raw_tokens",
         "gist_slots",
+        "scored_raw_tokens",
+        "scored_gist_slots",
         *[f"lod_share/{x}" for x in lods],
     ]
     lines += _table(
         ["policy", "swap rate", "budget util", "residency", "raw tokens", "gist slots"]
+        + ["raw tokens (scored)", "gist slots (scored)"]
         + [f"LOD{x}" if x.isdigit() else x for x in lods],
         [[p, *[_fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
     )

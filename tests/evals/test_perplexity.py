@@ -59,13 +59,20 @@ def test_every_policy_runs_at_the_same_budget(base_dir: Path, docs: list[torch.T
         assert abs(sum(rec["lod_histogram"].values()) - 1.0) < 1e-6
         for key in ("nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"):
             assert f"ppl/{p}/{key}" in m
-        for key in ("swap_rate", "budget_util", "residency", "raw_tokens", "gist_slots"):
+        for key in ("swap_rate", "budget_util", "residency", "raw_tokens", "gist_slots", "scored_raw_tokens"):
             assert f"focus/{p}/{key}" in m
         t = rec["telemetry"]  # what a WC costs is its raw tokens plus its gist entries, at every snapshot
         assert t["raw_tokens"] + t["gist_slots"] == pytest.approx(t["budget_util"] * 32)
         assert sum(v for k, v in m.items() if k.startswith(f"focus/{p}/lod_share/")) == pytest.approx(1.0)
     assert "ppl/full/nll" in m
     assert summary["policies"]["recency"]["telemetry"]["gist_slots"] == 0.0
+    # what the scored tokens see: truncation fills the (block-aligned) budget with raw tokens; a cover pays for its
+    # gists with raw blocks, never exceeding the budget
+    scored = {p: summary["policies"][p]["telemetry"] for p in ("recency", "tree_recency")}
+    assert scored["recency"]["scored_raw_tokens"] == 32 and scored["recency"]["scored_gist_slots"] == 0
+    tree = scored["tree_recency"]
+    assert tree["scored_gist_slots"] > 0 and tree["scored_raw_tokens"] + tree["scored_gist_slots"] <= 32
+    assert tree["scored_raw_tokens"] < scored["recency"]["scored_raw_tokens"]
     assert summary["policies"]["gists_only"]["telemetry"]["gist_slots"] > 0.0
     # truncation drops history; gists_only never holds raw history beyond the protected/new blocks
     assert summary["policies"]["recency"]["lod_histogram"].get("dropped", 0) > 0
@@ -113,6 +120,11 @@ def test_recorder_focus_map_and_swap_rate() -> None:
     assert DROPPED == -1
     # raw tokens in view: 20, then blocks 1-3 (24) + the 4-token tail; gist entries: none, then block 0's gist
     assert s["raw_tokens"] == (20 + 28) / 2 and s["gist_slots"] == 0.5
+    # the scored view counts only what observe_scored saw (nothing yet), not the stream's snapshots
+    assert s["scored_raw_tokens"] == 0.0 and s["scored_gist_slots"] == 0.0
+    rec.observe_scored(b)
+    s = rec.summary()
+    assert s["scored_raw_tokens"] == 28 and s["scored_gist_slots"] == 1 and s["snapshots"] == 2
 
 
 def test_make_documents_concatenated_cuts_exact_lengths() -> None:

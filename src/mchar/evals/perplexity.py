@@ -74,6 +74,8 @@ def stream_score(session: Any, ids: torch.Tensor, recorder: FocusRecorder | None
         end = c + chunk.numel()
         session.future_tokens = ids[end : end + h]
         before = session.stats.refocuses
+        if recorder is not None:
+            recorder.observe_scored(session.wc)
         out.append(session.score(chunk, commit=True)[1])
         if recorder is not None and session.stats.refocuses != before:
             recorder.observe(session.wc)
@@ -274,7 +276,15 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
             m[f"{key}/wins"] = float(vs["wins"])
             m[f"{key}/documents"] = float(vs["documents"])
         t = rec["telemetry"]
-        for key in ("swap_rate", "budget_util", "residency", "raw_tokens", "gist_slots"):
+        for key in (
+            "swap_rate",
+            "budget_util",
+            "residency",
+            "raw_tokens",
+            "gist_slots",
+            "scored_raw_tokens",
+            "scored_gist_slots",
+        ):
             m[f"focus/{name}/{key}"] = t[key]
         for lod, share in rec["lod_histogram"].items():  # share of seen history held at each LOD, or dropped
             m[f"focus/{name}/lod_share/{lod}"] = share

@@ -12,6 +12,9 @@ policy the same way:
 * ``raw_tokens`` / ``gist_slots``: mean raw tokens (LOD0 blocks and the tail) and mean gist entries in the WC per
   snapshot. A cover spends slots on gists and leaves slack below the budget that a raw tail of whole blocks cannot
   fill; these two show what that costs against truncation, which holds ``budget`` raw tokens.
+* ``scored_raw_tokens`` / ``scored_gist_slots``: the same two, but only over the WCs the *scored* tokens are
+  predicted from (one per scored chunk, taken just before it is scored). The stream-wide means above include the
+  start of a document, where history is shorter than the budget; these are what a ΔNLL compares.
 * ``lod_histogram``: mean share of history tokens held at each LOD (``"dropped"`` for truncated history).
 * focus map: int8 ``[snapshots, tokens]`` with the LOD of every position at every snapshot; ``-1`` = dropped,
   ``-2`` = not yet seen.
@@ -29,7 +32,16 @@ UNSEEN = -2
 
 EntryKey = tuple[int, int, bool]
 # the per-snapshot means a summary holds besides the LOD histogram
-NUMBERS = ("swap_rate", "residency", "budget_util", "raw_tokens", "gist_slots", "snapshots")
+NUMBERS = (
+    "swap_rate",
+    "residency",
+    "budget_util",
+    "raw_tokens",
+    "gist_slots",
+    "scored_raw_tokens",
+    "scored_gist_slots",
+    "snapshots",
+)
 
 
 def position_lods(wc: Any, num_tokens: int | None = None) -> np.ndarray:
@@ -57,6 +69,8 @@ class FocusRecorder:
         self._util: list[float] = []
         self._raw: list[int] = []
         self._gists: list[int] = []
+        self._scored_raw: list[int] = []
+        self._scored_gists: list[int] = []
         self._lod_share: dict[str, float] = defaultdict(float)
         self._alive: dict[EntryKey, int] = {}
         self._lifetimes: list[int] = []
@@ -75,8 +89,9 @@ class FocusRecorder:
         for k in current:
             self._alive[k] = self._alive.get(k, 0) + 1
         self._util.append(wc.cost / self.budget if self.budget else 0.0)
-        self._raw.append(int(wc.telemetry()["raw_tokens"]))
-        self._gists.append(sum(n for level, n in wc.lod_histogram().items() if level > 0))
+        raw, gists = _view(wc)
+        self._raw.append(raw)
+        self._gists.append(gists)
         t = int(wc.num_tokens)
         lods = position_lods(wc)
         if t:
@@ -90,6 +105,12 @@ class FocusRecorder:
             self._times.append(t)
         self.snapshots += 1
 
+    def observe_scored(self, wc: Any) -> None:
+        """Record what the next scored chunk is predicted from (call just before scoring it)."""
+        raw, gists = _view(wc)
+        self._scored_raw.append(raw)
+        self._scored_gists.append(gists)
+
     def summary(self) -> dict[str, Any]:
         """Telemetry numbers (floats) and the mean LOD histogram of this recorder."""
         lifetimes = self._lifetimes + list(self._alive.values())
@@ -100,6 +121,8 @@ class FocusRecorder:
             "budget_util": float(np.mean(self._util)) if self._util else 0.0,
             "raw_tokens": float(np.mean(self._raw)) if self._raw else 0.0,
             "gist_slots": float(np.mean(self._gists)) if self._gists else 0.0,
+            "scored_raw_tokens": float(np.mean(self._scored_raw)) if self._scored_raw else 0.0,
+            "scored_gist_slots": float(np.mean(self._scored_gists)) if self._scored_gists else 0.0,
             "snapshots": float(self.snapshots),
             "lod_histogram": {k: v / n for k, v in sorted(self._lod_share.items())},
         }
@@ -113,6 +136,12 @@ class FocusRecorder:
     def map_times(self) -> np.ndarray:
         """History length at every focus-map row."""
         return np.asarray(self._times, dtype=np.int64)
+
+
+def _view(wc: Any) -> tuple[int, int]:
+    """Raw tokens (LOD0 blocks and the tail) and gist entries the base sees in ``wc``."""
+    gists = sum(n for level, n in wc.lod_histogram().items() if level > 0)
+    return int(wc.telemetry()["raw_tokens"]), int(gists)
 
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
