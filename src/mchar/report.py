@@ -22,6 +22,7 @@ from typing import Any
 
 from mchar import plots
 from mchar.errors import MCharError
+from mchar.evals.telemetry import FOCUS_METRICS
 
 # Headline sections show every ``final/*`` metric of the stage's latest run (stages name them differently:
 # e.g. base_lm ``final/val_ppl``, gistnet ``final/dnll``/``final/dnll_lod1``, lensnet ``final/spearman``).
@@ -361,20 +362,9 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         "far held at each LOD.",
         "",
     ]
-    keys = [
-        "swap_rate",
-        "budget_util",
-        "residency",
-        "raw_tokens",
-        "gist_slots",
-        "scored_raw_tokens",
-        "scored_gist_slots",
-        *[f"lod_share/{x}" for x in lods],
-    ]
+    keys = [*FOCUS_METRICS, *[f"lod_share/{x}" for x in lods]]
     lines += _table(
-        ["policy", "swap rate", "budget util", "residency", "raw tokens", "gist slots"]
-        + ["raw tokens (scored)", "gist slots (scored)"]
-        + [f"LOD{x}" if x.isdigit() else x for x in lods],
+        ["policy", *FOCUS_METRICS.values()] + [f"LOD{x}" if x.isdigit() else x for x in lods],
         [[p, *[_fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
     )
     figures.append(plots.telemetry(rows, out / "telemetry.png"))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mchar.evals.telemetry import FocusRecorder, merge_summaries
+from mchar.evals.telemetry import FOCUS_METRICS, FocusRecorder, merge_summaries
 
 
 @dataclass
@@ -276,15 +276,7 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
             m[f"{key}/wins"] = float(vs["wins"])
             m[f"{key}/documents"] = float(vs["documents"])
         t = rec["telemetry"]
-        for key in (
-            "swap_rate",
-            "budget_util",
-            "residency",
-            "raw_tokens",
-            "gist_slots",
-            "scored_raw_tokens",
-            "scored_gist_slots",
-        ):
+        for key in FOCUS_METRICS:
             m[f"focus/{name}/{key}"] = t[key]
         for lod, share in rec["lod_histogram"].items():  # share of seen history held at each LOD, or dropped
             m[f"focus/{name}/lod_share/{lod}"] = share

@@ -31,17 +31,18 @@ DROPPED = -1
 UNSEEN = -2
 
 EntryKey = tuple[int, int, bool]
+# the focus metrics logged per policy (``focus/<policy>/<key>``), with their report column titles
+FOCUS_METRICS = {
+    "swap_rate": "swap rate",
+    "budget_util": "budget util",
+    "residency": "residency",
+    "raw_tokens": "raw tokens",
+    "gist_slots": "gist slots",
+    "scored_raw_tokens": "raw tokens (scored)",
+    "scored_gist_slots": "gist slots (scored)",
+}
 # the per-snapshot means a summary holds besides the LOD histogram
-NUMBERS = (
-    "swap_rate",
-    "residency",
-    "budget_util",
-    "raw_tokens",
-    "gist_slots",
-    "scored_raw_tokens",
-    "scored_gist_slots",
-    "snapshots",
-)
+NUMBERS = (*FOCUS_METRICS, "snapshots")
 
 
 def position_lods(wc: Any, num_tokens: int | None = None) -> np.ndarray:
