@@ -117,13 +117,13 @@ class FocusRecorder:
         lifetimes = self._lifetimes + list(self._alive.values())
         n = max(1, self.snapshots)
         return {
-            "swap_rate": float(np.mean(self._swap)) if self._swap else 0.0,
-            "residency": float(np.mean(lifetimes)) if lifetimes else 0.0,
-            "budget_util": float(np.mean(self._util)) if self._util else 0.0,
-            "raw_tokens": float(np.mean(self._raw)) if self._raw else 0.0,
-            "gist_slots": float(np.mean(self._gists)) if self._gists else 0.0,
-            "scored_raw_tokens": float(np.mean(self._scored_raw)) if self._scored_raw else 0.0,
-            "scored_gist_slots": float(np.mean(self._scored_gists)) if self._scored_gists else 0.0,
+            "swap_rate": _mean(self._swap),
+            "residency": _mean(lifetimes),
+            "budget_util": _mean(self._util),
+            "raw_tokens": _mean(self._raw),
+            "gist_slots": _mean(self._gists),
+            "scored_raw_tokens": _mean(self._scored_raw),
+            "scored_gist_slots": _mean(self._scored_gists),
             "snapshots": float(self.snapshots),
             "lod_histogram": {k: v / n for k, v in sorted(self._lod_share.items())},
         }
@@ -137,6 +137,11 @@ class FocusRecorder:
     def map_times(self) -> np.ndarray:
         """History length at every focus-map row."""
         return np.asarray(self._times, dtype=np.int64)
+
+
+def _mean(values: list[float] | list[int]) -> float:
+    """Mean of a recorder series, 0.0 when nothing was observed."""
+    return float(np.mean(values)) if values else 0.0
 
 
 def _view(wc: Any) -> tuple[int, int]:
