@@ -31,7 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--n-trials", type=int, default=None, help="override the spec's n_trials")
     sw.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every trial")
     rp = sub.add_parser("report", help="build reports/<name>.md with tables and plots from MLflow runs")
-    rp.add_argument("--name", default="quickstart", help="report name (reports/<name>.md)")
+    rp.add_argument(
+        "--name", default=None, help="report name (reports/<name>.md; default quickstart, or compare-A-B-...)"
+    )
+    rp.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="EXPERIMENT",
+        help="put these experiments' newest runs side by side instead (one column each)",
+    )
     rp.add_argument("--experiment", default="mchar", help="MLflow experiment name")
     rp.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)"
@@ -72,10 +81,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_sweep(args.spec, n_trials=args.n_trials, extra_overrides=args.overrides)
         return 0
     if args.command == "report":
+        if args.compare:
+            from mchar.compare import build_comparison
+            from mchar.errors import MCharError
+
+            if args.run_id:
+                raise MCharError(
+                    "report: --run-id and --compare exclude each other (--compare takes experiment names)"
+                )
+            path = build_comparison(
+                args.compare,
+                args.name or "compare-" + "-".join(args.compare),
+                experiment=args.experiment,
+                tracking_uri=args.tracking_uri,
+                out_dir=args.out_dir,
+            )
+            print(path)
+            return 0
         from mchar.report import build_report
 
         path = build_report(
-            name=args.name,
+            name=args.name or "quickstart",
             experiment=args.experiment,
             tracking_uri=args.tracking_uri,
             run_id=args.run_id,

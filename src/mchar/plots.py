@@ -50,6 +50,32 @@ def dnll_vs_budget(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def dnll_by_experiment(
+    bars: dict[str, dict[str, tuple[float, float | None, float | None]]], names: list[str], path: Path
+) -> Path:
+    """ΔNLL per policy, one bar per experiment (error bars = CI). ``bars[policy][experiment] = (Δ, low, high)``."""
+    plt = _plt()
+    policies = sorted(bars)
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.0 + 1.2 * len(policies)), 4))
+    for j, name in enumerate(names):
+        xs, ys, err = [], [], [[], []]
+        for i, policy in enumerate(policies):
+            if name not in bars[policy]:
+                continue
+            y, lo, hi = bars[policy][name]
+            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            ys.append(y)
+            err[0].append(y - lo if lo is not None else 0.0)
+            err[1].append(hi - y if hi is not None else 0.0)
+        ax.bar(xs, ys, width=width, yerr=err, capsize=2, label=name)
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(policies)), policies, rotation=30, ha="right")
+    ax.set_ylabel("ΔNLL vs full context (nats/token)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def task_accuracy(acc: dict[str, dict[str, dict[int, float]]], path: Path) -> Path:
     """Task accuracy vs context length, one panel per task, one line per policy. ``acc[policy][task][length]``."""
     plt = _plt()

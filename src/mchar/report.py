@@ -152,7 +152,7 @@ def collect(client: Any, exp_id: str, name: str, run_id: str | None) -> tuple[li
     return stages, root
 
 
-def _fmt(v: float | None) -> str:
+def fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.4g}"
 
 
@@ -173,7 +173,7 @@ def _ids(runs: list[RunInfo]) -> str:
     return ", ".join(f"`{r.run_id}`" for r in runs)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -194,11 +194,11 @@ def _headline(stages: list[RunInfo]) -> list[str]:
         if retr:  # side nets validated twice: held-out code windows and held-out retrieval windows
             header = ["metric", "held-out code windows", "held-out retrieval windows"]
             rows = [
-                [f"final/{k}", _fmt(plain.get(k)), _fmt(retr.get(k))] for k in sorted(set(plain) | set(retr))
+                [f"final/{k}", fmt(plain.get(k)), fmt(retr.get(k))] for k in sorted(set(plain) | set(retr))
             ]
         else:
-            header, rows = ["metric", "value"], [[f"final/{k}", _fmt(v)] for k, v in sorted(plain.items())]
-        lines += _table(header, rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
+            header, rows = ["metric", "value"], [[f"final/{k}", fmt(v)] for k, v in sorted(plain.items())]
+        lines += table(header, rows) if rows else [f"{NOT_RUN} (no final metrics logged)"]
         lines.append("")
     return lines
 
@@ -236,23 +236,23 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
     rows = _eval_rows(evals)
     if not rows:
         return [*lines, NOT_RUN, ""]
-    table = [
+    body = [
         [
             str(r["budget"]),
             str(r["depth"]),
             str(r["block"]),
             r["policy"],
-            _fmt(r["nll"]),
-            _fmt(r["delta_nll"]),
-            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
-            _fmt(r["full"]),
+            fmt(r["nll"]),
+            fmt(r["delta_nll"]),
+            f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+            fmt(r["full"]),
             "" if r["documents"] is None else str(int(r["documents"])),
             f"`{r['run'].run_id[:12]}`",
         ]
         for r in rows
     ]
     header = ["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "documents", "run"]
-    lines += _table(header, table)
+    lines += table(header, body)
     figures.append(plots.dnll_vs_budget(rows, out / "dnll_vs_budget.png"))
     lines += ["", f"![ΔNLL vs budget]({rel}/dnll_vs_budget.png)", ""]
     return lines
@@ -281,9 +281,9 @@ def _paired(evals: list[RunInfo]) -> list[str]:
             rows.append(
                 [
                     policy,
-                    _fmt(value),
-                    f"[{_fmt(lo)}, {_fmt(hi)}]",
-                    f"{int(wins)}/{int(docs)}" if wins is not None and docs else _fmt(wins),
+                    fmt(value),
+                    f"[{fmt(lo)}, {fmt(hi)}]",
+                    f"{int(wins)}/{int(docs)}" if wins is not None and docs else fmt(wins),
                 ]
             )
     lines = [
@@ -294,7 +294,7 @@ def _paired(evals: list[RunInfo]) -> list[str]:
         "documents of the same paired difference, so it is much tighter than the ΔNLL intervals above.",
         "",
     ]
-    return [*lines, *_table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
+    return [*lines, *table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
 
 
 def _pick_budget_runs(evals: list[RunInfo], predicate: Any) -> list[RunInfo]:
@@ -323,13 +323,13 @@ def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> li
                 acc.setdefault(run.series(m.group(1)), {}).setdefault(m.group(2), {})[int(m.group(3))] = value
     lengths = sorted({n for per in acc.values() for t in per.values() for n in t})
     tasks = sorted({t for per in acc.values() for t in per})
-    rows = [[p, t, *[_fmt(acc[p].get(t, {}).get(n)) for n in lengths]] for p in sorted(acc) for t in tasks]
+    rows = [[p, t, *[fmt(acc[p].get(t, {}).get(n)) for n in lengths]] for p in sorted(acc) for t in tasks]
     lines += [
         f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
         f"runs {_ids(runs)}.",
         "",
     ]
-    lines += _table(["policy", "task", *[str(n) for n in lengths]], rows)
+    lines += table(["policy", "task", *[str(n) for n in lengths]], rows)
     figures.append(plots.task_accuracy(acc, out / "task_accuracy.png"))
     lines += ["", f"![task accuracy]({rel}/task_accuracy.png)", ""]
     return lines
@@ -363,9 +363,9 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         "",
     ]
     keys = [*FOCUS_METRICS, *[f"lod_share/{x}" for x in lods]]
-    lines += _table(
+    lines += table(
         ["policy", *FOCUS_METRICS.values()] + [f"LOD{x}" if x.isdigit() else x for x in lods],
-        [[p, *[_fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
+        [[p, *[fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
     )
     figures.append(plots.telemetry(rows, out / "telemetry.png"))
     lines += ["", f"![telemetry]({rel}/telemetry.png)", ""]
@@ -432,8 +432,8 @@ def _trends(client: Any, stages: list[RunInfo], out: Path, rel: str, figures: li
                 f"**{stage}**, {label} (run `{run.run_id}`{_of_variant(run)}; step 0 = before training):",
                 "",
             ]
-            lines += _table(
-                ["step", *curves], [[str(st), *[_fmt(c.get(st)) for c in curves.values()]] for st in steps]
+            lines += table(
+                ["step", *curves], [[str(st), *[fmt(c.get(st)) for c in curves.values()]] for st in steps]
             )
             figures.append(plots.trends(curves, out / f"{name}.png", f"{stage}: {label}"))
             lines += ["", f"![{stage} trend]({rel}/{name}.png)", ""]
@@ -466,16 +466,16 @@ def _sweep(root: RunInfo | None) -> list[str]:
             r.tags.get("mchar.trial", "?"),
             r.tags.get("optuna.state", r.status),
             *[_param(r.params.get(k, "—")) for k in keys],
-            _fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
-            *[_fmt(m.get(k)) for k in side],
-            *[_fmt(m.get(t)) for t in tasks],
+            fmt(float(r.tags["optuna.value"])) if "optuna.value" in r.tags else "—",
+            *[fmt(m.get(k)) for k in side],
+            *[fmt(m.get(t)) for t in tasks],
             f"`{r.run_id[:12]}`",
         ]
         for r, m in zip(trials, found, strict=True)
     ]
     task_names = [t[len("task/") : -len("/acc")] for t in tasks]
     header = ["trial", "state", *keys, "value", *[k.split("/", 1)[1] for k in side], *task_names, "run"]
-    return [*lines, *_table(header, rows), ""]
+    return [*lines, *table(header, rows), ""]
 
 
 MAX_SWEEP_TASK_COLUMNS = 8
@@ -518,14 +518,8 @@ def _subtree_metrics(run: RunInfo) -> dict[str, float]:
     return out | run.metrics
 
 
-def build_report(
-    name: str = "quickstart",
-    experiment: str = "mchar",
-    tracking_uri: str | None = None,
-    run_id: str | None = None,
-    out_dir: str | Path = "reports",
-) -> Path:
-    """Write ``<out_dir>/<name>.md`` and its figures; returns the Markdown path."""
+def open_store(name: str, experiment: str, tracking_uri: str | None) -> tuple[Any, str, str]:
+    """``(client, experiment id, uri)`` of the store a report reads; an absent store or experiment is one line."""
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -538,7 +532,19 @@ def build_report(
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise MCharError(f"report: no MLflow experiment {experiment!r} in {uri}")
-    stages, root = collect(client, exp.experiment_id, name, run_id)
+    return client, exp.experiment_id, uri
+
+
+def build_report(
+    name: str = "quickstart",
+    experiment: str = "mchar",
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    out_dir: str | Path = "reports",
+) -> Path:
+    """Write ``<out_dir>/<name>.md`` and its figures; returns the Markdown path."""
+    client, exp_id, uri = open_store(name, experiment, tracking_uri)
+    stages, root = collect(client, exp_id, name, run_id)
     scope_id = root.run_id if root else None
     label_sweep_variants(root)
     out_root = Path(out_dir)
@@ -557,7 +563,7 @@ def build_report(
         f"# mchar report: {name}",
         "",
         f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `python -m mchar report --name {name}"
-        f"{' --run-id ' + run_id if run_id else ''}` from `{_redact(uri)}`, experiment `{experiment}`; "
+        f"{' --run-id ' + run_id if run_id else ''}` from `{redact(uri)}`, experiment `{experiment}`; "
         f"scope: {scope}. Every number below is read from that store.",
         "",
     ]
@@ -571,7 +577,7 @@ def build_report(
     lines += _focus_maps(client, evals, fig_dir, name, figures)
     lines += ["## Runs and commands", ""]
     if stages:
-        lines += _table(
+        lines += table(
             ["run", "stage", "budget", "depth", "started", "command"],
             [
                 [
@@ -592,7 +598,7 @@ def build_report(
     (fig_dir / "sources.json").write_text(
         json.dumps(
             {
-                "tracking_uri": _redact(uri),
+                "tracking_uri": redact(uri),
                 "experiment": experiment,
                 "run_id": scope_id,
                 "runs": [r.run_id for r in stages],
@@ -604,5 +610,5 @@ def build_report(
     return path
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)

@@ -1,0 +1,260 @@
+"""``python -m mchar report --compare A B ... --name OUT``: several experiments side by side, from MLflow only.
+
+Why: an ablation runs as its own experiment (``name=X``), and reading it means putting its numbers next to the
+reference's. The per-experiment report says what one run measured; this one says what a change changed: one
+column per experiment, every cell read from the store (the newest finished stage runs of that ``name``), and a
+table naming the runs and commands each column came from. Budgets may differ between columns (each column states
+its own), so a budget ablation compares too.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+from mchar import plots
+from mchar.errors import MCharError
+from mchar.report import PAIRED, PPL, TASK, RunInfo, collect, fmt, open_store, redact, table
+
+# The side-net numbers worth reading across experiments: GistNet's gists against dropping the same blocks (per
+# LOD, and in a session's cover) and LensNet's rank agreement next to recency's and the utilities' own ceiling.
+SIDE_NET_METRICS = {
+    "gistnet": (
+        "dnll_lod1",
+        "drop_dnll_lod1",
+        "dnll_lod2",
+        "drop_dnll_lod2",
+        "dnll_session",
+        "drop_dnll_session",
+    ),
+    "lensnet": ("spearman", "spearman/recency", "utility_split_half"),
+}
+VAL_PREFIXES = {"final": "code", "final_retrieval": "retrieval"}
+
+
+def _newest(runs: list[RunInfo], stage: str) -> RunInfo | None:
+    return next((r for r in runs if r.stage == stage), None)
+
+
+def _interval(metrics: dict[str, float], stem: str, value_key: str) -> str:
+    """``value [low, high]`` from ``<stem>/<value_key>`` and the stem's ``ci_low``/``ci_high`` (or its
+    ``delta_nll_ci_*``), ``—`` when the run did not log it."""
+    value = metrics.get(f"{stem}/{value_key}")
+    if value is None:
+        return "—"
+    prefix = "delta_nll_" if value_key == "delta_nll" else ""
+    lo, hi = metrics.get(f"{stem}/{prefix}ci_low"), metrics.get(f"{stem}/{prefix}ci_high")
+    return fmt(value) if lo is None or hi is None else f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _experiments_table(runs: dict[str, list[RunInfo]]) -> list[str]:
+    rows = []
+    for name, stages in runs.items():
+        ev, base = _newest(stages, "eval"), _newest(stages, "base_lm")
+        rows.append(
+            [
+                name,
+                ev.params.get("allocator.budget", "—") if ev else "—",
+                ev.params.get("tree.depth", "—") if ev else "—",
+                ev.params.get("tree.block_size", "—") if ev else "—",
+                fmt(base.metrics.get("final/val_ppl")) if base else "—",
+                fmt(ev.metrics.get("ppl/full/nll")) if ev else "—",
+                f"`{ev.run_id[:12]}`" if ev else "_not run_",
+            ]
+        )
+    header = ["experiment", "budget", "depth", "K", "base perplexity", "full-context NLL", "eval run"]
+    return ["## Experiments", "", *table(header, rows), ""]
+
+
+def _policies(evals: dict[str, RunInfo]) -> list[str]:
+    found = {m.group(1) for ev in evals.values() for k in ev.metrics if (m := PPL.match(k))}
+    return sorted(found)
+
+
+def _dnll_section(
+    evals: dict[str, RunInfo], names: list[str], out: Path, rel: str
+) -> tuple[list[str], Path | None]:
+    lines = [
+        "## ΔNLL vs full context at each column's budget",
+        "",
+        "Mean over the evaluation's documents, 95 % interval over documents; lower is better.",
+        "",
+    ]
+    policies = _policies(evals)
+    if not policies:
+        return [*lines, "_not run_", ""], None
+    rows = [
+        [p, *[_interval(evals[n].metrics, f"ppl/{p}", "delta_nll") if n in evals else "—" for n in names]]
+        for p in policies
+    ]
+    lines += table(["policy", *names], rows)
+    bars = {
+        p: {
+            n: (
+                ev.metrics[f"ppl/{p}/delta_nll"],
+                ev.metrics.get(f"ppl/{p}/delta_nll_ci_low"),
+                ev.metrics.get(f"ppl/{p}/delta_nll_ci_high"),
+            )
+            for n, ev in evals.items()
+            if f"ppl/{p}/delta_nll" in ev.metrics
+        }
+        for p in policies
+    }
+    figure = plots.dnll_by_experiment(bars, names, out / "dnll_by_experiment.png")
+    return [*lines, "", f"![ΔNLL by experiment]({rel}/dnll_by_experiment.png)", ""], figure
+
+
+def _paired_section(evals: dict[str, RunInfo], names: list[str]) -> list[str]:
+    pairs = sorted(
+        {(m.group(1), m.group(2)) for ev in evals.values() for k in ev.metrics if (m := PAIRED.match(k))}
+    )
+    if not pairs:
+        return []
+    rows = [
+        [
+            f"{p} − {ref}",
+            *[_interval(evals[n].metrics, f"ppl/{p}/vs_{ref}", "mean") if n in evals else "—" for n in names],
+        ]
+        for p, ref in pairs
+    ]
+    return [
+        "## Paired differences per document",
+        "",
+        "NLL(policy) − NLL(reference) on the same documents; positive = the reference is better.",
+        "",
+        *table(["policy − reference", *names], rows),
+        "",
+    ]
+
+
+def _tasks_section(evals: dict[str, RunInfo], names: list[str]) -> list[str]:
+    keys = sorted(
+        {
+            (m.group(1), m.group(2), int(m.group(3)))
+            for ev in evals.values()
+            for k in ev.metrics
+            if (m := TASK.match(k))
+        }
+    )
+    if not keys:
+        return []
+    rows = [
+        [
+            p,
+            t,
+            str(n),
+            *[fmt(evals[c].metrics.get(f"task/{p}/{t}/{n}/acc")) if c in evals else "—" for c in names],
+        ]
+        for p, t, n in keys
+    ]
+    return ["## Task accuracy", "", *table(["policy", "task", "length", *names], rows), ""]
+
+
+def _side_nets_section(runs: dict[str, list[RunInfo]], names: list[str]) -> list[str]:
+    rows = []
+    for stage, metrics in SIDE_NET_METRICS.items():
+        newest = {n: _newest(runs[n], stage) for n in names}
+        for prefix, vset in VAL_PREFIXES.items():
+            for m in metrics:
+                key = f"{prefix}/{m}"
+                cells = [fmt(r.metrics.get(key)) if r else "—" for r in newest.values()]
+                if any(c != "—" for c in cells):
+                    rows.append([stage, vset, m, *cells])
+    if not rows:
+        return []
+    return [
+        "## Side nets on held-out windows",
+        "",
+        "GistNet: ΔNLL of the horizon with blocks gisted (`dnll_*`) against the same blocks dropped (`drop_dnll_*`); "
+        "LensNet: Spearman of its scores against measured utilities, recency's on the same candidates, and the "
+        "utilities' own split-half agreement.",
+        "",
+        *table(["stage", "windows", "metric", *names], rows),
+        "",
+    ]
+
+
+def _sources_section(runs: dict[str, list[RunInfo]]) -> list[str]:
+    rows = [
+        [
+            name,
+            r.stage or "",
+            f"`{r.run_id}`",
+            _dt.datetime.fromtimestamp(r.start / 1000).isoformat(timespec="seconds"),
+            "`" + r.tags.get("argv", r.tags.get("command", "?")).replace("|", "\\|") + "`",
+        ]
+        for name, stages in runs.items()
+        for r in _newest_per_stage(stages)
+    ]
+    return [
+        "## Runs and commands",
+        "",
+        *table(["experiment", "stage", "run", "started", "command"], rows),
+        "",
+    ]
+
+
+def _newest_per_stage(stages: list[RunInfo]) -> list[RunInfo]:
+    seen: dict[str, RunInfo] = {}
+    for r in stages:  # newest first
+        seen.setdefault(r.stage or "", r)
+    return list(seen.values())
+
+
+def build_comparison(
+    names: list[str],
+    out_name: str,
+    experiment: str = "mchar",
+    tracking_uri: str | None = None,
+    out_dir: str | Path = "reports",
+) -> Path:
+    """Write ``<out_dir>/<out_name>.md`` comparing experiments ``names``; returns its path. Every name is looked
+    up before anything is written, so a typo never replaces an existing report."""
+    if len(names) < 2:
+        raise MCharError(f"report --compare: give at least two experiment names (got {len(names)})")
+    if len(set(names)) != len(names):
+        raise MCharError(f"report --compare: an experiment is named twice in {names}")
+    if out_name in names:
+        raise MCharError(
+            f"report --compare: --name {out_name!r} is one of the compared experiments; its own report would be "
+            "overwritten (choose another --name)"
+        )
+    client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
+    runs = {n: collect(client, exp_id, n, None)[0] for n in names}
+    evals = {n: ev for n in names if (ev := _newest(runs[n], "eval")) is not None}
+    fig_dir = Path(out_dir) / out_name
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    command = f"python -m mchar report --compare {' '.join(names)} --name {out_name}"
+    lines = [
+        f"# mchar comparison: {out_name}",
+        "",
+        f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `{command}` from `{redact(uri)}`, "
+        f"experiment `{experiment}`: for each experiment its newest FINISHED stage runs. Every number below is read "
+        "from that store.",
+        "",
+    ]
+    lines += _experiments_table(runs)
+    dnll_lines, figure = _dnll_section(evals, names, fig_dir, out_name)
+    lines += dnll_lines
+    lines += _paired_section(evals, names)
+    lines += _tasks_section(evals, names)
+    lines += _side_nets_section(runs, names)
+    lines += _sources_section(runs)
+    path = Path(out_dir) / f"{out_name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    (fig_dir / "sources.json").write_text(
+        json.dumps(
+            {
+                "tracking_uri": redact(uri),
+                "experiment": experiment,
+                "compared": names,
+                "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},
+                "figures": [figure.name] if figure else [],
+            },
+            indent=2,
+        )
+    )
+    return path
