@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from mchar import plots
-from mchar.errors import MCharError
-from mchar.report import PAIRED, PPL, TASK, RunInfo, collect, fmt, open_store, redact, table
+from mchar.errors import MCharError, redact_url
+from mchar.report import PAIRED, PPL, TASK, RunInfo, collect, fmt, open_store, table
 
 # The side-net numbers worth reading across experiments: GistNet's gists against dropping the same blocks (per
 # LOD, and in a session's cover) and LensNet's rank agreement next to recency's and the utilities' own ceiling.
@@ -231,7 +231,7 @@ def build_comparison(
     lines = [
         f"# mchar comparison: {out_name}",
         "",
-        f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `{command}` from `{redact(uri)}`, "
+        f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `{command}` from `{redact_url(uri)}`, "
         f"experiment `{experiment}`: for each experiment its newest FINISHED stage runs. Every number below is read "
         "from that store.",
         "",
@@ -248,7 +248,7 @@ def build_comparison(
     (fig_dir / "sources.json").write_text(
         json.dumps(
             {
-                "tracking_uri": redact(uri),
+                "tracking_uri": redact_url(uri),
                 "experiment": experiment,
                 "compared": names,
                 "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},

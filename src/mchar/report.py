@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mchar import plots
-from mchar.errors import MCharError
+from mchar.errors import MCharError, redact_url
 from mchar.evals.telemetry import FOCUS_METRICS
 
 # Headline sections show every ``final/*`` metric of the stage's latest run (stages name them differently:
@@ -563,7 +563,7 @@ def build_report(
         f"# mchar report: {name}",
         "",
         f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} by `python -m mchar report --name {name}"
-        f"{' --run-id ' + run_id if run_id else ''}` from `{redact(uri)}`, experiment `{experiment}`; "
+        f"{' --run-id ' + run_id if run_id else ''}` from `{redact_url(uri)}`, experiment `{experiment}`; "
         f"scope: {scope}. Every number below is read from that store.",
         "",
     ]
@@ -598,7 +598,7 @@ def build_report(
     (fig_dir / "sources.json").write_text(
         json.dumps(
             {
-                "tracking_uri": redact(uri),
+                "tracking_uri": redact_url(uri),
                 "experiment": experiment,
                 "run_id": scope_id,
                 "runs": [r.run_id for r in stages],
@@ -608,7 +608,3 @@ def build_report(
         )
     )
     return path
-
-
-def redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)

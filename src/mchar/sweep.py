@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mchar.errors import MCharError
+from mchar.errors import MCharError, redact_url
 from mchar.processes import process_alive, process_start
 
 SPEC_KEYS = {
@@ -378,10 +378,6 @@ def _default_stage(stages: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------- storage / study
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
-
-
 def _retry_callback(max_retry: int) -> Any:
     """Optuna's re-queue-a-dead-trial callback (copies params and grid id; marked experimental, hence quiet)."""
     import warnings
@@ -416,10 +412,10 @@ def make_storage(spec: SweepSpec) -> Any:
     try:
         return RDBStorage(url, **kwargs)
     except (optuna.exceptions.StorageInternalError, ValueError, ImportError) as err:
-        raise SweepError(f"sweep: storage {_redact(url)}: {str(err).splitlines()[0]}") from None
+        raise SweepError(f"sweep: storage {redact_url(url)}: {str(err).splitlines()[0]}") from None
     except Exception as err:  # sqlalchemy errors (bad driver, unreachable host)
         raise SweepError(
-            f"sweep: storage {_redact(url)}: {type(err).__name__}: {str(err).splitlines()[0]}"
+            f"sweep: storage {redact_url(url)}: {type(err).__name__}: {str(err).splitlines()[0]}"
         ) from None
 
 
@@ -551,7 +547,7 @@ class StudyRun:
             tags = {
                 "mchar.role": "study",
                 "mchar.study": spec.study_name,
-                "optuna.storage": _redact(spec.storage),
+                "optuna.storage": redact_url(spec.storage),
                 "argv": " ".join(sys.argv)[:5000],
                 "command": "sweep",
             }
@@ -777,7 +773,7 @@ def check_same_spec(study: Any, spec: SweepSpec, extra: list[str]) -> None:
         study.set_user_attr(SPEC_ATTR, fp)
     elif known != fp:
         raise SweepError(
-            f"sweep: study {spec.study_name!r} in {_redact(spec.storage)} was run with other overrides, objective "
+            f"sweep: study {spec.study_name!r} in {redact_url(spec.storage)} was run with other overrides, objective "
             f"or search space (spec {known}, now {fp}); give the spec a new study_name, or delete the old study: "
             f"optuna delete-study --study-name {spec.study_name} --storage URL"
         )
@@ -821,7 +817,7 @@ def run_sweep(
     objective = Objective(spec, extra, flatten(base), study_run, list(base.stages))
     done = finished_count(study)
     print(
-        f"[sweep {spec.study_name}] {done}/{total} trials finished; storage {_redact(spec.storage)}",
+        f"[sweep {spec.study_name}] {done}/{total} trials finished; storage {redact_url(spec.storage)}",
         file=sys.stderr,
         flush=True,
     )
