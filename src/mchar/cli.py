@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)"
     )
+    rp.add_argument(
+        "--bench",
+        action="store_true",
+        help="write reports/bench.md from the benchmark results in reports/bench/*.json instead",
+    )
     rp.add_argument("--run-id", default=None, help="parent run to report on (default: the latest)")
     rp.add_argument("--out-dir", default="reports")
     ui = sub.add_parser("ui", help="serve the MLflow UI for mchar's tracking store")
@@ -81,6 +86,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_sweep(args.spec, n_trials=args.n_trials, extra_overrides=args.overrides)
         return 0
     if args.command == "report":
+        if args.bench:
+            from mchar.bench.summary import build_bench_report
+
+            out_dir = Path(args.out_dir)
+            print(build_bench_report(out_dir / "bench", out_dir / "bench.md"))
+            return 0
         if args.compare:
             from mchar.compare import build_comparison
             from mchar.errors import MCharError

@@ -1,0 +1,64 @@
+"""``report --bench``: reports/bench.md from the committed benchmark JSON files, every figure traced to them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mchar.bench.summary import BENCHES, build_bench_report
+from mchar.cli import main
+from mchar.errors import MCharError
+
+COMMITTED = Path(__file__).resolve().parents[2] / "reports" / "bench"
+
+
+def _copy(tmp_path: Path, names: tuple[str, ...] = BENCHES) -> Path:
+    bench = tmp_path / "reports" / "bench"
+    bench.mkdir(parents=True)
+    for name in names:
+        shutil.copy(COMMITTED / f"{name}.json", bench / f"{name}.json")
+    return bench
+
+
+def test_every_number_comes_from_the_json(tmp_path: Path) -> None:
+    bench = _copy(tmp_path)
+    md = build_bench_report(bench, tmp_path / "reports" / "bench.md").read_text()
+    data = {n: json.loads((bench / f"{n}.json").read_text()) for n in BENCHES}
+    lens = data["train-step"]["lensnet"]
+    assert (
+        f"= {100 * lens['construction_share_median']:.1f} % | ≤ 10 % | {'yes' if lens['meets_target'] else 'no'} |"
+        in md
+    )
+    assert f"= {data['train-step']['gistnet']['ratio']:.3f}x | ≥ 0.95x |" in md
+    assert f"= {data['train-overhead']['ratio_lightning_over_plain']:.3f}x | ≥ 0.95x |" in md
+    for row in data["decode"]["rows"]:
+        assert f"| {row['history']:,} | {row['mc']['median_ms']:.2f} | {row['full']['median_ms']:.2f} |" in md
+    assert f"{data['decode']['latency_ratio']:.3f} (target ≤ 1.15)" in md
+    assert f"{data['tree-io']['disk']['bytes_per_token']} bytes/token" in md
+    assert (
+        f"{data['fault']['kills']} `kill -9`s" in md
+        and f"{data['fault']['verified_blocks']:,} verified" in md
+    )
+    assert f"Measured on: {data['decode']['env']['cpu']}" in md
+    assert "not run" not in md
+
+
+def test_missing_and_broken_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _copy(tmp_path, ("decode",))
+    out = tmp_path / "reports" / "bench.md"
+    md = build_bench_report(bench, out).read_text()
+    assert "_not run_ (`python -m mchar bench --out reports/bench/train-step.json train-step`)" in md
+    assert "_not run_ (`python -m mchar bench --out reports/bench/fault.json fault`)" in md
+    out.write_text("kept\n")
+    (bench / "fault.json").write_text("{ not json")
+    with pytest.raises(MCharError, match=r"fault\.json is not JSON"):
+        build_bench_report(bench, out)
+    shutil.copy(COMMITTED / "tree-io.json", bench / "fault.json")
+    with pytest.raises(MCharError, match="is not a 'fault' benchmark result"):
+        build_bench_report(bench, out)
+    assert out.read_text() == "kept\n"  # a bad file never replaces the report
+    assert main(["report", "--bench", "--out-dir", str(tmp_path / "absent")]) == 2
+    assert "no benchmark folder" in capsys.readouterr().err
