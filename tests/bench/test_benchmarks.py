@@ -72,9 +72,13 @@ def test_every_benchmark_runs_and_its_derived_numbers_add_up(
         assert lens["meets_target"] == (lens["construction_share_median"] <= 0.10)
         assert gist["ratio"] == pytest.approx(gist["lightning_steps_per_s"] / gist["plain_steps_per_s"])
         assert gist["meets_target"] == (gist["ratio"] >= 0.95)
+        pairs = zip(gist["rates"]["lightning"], gist["rates"]["plain"], strict=True)
+        assert gist["paired_ratios"] == pytest.approx([light / plain for light, plain in pairs])
     elif name == "train-overhead":
         ratio = res["lightning_tokens_per_s"] / res["plain_tokens_per_s"]
         assert res["ratio_lightning_over_plain"] == pytest.approx(ratio)
+        pairs = zip(res["lightning_runs"], res["plain_runs"], strict=True)
+        assert res["paired_ratios"] == pytest.approx([light / plain for light, plain in pairs])
         assert res["model"]["params"] > 0
     elif name == "fault":
         assert res["kills"] == 2 and res["config"]["kills"] == 2
@@ -97,3 +101,15 @@ def test_a_failing_benchmark_leaves_an_earlier_result_whole(tmp_path: Path) -> N
         cli_main(["bench", "--out", str(out), "decode", "--no-such-option"])
     assert out.read_text() == '{"bench": "decode"}\n'
     assert not out.with_name("decode.json.tmp").exists()
+
+
+def test_repeats_alternate_the_order_of_the_sides() -> None:
+    """ABBA: a side that always ran first would meet a systematically colder (or warmer) machine."""
+    from mchar.bench.loop_timing import alternate
+
+    calls: list[str] = []
+    rates = alternate(
+        {"plain": lambda: calls.append("p") or 1.0, "lightning": lambda: calls.append("l") or 2.0}, 4
+    )
+    assert "".join(calls) == "pllppllp"
+    assert rates == {"plain": [1.0] * 4, "lightning": [2.0] * 4}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -43,3 +43,20 @@ def lightning_stamps(module: L.LightningModule, batches: Sequence[object]) -> li
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(batches), batch_size=None))
     return clock.stamps
+
+
+def alternate(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run every side once per repeat, reversing the order on every other repeat (ABBA): whichever side runs first
+    in a repeat meets a colder or warmer machine, and a fixed order turns that into a bias between the sides."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    for i in range(repeats):
+        for name in order if i % 2 == 0 else reversed(order):
+            rates[name].append(sides[name]())
+    return rates
+
+
+def paired_ratios(rates: dict[str, list[float]]) -> list[float]:
+    """Lightning over plain within each repeat (the two ran back to back): their spread shows how much of the
+    ratio of medians is the machine's drift rather than the loop."""
+    return [light / plain for light, plain in zip(rates["lightning"], rates["plain"], strict=True)]

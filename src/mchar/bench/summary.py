@@ -44,6 +44,12 @@ def _yes(flag: Any) -> str:
     return "yes" if flag else "no"
 
 
+def _spread(side: dict[str, Any]) -> str:
+    """The per-repeat Lightning/plain ratios' range, when the result has them (files from before had not)."""
+    pairs = side.get("paired_ratios")
+    return f" (per repeat {min(pairs):.2f}-{max(pairs):.2f})" if pairs else ""
+
+
 def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -> list[str]:
     lines = ["## Training steps (issue 4)", ""]
     rows = []
@@ -58,7 +64,7 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
         rows.append(
             f"| `train-step`: GistNet steps/s, Lightning vs plain loop (median of {step['config']['repeats']} "
             f"alternating repeats) | {gist['lightning_steps_per_s']:.1f} vs {gist['plain_steps_per_s']:.1f} = "
-            f"{gist['ratio']:.3f}x | ≥ {gist['target_ratio_min']}x | {_yes(gist['meets_target'])} |"
+            f"{gist['ratio']:.3f}x{_spread(gist)} | ≥ {gist['target_ratio_min']}x | {_yes(gist['meets_target'])} |"
         )
     if overhead:
         ratio = overhead["ratio_lightning_over_plain"]
@@ -66,7 +72,7 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
         rows.append(
             f"| `train-overhead`: base-LM tokens/s, Lightning vs plain loop (median of {overhead['repeats']} "
             f"repeats) | {overhead['lightning_tokens_per_s']:.0f} vs {overhead['plain_tokens_per_s']:.0f} = "
-            f"{ratio:.3f}x | ≥ {target}x | {_yes(ratio >= target)} |"
+            f"{ratio:.3f}x{_spread(overhead)} | ≥ {target}x | {_yes(ratio >= target)} |"
         )
     if not rows:
         return [*lines, NOT_RUN.format(name="train-step"), ""]

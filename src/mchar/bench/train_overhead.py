@@ -14,7 +14,7 @@ import time
 import torch
 
 from mchar.bench.common import emit
-from mchar.bench.loop_timing import lightning_stamps, steps_per_second
+from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
 from mchar.lit.base_lm import BaseLMModule
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from mchar.base.adapter import tiny_causal_lm
@@ -70,10 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq)) for _ in range(args.steps)]
     tokens = args.batch * args.seq
-    plain, light = [], []
-    for _ in range(args.repeats):
-        plain.append(_throughput(_plain(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
-        light.append(_throughput(_lightning(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens))
+    rates = alternate(
+        {
+            "plain": lambda: _throughput(
+                _plain(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens
+            ),
+            "lightning": lambda: _throughput(
+                _lightning(copy.deepcopy(init).train(), batches, 1e-3), args.warmup, tokens
+            ),
+        },
+        args.repeats,
+    )
+    plain, light = rates["plain"], rates["lightning"]
     result = {
         "model": {
             "hidden": args.hidden,
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_runs": plain,
         "lightning_runs": light,
         "ratio_lightning_over_plain": statistics.median(light) / statistics.median(plain),
+        "paired_ratios": paired_ratios(rates),
         "target": ">= 0.95",
     }
     return emit("train-overhead", args, result)

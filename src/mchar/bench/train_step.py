@@ -20,7 +20,7 @@ import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.bench.common import emit
-from mchar.bench.loop_timing import lightning_stamps, steps_per_second
+from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
 from mchar.lit.gistnet_module import GistNetModule
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--candidates", type=int, default=16)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -114,11 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     proto = GistNetModule(
         base, gistnet(), block_size=k, depth=depth, horizon=args.horizon, warmup_steps=0, max_steps=args.steps
     )
-    rates: dict[str, list[float]] = {"plain": [], "lightning": []}
-    for _ in range(args.repeats):
-        for side, fn in (("plain", _plain), ("lightning", lightning_stamps)):
-            module = copy.deepcopy(proto)
-            rates[side].append(steps_per_second(fn(module, batches), w))
+    rates = alternate(
+        {
+            "plain": lambda: steps_per_second(_plain(copy.deepcopy(proto), batches), w),
+            "lightning": lambda: steps_per_second(lightning_stamps(copy.deepcopy(proto), batches), w),
+        },
+        args.repeats,
+    )
     plain, light = statistics.median(rates["plain"]), statistics.median(rates["lightning"])
     out = {
         "lensnet": lens_out,
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "target_ratio_min": 0.95,
             "meets_target": light / plain >= 0.95,
             "rates": rates,
+            "paired_ratios": paired_ratios(rates),
         },
     }
     return emit("train-step", args, out)
