@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,10 +107,12 @@ def test_a_built_base_with_another_architecture_is_refused_not_reused(smoke_run)
 
 
 def test_the_corpus_split_follows_split_seed_not_the_training_seed(smoke_run) -> None:
-    """Seed replicates on a reused base keep its held-out files held out; another split is refused, not reused."""
+    """Seed replicates on a reused base keep its held-out files held out; a split that holds out a file the base
+    trained on is refused, not reused."""
+    from mchar.base.local_lm import READY_MARKER
     from mchar.config import ConfigError
     from mchar.pipeline import RunContext
-    from mchar.stages.base_lm import corpus_splits, ensure_base_lm
+    from mchar.stages.base_lm import corpus_splits, ensure_base_lm, relpaths
 
     tmp, ctx = smoke_run
 
@@ -124,10 +128,34 @@ def test_the_corpus_split_follows_split_seed_not_the_training_seed(smoke_run) ->
     assert ensure_base_lm(replicate) == built  # same split: reused
     other = context("data.split_seed=7")
     assert corpus_splits(other)["test"] != corpus_splits(ctx)["test"]
-    with pytest.raises(ConfigError, match=r"^data.split_seed: .* another train/val/test split"):
-        ensure_base_lm(other)
-    with pytest.raises(ConfigError, match=r"^data.split_seed: "):
-        ensure_base_lm(context("data.max_files=21"))  # a different subset of files is another split too
+    # the base trained on 20 files' train split only; another split whose held-out files avoid them can reuse it
+    trained = set(json.loads((built / READY_MARKER).read_text())["train_relpaths"])
+    assert trained == set(relpaths(corpus_splits(ctx), ("train",)))
+    assert not trained & set(relpaths(corpus_splits(other), ("val", "test")))
+    assert ensure_base_lm(other) == built
+    # more files under the same split (side nets on more of the corpus): the base's held-out files stay held out
+    bigger = context("data.max_files=40")
+    assert set(relpaths(corpus_splits(bigger), ("test",))) > set(relpaths(corpus_splits(ctx), ("test",)))
+    assert ensure_base_lm(bigger) == built
+    marker = built / READY_MARKER
+    saved = marker.read_text()
+    try:  # a base that did train on one of a config's held-out files is refused, naming it
+        leaked = relpaths(corpus_splits(other), ("test",))[0]
+        info = json.loads(saved)
+        marker.write_text(json.dumps(info | {"train_relpaths": [*info["train_relpaths"], leaked]}))
+        with pytest.raises(
+            ConfigError,
+            match=rf"^data.split_seed: .* trained on 1 of this config's held-out files \(e.g. {re.escape(leaked)}\)",
+        ):
+            ensure_base_lm(other)
+        assert ensure_base_lm(replicate) == built
+        # a base recorded before its training files were: only the very same split reuses it
+        marker.write_text(json.dumps({k: v for k, v in info.items() if k != "train_relpaths"}))
+        assert ensure_base_lm(replicate) == built
+        with pytest.raises(ConfigError, match=r"^data.split_seed: .* another train/val/test split"):
+            ensure_base_lm(bigger)
+    finally:
+        marker.write_text(saved)
     assert (built / "model.safetensors").is_file()
 
 

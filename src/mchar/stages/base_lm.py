@@ -84,19 +84,39 @@ def split_fingerprint(splits: Any) -> str:
     return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def relpaths(splits: Any, names: tuple[str, ...]) -> list[str]:
+    """The files of splits ``names``, relative to the corpus root (what a base records and is checked against)."""
+    root = Path(splits.root)
+    return sorted(Path(p).relative_to(root).as_posix() for s in names for p in splits.as_dict()[s])
+
+
 def check_reusable(ctx: RunContext, path: Path) -> None:
-    """Refuse to reuse a built local base whose architecture differs from ``model.local``, or that was trained on
-    another split of the corpus (one line).
+    """Refuse to reuse a built local base whose architecture differs from ``model.local``, or that has trained on
+    any file this config holds out (one line).
 
     Bases are reused by ``model.name``; without this, a base built under the same name with, e.g., a different
-    ``induction_prior`` or ``hidden_size`` would silently stand in for the one the config asks for.
+    ``induction_prior`` or ``hidden_size`` would silently stand in for the one the config asks for. A base that
+    records its training files may serve a config with more (or fewer) files, e.g. side nets trained on the whole
+    corpus (``data.max_files``): a file's split depends only on ``data.split_seed``/``data.split``, so the base's
+    held-out files stay held out; a base from before that record needs the very same split.
     """
     from mchar.config import ConfigError
 
     if ctx.cfg.model.kind != "local" or ctx.cfg.base_lm.force or not is_built(path):
         return
     marker = json.loads((path / READY_MARKER).read_text())
-    if "split_fingerprint" in marker and marker["split_fingerprint"] != split_fingerprint(corpus_splits(ctx)):
+    if "train_relpaths" in marker:
+        splits = corpus_splits(ctx)
+        seen = set(relpaths(splits, ("val", "test"))) & set(marker["train_relpaths"])
+        if seen:
+            raise ConfigError(
+                f"data.split_seed: {path} was trained on {len(seen)} of this config's held-out files (e.g. "
+                f"{min(seen)}): data.split_seed, data.split or data.globs differ from its split; keep its split, "
+                "choose another model.name, or set base_lm.force=true to rebuild it"
+            )
+    elif "split_fingerprint" in marker and marker["split_fingerprint"] != split_fingerprint(
+        corpus_splits(ctx)
+    ):
         raise ConfigError(
             f"data.split_seed: {path} was trained on another train/val/test split of the corpus (data.split_seed, "
             f"data.split, data.max_files or data.globs differ), so this config's held-out files may be its training "
@@ -257,6 +277,7 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
             "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
             "corpus": report,
             "split_fingerprint": split_fingerprint(splits),
+            "train_relpaths": relpaths(splits, ("train",)),
             "train_files": len(splits["train"]),
             "test_files": len(splits["test"]),
         }
