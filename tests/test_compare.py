@@ -124,6 +124,7 @@ def test_bad_comparisons_stop_before_writing(tmp_path: Path, capsys: pytest.Capt
         (["ref", "ref"], "cmp", "named twice"),
         (["ref", "ablation"], "ref", "is one of the compared experiments"),
         (["ref", "typo"], "cmp", "no finished runs of experiment 'typo'"),
+        (["ref", "ablation"], "../cmp", "must be a plain name"),
     ):
         with pytest.raises(MCharError, match=match):
             build_comparison(names, name, tracking_uri=uri, out_dir=out)

@@ -126,3 +126,11 @@ def test_print_config_shows_resolved_values() -> None:
     out = _cli("fit", "+experiment=smoke", "allocator.budget=80", "--print-config")
     assert out.returncode == 0, out.stderr
     assert "budget: 80" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "override", ["name=../elsewhere", "name=a/b", "model.name=has space", "name=.hidden"]
+)
+def test_names_that_become_folders_must_be_plain(override: str) -> None:
+    with pytest.raises(ConfigError, match=r"must be a plain name"):
+        compose_config(["+experiment=smoke", override])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
-from mchar.report import PAIRED, PPL, TASK, RunInfo, collect, fmt, open_store, table
+from mchar.report import PAIRED, PPL, TASK, RunInfo, check_report_name, collect, fmt, open_store, table
 
 # The side-net numbers worth reading across experiments: GistNet's gists against dropping the same blocks (per
 # LOD, and in a session's cover) and LensNet's rank agreement next to recency's and the utilities' own ceiling.
@@ -211,6 +211,7 @@ def build_comparison(
 ) -> Path:
     """Write ``<out_dir>/<out_name>.md`` comparing experiments ``names``; returns its path. Every name is looked
     up before anything is written, so a typo never replaces an existing report."""
+    check_report_name(out_name)
     if len(names) < 2:
         raise MCharError(f"report --compare: give at least two experiment names (got {len(names)})")
     if len(set(names)) != len(names):

@@ -7,6 +7,7 @@ or data is touched, and every failure is a :class:`ConfigError` with one line na
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,8 +371,17 @@ def _share(key: str, value: float) -> None:
         raise ConfigError(f"{key}: must be in [0, 1], got {value}")
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""Names that become folder and file names (``artifacts/<stage>/<name>``, ``reports/<name>.md``)."""
+
+
 def check_semantics(cfg: RootConfig) -> None:
     """Reject impossible combinations that types alone cannot catch."""
+    for key, value in (("name", cfg.name), ("model.name", cfg.model.name)):
+        if not PLAIN_NAME.match(value):
+            raise ConfigError(
+                f"{key}: {value!r} names folders and reports, so it must be a plain name (letters, digits, '_', '.', '-')"
+            )
     for stage in cfg.stages:
         _choice("stages", stage, STAGES)
     _choice("model.kind", cfg.model.kind, ("local", "hf"))

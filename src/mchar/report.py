@@ -518,6 +518,16 @@ def _subtree_metrics(run: RunInfo) -> dict[str, float]:
     return out | run.metrics
 
 
+def check_report_name(name: str) -> None:
+    """A report name becomes ``<out_dir>/<name>.md`` and a figure folder: a path in it would write elsewhere."""
+    from mchar.config import PLAIN_NAME
+
+    if not PLAIN_NAME.match(name):
+        raise MCharError(
+            f"report: --name {name!r} must be a plain name (letters, digits, '_', '.', '-'), not a path"
+        )
+
+
 def open_store(name: str, experiment: str, tracking_uri: str | None) -> tuple[Any, str, str]:
     """``(client, experiment id, uri)`` of the store a report reads; an absent store or experiment is one line."""
     from mlflow.tracking import MlflowClient
@@ -543,6 +553,7 @@ def build_report(
     out_dir: str | Path = "reports",
 ) -> Path:
     """Write ``<out_dir>/<name>.md`` and its figures; returns the Markdown path."""
+    check_report_name(name)
     client, exp_id, uri = open_store(name, experiment, tracking_uri)
     stages, root = collect(client, exp_id, name, run_id)
     scope_id = root.run_id if root else None
