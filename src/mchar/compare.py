@@ -15,22 +15,25 @@ from pathlib import Path
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
-from mchar.report import PAIRED, PPL, TASK, RunInfo, check_report_name, collect, fmt, open_store, table
+from mchar.report import (
+    GISTNET_VS_DROP,
+    LENSNET_RANKING,
+    PAIRED,
+    PPL,
+    TASK,
+    RunInfo,
+    check_report_name,
+    collect,
+    fmt,
+    open_store,
+    table,
+)
 
-# The side-net numbers worth reading across experiments: GistNet's gists against dropping the same blocks (per
-# LOD, and in a session's cover), LensNet's rank agreement next to recency's and the utilities' own ceiling, and
-# what an e2e fine-tune leaves on its validation windows.
+# The side nets' held-out numbers, and what an e2e fine-tune leaves on its validation windows.
 SIDE_NET_METRICS = {
-    "gistnet": (
-        "dnll_lod1",
-        "drop_dnll_lod1",
-        "dnll_lod2",
-        "drop_dnll_lod2",
-        "dnll_session",
-        "drop_dnll_session",
-    ),
-    "lensnet": ("spearman", "spearman/recency", "utility_split_half"),
-    "e2e": ("spearman", "spearman/recency", "utility_split_half", "alloc_nll/lensnet", "alloc_nll/recency"),
+    "gistnet": GISTNET_VS_DROP,
+    "lensnet": LENSNET_RANKING,
+    "e2e": (*LENSNET_RANKING, "alloc_nll/lensnet", "alloc_nll/recency"),
 }
 VAL_PREFIXES = {"final": "code", "final_retrieval": "retrieval"}
 

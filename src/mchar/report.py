@@ -33,20 +33,21 @@ TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
 # Validation curves shown per side-net stage (``<set>/<metric>`` histories; ``gistnet.val_every`` /
 # ``lensnet.val_every`` log one point per validation, the first before training starts).
+# GistNet's gists against dropping the same blocks (per LOD, and in a session's cover) and LensNet's rank agreement
+# next to recency's and the utilities' own ceiling: the side-net numbers every view of a run shows.
+GISTNET_VS_DROP = (
+    "dnll_lod1",
+    "drop_dnll_lod1",
+    "dnll_lod2",
+    "drop_dnll_lod2",
+    "dnll_session",
+    "drop_dnll_session",
+)
+LENSNET_RANKING = ("spearman", "spearman/recency", "utility_split_half")
 TRENDS = {
-    "gistnet": (
-        "dnll_lod1",
-        "drop_dnll_lod1",
-        "dnll_lod2",
-        "drop_dnll_lod2",
-        "dnll_session",
-        "drop_dnll_session",
-        "subst_rate",
-    ),
+    "gistnet": (*GISTNET_VS_DROP, "subst_rate"),
     "lensnet": (
-        "spearman",
-        "spearman/recency",
-        "utility_split_half",
+        *LENSNET_RANKING,
         "alloc_nll/lensnet",
         "alloc_nll/recency",
         "alloc_nll/similarity",
