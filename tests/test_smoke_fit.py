@@ -53,6 +53,16 @@ def test_smoke_fit_tracks_parent_and_stage_runs(smoke_run: tuple[Path, object]) 
         assert run.data.tags["version.torch"]
         assert run.data.tags["host.cpu"] and int(run.data.tags["host.cpu_count"]) >= 1
         assert run.data.tags["host.accelerator"]  # "none" on a CPU-only machine
+        assert run.data.tags["host.cpu_kernels"] in (
+            "DEFAULT",
+            "VSX",
+            "ZVECTOR",
+            "AVX2",
+            "AVX512",
+            "SVE256",
+            "NEON",
+        )
+        assert run.data.tags["host.kernel_pins"]
         assert "config" in [a.path for a in client.list_artifacts(run.info.run_id)]
     metrics = stage.data.metrics
     assert metrics["final/val_ppl"] > 1.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
 
 def host_info() -> dict[str, str]:
     """The hardware a run used: CPU kernels differ across machines, so a base trained with the same seed and config
@@ -18,9 +20,14 @@ def host_info() -> dict[str, str]:
     except OSError:
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    # the kernel level PyTorch dispatches to (AVX2 / AVX512) and the knobs that pin it: what actually makes the
+    # same config round differently on two CPU kinds (an AMD EPYC and an Intel Xeon host trained different bases)
+    pins = {k: os.environ[k] for k in KERNEL_PINS if os.environ.get(k)}
     return {
         "cpu": cpu,
         "cpu_count": str(os.cpu_count()),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "kernel_pins": ", ".join(f"{k}={v}" for k, v in pins.items()) or "none",
         "torch_threads": str(torch.get_num_threads()),
         "accelerator": ", ".join(gpus) if gpus else "none",
         "platform": platform.platform(),

@@ -34,9 +34,10 @@ def _load(bench_dir: Path, name: str) -> dict[str, Any] | None:
 
 def _machine(data: dict[str, Any]) -> str:
     env = data.get("env", {})
+    kernels = f" ({env['cpu_kernels']} kernels)" if "cpu_kernels" in env else ""  # results before it had none
     return (
-        f"{env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores, accelerator {env.get('accelerator', '?')}, "
-        f"torch {env.get('torch', '?')}"
+        f"{env.get('cpu', '?')}{kernels}, {env.get('cpu_count', '?')} cores, accelerator "
+        f"{env.get('accelerator', '?')}, torch {env.get('torch', '?')}"
     )
 
 
