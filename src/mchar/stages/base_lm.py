@@ -73,21 +73,17 @@ def window_module(
     return LongDocDataModule(**(kwargs | overrides))
 
 
-def split_fingerprint(splits: Any) -> str:
-    """sha256 of which files (relative to the corpus root) are in which split: a base records the split it was
-    trained on, and is reused only under the same one."""
-    root = Path(splits.root)
-    names = {
-        s: sorted(Path(p).relative_to(root).as_posix() for p in files)
-        for s, files in splits.as_dict().items()
-    }
-    return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def relpaths(splits: Any, names: tuple[str, ...]) -> list[str]:
     """The files of splits ``names``, relative to the corpus root (what a base records and is checked against)."""
     root = Path(splits.root)
     return sorted(Path(p).relative_to(root).as_posix() for s in names for p in splits.as_dict()[s])
+
+
+def split_fingerprint(splits: Any) -> str:
+    """sha256 of which files (relative to the corpus root) are in which split: a base records the split it was
+    trained on, and is reused only under the same one."""
+    names = {s: relpaths(splits, (s,)) for s in splits.as_dict()}
+    return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def check_reusable(ctx: RunContext, path: Path) -> None:
