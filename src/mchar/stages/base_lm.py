@@ -81,7 +81,7 @@ def relpaths(splits: Any, names: tuple[str, ...]) -> list[str]:
 
 def split_fingerprint(splits: Any) -> str:
     """sha256 of which files (relative to the corpus root) are in which split: a base records the split it was
-    trained on, and is reused only under the same one."""
+    trained on; one recorded before ``train_relpaths`` existed is reused only under the same split."""
     names = {s: relpaths(splits, (s,)) for s in splits.as_dict()}
     return hashlib.sha256(json.dumps(names, sort_keys=True).encode("utf-8")).hexdigest()
 
