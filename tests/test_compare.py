@@ -88,6 +88,11 @@ def populate(uri: str, tmp: Path) -> dict[str, str]:
         metrics |= {"ppl/recency/vs_lensnet/ci_high": gap + 0.0625}
         evals[name] = _run(client, exp, parent, name, "eval", b, metrics)
         client.set_terminated(parent)
+    # a newer sweep trial under the reference's name (sweeps over the quickstart run as name=quickstart)
+    trial = client.create_run(
+        exp, tags={"mchar.role": "parent", "mchar.study": "s", "mchar.trial": "0"}
+    ).info.run_id
+    _run(client, exp, trial, "ref", "eval", 64, {"ppl/full/nll": 9.5, "ppl/recency/delta_nll": 9.25})
     return evals
 
 
@@ -99,6 +104,7 @@ def test_two_experiments_side_by_side(tmp_path: Path) -> None:
     assert path == tmp_path / "r" / "ref_vs_ablation.md"
     assert "| ref | 128 | 2 | 16 | 55.25 | 3.5 |" in md and "| ablation | 256 | 2 | 16 | 34.5 | 3.5 |" in md
     assert "| policy | ref | ablation |" in md
+    assert "9.25" not in md and "9.5" not in md  # the sweep trial does not stand in for the experiment
     assert "| recency | 0.175 [0.05, 0.3] | 0.076 [-0.049, 0.201] |" in md
     assert "| lensnet | 0.229 [0.104, 0.354] | 0.128 [0.003, 0.253] |" in md
     assert "| recency − lensnet | -0.054 [-0.1165, 0.0085] | -0.052 [-0.1145, 0.0105] |" in md

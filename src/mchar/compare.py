@@ -2,7 +2,7 @@
 
 Why: an ablation runs as its own experiment (``name=X``), and reading it means putting its numbers next to the
 reference's. The per-experiment report says what one run measured; this one says what a change changed: one
-column per experiment, every cell read from the store (the newest finished stage runs of that ``name``), and a
+column per experiment, every cell read from the store (the newest finished stage runs of that ``name`` outside sweeps), and a
 table naming the runs and commands each column came from. Budgets may differ between columns (each column states
 its own), so a budget ablation compares too.
 """
@@ -10,8 +10,8 @@ its own), so a budget ablation compares too.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
+from typing import Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
@@ -24,9 +24,11 @@ from mchar.report import (
     RunInfo,
     check_report_name,
     collect,
+    command_cell,
     fmt,
     open_store,
     table,
+    write_report,
 )
 
 # The side nets' held-out numbers, and what an e2e fine-tune leaves on its validation windows.
@@ -36,6 +38,14 @@ SIDE_NET_METRICS = {
     "e2e": (*LENSNET_RANKING, "alloc_nll/lensnet", "alloc_nll/recency"),
 }
 VAL_PREFIXES = {"final": "code", "final_retrieval": "retrieval"}
+
+
+def _outside_sweeps(client: Any, stages: list[RunInfo]) -> list[RunInfo]:
+    """The stage runs of ``fit``/``eval`` commands: a sweep's trials run under the experiment's name too (a budget
+    sweep over the quickstart is ``name=quickstart``), and the newest trial must not stand in for the experiment."""
+    parents = {r.tags.get("mlflow.parentRunId") for r in stages} - {None}
+    in_sweep = {p for p in parents if "mchar.study" in client.get_run(p).data.tags}
+    return [r for r in stages if r.tags.get("mlflow.parentRunId") not in in_sweep]
 
 
 def _newest(runs: list[RunInfo], stage: str) -> RunInfo | None:
@@ -187,7 +197,7 @@ def _sources_section(runs: dict[str, list[RunInfo]]) -> list[str]:
             r.stage or "",
             f"`{r.run_id}`",
             _dt.datetime.fromtimestamp(r.start / 1000).isoformat(timespec="seconds"),
-            "`" + r.tags.get("argv", r.tags.get("command", "?")).replace("|", "\\|") + "`",
+            command_cell(r),
         ]
         for name, stages in runs.items()
         for r in _newest_per_stage(stages)
@@ -227,7 +237,7 @@ def build_comparison(
             "overwritten (choose another --name)"
         )
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
-    runs = {n: collect(client, exp_id, n, None)[0] for n in names}
+    runs = {n: _outside_sweeps(client, collect(client, exp_id, n, None)[0]) for n in names}
     evals = {n: ev for n in names if (ev := _newest(runs[n], "eval")) is not None}
     fig_dir = Path(out_dir) / out_name
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -249,18 +259,15 @@ def build_comparison(
     lines += _tasks_section(evals, names)
     lines += _side_nets_section(runs, names)
     lines += _sources_section(runs)
-    path = Path(out_dir) / f"{out_name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (fig_dir / "sources.json").write_text(
-        json.dumps(
-            {
-                "tracking_uri": redact_url(uri),
-                "experiment": experiment,
-                "compared": names,
-                "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},
-                "figures": [figure.name] if figure else [],
-            },
-            indent=2,
-        )
+    return write_report(
+        Path(out_dir),
+        out_name,
+        lines,
+        {
+            "tracking_uri": redact_url(uri),
+            "experiment": experiment,
+            "compared": names,
+            "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},
+            "figures": [figure.name] if figure else [],
+        },
     )
-    return path

@@ -529,6 +529,19 @@ def check_report_name(name: str) -> None:
         )
 
 
+def command_cell(run: RunInfo) -> str:
+    """The command line a run was started with, as a Markdown table cell."""
+    return "`" + run.tags.get("argv", run.tags.get("command", "?")).replace("|", "\\|") + "`"
+
+
+def write_report(out_dir: Path, name: str, lines: list[str], sources: dict[str, Any]) -> Path:
+    """``<out_dir>/<name>.md`` and, beside its figures, ``sources.json`` naming the store and runs it was read from."""
+    path = out_dir / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out_dir / name / "sources.json").write_text(json.dumps(sources, indent=2))
+    return path
+
+
 def open_store(name: str, experiment: str, tracking_uri: str | None) -> tuple[Any, str, str]:
     """``(client, experiment id, uri)`` of the store a report reads; an absent store or experiment is one line."""
     from mlflow.tracking import MlflowClient
@@ -598,25 +611,22 @@ def build_report(
                     r.params.get("allocator.budget", "—"),
                     r.params.get("tree.depth", "—"),
                     _dt.datetime.fromtimestamp(r.start / 1000).isoformat(timespec="seconds"),
-                    "`" + r.tags.get("argv", r.tags.get("command", "?")).replace("|", "\\|") + "`",
+                    command_cell(r),
                 ]
                 for r in stages
             ],
         )
     else:
         lines.append(NOT_RUN)
-    path = out_root / f"{name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    (fig_dir / "sources.json").write_text(
-        json.dumps(
-            {
-                "tracking_uri": redact_url(uri),
-                "experiment": experiment,
-                "run_id": scope_id,
-                "runs": [r.run_id for r in stages],
-                "figures": [f.name for f in figures],
-            },
-            indent=2,
-        )
+    return write_report(
+        out_root,
+        name,
+        lines,
+        {
+            "tracking_uri": redact_url(uri),
+            "experiment": experiment,
+            "run_id": scope_id,
+            "runs": [r.run_id for r in stages],
+            "figures": [f.name for f in figures],
+        },
     )
-    return path
