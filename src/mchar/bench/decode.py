@@ -16,6 +16,7 @@ grows). Plus the overhead share of GistNet + LensNet + allocator vs the base for
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import statistics
 import time
@@ -128,9 +129,11 @@ class _McSide:
         tree = MegaContextTree.in_memory(
             args.block_size, args.depth, base.hidden_size, base.embed, lambda x, level: gist(x, level)
         )
+        # filling: the harness's budget-filling mode (never collapse to leave slots empty), so every history length
+        # decodes over a budget-sized WC; without it an untrained LensNet's negative scores shrink the 1x WC
         alloc = FocusAllocator(
-            tau_expand=0.0,
-            tau_collapse=0.0,
+            tau_expand=-math.inf if args.fill_budget else 0.0,
+            tau_collapse=math.inf if args.fill_budget else 0.0,
             max_edits=args.max_edits,
             cooldown=2,
             protect_tokens=args.block_size,
@@ -250,6 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--round", type=int, default=8, help="tokens per length per interleaved round")
     p.add_argument("--max-edits", type=int, default=4)
+    p.add_argument(
+        "--fill-budget",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="budget-filling allocator (the evaluation's mode for relative scores): a budget-sized WC at every length",
+    )
     p.add_argument("--gistnet", default="transformer", choices=["transformer", "mean"])
     p.add_argument("--gist-width", type=int, default=64)
     p.add_argument("--lens-width", type=int, default=64)
