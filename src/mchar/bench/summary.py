@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mchar.errors import MCharError
+from mchar.report import table
 
 BENCHES = ("train-step", "train-overhead", "decode", "tree-io", "fault")
 NOT_RUN = "_not run_ (`python -m mchar bench --out reports/bench/{name}.json {name}`)"
@@ -56,33 +57,45 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
     rows = []
     if step:
         lens, gist = step["lensnet"], step["gistnet"]
+        measured_steps = step["config"]["steps"] - step["config"]["warmup"]
         rows.append(
-            f"| `train-step`: LensNet loss construction / LensNet step (median of {step['config']['steps'] - step['config']['warmup']} steps) "
-            f"| {lens['construction_ms_median']:.2f} ms / {lens['step_ms_median']:.1f} ms = "
-            f"{100 * lens['construction_share_median']:.1f} % | ≤ {100 * lens['target_share_max']:.0f} % "
-            f"| {_yes(lens['meets_target'])} |"
+            [
+                f"`train-step`: LensNet loss construction / LensNet step (median of {measured_steps} steps)",
+                f"{lens['construction_ms_median']:.2f} ms / {lens['step_ms_median']:.1f} ms = "
+                f"{100 * lens['construction_share_median']:.1f} %",
+                f"≤ {100 * lens['target_share_max']:.0f} %",
+                _yes(lens["meets_target"]),
+            ]
         )
         rows.append(
-            f"| `train-step`: GistNet steps/s, Lightning vs plain loop (median of {step['config']['repeats']} "
-            f"alternating repeats) | {gist['lightning_steps_per_s']:.1f} vs {gist['plain_steps_per_s']:.1f} = "
-            f"{gist['ratio']:.3f}x{_spread(gist)} | ≥ {gist['target_ratio_min']}x | {_yes(gist['meets_target'])} |"
+            [
+                f"`train-step`: GistNet steps/s, Lightning vs plain loop (median of {step['config']['repeats']} "
+                "alternating repeats)",
+                f"{gist['lightning_steps_per_s']:.1f} vs {gist['plain_steps_per_s']:.1f} = "
+                f"{gist['ratio']:.3f}x{_spread(gist)}",
+                f"≥ {gist['target_ratio_min']}x",
+                _yes(gist["meets_target"]),
+            ]
         )
     if overhead:
         ratio = overhead["ratio_lightning_over_plain"]
         target = float(str(overhead["target"]).lstrip(">= "))
         rows.append(
-            f"| `train-overhead`: base-LM tokens/s, Lightning vs plain loop (median of {overhead['repeats']} "
-            f"repeats) | {overhead['lightning_tokens_per_s']:.0f} vs {overhead['plain_tokens_per_s']:.0f} = "
-            f"{ratio:.3f}x{_spread(overhead)} | ≥ {target}x | {_yes(ratio >= target)} |"
+            [
+                f"`train-overhead`: base-LM tokens/s, Lightning vs plain loop (median of {overhead['repeats']} "
+                "repeats)",
+                f"{overhead['lightning_tokens_per_s']:.0f} vs {overhead['plain_tokens_per_s']:.0f} = "
+                f"{ratio:.3f}x{_spread(overhead)}",
+                f"≥ {target}x",
+                _yes(ratio >= target),
+            ]
         )
     if not rows:
         return [*lines, NOT_RUN.format(name="train-step"), ""]
     machines = {_machine(d) for d in (step, overhead) if d}
     return [
         *lines,
-        "| benchmark | measured | target | met |",
-        "|---|---|---|---|",
-        *rows,
+        *table(["benchmark", "measured", "target", "met"], rows),
         "",
         f"Measured on: {'; '.join(sorted(machines))}.",
         "",
@@ -99,20 +112,26 @@ def _decode(data: dict[str, Any] | None) -> list[str]:
         f"{c['depth']}, LensNet refocus every block, {c['threads']} thread(s); median ms per generated token, both "
         f"sides interleaved in rounds. Measured on: {_machine(data)}.",
         "",
-        "| history (tokens) | MegaContext ms/token | full context ms/token | MegaContext KV cache (MB) "
-        "| full KV cache (MB) |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for row in data["rows"]:
         mc, full = row["mc"], row.get("full")  # no full side with --no-full
-        cells = [
-            f"{row['history']:,}",
-            f"{mc['median_ms']:.2f}",
-            f"{full['median_ms']:.2f}" if full else "—",
-            f"{mc['kv_cache_mb']:.1f}",
-            f"{full['kv_cache_mb']:.1f}" if full else "—",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(
+            [
+                f"{row['history']:,}",
+                f"{mc['median_ms']:.2f}",
+                f"{full['median_ms']:.2f}" if full else "—",
+                f"{mc['kv_cache_mb']:.1f}",
+                f"{full['kv_cache_mb']:.1f}" if full else "—",
+            ]
+        )
+    header = [
+        "history (tokens)",
+        "MegaContext ms/token",
+        "full context ms/token",
+        "MegaContext KV cache (MB)",
+    ]
+    lines += table([*header, "full KV cache (MB)"], rows)
     lo, hi = data["latency_ratio_mults"]
     lines += [
         "",
