@@ -186,3 +186,17 @@ def test_refocus_and_advance_never_exceed_budget(
         alloc.advance(wc, wc.num_tokens + int(torch.randint(0, 40, (1,), generator=g)))
         wc.validate(tree)
         assert wc.cost <= budget
+
+
+def test_fill_budget_ignores_the_sign_of_scores() -> None:
+    # Scores that only rank (all negative here): thresholds would collapse everything; filling keeps the budget used.
+    entries = [Entry(1, 0), Entry(1, 1), Entry(0, 2), Entry(0, 3)]
+    scores = torch.tensor([-0.9, -0.3, -0.5, -0.1])
+    thresholded = WorkingContext(4, 1, 16, 16, entries=entries)
+    FocusAllocator(tau_expand=0.1, tau_collapse=0.1, max_edits=8, cooldown=0).refocus(thresholded, scores)
+    assert thresholded.cost < 10  # both raw blocks collapsed, nothing expanded
+    filled = WorkingContext(4, 1, 16, 16, entries=entries)
+    alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1, max_edits=8, cooldown=0, fill_budget=True)
+    edits = alloc.refocus(filled, scores)
+    assert [e.kind for e in edits] == ["expand"] and filled.cost == 13  # the best gist takes the free slots
+    assert Entry(0, 2) in filled.entries and Entry(0, 3) in filled.entries  # no block left a slot empty

@@ -16,7 +16,6 @@ grows). Plus the overhead share of GistNet + LensNet + allocator vs the base for
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import statistics
 import time
@@ -132,8 +131,9 @@ class _McSide:
         # filling: the harness's budget-filling mode (never collapse to leave slots empty), so every history length
         # decodes over a budget-sized WC; without it an untrained LensNet's negative scores shrink the 1x WC
         alloc = FocusAllocator(
-            tau_expand=-math.inf if args.fill_budget else 0.0,
-            tau_collapse=math.inf if args.fill_budget else 0.0,
+            tau_expand=0.0,
+            tau_collapse=0.0,
+            fill_budget=args.fill_budget,
             max_edits=args.max_edits,
             cooldown=2,
             protect_tokens=args.block_size,

@@ -18,11 +18,15 @@ Scores are signed: positive = worth expanding, negative = safe to collapse. Why 
   after an expand) for ``cooldown`` refocuses; upstream's focus oscillated without this.
 * **Protected tail**: blocks overlapping the last ``protect_tokens`` tokens are never collapsed voluntarily
   (only :meth:`FocusAllocator.fit_to_budget` may, as a last resort, because the budget wins).
+* **Filling the budget** (``fill_budget=True``): for scores that only rank (a LensNet's, ``recency``'s), their sign
+  means nothing, so the thresholds are lifted: every free slot goes to the best gist, and blocks are collapsed only
+  to pay for a better-scored expand, never to leave the budget empty.
 * Entries created during a refocus carry no score, so they are not touched again in the same refocus.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -138,6 +142,7 @@ class FocusAllocator:
         temperature: float = 1.0,
         seed: int = 0,
         group_score: Literal["mean", "max", "parent"] = "parent",
+        fill_budget: bool = False,
     ) -> None:
         if max_edits < 0 or cooldown < 0 or protect_tokens < 0 or top_k < 1 or temperature <= 0:
             raise ValueError(
@@ -146,8 +151,10 @@ class FocusAllocator:
         if group_score not in GROUP_SCORES:
             raise ValueError(f"allocator: group_score must be one of {GROUP_SCORES}, got {group_score!r}")
         self.group_score = group_score
-        self.tau_expand = float(tau_expand)
-        self.tau_collapse = float(tau_collapse)
+        self.fill_budget = bool(fill_budget)
+        # filling lifts both thresholds: any scored gist may take a free slot, no block leaves one empty
+        self.tau_expand = -math.inf if self.fill_budget else float(tau_expand)
+        self.tau_collapse = math.inf if self.fill_budget else float(tau_collapse)
         self.max_edits = int(max_edits)
         self.cooldown = int(cooldown)
         self.protect_tokens = int(protect_tokens)

@@ -11,7 +11,6 @@ than silently scoring with random weights.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,16 +155,15 @@ class EvalComponents:
         )
 
     def make_allocator(self, relative_scores: bool = False) -> Any:
-        """The session allocator. For a policy whose scores are only relative (``Policy.relative_scores``) and
-        ``fill_budget`` on, the absolute thresholds are lifted: every free slot goes to the best gist, and blocks
-        are collapsed only to pay for a better-scored expand, never to leave the budget empty."""
+        """The session allocator; a policy whose scores are only relative (``Policy.relative_scores``) fills the
+        budget when ``fill_budget`` is on (``FocusAllocator(fill_budget=True)``)."""
         from mchar.core.allocator import FocusAllocator
 
         s = self.settings
-        fill = s.fill_budget and relative_scores
         return FocusAllocator(
-            tau_expand=-math.inf if fill else s.tau_expand,
-            tau_collapse=math.inf if fill else s.tau_collapse,
+            tau_expand=s.tau_expand,
+            tau_collapse=s.tau_collapse,
+            fill_budget=s.fill_budget and relative_scores,
             group_score=s.group_score,
             max_edits=s.max_edits,
             cooldown=s.cooldown,

@@ -18,7 +18,6 @@ gists_only scores at the same budget.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -350,8 +349,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         wcs = [initial_context(shape, self.budget, expand_recent=recent) for _ in range(n)]
         allocs = [
             FocusAllocator(
-                tau_expand=-math.inf,
-                tau_collapse=math.inf,
+                fill_budget=True,
                 max_edits=(hp.alloc_edits or 1 << 20) if recent else 1 << 20,
                 cooldown=2,
                 protect_tokens=hp.protect_tokens if recent else 0,
