@@ -11,6 +11,8 @@ from mchar.cli import main
 from mchar.compare import build_comparison
 from mchar.errors import MCharError
 
+from .mlflow_runs import log_stage_run
+
 # per experiment: budget, base perplexity, ΔNLL (recency, lensnet), LOD1 gist vs drop, Spearman, passkey@1024
 EXPERIMENTS = {
     "ref": {
@@ -35,22 +37,17 @@ EXPERIMENTS = {
 def _run(
     client: Any, exp: str, parent: str, name: str, stage: str, budget: int, metrics: dict[str, float]
 ) -> str:
-    rid = client.create_run(
+    return log_stage_run(
+        client,
         exp,
-        run_name=f"{name}/{stage}",
-        tags={
-            "mlflow.parentRunId": parent,
-            "mchar.stage": stage,
-            "mchar.role": "stage",
-            "argv": f"python -m mchar fit +experiment=quickstart name={name}",
-        },
-    ).info.run_id
-    for k, v in {"name": name, "allocator.budget": budget, "tree.depth": 2, "tree.block_size": 16}.items():
-        client.log_param(rid, k, str(v))
-    for k, v in metrics.items():
-        client.log_metric(rid, k, v)
-    client.set_terminated(rid)
-    return rid
+        parent,
+        name=name,
+        stage=stage,
+        argv=f"python -m mchar fit +experiment=quickstart name={name}",
+        params={"allocator.budget": budget, "tree.depth": 2, "tree.block_size": 16},
+        metrics=metrics,
+        finished=True,
+    )
 
 
 def populate(uri: str, tmp: Path) -> dict[str, str]:

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from .mlflow_runs import log_stage_run
+
 POLICIES = ("recency", "lensnet")
 BUDGETS = (64, 128, 256)
 TASKS = ("passkey", "kv_retrieval")
@@ -20,24 +22,15 @@ def dnll(policy: str, budget: int) -> float:
 
 
 def _stage_run(client: Any, exp: str, parent: str, stage: str, params: dict[str, Any]) -> str:
-    run = client.create_run(
+    return log_stage_run(
+        client,
         exp,
-        run_name=f"quickstart/{stage}",
-        tags={
-            "mlflow.parentRunId": parent,
-            "mchar.stage": stage,
-            "mchar.role": "stage",
-            "argv": f"python -m mchar fit +experiment=quickstart allocator.budget={params['b']}",
-        },
+        parent,
+        name="quickstart",
+        stage=stage,
+        argv=f"python -m mchar fit +experiment=quickstart allocator.budget={params['b']}",
+        params={"allocator.budget": params["b"], "tree.depth": 2, "tree.block_size": 32},
     )
-    for k, v in {
-        "name": "quickstart",
-        "allocator.budget": params["b"],
-        "tree.depth": 2,
-        "tree.block_size": 32,
-    }.items():
-        client.log_param(run.info.run_id, k, str(v))
-    return run.info.run_id
 
 
 def populate(uri: str, tmp: Path) -> dict[str, Any]:
