@@ -534,3 +534,52 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("eval.task_output", e.task_output, ("generate", "loglikelihood"))
     _choice("eval.ci", e.ci, ("t", "bootstrap"))
     _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)
+    _check_training_numbers(cfg)
+
+
+def _at_least(key: str, value: int | float, low: int | float) -> None:
+    if isinstance(value, bool) or value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+
+
+def _check_training_numbers(cfg: RootConfig) -> None:
+    """Seeds, learning rates, step counts and net sizes: a negative ``max_steps`` means "no limit" to Lightning and a
+    negative seed fails deep inside numpy, so both stop here in one line instead."""
+    for key, seed in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed)):
+        if isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ConfigError(f"{key}: must be in [0, 2**32), got {seed!r}")
+    g, ln, e, b = cfg.gistnet, cfg.lensnet, cfg.e2e, cfg.base_lm
+    for key, lr in (("base_lm.lr", b.lr), ("gistnet.lr", g.lr), ("lensnet.lr", ln.lr), ("e2e.lr", e.lr)):
+        _positive(key, lr)
+    for key, value in (
+        ("base_lm.max_steps", b.max_steps),
+        ("gistnet.max_steps", g.max_steps),
+        ("lensnet.max_steps", ln.max_steps),
+        ("e2e.max_steps", e.max_steps),
+        ("base_lm.warmup_steps", b.warmup_steps),
+        ("gistnet.warmup_steps", g.warmup_steps),
+        ("lensnet.warmup_steps", ln.warmup_steps),
+        ("base_lm.weight_decay", b.weight_decay),
+        ("gistnet.weight_decay", g.weight_decay),
+        ("lensnet.weight_decay", ln.weight_decay),
+        ("lensnet.random_edits", ln.random_edits),
+        ("lensnet.tail_tokens", ln.tail_tokens),
+    ):
+        _at_least(key, value, 0)
+    for key, value in (
+        ("gistnet.layers", g.layers),
+        ("gistnet.heads", g.heads),
+        ("gistnet.width", g.width),
+        ("gistnet.horizon", g.horizon),
+        ("gistnet.val_windows", g.val_windows),
+        ("lensnet.layers", ln.layers),
+        ("lensnet.heads", ln.heads),
+        ("lensnet.width", ln.width),
+        ("lensnet.horizon", ln.horizon),
+        ("lensnet.alloc_rounds", ln.alloc_rounds),
+        ("lensnet.val_windows", ln.val_windows),
+        ("e2e.lora_rank", e.lora_rank),
+    ):
+        _at_least(key, value, 1)
+    _at_least("lensnet.candidates", ln.candidates, 2)  # a ranking needs two entries
+    _positive("e2e.lora_alpha", e.lora_alpha)

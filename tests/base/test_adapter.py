@@ -72,7 +72,11 @@ def test_gpt2_positions_beyond_table_are_refused(tmp_path: Path) -> None:
 def test_missing_directory_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(BaseModelError) as info:
         FrozenBaseLM.from_pretrained(tmp_path / "nothing-here")
-    assert "model.name_or_path" in str(info.value) and "\n" not in str(info.value)
+    assert "model.name_or_path: no directory" in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "empty").mkdir()  # a directory without a model: the loader's own first line
+    with pytest.raises(BaseModelError, match="model.name_or_path: cannot load") as info:
+        FrozenBaseLM.from_pretrained(tmp_path / "empty")
+    assert "\n" not in str(info.value)
 
 
 def test_remote_code_stays_off_by_default() -> None:

@@ -84,6 +84,12 @@ class FrozenBaseLM(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(name_or_path)
+        local = Path(path).expanduser()
+        if (local.is_absolute() or path.startswith((".", "~"))) and not local.is_dir():
+            # a path-shaped name would otherwise reach the hub client, whose complaint is about repo-id syntax
+            raise BaseModelError(
+                f"model.name_or_path: no directory {path!r} (a local model is a from_pretrained directory)"
+            )
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
