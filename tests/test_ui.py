@@ -113,3 +113,52 @@ def test_ui_shows_sweep_runs_and_params(tmp_path: Path, monkeypatch: pytest.Monk
     assert proc.poll() is not None
     with pytest.raises(OSError):  # nothing listens any more
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_bad_port_or_store_is_one_line_and_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    import mchar.ui
+    from mchar.errors import MCharError
+
+    def no_server(*_a: object, **_k: object) -> None:
+        raise AssertionError("the server must not start")
+
+    monkeypatch.setattr(mchar.ui, "start_ui", no_server)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a real, empty store
+    with pytest.raises(MCharError, match=r"ui: --port must be in \[1, 65535\], got 70000"):
+        mchar.ui.serve_ui(port=70000, tracking_uri=store)
+    with pytest.raises(MCharError, match="ui: no tracking store at sqlite:///.*typo.db"):
+        mchar.ui.serve_ui(port=free_port(), tracking_uri=f"sqlite:///{tmp_path / 'typo.db'}")
+    assert not (tmp_path / "typo.db").exists()  # MLflow would have created an empty store there
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(MCharError, match=f"ui: cannot listen on 127.0.0.1:{port}: .*pass another --port"):
+            mchar.ui.serve_ui(port=port, tracking_uri=store)
+
+
+def test_mchar_ui_serves_a_store_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from mchar.ui import wait_ready
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).create_experiment("mchar")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mchar", "ui", "--port", str(port), "--tracking-uri", store]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"mchar ui: http://127.0.0.1:{port}" in out

@@ -542,16 +542,21 @@ def write_report(out_dir: Path, name: str, lines: list[str], sources: dict[str, 
     return path
 
 
+def require_store(uri: str, command: str) -> None:
+    """A SQLite store that is not there stops in one line: MLflow would create an empty one at a mistyped path."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise MCharError(
+            f"{command}: no tracking store at {uri} (run `python -m mchar fit` first, or --tracking-uri)"
+        )
+
+
 def open_store(name: str, experiment: str, tracking_uri: str | None) -> tuple[Any, str, str]:
     """``(client, experiment id, uri)`` of the store a report reads; an absent store or experiment is one line."""
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(name)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
-        raise MCharError(
-            f"report: no tracking store at {uri} (run `python -m mchar fit` first, or --tracking-uri)"
-        )
+    require_store(uri, "report")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,12 +84,31 @@ def stop_ui(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
     return proc.returncode
 
 
+def check_listen(host: str, port: int) -> None:
+    """A bad or busy port stops in one line before the server starts (its own error is a gunicorn traceback)."""
+    if not 1 <= port <= 65535:
+        raise MCharError(f"ui: --port must be in [1, 65535], got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise MCharError(
+                f"ui: cannot listen on {host}:{port}: {err.strerror or err} (pass another --port)"
+            ) from None
+
+
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
     """Serve until interrupted; returns the server's exit code (0 after a forwarded SIGTERM/SIGINT)."""
     if tracking_uri is None:
         from mchar.report import default_tracking_uri
 
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("default")
+    check_listen(host, port)
+    from mchar.report import require_store
+
+    require_store(tracking_uri, "ui")
     proc = start_ui(host, port, tracking_uri)
     stopping = False
 

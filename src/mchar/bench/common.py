@@ -14,6 +14,23 @@ import torch
 from mchar.host import host_info
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integer options: a size of 0 or a negative count stops in argparse's one line
+    instead of a traceback from deep inside the benchmark."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def environment() -> dict:
     """What the numbers were measured on (printed inside every benchmark's JSON): the host as MLflow runs tag it."""
     host = host_info()

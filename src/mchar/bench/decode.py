@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import make_gistnet
 from mchar.core.lensnet import LensNet
@@ -234,25 +234,28 @@ class _FullSide:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="mchar bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--hidden", type=at_least(1), default=256)
+    p.add_argument("--layers", type=at_least(1), default=4)
+    p.add_argument("--heads", type=at_least(1), default=4)
+    p.add_argument("--vocab", type=at_least(1), default=8192)
+    p.add_argument("--budget", type=at_least(1), default=512)
+    p.add_argument("--block-size", type=at_least(2), default=32)
+    p.add_argument("--depth", type=at_least(1), default=3)
     p.add_argument("--mults", default="1,4,16,64", help="history lengths as multiples of the budget")
     p.add_argument(
-        "--new-tokens", type=int, default=64, help="timed decode tokens per length (2 refocus periods)"
+        "--new-tokens",
+        type=at_least(1),
+        default=64,
+        help="timed decode tokens per length (2 refocus periods)",
     )
     p.add_argument(
         "--full-tokens",
-        type=int,
+        type=at_least(1),
         default=16,
         help="timed decode tokens per length for the full-context side (uniform cost, so fewer suffice)",
     )
-    p.add_argument("--round", type=int, default=8, help="tokens per length per interleaved round")
-    p.add_argument("--max-edits", type=int, default=4)
+    p.add_argument("--round", type=at_least(1), default=8, help="tokens per length per interleaved round")
+    p.add_argument("--max-edits", type=at_least(0), default=4)
     p.add_argument(
         "--fill-budget",
         action=argparse.BooleanOptionalAction,
@@ -260,21 +263,28 @@ def main(argv: list[str] | None = None) -> dict:
         help="budget-filling allocator (the evaluation's mode for relative scores): a budget-sized WC at every length",
     )
     p.add_argument("--gistnet", default="transformer", choices=["transformer", "mean"])
-    p.add_argument("--gist-width", type=int, default=64)
-    p.add_argument("--lens-width", type=int, default=64)
-    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--gist-width", type=at_least(1), default=64)
+    p.add_argument("--lens-width", type=at_least(1), default=64)
+    p.add_argument("--prefill-chunk", type=at_least(1), default=1024)
     p.add_argument("--no-full", action="store_true", help="skip the full-context side")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=1,
         help="torch CPU threads while timing (1 avoids OpenMP spin-wait stalls on a shared CPU; 0 = leave as is)",
     )
     args = p.parse_args(argv)
+    try:
+        mults = [int(m) for m in args.mults.split(",")]
+    except ValueError:
+        p.error(f"--mults: need comma-separated integers, got {args.mults!r}")
+    if min(mults) < 1:
+        p.error(f"--mults: every multiple must be >= 1, got {args.mults!r}")
+    if args.budget < args.block_size:
+        p.error(f"--budget {args.budget} is smaller than one block (--block-size {args.block_size})")
     setup_threads = torch.get_num_threads()
     device = torch.device(args.device)
-    mults = [int(m) for m in args.mults.split(",")]
     max_pos = max(mults) * args.budget + args.new_tokens + 2 * args.block_size + 64
     model = tiny_causal_lm(
         "llama",

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.core.tree import MegaContextTree
 
 VOCAB = 50_000
@@ -254,19 +254,19 @@ def run_kills(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="mchar.bench.fault", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="mchar bench fault", description=__doc__.splitlines()[0])
     ap.add_argument("--child", metavar="DIR", help="internal: run the writer loop on DIR")
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dim", type=int, default=16)
-    ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--kills", type=at_least(1), default=20)
+    ap.add_argument("--seed", type=at_least(0), default=0)
+    ap.add_argument("--dim", type=at_least(1), default=16)
+    ap.add_argument("--block-size", type=at_least(2), default=4)
+    ap.add_argument("--depth", type=at_least(1), default=3)
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--chunk-max", type=int, default=64)
+    ap.add_argument("--chunk-max", type=at_least(1), default=64)
     ap.add_argument(
         "--max-delay", type=float, default=0.3, help="kill within this many seconds of child ready"
     )
-    ap.add_argument("--max-tokens", type=int, default=10_000_000)
+    ap.add_argument("--max-tokens", type=at_least(1), default=10_000_000)
     ap.add_argument("--dir", default=None, help="tree directory (default: a fresh temp dir, removed after)")
     args = ap.parse_args(argv)
     if args.child:

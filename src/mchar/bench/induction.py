@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.data.copy_batches import repeat_batch
 
 
@@ -111,26 +111,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--fresh", action="store_true", help="train a freshly initialised model with the base's config"
     )
-    p.add_argument("--layers", type=int, default=0, help="with --fresh: override the number of layers")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pool", type=int, default=256, help="random tokens are drawn from ids [0, pool)")
     p.add_argument(
-        "--offset", type=int, default=0, help="control task: predict ids[t + 1 - offset] (0 = off)"
+        "--layers", type=at_least(0), default=0, help="with --fresh: override the number of layers"
     )
-    p.add_argument("--every", type=int, default=100, help="probe every N steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=at_least(1), default=1000)
+    p.add_argument("--length", type=at_least(16), default=64)
+    p.add_argument("--batch", type=at_least(1), default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=at_least(2), default=256, help="random tokens are drawn from ids [0, pool)")
+    p.add_argument(
+        "--offset", type=at_least(0), default=0, help="control task: predict ids[t + 1 - offset] (0 = off)"
+    )
+    p.add_argument("--every", type=at_least(1), default=100, help="probe every N steps")
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument(
         "--text-windows", default="", help="a cached base-LM window dataset to mix in (one batch/step)"
     )
-    p.add_argument("--text-batch", type=int, default=8)
+    p.add_argument("--text-batch", type=at_least(0), default=8)
     p.add_argument("--answer-weight", type=float, default=10.0)
     p.add_argument("--save", default="", help="write the trained model (and the base's tokenizer files) here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.length < 16 or args.batch < 1 or args.pool < 2 or args.offset < 0:
-        p.error("need --steps >= 1, --length >= 16, --batch >= 1, --pool >= 2, --offset >= 0")
     if args.offset >= args.length:
         p.error(f"--offset {args.offset} must be smaller than --length {args.length}")
     return emit("induction", args, run(args))

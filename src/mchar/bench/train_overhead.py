@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
 from mchar.lit.base_lm import BaseLMModule
 
@@ -47,15 +47,15 @@ def _lightning(model: torch.nn.Module, batches: list[torch.Tensor], lr: float) -
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="mchar bench train-overhead", description=__doc__)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=at_least(1), default=256)
+    p.add_argument("--layers", type=at_least(1), default=4)
+    p.add_argument("--vocab", type=at_least(1), default=8192)
+    p.add_argument("--batch", type=at_least(1), default=8)
+    p.add_argument("--seq", type=at_least(1), default=256)
+    p.add_argument("--steps", type=at_least(1), default=12)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--seed", type=at_least(0), default=0)
     args = p.parse_args(argv)
     from mchar.base.adapter import tiny_causal_lm
 

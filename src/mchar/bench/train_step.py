@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
@@ -43,21 +43,21 @@ def _plain(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--block-size", type=int, default=8)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--horizon", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--budget", type=int, default=64)
-    ap.add_argument("--candidates", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = argparse.ArgumentParser(prog="mchar bench train-step", description=__doc__)
+    ap.add_argument("--hidden", type=at_least(1), default=64)
+    ap.add_argument("--vocab", type=at_least(1), default=512)
+    ap.add_argument("--layers", type=at_least(1), default=2)
+    ap.add_argument("--block-size", type=at_least(2), default=8)
+    ap.add_argument("--depth", type=at_least(1), default=2)
+    ap.add_argument("--window", type=at_least(1), default=256)
+    ap.add_argument("--horizon", type=at_least(1), default=16)
+    ap.add_argument("--batch", type=at_least(1), default=4)
+    ap.add_argument("--budget", type=at_least(1), default=64)
+    ap.add_argument("--candidates", type=at_least(1), default=16)
+    ap.add_argument("--steps", type=at_least(1), default=12)
+    ap.add_argument("--warmup", type=at_least(0), default=2)
+    ap.add_argument("--repeats", type=at_least(1), default=5)
+    ap.add_argument("--threads", type=at_least(0), default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mchar.bench.common import emit
+from mchar.bench.common import at_least, emit
 from mchar.core.storage import GIST_DTYPES
 from mchar.core.tree import MegaContextTree
 
@@ -96,19 +96,23 @@ def _ingest_once(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="mchar.bench.tree_io", description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1_000_000, help="tokens for the pure-I/O run and overhead")
-    ap.add_argument("--compute-tokens", type=int, default=65_536, help="tokens for the GistNet run")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--depth", type=int, default=2)
+    ap = argparse.ArgumentParser(prog="mchar bench tree-io", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--tokens", type=at_least(1), default=1_000_000, help="tokens for the pure-I/O run and overhead"
+    )
+    ap.add_argument("--compute-tokens", type=at_least(1), default=65_536, help="tokens for the GistNet run")
+    ap.add_argument("--dim", type=at_least(1), default=256)
+    ap.add_argument("--block-size", type=at_least(2), default=32)
+    ap.add_argument("--depth", type=at_least(1), default=2)
     ap.add_argument("--dtype", default="float16", choices=sorted(GIST_DTYPES))
-    ap.add_argument("--chunk", type=int, default=65_536, help="tokens per ingest() call (one commit each)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compute-repeats", type=int, default=1)
-    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument(
+        "--chunk", type=at_least(1), default=65_536, help="tokens per ingest() call (one commit each)"
+    )
+    ap.add_argument("--repeats", type=at_least(1), default=3)
+    ap.add_argument("--compute-repeats", type=at_least(1), default=1)
+    ap.add_argument("--vocab", type=at_least(1), default=32_000)
     ap.add_argument("--fsync-data", action="store_true", help="fsync level files on every commit")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: leave default)")
     ap.add_argument("--dir", default=None, help="where to write trees (default: a temp dir)")
     args = ap.parse_args(argv)
     if args.threads:
