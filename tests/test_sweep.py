@@ -41,7 +41,16 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
     if log:
         with open(log, "a") as f:
             f.write(
-                json.dumps({"budget": budget, "depth": depth, "policy": policy, "pid": os.getpid()}) + "\n"
+                json.dumps(
+                    {
+                        "budget": budget,
+                        "depth": depth,
+                        "policy": policy,
+                        "pid": os.getpid(),
+                        "stage_dir": str(ctx.stage_dir("eval")),
+                    }
+                )
+                + "\n"
             )
     if policy == "oracle":
         raise RuntimeError("toy stage cannot run the oracle")
@@ -78,7 +87,13 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
     return {"metrics": {"final/delta_nll": target}}
 
 
-def write_spec(tmp: Path, name: str = "toy", space: str | None = None, extra: str = "") -> Path:
+def write_spec(
+    tmp: Path,
+    name: str = "toy",
+    space: str | None = None,
+    extra: str = "",
+    derived: str = '"eval.policies=[{allocator.policy}]"',
+) -> Path:
     space = (
         space
         or """
@@ -102,7 +117,7 @@ def write_spec(tmp: Path, name: str = "toy", space: str | None = None, extra: st
       - artifacts_dir={tmp}/artifacts
       - logger.tracking_uri=sqlite:///{tmp}/mlflow.db
       - trainer.enable_progress_bar=false
-    derived_overrides: ["eval.policies=[{{allocator.policy}}]"]
+    derived_overrides: [{derived}]
     search_space:
     """
     path = tmp / f"{name}.yaml"
@@ -154,6 +169,11 @@ def test_grid_sweep_prunes_fails_nests_and_resumes(toy: Path) -> None:
         else:
             assert t.state == TrialState.COMPLETE and t.value == pytest.approx(value)
     assert study.best_params == {"allocator.budget": 64, "allocator.policy": "recency"}
+    # trials under one name never share a stage folder (results, checkpoints): one each, under the study's
+    folders = [Path(r["stage_dir"]) for r in toy_log(toy)]
+    assert len(set(folders)) == 6
+    assert {f.relative_to(toy / "runs" / "smoke").parts[:2] for f in folders} == {("sweeps", "toy")}
+    assert sorted(f.parent.name for f in folders) == [f"trial-{i}" for i in range(6)]
     for budget in (64, 128, 256):  # the stage raised: FAIL with the one-line reason, the sweep went on
         t = by_params[(budget, "oracle")]
         assert t.state == TrialState.FAIL
@@ -200,10 +220,19 @@ def test_bad_specs_fail_before_any_trial(toy: Path, capsys: pytest.CaptureFixtur
     bad_field = write_spec(toy, "badfield", "tree.depth: {type: int, lo: 1, high: 3}")
     with pytest.raises(MCharError, match="unknown field"):
         run_sweep(bad_field)
-    with pytest.raises(MCharError, match=r"toy.yaml: lensnet.gistnet_dir: no exported GistNet"):
+    own_names = write_spec(toy, "own", derived='"eval.policies=[{allocator.policy}]", "name=own_t{trial}"')
+    with pytest.raises(MCharError, match=r"own.yaml: lensnet.gistnet_dir: no exported GistNet"):
         run_sweep(  # an input every trial shares: checked once, before trial 0
-            write_spec(toy), extra_overrides=["stages=[lensnet,eval]", f"lensnet.gistnet_dir={toy}/none"]
+            own_names, extra_overrides=["stages=[lensnet,eval]", f"lensnet.gistnet_dir={toy}/none"]
         )
+    # trials that export under one name would overwrite the exports of the experiment they start from
+    with pytest.raises(
+        MCharError, match=r"toy.yaml: trials train gistnet under one name.*name=toy_t\{trial\}"
+    ):
+        run_sweep(write_spec(toy), extra_overrides=["stages=[gistnet,eval]"])
+    base_space = "base_lm.lr: {type: float, values: [0.001, 0.003]}"
+    with pytest.raises(MCharError, match=r"base with different base_lm.lr under one model.name"):
+        run_sweep(write_spec(toy, "bases", base_space), extra_overrides=["stages=[base_lm,eval]"])
     assert not (toy / "optuna.db").exists() and toy_log(toy) == []  # nothing ran, no storage touched
 
     assert main(["sweep", str(bad_policy)]) == 2

@@ -32,9 +32,12 @@ class RunContext:
     artifacts_dir: Path
     results: dict[str, Any] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)  # extra Lightning callbacks (e.g. Optuna pruning)
+    # sub-folder of <run_dir>/<name> holding the stage folders: "" for a fit, "sweeps/<study>/trial-<n>" for a sweep
+    # trial, so trials under one name (concurrent workers included) never write each other's checkpoints or results
+    scope: str = ""
 
     def stage_dir(self, stage: str) -> Path:
-        path = self.run_dir / self.cfg.name / stage
+        path = self.run_dir / self.cfg.name / self.scope / stage
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -57,7 +60,11 @@ def preflight(cfg: RootConfig) -> None:
 
 
 def run_pipeline(
-    cfg: RootConfig, command: str = "fit", callbacks: list[Any] | None = None, tracker: Tracker | None = None
+    cfg: RootConfig,
+    command: str = "fit",
+    callbacks: list[Any] | None = None,
+    tracker: Tracker | None = None,
+    scope: str = "",
 ) -> RunContext:
     """Seed, open the parent run, run each stage in its nested run; returns the context with results."""
     import lightning as L
@@ -71,6 +78,7 @@ def run_pipeline(
         run_dir=Path(cfg.run_dir).resolve(),
         artifacts_dir=Path(cfg.artifacts_dir).resolve(),
         callbacks=list(callbacks or []),
+        scope=scope,
     )
     fns = [(s, _stage_fn(s)) for s in cfg.stages]
     # mlflow.set_tracking_uri (called inside Lightning's MLFlowLogger) writes $MLFLOW_TRACKING_URI; restore it

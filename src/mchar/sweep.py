@@ -21,8 +21,15 @@ Spec (YAML)::
       gistnet.lr: {type: float, low: 1e-4, high: 3e-3, log: true}
       gistnet.pooling: {type: categorical, choices: [mean, query]}
     base_overrides: [+experiment=quickstart, "stages=[eval]"]
-    derived_overrides: ["eval.policies=[{allocator.policy}]"]    # filled from the trial's config
+    derived_overrides: ["eval.policies=[{allocator.policy}]"]    # filled from the trial's config ({trial}: its number)
     enqueue: [{gistnet.lr: 1e-3, gistnet.pooling: mean}]       # run first, once, never pruned (e.g. the defaults)
+
+Trials never share files: each writes its stage folders under ``<run_dir>/<name>/sweeps/<study>/trial-<n>``. A
+trial that trains GistNet, LensNet or e2e publishes ``artifacts/<stage>/<name>``, so such a spec must give every
+trial its own ``name`` (a placeholder in a derived ``name=...``, e.g. ``name=gh_t{trial}``); with one fixed name
+each trial would overwrite the exports of the experiment it starts from. The same holds for ``model.name`` when
+the trials train the base with swept ``base_lm.*`` / ``model.*`` / ``data.*`` values (a later trial would reuse
+the first one's base).
 
 Resuming: the same command continues the study (``load_if_exists``). A trial left RUNNING by a dead local
 worker (host + pid + process start time in its user attrs) is marked FAIL and its parameters are re-queued
@@ -304,11 +311,12 @@ def fill(template: str, values: dict[str, str], what: str) -> str:
 
 
 def trial_overrides(
-    spec: SweepSpec, params: dict[str, Any], extra: list[str], base_flat: dict[str, str]
+    spec: SweepSpec, params: dict[str, Any], extra: list[str], base_flat: dict[str, str], number: int = 0
 ) -> list[str]:
-    """Overrides of one trial: base, CLI extras, the sampled values, then derived ones (filled from them)."""
+    """Overrides of one trial: base, CLI extras, the sampled values, then derived ones (filled from them and
+    ``{trial}``, the trial's number)."""
     sampled = [override(k, v) for k, v in params.items()]
-    known = {**base_flat, **{k: str(v) for k, v in params.items()}}
+    known = {**base_flat, **{k: str(v) for k, v in params.items()}, "trial": str(number)}
     derived = [fill(o, known, "derived_overrides") for o in spec.derived_overrides]
     return [*spec.base_overrides, *extra, *sampled, *derived]
 
@@ -347,9 +355,10 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
     for template in spec.derived_overrides:
         fill(
             template,
-            {**flat, **{k: "x" for k in spec.search_space}},
+            {**flat, **{k: "x" for k in spec.search_space}, "trial": "0"},
             f"sweep: {spec.path}: derived_overrides",
         )
+    check_own_exports(spec, list(base.stages))
     stage = spec.metric_stage or _default_stage(list(base.stages))
     if stage not in STAGES or stage not in base.stages:
         raise SweepError(
@@ -357,6 +366,36 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
         )
     fill(spec.metric, {**flat, **{k: "x" for k in spec.search_space}}, f"sweep: {spec.path}: metric")
     return base
+
+
+EXPORTING_STAGES = ("gistnet", "lensnet", "e2e")  # publish artifacts/<stage>/<name>
+BASE_KEYS = ("base_lm.", "model.", "data.")  # what a trained base depends on
+
+
+def _varies(spec: SweepSpec, key: str) -> bool:
+    """Whether ``key`` differs between trials: swept, or derived from a placeholder."""
+    return key in spec.search_space or any(
+        o.split("=", 1)[0].lstrip("+") == key and PLACEHOLDER.search(o) for o in spec.derived_overrides
+    )
+
+
+def check_own_exports(spec: SweepSpec, stages: list[str]) -> None:
+    """Trials that publish exports need a name each: under one name every trial overwrites the exports of the
+    experiment it starts from (``artifacts/gistnet/quickstart``), and the last trial's stay."""
+    exporting = [s for s in stages if s in EXPORTING_STAGES]
+    if exporting and not _varies(spec, "name"):
+        raise SweepError(
+            f"sweep: {spec.path}: trials train {', '.join(exporting)} under one name, so each would overwrite "
+            f"artifacts/{exporting[0]}/<name>; give each its own, e.g. derived_overrides: "
+            f"[name={spec.study_name}_t{{trial}}]"
+        )
+    base_keys = [k for k in spec.search_space if k.startswith(BASE_KEYS) and k != "model.name"]
+    if "base_lm" in stages and base_keys and not _varies(spec, "model.name"):
+        raise SweepError(
+            f"sweep: {spec.path}: trials train the base with different {', '.join(base_keys)} under one "
+            f"model.name, so every trial after the first would reuse the first one's base; derive model.name too, "
+            f"e.g. model.name={spec.study_name}_lm_t{{trial}}"
+        )
 
 
 def check_inputs(spec: SweepSpec, base: Any) -> None:
@@ -694,7 +733,7 @@ class Objective:
         )
         print(f"{label}: {params}", file=sys.stderr, flush=True)
         try:
-            cfg = compose_config(trial_overrides(self.spec, params, self.extra, self.base_flat))
+            cfg = compose_config(trial_overrides(self.spec, params, self.extra, self.base_flat, trial.number))
         except MCharError as err:
             return self._fail(trial, str(err), label)
         cfg.logger.run_name = f"{self.spec.study_name}/trial-{trial.number}"
@@ -710,7 +749,8 @@ class Objective:
         callbacks = [pruning_callback(trial, self.spec.monitor)] if self.spec.monitor and not enqueued else []
         t0 = time.perf_counter()
         try:
-            ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker)
+            scope = f"sweeps/{self.spec.study_name}/trial-{trial.number}"
+            ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker, scope=scope)
             metric = fill(self.spec.metric, flatten(cfg), "metric")
             value = extract_metric(ctx, tracker, self.stage, metric)
         except optuna.TrialPruned:
