@@ -126,3 +126,43 @@ def test_residual_mean_starts_at_the_mean_summary_and_learns_a_correction(tmp_pa
     net.save_pretrained(tmp_path / "g")
     back = from_pretrained(tmp_path / "g")
     assert back.residual_mean and torch.allclose(back(x, 1), net(x, 1))
+
+
+def test_a_broken_export_is_one_line_naming_the_file(tmp_path) -> None:
+    from mchar.core.lensnet import LensNet
+
+    good = tmp_path / "g"
+    make_gistnet("transformer", d_model=32, block_size=8, n_layers=1, n_heads=4).save_pretrained(good)
+    weights = (good / "model.safetensors").read_bytes()
+    config = (good / "config.json").read_text()
+    cases = {
+        "truncated weights": (
+            "model.safetensors",
+            weights[: len(weights) // 2],
+            r"model.safetensors: unreadable",
+        ),
+        "no weights": ("model.safetensors", None, r"model.safetensors: unreadable"),
+        "bad json": ("config.json", "{bad", r"config.json: unreadable"),
+        "not an object": ("config.json", "[1, 2]", r"config.json: expected a JSON object"),
+        "another net's config": (
+            "config.json",
+            config.replace('"d_model": 32', '"d_model": 48'),
+            "does not load",
+        ),
+    }
+    for what, (name, content, pattern) in cases.items():
+        broken = tmp_path / what.replace(" ", "_")
+        broken.mkdir()
+        (broken / "config.json").write_text(config)
+        (broken / "model.safetensors").write_bytes(weights)
+        if content is None:
+            (broken / name).unlink()
+        elif isinstance(content, bytes):
+            (broken / name).write_bytes(content)
+        else:
+            (broken / name).write_text(content)
+        with pytest.raises(ValueError, match=pattern) as info:
+            from_pretrained(broken)
+        assert "\n" not in str(info.value), what
+    with pytest.raises(ValueError, match="does not load"):
+        LensNet.from_pretrained(good)  # a GistNet export is not a LensNet

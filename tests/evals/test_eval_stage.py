@@ -118,6 +118,15 @@ def test_bad_requests_fail_with_one_line_before_loading(tmp_path: Path) -> None:
     with pytest.raises(MCharError, match="no passkey task YAML for length") as err:
         preflight(cfg)
     assert "\n" not in str(err.value)
+    # an export whose weights are cut short stops here, before the base loads, naming the setting and the file
+    from mchar.core.gistnet import make_gistnet
+
+    export = tmp_path / "cut"
+    make_gistnet("transformer", d_model=32, block_size=8, n_layers=1, n_heads=4).save_pretrained(export)
+    (export / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(MCharError, match=r"^eval.gistnet_dir: .*cut/model.safetensors: unreadable") as err:
+        preflight(_cfg(tmp_path, base, f"eval.gistnet_dir={export}"))
+    assert "\n" not in str(err.value)
 
 
 def test_history_tokens_scores_the_same_documents_at_every_budget(stage_run, tmp_path: Path) -> None:

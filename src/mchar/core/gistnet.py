@@ -282,13 +282,46 @@ def save_module(module: nn.Module, config: dict[str, Any], directory: str | Path
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_export_config(directory: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an export, checked to be a JSON object; any problem is a one-line ``ValueError``."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_config_and_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read what :func:`save_module` wrote (safetensors only, never pickle)."""
+    """Read what :func:`save_module` wrote (safetensors only, never pickle); a missing, truncated or corrupt file
+    is a one-line ``ValueError`` naming it."""
     from safetensors.torch import load_file
 
-    src = Path(directory)
-    config = json.loads((src / CONFIG_NAME).read_text())
-    return config, load_file(str(src / WEIGHTS_NAME))
+    config = read_export_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    try:
+        return config, load_file(str(weights))
+    except Exception as err:  # safetensors raises its own SafetensorError (an Exception) for a broken file
+        raise ValueError(f"{weights}: unreadable ({_first_line(err)})") from None
+
+
+def load_module(directory: str | Path, build: Any) -> Any:
+    """``build(config)`` with the export's weights loaded: a config the net does not accept or weights of another
+    shape are one ``ValueError`` line too."""
+    config, state = load_config_and_state(directory)
+    try:
+        net = build(config)
+        net.load_state_dict(state)
+    except (TypeError, KeyError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{directory}: does not load ({_first_line(err)})") from None
+    return net
 
 
 def save_pretrained(net: GistNet | MeanPoolGistNet, directory: str | Path) -> Path:
@@ -298,7 +331,4 @@ def save_pretrained(net: GistNet | MeanPoolGistNet, directory: str | Path) -> Pa
 def from_pretrained(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> GistNet | MeanPoolGistNet:
-    config, state = load_config_and_state(directory)
-    net = from_config(config)
-    net.load_state_dict(state)
-    return net.to(map_location)
+    return load_module(directory, from_config).to(map_location)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mchar.core.gistnet import Block, _rms_normalise, load_config_and_state, save_module
+from mchar.core.gistnet import Block, _rms_normalise, load_module, save_module
 
 _FEATURE_SCALE = math.log(2.0**20)
 
@@ -119,10 +119,7 @@ class LensNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:
-        config, state = load_config_and_state(directory)
-        net = cls.from_config(config)
-        net.load_state_dict(state)
-        return net.to(map_location)
+        return load_module(directory, cls.from_config).to(map_location)
 
     def forward(
         self,

@@ -256,11 +256,23 @@ def e2e_export(result: Any, part: str) -> Path | None:
 
 def check_export(path: str | Path, net: str, key: str | None = None) -> Path:
     """``path`` as an exported ``net`` ("GistNet"/"LensNet") directory; ``key`` names the setting it came from."""
+    from safetensors import safe_open
+
+    from mchar.core.gistnet import WEIGHTS_NAME, read_export_config
+
     p = Path(path)
+    what = key or net.lower()
     if not (p / "config.json").is_file():
-        raise EvalError(
-            f"{key or net.lower()}: {str(p)!r} is not an exported {net} directory (no config.json)"
-        )
+        raise EvalError(f"{what}: {str(p)!r} is not an exported {net} directory (no config.json)")
+    try:  # the config parses and the weights' header reads: a broken export stops before any work
+        read_export_config(p)
+        with safe_open(str(p / WEIGHTS_NAME), framework="pt"):
+            pass
+    except ValueError as err:
+        raise EvalError(f"{what}: {err}") from None
+    except Exception as err:  # safetensors' own error type for a missing or corrupt file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvalError(f"{what}: {p / WEIGHTS_NAME}: unreadable ({first})") from None
     return p
 
 
@@ -272,7 +284,10 @@ def load_gistnet(
 
     if path:
         p = check_export(path, "GistNet")
-        net = from_pretrained(p, map_location=base.device)
+        try:
+            net = from_pretrained(p, map_location=base.device)
+        except ValueError as err:
+            raise EvalError(f"gistnet: {err}") from None
         if net.d_model != base.hidden_size or net.block_size != settings.block_size:
             raise EvalError(
                 f"gistnet: {p} was built for d_model={net.d_model}, block_size={net.block_size}; the base has "
@@ -296,7 +311,10 @@ def load_lensnet(
     if not path:
         return None, "none"
     p = check_export(path, "LensNet")
-    net = LensNet.from_pretrained(p, map_location=base.device)
+    try:
+        net = LensNet.from_pretrained(p, map_location=base.device)
+    except ValueError as err:
+        raise EvalError(f"lensnet: {err}") from None
     if net.d_model != base.hidden_size:
         raise EvalError(
             f"lensnet: {p} expects d_model={net.d_model}, the base has hidden_size={base.hidden_size}"

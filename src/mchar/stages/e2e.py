@@ -27,7 +27,9 @@ def _init_gistnet(cfg: Any, artifacts_dir: Path) -> Path | None:
         raise ConfigError(
             f"e2e.init_from: no GistNet export at {gist} (run experiment {init!r}'s gistnet stage)"
         )
-    return gist
+    from mchar.evals.components import check_export
+
+    return check_export(gist, "GistNet", "e2e.init_from")  # and readable
 
 
 def preflight(cfg: Any) -> None:

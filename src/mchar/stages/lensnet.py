@@ -26,6 +26,10 @@ def _explicit_gistnet_dir(cfg: Any) -> Path | None:
     path = Path(cfg.lensnet.gistnet_dir) if cfg.lensnet.gistnet_dir else None
     if path is not None and not (path / "model.safetensors").is_file():
         raise ConfigError(f"lensnet.gistnet_dir: no exported GistNet at {path} (no model.safetensors)")
+    if path is not None:
+        from mchar.evals.components import check_export
+
+        check_export(path, "GistNet", "lensnet.gistnet_dir")  # and readable
     return path
 
 
