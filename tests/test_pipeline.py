@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,11 @@ import pytest
         (
             ["eval.tasks=[passkey]", "eval.task_lengths=[777]"],
             "eval.task_lengths: no passkey task YAML for length(s) [777]",
+        ),
+        pytest.param(
+            ["trainer=ddp"],
+            "trainer.accelerator=gpu: no CUDA device on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
     ],
 )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mchar.config import RootConfig
+from mchar.config import ConfigError, RootConfig
 from mchar.tracking.mlflow_tracking import Tracker
 
 STAGE_MODULES = {
@@ -50,9 +50,29 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
     return getattr(_stage_module(stage), STAGE_MODULES[stage].partition(":")[2])
 
 
+def check_accelerator(cfg: RootConfig) -> None:
+    """``trainer=gpu`` (or ddp/fsdp) on a machine without CUDA, or more GPUs than it has: one line, not Lightning's
+    traceback after the data is built."""
+    import torch
+
+    t = cfg.trainer
+    if str(t.accelerator).lower() not in ("gpu", "cuda"):
+        return
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator}: no CUDA device on this machine (torch {torch.__version__}); "
+            "use trainer=cpu or trainer=ddp_cpu"
+        )
+    want = t.devices if isinstance(t.devices, int) and not isinstance(t.devices, bool) else None
+    if want is not None and want > have:
+        raise ConfigError(f"trainer.devices={want}: this machine has {have} CUDA device(s)")
+
+
 def preflight(cfg: RootConfig) -> None:
     """Every stage's cheap input checks (paths it is told to load, tasks, budgets), before any stage starts: a bad
     ``eval.lensnet_dir`` stops in one line, not after the base LM has trained for minutes, and opens no run."""
+    check_accelerator(cfg)
     for stage in cfg.stages:
         check = getattr(_stage_module(stage), "preflight", None)
         if check is not None:
