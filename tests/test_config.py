@@ -56,6 +56,7 @@ def test_experiment_required_files_exist() -> None:
         (["allocator.fill_budget=maybe"], "allocator.fill_budget"),
         (["base_lm.copy_batch=-1"], "base_lm.copy_batch"),
         (["seed=-1"], "seed: must be in [0, 2**32)"),
+        (["eval.device=gpu"], "eval.device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
         (["data.split_seed=4294967296"], "data.split_seed"),
         (["gistnet.lr=0"], "gistnet.lr"),
         (["e2e.lr=-1e-4"], "e2e.lr"),

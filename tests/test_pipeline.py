@@ -26,6 +26,11 @@ import torch
             "eval.task_lengths: no passkey task YAML for length(s) [777]",
         ),
         pytest.param(
+            ["eval.device=cuda:0"],
+            "eval.device=cuda:0: cuda:0 is not on this machine (0 CUDA devices)",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        pytest.param(
             ["trainer=ddp"],
             "trainer.accelerator=gpu: no CUDA device on this machine",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),

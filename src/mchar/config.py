@@ -330,6 +330,9 @@ class EvalConfig:
     focus_map_policy: str = ""  # default: lensnet if evaluated, else the first policy
     gistnet_dir: str = ""  # explicit exported GistNet (default: the gistnet stage's result)
     lensnet_dir: str = ""  # explicit exported LensNet (default: the lensnet stage's result)
+    # where the evaluation runs: auto = the trainer's accelerator (cuda with trainer=gpu/ddp/fsdp, else cpu);
+    # or cpu / cuda / cuda:N
+    device: str = "auto"
 
 
 @dataclass
@@ -535,6 +538,18 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("eval.ci", e.ci, ("t", "bootstrap"))
     _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)
     _check_training_numbers(cfg)
+    if not EVAL_DEVICE.match(str(cfg.eval.device)):
+        raise ConfigError(f"eval.device: {cfg.eval.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def eval_device(cfg: RootConfig) -> str:
+    """The torch device of the evaluation: ``eval.device``, with ``auto`` following the trainer's accelerator."""
+    if cfg.eval.device != "auto":
+        return cfg.eval.device
+    return "cuda" if str(cfg.trainer.accelerator).lower() in ("gpu", "cuda") else "cpu"
 
 
 def _at_least(key: str, value: int | float, low: int | float) -> None:

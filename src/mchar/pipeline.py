@@ -55,18 +55,26 @@ def check_accelerator(cfg: RootConfig) -> None:
     traceback after the data is built."""
     import torch
 
-    t = cfg.trainer
-    if str(t.accelerator).lower() not in ("gpu", "cuda"):
-        return
+    from mchar.config import eval_device
+
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if have == 0:
-        raise ConfigError(
-            f"trainer.accelerator={t.accelerator}: no CUDA device on this machine (torch {torch.__version__}); "
-            "use trainer=cpu or trainer=ddp_cpu"
-        )
-    want = t.devices if isinstance(t.devices, int) and not isinstance(t.devices, bool) else None
-    if want is not None and want > have:
-        raise ConfigError(f"trainer.devices={want}: this machine has {have} CUDA device(s)")
+    t = cfg.trainer
+    if str(t.accelerator).lower() in ("gpu", "cuda"):
+        if have == 0:
+            raise ConfigError(
+                f"trainer.accelerator={t.accelerator}: no CUDA device on this machine (torch {torch.__version__}); "
+                "use trainer=cpu or trainer=ddp_cpu"
+            )
+        want = t.devices if isinstance(t.devices, int) and not isinstance(t.devices, bool) else None
+        if want is not None and want > have:
+            raise ConfigError(f"trainer.devices={want}: this machine has {have} CUDA device(s)")
+    device = eval_device(cfg)
+    if "eval" in cfg.stages and device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if index >= have:
+            raise ConfigError(
+                f"eval.device={cfg.eval.device}: {device} is not on this machine ({have} CUDA devices)"
+            )
 
 
 def preflight(cfg: RootConfig) -> None:

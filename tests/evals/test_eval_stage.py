@@ -94,6 +94,7 @@ def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> 
     assert {"telemetry", "lod_histogram", "nll"} <= set(rec)
     assert res["tasks"]["recency"]["passkey"]["256"] == metrics["task/recency/passkey/256/acc"]
     assert res["components"]["gistnet_trained"] is False
+    assert res["components"]["device"] == "cpu"  # eval.device=auto follows trainer=cpu
     fmap = np.load(out["focus_map_path"])
     assert fmap.dtype == np.int8 and fmap.shape[1] == 4 * 32 + 16 and fmap.shape[0] >= 4
 

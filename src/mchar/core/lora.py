@@ -28,8 +28,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        device = base.weight.device  # beside the frozen weight (a base already on the GPU keeps its adapter there)
+        a = torch.randn(rank, base.in_features, device=device) / math.sqrt(base.in_features)
+        self.lora_a = nn.Parameter(a)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.scale = alpha / rank
         self.enabled = True
 

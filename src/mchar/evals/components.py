@@ -228,6 +228,7 @@ class EvalComponents:
             "lensnet": self.sources.get("lensnet", ""),
             "lensnet_trained": self.lensnet is not None,
             "lora": self.sources.get("lora", ""),
+            "device": str(self.base.device),
         }
 
 
@@ -378,6 +379,7 @@ def components_from_run(
     gistnet: str | Path | None = None,
     lensnet: str | Path | None = None,
     artifacts_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> EvalComponents:
     """Components for a pipeline run: nets from ``eval.gistnet_dir``/``eval.lensnet_dir``, this run's results, or
     an earlier run's exports in ``<artifacts_dir>/{e2e,gistnet,lensnet}/<name>`` (so ``mchar eval`` alone finds them).
@@ -398,5 +400,11 @@ def components_from_run(
 
     lora = e2e_gist.parent if e2e_gist and Path(g) == e2e_gist and has_lora(e2e_gist.parent) else None
     return load_components(
-        base_dir, settings_from_config(cfg), gistnet=g, lensnet=ln, dtype=cfg.model.dtype, lora=lora
+        base_dir,
+        settings_from_config(cfg),
+        gistnet=g,
+        lensnet=ln,
+        dtype=cfg.model.dtype,
+        device=device,
+        lora=lora,
     )

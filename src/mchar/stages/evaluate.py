@@ -278,6 +278,7 @@ def _task_results(
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from dataclasses import asdict
 
+    from mchar.config import eval_device
     from mchar.evals.components import components_from_run
     from mchar.evals.perplexity import metrics_from_summary
     from mchar.stages.base_lm import ensure_base_lm
@@ -285,7 +286,9 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     cfg = ctx.cfg
     stage_dir = ctx.stage_dir("eval")
     base_dir = ensure_base_lm(ctx)
-    comp = components_from_run(cfg, ctx.results, base_dir, artifacts_dir=ctx.artifacts_dir)
+    comp = components_from_run(
+        cfg, ctx.results, base_dir, artifacts_dir=ctx.artifacts_dir, device=eval_device(cfg)
+    )
     t0 = time.perf_counter()
     summary, focus, info = _perplexity(ctx, comp)
     metrics = metrics_from_summary(summary)

@@ -1,0 +1,73 @@
+"""The GPU path (``trainer=gpu``: bf16-mixed Lightning fits, the evaluation on CUDA), run wherever a GPU is.
+
+Skipped on CPU-only machines (CI); ``pytest -m gpu`` runs only these. What they check is what a CPU run cannot:
+every stage of the smoke pipeline trains and evaluates with the base, the nets and the session on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_smoke_pipeline_trains_and_evaluates_on_the_gpu(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mchar.compose import compose_config
+    from mchar.pipeline import run_pipeline
+
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "trainer=gpu",
+            f"run_dir={tmp_path / 'runs'}",
+            f"artifacts_dir={tmp_path / 'artifacts'}",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    ctx = run_pipeline(cfg)
+    for stage, key in (
+        ("base_lm", "final/val_ppl"),
+        ("gistnet", "final/dnll"),
+        ("lensnet", "final/lens_loss"),
+    ):
+        assert math.isfinite(ctx.results[stage]["metrics"][key]), (stage, ctx.results[stage]["metrics"])
+    export = Path(ctx.results["gistnet"]["artifact_dir"])
+    assert all(t.device.type == "cpu" for t in load_file(str(export / "model.safetensors")).values())
+    res = json.loads(Path(ctx.results["eval"]["results_path"]).read_text())
+    assert res["components"]["device"].startswith("cuda")
+    for policy in ("recency", "lensnet"):
+        assert math.isfinite(res["policies"][policy]["delta_nll"]), policy
+
+
+def test_a_session_scores_the_same_on_gpu_and_cpu() -> None:
+    """Random refocusing (expands and collapses at every block) over 200 tokens, then a continuation scored: the
+    GPU session's log-probs match the CPU session's."""
+    from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
+    from mchar.core.allocator import FocusAllocator
+    from mchar.core.gistnet import GistNet
+    from mchar.core.session import MegaContextSession
+    from mchar.core.tree import MegaContextTree
+    from tests.core.test_session import VOCAB, K, RandomPolicy, _ids
+
+    logprobs = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, seed=1)
+        base = FrozenBaseLM(model.to(device))
+        gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).to(device).eval()
+        tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+        alloc = FocusAllocator(tau_expand=0.2, tau_collapse=0.2, max_edits=4, cooldown=1, protect_tokens=K)
+        session = MegaContextSession(base, tree, alloc, RandomPolicy(0), 48, refocus_every=K)
+        with torch.no_grad():
+            session.ingest(_ids(200))
+            logprobs[device] = session.score(_ids(16, seed=3))[1].cpu()
+    torch.testing.assert_close(logprobs["cuda"], logprobs["cpu"], atol=1e-3, rtol=1e-3)
