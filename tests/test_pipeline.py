@@ -55,3 +55,35 @@ def test_a_late_stages_bad_input_stops_before_the_first_stage(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mchar: error: " + needle.format(tmp=tmp_path))
     assert not runs.exists() and not artifacts.exists()  # no run opened, nothing trained or cached
+
+
+def test_only_global_rank_zero_runs_the_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP every rank re-runs the pipeline; the stages without a fit (eval, report) run on rank 0 only."""
+    import mchar.pipeline
+    from mchar.compose import compose_config
+
+    calls: list[str] = []
+    monkeypatch.setitem(mchar.pipeline.STAGE_MODULES, "eval", "tests.test_pipeline:recording_stage")
+    monkeypatch.setattr(mchar.pipeline, "preflight", lambda cfg: None)
+    monkeypatch.setattr("tests.test_pipeline.CALLS", calls, raising=False)
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "stages=[eval]",
+            f"run_dir={tmp_path / 'runs'}",
+            f"artifacts_dir={tmp_path / 'a'}",
+        ]
+    )
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = mchar.pipeline.run_pipeline(cfg)
+    assert calls == [] and ctx.results["eval"] == {"skipped": "not global rank 0"}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert mchar.pipeline.run_pipeline(cfg).results["eval"] == {"ran": True} and calls == ["eval"]
+
+
+CALLS: list[str] = []
+
+
+def recording_stage(ctx: object, run_id: str | None) -> dict[str, bool]:
+    CALLS.append("eval")
+    return {"ran": True}

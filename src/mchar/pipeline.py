@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mchar.config import ConfigError, RootConfig
-from mchar.tracking.mlflow_tracking import Tracker
+from mchar.tracking.mlflow_tracking import Tracker, is_global_zero
 
 STAGE_MODULES = {
     "base_lm": "mchar.stages.base_lm:run",
@@ -20,6 +20,11 @@ STAGE_MODULES = {
     "eval": "mchar.stages.evaluate:run",
     "report": "mchar.stages.report:run",
 }
+
+
+# Stages without a Lightning fit: under DDP every rank re-runs the pipeline (the training stages need all of them),
+# but these would only repeat rank 0's work and write its files again, so only rank 0 runs them.
+RANK_ZERO_STAGES = ("eval", "report")
 
 
 @dataclass
@@ -119,6 +124,9 @@ def run_pipeline(
                 # built before its fit (GistNet, LensNet init) is then the same whether the base was trained in this
                 # process, reused from disk, or run by another command (a sweep trial, `stages=[gistnet,...]`).
                 L.seed_everything(cfg.seed, workers=True, verbose=False)
+                if stage in RANK_ZERO_STAGES and not is_global_zero():
+                    ctx.results[stage] = {"skipped": "not global rank 0"}
+                    continue
                 with tracker.stage(stage) as run_id:
                     ctx.results[stage] = fn(ctx, run_id)
             ctx.results["parent_run_id"] = parent_id
