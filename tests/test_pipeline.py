@@ -87,3 +87,43 @@ CALLS: list[str] = []
 def recording_stage(ctx: object, run_id: str | None) -> dict[str, bool]:
     CALLS.append("eval")
     return {"ran": True}
+
+
+def failing_stage(ctx: object, run_id: str | None) -> None:
+    raise CALLS_RAISE[0]
+
+
+CALLS_RAISE: list[BaseException] = []
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "tag"),
+    [
+        (RuntimeError("boom\nsecond line"), "FAILED", "RuntimeError: boom"),
+        (KeyboardInterrupt(), "KILLED", None),
+    ],
+)
+def test_a_stopped_run_says_how_it_ended(
+    error: BaseException, status: str, tag: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage that raises ends its run and the parent FAILED with the error's first line as ``mchar.error``; an
+    interrupt ends them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    import mchar.pipeline
+    from mchar.compose import compose_config
+
+    monkeypatch.setitem(mchar.pipeline.STAGE_MODULES, "eval", "tests.test_pipeline:failing_stage")
+    monkeypatch.setattr(mchar.pipeline, "preflight", lambda cfg: None)
+    monkeypatch.setattr("tests.test_pipeline.CALLS_RAISE", [error])
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config(
+        ["+experiment=smoke", "stages=[eval]", f"run_dir={tmp_path / 'runs'}", f"logger.tracking_uri={store}"]
+    )
+    with pytest.raises(type(error)):
+        mchar.pipeline.run_pipeline(cfg)
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("mchar").experiment_id])
+    assert sorted(r.info.status for r in runs) == [status, status]
+    stage = next(r for r in runs if r.data.tags.get("mchar.stage") == "eval")
+    assert stage.data.tags.get("mchar.error") == tag

@@ -141,13 +141,30 @@ class Tracker:
         self.parent_id = run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         self._describe(self.parent_id, self.cfg)
+        try:
+            with self._terminated(self.parent_id):
+                yield self.parent_id
+        finally:
+            os.environ.pop(PARENT_ENV, None)
+
+    @contextmanager
+    def _terminated(self, run_id: str) -> Iterator[None]:
+        """End ``run_id`` as FINISHED, KILLED (Ctrl-C, SIGTERM via KeyboardInterrupt/SystemExit) or FAILED, with
+        the error's first line as the ``mchar.error`` tag, so the UI says why a run stopped."""
         status = "FAILED"
         try:
-            yield self.parent_id
+            yield
             status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        except BaseException as err:
+            text = str(err).strip()
+            first = text.splitlines()[0] if text else ""
+            self._client.set_tag(run_id, "mchar.error", f"{type(err).__name__}: {first}"[:500])
+            raise
         finally:
-            self._client.set_terminated(self.parent_id, status=status)
-            os.environ.pop(PARENT_ENV, None)
+            self._client.set_terminated(run_id, status=status)
 
     @contextmanager
     def stage(self, name: str, cfg: RootConfig | None = None) -> Iterator[str | None]:
@@ -159,12 +176,8 @@ class Tracker:
         run = self._client.create_run(self.experiment_id, run_name=f"{self.cfg.name}/{name}", tags=tags)
         run_id = run.info.run_id
         self._describe(run_id, cfg or self.cfg)
-        status = "FAILED"
-        try:
+        with self._terminated(run_id):
             yield run_id
-            status = "FINISHED"
-        finally:
-            self._client.set_terminated(run_id, status=status)
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active or run_id is None:
