@@ -230,6 +230,9 @@ def test_bad_specs_fail_before_any_trial(toy: Path, capsys: pytest.CaptureFixtur
         MCharError, match=r"toy.yaml: trials train gistnet under one name.*name=toy_t\{trial\}"
     ):
         run_sweep(write_spec(toy), extra_overrides=["stages=[gistnet,eval]"])
+    fixed = write_spec(toy, "fixed", derived='"eval.policies=[{allocator.policy}]", "name=x_{tree.depth}"')
+    with pytest.raises(MCharError, match=r"fixed.yaml: trials train lensnet under one name"):
+        run_sweep(fixed, extra_overrides=["stages=[lensnet,eval]"])  # a placeholder that is not swept
     base_space = "base_lm.lr: {type: float, values: [0.001, 0.003]}"
     with pytest.raises(MCharError, match=r"base with different base_lm.lr under one model.name"):
         run_sweep(write_spec(toy, "bases", base_space), extra_overrides=["stages=[base_lm,eval]"])

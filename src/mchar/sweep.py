@@ -373,9 +373,11 @@ BASE_KEYS = ("base_lm.", "model.", "data.")  # what a trained base depends on
 
 
 def _varies(spec: SweepSpec, key: str) -> bool:
-    """Whether ``key`` differs between trials: swept, or derived from a placeholder."""
+    """Whether ``key`` differs between trials: swept, or derived from ``{trial}`` or a swept value."""
+    varying = {"trial", *spec.search_space}
     return key in spec.search_space or any(
-        o.split("=", 1)[0].lstrip("+") == key and PLACEHOLDER.search(o) for o in spec.derived_overrides
+        o.split("=", 1)[0].lstrip("+") == key and varying & set(PLACEHOLDER.findall(o))
+        for o in spec.derived_overrides
     )
 
 
