@@ -47,9 +47,13 @@ def _yes(flag: Any) -> str:
 
 
 def _spread(side: dict[str, Any]) -> str:
-    """The per-repeat Lightning/plain ratios' range, when the result has them (files from before had not)."""
-    pairs = side.get("paired_ratios")
-    return f" (per repeat {min(pairs):.2f}-{max(pairs):.2f})" if pairs else ""
+    """The per-repeat Lightning/plain ratios' range and the ratio of the two medians, when the result has them
+    (files from before had not)."""
+    pairs, of_medians = side.get("paired_ratios"), side.get("ratio_of_medians")
+    parts = [f"per repeat {min(pairs):.2f}-{max(pairs):.2f}"] if pairs else []
+    if of_medians is not None:
+        parts.append(f"ratio of medians {of_medians:.3f}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -> list[str]:
@@ -70,8 +74,8 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
         rows.append(
             [
                 f"`train-step`: GistNet steps/s, Lightning vs plain loop (median of {step['config']['repeats']} "
-                "alternating repeats)",
-                f"{gist['lightning_steps_per_s']:.1f} vs {gist['plain_steps_per_s']:.1f} = "
+                "alternating repeats' ratios)",
+                f"{gist['lightning_steps_per_s']:.1f} vs {gist['plain_steps_per_s']:.1f} steps/s: "
                 f"{gist['ratio']:.3f}x{_spread(gist)}",
                 f"≥ {gist['target_ratio_min']}x",
                 _yes(gist["meets_target"]),
@@ -83,8 +87,8 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
         rows.append(
             [
                 f"`train-overhead`: base-LM tokens/s, Lightning vs plain loop (median of {overhead['repeats']} "
-                "repeats)",
-                f"{overhead['lightning_tokens_per_s']:.0f} vs {overhead['plain_tokens_per_s']:.0f} = "
+                "alternating repeats' ratios)",
+                f"{overhead['lightning_tokens_per_s']:.0f} vs {overhead['plain_tokens_per_s']:.0f} tokens/s: "
                 f"{ratio:.3f}x{_spread(overhead)}",
                 f"≥ {target}x",
                 _yes(ratio >= target),

@@ -14,7 +14,7 @@ import time
 import torch
 
 from mchar.bench.common import at_least, emit
-from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
+from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratio, paired_ratios, steps_per_second
 from mchar.lit.base_lm import BaseLMModule
 
 
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         "lightning_tokens_per_s": statistics.median(light),
         "plain_runs": plain,
         "lightning_runs": light,
-        "ratio_lightning_over_plain": statistics.median(light) / statistics.median(plain),
+        "ratio_lightning_over_plain": paired_ratio(rates),
+        "ratio_of_medians": statistics.median(light) / statistics.median(plain),
         "paired_ratios": paired_ratios(rates),
         "target": ">= 0.95",
     }

@@ -20,7 +20,7 @@ import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.bench.common import at_least, emit
-from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratios, steps_per_second
+from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratio, paired_ratios, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
 from mchar.lit.gistnet_module import GistNetModule
@@ -122,14 +122,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.repeats,
     )
     plain, light = statistics.median(rates["plain"]), statistics.median(rates["lightning"])
+    ratio = paired_ratio(rates)
     out = {
         "lensnet": lens_out,
         "gistnet": {
             "plain_steps_per_s": plain,
             "lightning_steps_per_s": light,
-            "ratio": light / plain,
+            "ratio": ratio,
+            "ratio_of_medians": light / plain,
             "target_ratio_min": 0.95,
-            "meets_target": light / plain >= 0.95,
+            "meets_target": ratio >= 0.95,
             "rates": rates,
             "paired_ratios": paired_ratios(rates),
         },

@@ -28,7 +28,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
-        device = base.weight.device  # beside the frozen weight (a base already on the GPU keeps its adapter there)
+        device = (
+            base.weight.device
+        )  # beside the frozen weight (a base already on the GPU keeps its adapter there)
         a = torch.randn(rank, base.in_features, device=device) / math.sqrt(base.in_features)
         self.lora_a = nn.Parameter(a)
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
