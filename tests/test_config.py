@@ -31,6 +31,8 @@ def test_experiment_required_files_exist() -> None:
         (["tree.block_size=0"], "tree.block_size"),
         (["tree.block_size=1.5"], "tree.block_size"),
         (["tree.bogus=1"], "tree.bogus"),
+        (["allocater.budget=5"], "(did you mean allocator.budget"),
+        (["trainer.extra.foo=1"], "a new key needs a leading +"),
         (["allocator.policy=nope"], "allocator.policy"),
         (["eval.oracle_documents=0"], "eval.oracle_documents"),
         (["model=hf"], "model.name_or_path"),

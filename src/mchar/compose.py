@@ -42,6 +42,22 @@ def _one_line(err: BaseException) -> str:
     return first
 
 
+def _did_you_mean(overrides: list[str]) -> str:
+    """For an override whose key the schema lacks (a typo): the closest real keys."""
+    import difflib
+
+    known = flatten(RootConfig())
+    groups = {k.split(".")[0] for k in known}
+    for item in overrides:
+        key = item.lstrip("+~").partition("=")[0]
+        if key in known or key in groups or key.startswith(("experiment", "hydra")) or "." not in key:
+            continue
+        close = difflib.get_close_matches(key, list(known), n=3)
+        if close:
+            return f" (did you mean {', '.join(close)}?)"
+    return ""
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> RootConfig:
     """Hydra-compose ``conf/`` with ``overrides`` and validate it; raises :class:`ConfigError` (one line)."""
     from hydra import compose, initialize_config_dir
@@ -60,7 +76,12 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
             cfg = compose(config_name=config_name, overrides=overrides)
         obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"config: {_one_line(err)}") from None
+        line = _one_line(err)
+        if "is not in struct" in line:  # a dict-valued field (trainer.extra): new keys need Hydra's "+"
+            line += " (a new key needs a leading +: +KEY=VALUE)"
+        elif "not in '" in line:  # a key the schema lacks: a typo
+            line += _did_you_mean(overrides)
+        raise ConfigError(f"config: {line}") from None
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(obj, RootConfig)
