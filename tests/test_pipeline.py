@@ -59,6 +59,8 @@ def test_a_late_stages_bad_input_stops_before_the_first_stage(
 
 def test_only_global_rank_zero_runs_the_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under DDP every rank re-runs the pipeline; the stages without a fit (eval, report) run on rank 0 only."""
+    import lightning  # noqa: F401  (imported before LOCAL_RANK is set: it reads its rank once, at import)
+
     import mchar.pipeline
     from mchar.compose import compose_config
 

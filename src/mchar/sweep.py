@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mchar.errors import MCharError, redact_url
+from mchar.errors import MCharError, first_line, redact_url
 from mchar.processes import process_alive, process_start
 
 SPEC_KEYS = {
@@ -670,11 +670,6 @@ def pruning_callback(trial: Any, monitor: str) -> Any:
     return StepPruningCallback(trial, monitor=monitor)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 def extract_metric(ctx: Any, tracker: Any, stage: str, key: str) -> float:
     """The stage's returned ``metrics[key]``, else the stage run's MLflow metric ``key``."""
     result = ctx.results.get(stage)
@@ -763,7 +758,7 @@ class Objective:
             raise
         except Exception as err:
             tracker.set_tags(tracker.parent_id, {"optuna.state": "FAIL"})
-            return self._fail(trial, _one_line(err), label)
+            return self._fail(trial, first_line(err, typed=True), label)
         trial.set_user_attr("mlflow_run_id", tracker.parent_id or "")
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
         if value != value:  # NaN

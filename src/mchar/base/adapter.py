@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mchar.errors import MCharError
+from mchar.errors import MCharError, first_line
 
 _DTYPES = {
     "float32": torch.float32,
@@ -95,8 +95,7 @@ class FrozenBaseLM(nn.Module):
                 path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BaseModelError(f"model.name_or_path: cannot load {path!r}: {first}") from None
+            raise BaseModelError(f"model.name_or_path: cannot load {path!r}: {first_line(err)}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):

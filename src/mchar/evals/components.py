@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mchar.config import POLICIES
-from mchar.errors import MCharError
+from mchar.errors import MCharError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,7 @@ def check_export(path: str | Path, net: str, key: str | None = None) -> Path:
     except ValueError as err:
         raise EvalError(f"{what}: {err}") from None
     except Exception as err:  # safetensors' own error type for a missing or corrupt file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvalError(f"{what}: {p / WEIGHTS_NAME}: unreadable ({first})") from None
+        raise EvalError(f"{what}: {p / WEIGHTS_NAME}: unreadable ({first_line(err)})") from None
     return p
 
 

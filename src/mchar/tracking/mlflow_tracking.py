@@ -19,6 +19,7 @@ from typing import Any
 
 from mchar.compose import flatten, to_yaml
 from mchar.config import RootConfig
+from mchar.errors import first_line
 from mchar.host import host_info
 
 PARENT_ENV = "MCHAR_PARENT_RUN_ID"
@@ -159,9 +160,7 @@ class Tracker:
             status = "KILLED"
             raise
         except BaseException as err:
-            text = str(err).strip()
-            first = text.splitlines()[0] if text else ""
-            self._client.set_tag(run_id, "mchar.error", f"{type(err).__name__}: {first}"[:500])
+            self._client.set_tag(run_id, "mchar.error", first_line(err, typed=True)[:500])
             raise
         finally:
             self._client.set_terminated(run_id, status=status)
