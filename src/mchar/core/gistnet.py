@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mchar.errors import first_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -284,13 +283,19 @@ def save_module(module: nn.Module, config: dict[str, Any], directory: str | Path
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    # core imports nothing from the harness, so it keeps its own copy of mchar.errors.first_line
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def read_export_config(directory: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an export, checked to be a JSON object; any problem is a one-line ``ValueError``."""
     path = Path(directory) / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable ({first_line(err)})") from None
+        raise ValueError(f"{path}: unreadable ({_first_line(err)})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -306,7 +311,7 @@ def load_config_and_state(directory: str | Path) -> tuple[dict[str, Any], dict[s
     try:
         return config, load_file(str(weights))
     except Exception as err:  # safetensors raises its own SafetensorError (an Exception) for a broken file
-        raise ValueError(f"{weights}: unreadable ({first_line(err)})") from None
+        raise ValueError(f"{weights}: unreadable ({_first_line(err)})") from None
 
 
 def load_module(directory: str | Path, build: Any) -> Any:
@@ -317,7 +322,7 @@ def load_module(directory: str | Path, build: Any) -> Any:
         net = build(config)
         net.load_state_dict(state)
     except (TypeError, KeyError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{directory}: does not load ({first_line(err)})") from None
+        raise ValueError(f"{directory}: does not load ({_first_line(err)})") from None
     return net
 
 
