@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
