@@ -1,7 +1,8 @@
 """The GPU path (``trainer=gpu``: bf16-mixed Lightning fits, the evaluation on CUDA), run wherever a GPU is.
 
 Skipped on CPU-only machines (CI); ``pytest -m gpu`` runs only these. What they check is what a CPU run cannot:
-every stage of the smoke pipeline trains and evaluates with the base, the nets and the session on the GPU.
+every stage of the smoke pipeline (e2e with a LoRA adapter included) trains and evaluates on the GPU, a session on
+the GPU scores like one on the CPU, and DDP over two GPUs logs once.
 """
 
 from __future__ import annotations
@@ -47,6 +48,42 @@ def test_smoke_pipeline_trains_and_evaluates_on_the_gpu(tmp_path: Path) -> None:
     assert res["components"]["device"].startswith("cuda")
     for policy in ("recency", "lensnet"):
         assert math.isfinite(res["policies"][policy]["delta_nll"]), policy
+
+    # end-to-end with a LoRA adapter on the GPU base, from the nets just trained, then evaluated with its adapter
+    e2e = compose_config(
+        [
+            "+experiment=smoke",
+            "trainer=gpu",
+            "name=smoke_e2e",
+            "stages=[e2e,eval]",
+            "e2e.init_from=smoke",
+            "e2e.lora=true",
+            "e2e.max_steps=2",
+            f"run_dir={tmp_path / 'runs'}",
+            f"artifacts_dir={tmp_path / 'artifacts'}",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    res = json.loads(Path(run_pipeline(e2e).results["eval"]["results_path"]).read_text())
+    assert res["components"]["device"].startswith("cuda") and res["components"]["lora"]
+    assert math.isfinite(res["policies"]["lensnet"]["delta_nll"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gistnet_ddp_on_two_gpus_logs_once(tmp_path: Path) -> None:
+    """``trainer=ddp`` on two GPUs (NCCL): one stage run, one export, the evaluation on rank zero only."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.lit.test_ddp import _fit
+
+    _fit(tmp_path, "stages=[base_lm]")
+    _fit(tmp_path, "stages=[gistnet,eval]", "trainer=ddp", "trainer.devices=2", "eval.policies=[recency]")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    stages = [r.data.tags.get("mchar.stage") for r in client.search_runs([exp.experiment_id])]
+    assert stages.count("gistnet") == 1 and stages.count("eval") == 1
+    assert (tmp_path / "art" / "gistnet" / "smoke" / "model.safetensors").exists()
 
 
 def test_a_session_scores_the_same_on_gpu_and_cpu() -> None:
