@@ -333,6 +333,9 @@ class EvalConfig:
     # where the evaluation runs: auto = the trainer's accelerator (cuda with trainer=gpu/ddp/fsdp, else cpu);
     # or cpu / cuda / cuda:N
     device: str = "auto"
+    # with an e2e LoRA adapter: full context, recency and sink_recent (raw tokens only) are scored on the base without
+    # it, the frozen LM as it ships; false = every policy and the reference on the adapted base
+    plain_baselines: bool = False
 
 
 @dataclass

@@ -241,3 +241,34 @@ def test_an_e2e_lora_adapter_is_applied_with_its_gistnet_and_only_then(stage_run
     (export / "lora.json").unlink()
     with pytest.raises(EvalError, match=r"lora: .*lora\.json"):
         components_from_run(cfg, results, root / "base")
+
+
+def test_plain_baselines_score_raw_readers_without_the_e2e_adapter(tmp_path: Path) -> None:
+    """``eval.plain_baselines``: full context / recency / sink_recent read through the base without the adapter, the
+    gist readers keep it; off, every policy reads through the adapted base."""
+    import torch
+
+    from mchar.base.adapter import FrozenBaseLM
+    from mchar.core.lora import add_lora, save_lora
+    from mchar.evals.components import SessionSettings, load_components
+    from mchar.evals.perplexity import full_context_nll
+
+    base_dir = build_tiny_base(tmp_path / "base")
+    adapted = FrozenBaseLM.from_pretrained(base_dir)
+    for layer in add_lora(adapted.model, rank=2):
+        torch.nn.init.normal_(layer.lora_b, std=0.5)  # an adapter that changes the predictions
+    save_lora(adapted.model, tmp_path / "e2e", rank=2, alpha=8.0)
+    doc = torch.randint(0, 200, (96,), generator=torch.Generator().manual_seed(0))
+    plain = full_context_nll(FrozenBaseLM.from_pretrained(base_dir), [doc], 16)
+
+    def nll(comp, policy: str) -> list[float] | None:  # noqa: ANN001
+        with comp.reading(policy):
+            return full_context_nll(comp.base, [doc], 16)
+
+    settings = dict(budget=32, block_size=8, depth=2)
+    on = load_components(base_dir, SessionSettings(**settings, plain_baselines=True), lora=tmp_path / "e2e")
+    off = load_components(base_dir, SessionSettings(**settings), lora=tmp_path / "e2e")
+    assert nll(on, "full") == pytest.approx(plain) and nll(on, "recency") == pytest.approx(plain)
+    assert nll(on, "lensnet") != pytest.approx(plain)  # a gist reader keeps the adapter
+    assert nll(off, "full") == pytest.approx(nll(on, "lensnet"))
+    assert on.describe()["plain_baselines"] is True and off.describe()["plain_baselines"] is False

@@ -66,6 +66,9 @@ class SessionSettings:
     query_rounds: int = 1
     query_cooldown: int | None = None
     query_similarity: float = 0.0
+    # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
+    # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
+    plain_baselines: bool = False
 
     def check(self) -> None:
         """Reject impossible shapes with one line before anything is loaded."""
@@ -110,10 +113,12 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_rounds=int(a.query_rounds),
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
         query_similarity=float(a.query_similarity),
+        plain_baselines=bool(e.plain_baselines),
     )
 
 
 FULL = "full"  # the plain base over the whole prompt (the reference), not a focus policy
+RAW_READERS = (FULL, "recency", "sink_recent")  # feed the base raw tokens only, never a gist
 
 
 def check_policy(name: str) -> None:
@@ -132,6 +137,20 @@ class EvalComponents:
     lensnet: torch.nn.Module | None = None
     gistnet_trained: bool = False
     sources: dict[str, str] = field(default_factory=dict)
+    lora_layers: list[Any] = field(
+        default_factory=list
+    )  # the e2e adapter's wrappers on the base, if one is loaded
+
+    def reading(self, policy: str) -> Any:
+        """A context in which the base reads as ``policy`` should: without the e2e adapter for a raw-token reader
+        when ``settings.plain_baselines`` is on, else as loaded."""
+        from contextlib import nullcontext
+
+        from mchar.core.lora import lora_disabled
+
+        if self.settings.plain_baselines and self.lora_layers and policy in RAW_READERS:
+            return lora_disabled(self.lora_layers)
+        return nullcontext()
 
     def unavailable(self, policy: str) -> str | None:
         """Why ``policy`` cannot run with these components (None = it can)."""
@@ -228,6 +247,7 @@ class EvalComponents:
             "lensnet": self.sources.get("lensnet", ""),
             "lensnet_trained": self.lensnet is not None,
             "lora": self.sources.get("lora", ""),
+            "plain_baselines": bool(self.settings.plain_baselines and self.lora_layers),
             "device": str(self.base.device),
         }
 
@@ -348,11 +368,12 @@ def load_components(
     if tok is None:
         raise EvalError(f"base: {source!r} has no tokenizer (save one next to the model)")
     sources = {"base": source}
+    lora_layers: list[Any] = []
     if lora:
         from mchar.core.lora import load_lora
 
         try:
-            load_lora(frozen.model, lora)
+            lora_layers = load_lora(frozen.model, lora)
         except ValueError as err:
             raise EvalError(str(err)) from None
         sources["lora"] = str(lora)
@@ -368,6 +389,7 @@ def load_components(
         lensnet=ln,
         gistnet_trained=trained,
         sources=sources | {"gistnet": g_src, "lensnet": l_src},
+        lora_layers=lora_layers,
     )
 
 

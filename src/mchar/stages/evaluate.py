@@ -126,6 +126,7 @@ def history_length(e: Any, budget: int) -> int:
 
 
 def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+    from mchar.evals.components import FULL
     from mchar.evals.perplexity import evaluate_policy, full_context_nll, summarise
 
     cfg, e = ctx.cfg, ctx.cfg.eval
@@ -149,15 +150,17 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
         if why:
             results[p] = PolicyResult(skipped=why)
             continue
-        results[p] = evaluate_policy(
-            lambda p=p: comp.session(p),
-            docs[: e.oracle_documents] if p == "oracle" else docs,
-            e.final_tokens,
-            budget,
-            map_document=0 if p == map_policy else None,
-        )
+        with comp.reading(p):
+            results[p] = evaluate_policy(
+                lambda p=p: comp.session(p),
+                docs[: e.oracle_documents] if p == "oracle" else docs,
+                e.final_tokens,
+                budget,
+                map_document=0 if p == map_policy else None,
+            )
         log.info("eval %s: nll %.4f (%.1fs)", p, float(np.mean(results[p].nll)), results[p].seconds)
-    full = full_context_nll(base, docs, e.final_tokens) if e.full_context else None
+    with comp.reading(FULL):
+        full = full_context_nll(base, docs, e.final_tokens) if e.full_context else None
     summary = summarise(results, full, ci=e.ci, seed=cfg.seed)
     fmap = results.get(map_policy)
     focus = fmap.focus_map if fmap is not None and fmap.focus_map is not None else np.zeros((0, 0), np.int8)
@@ -230,19 +233,20 @@ def _task_results(
             runs.append((ruler_tm, list(e.ruler_tasks)))
         for manager, tasks in runs:
             t0 = time.perf_counter()
-            res = lm_eval.simple_evaluate(
-                model=model,
-                tasks=tasks,
-                task_manager=manager,
-                limit=e.task_examples,
-                num_fewshot=0,
-                random_seed=cfg.seed,
-                numpy_random_seed=cfg.seed,
-                torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-                bootstrap_iters=0,
-                log_samples=False,
-            )
+            with comp.reading(p):
+                res = lm_eval.simple_evaluate(
+                    model=model,
+                    tasks=tasks,
+                    task_manager=manager,
+                    limit=e.task_examples,
+                    num_fewshot=0,
+                    random_seed=cfg.seed,
+                    numpy_random_seed=cfg.seed,
+                    torch_random_seed=cfg.seed,
+                    fewshot_random_seed=cfg.seed,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                )
             if res is None:  # lm-eval returns None off rank zero
                 continue
             log.info("eval tasks %s for %s: %.1fs", tasks, p, time.perf_counter() - t0)
