@@ -56,8 +56,8 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
 
 
 def check_accelerator(cfg: RootConfig) -> None:
-    """``trainer=gpu`` (or ddp/fsdp) on a machine without CUDA, or more GPUs than it has: one line, not Lightning's
-    traceback after the data is built."""
+    """``trainer=gpu`` (or ddp/fsdp) or a CUDA ``eval.device`` on a machine without CUDA, or more GPUs than it has:
+    one line, not Lightning's traceback after the data is built."""
     import torch
 
     from mchar.config import eval_device
