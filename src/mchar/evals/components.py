@@ -137,9 +137,8 @@ class EvalComponents:
     lensnet: torch.nn.Module | None = None
     gistnet_trained: bool = False
     sources: dict[str, str] = field(default_factory=dict)
-    lora_layers: list[Any] = field(
-        default_factory=list
-    )  # the e2e adapter's wrappers on the base, if one is loaded
+    # the e2e adapter's wrappers on the base, when one is loaded (``reading`` switches them off per policy)
+    lora_layers: list[Any] = field(default_factory=list)
 
     def reading(self, policy: str) -> Any:
         """A context in which the base reads as ``policy`` should: without the e2e adapter for a raw-token reader
