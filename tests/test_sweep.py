@@ -87,6 +87,20 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
     return {"metrics": {"final/delta_nll": target}}
 
 
+def toy_export_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
+    """:func:`toy_stage` as a GistNet stage that first writes what a real one leaves: a checkpoint and an export
+    copy in its stage folder, a small summary beside them, and the published ``artifacts/gistnet/<name>``."""
+    stage = ctx.stage_dir("gistnet")
+    for path in (stage / "checkpoints" / "last.ckpt", stage / "export" / "model.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    (stage / "summary.json").write_text("{}")
+    shared = ctx.artifacts_dir / "gistnet" / ctx.cfg.name
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / "model.safetensors").write_bytes(b"x" * 1000)
+    return toy_stage(ctx, run_id)
+
+
 def write_spec(
     tmp: Path,
     name: str = "toy",
@@ -264,6 +278,44 @@ def test_config_error_in_one_trial_is_a_fail_not_a_crash(toy: Path) -> None:
     bad = states.pop((16, 32))
     assert bad.state == TrialState.FAIL and "allocator.budget: 16 is smaller" in bad.user_attrs["fail_reason"]
     assert {t.state for t in states.values()} == {TrialState.COMPLETE}
+
+
+def gistnet_spec(spec: Path) -> Path:
+    spec.write_text(spec.read_text().replace("metric_stage: eval", "metric_stage: gistnet"))
+    return spec
+
+
+def test_keep_files_best_releases_every_other_trials_exports_and_checkpoints(
+    toy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mchar.pipeline
+    from mchar.errors import MCharError
+    from mchar.sweep import run_sweep
+
+    monkeypatch.setitem(mchar.pipeline.STAGE_MODULES, "gistnet", "tests.test_sweep:toy_export_stage")
+    with pytest.raises(MCharError, match="keep_files must be one of all, best, got 'some'"):
+        run_sweep(write_spec(toy, "typo", extra="keep_files: some\n"))
+    derived = '"name=keep_t{trial}"'
+    shared = toy / "artifacts" / "gistnet" / "smoke"  # the experiment's own export: never a trial's to delete
+    shared.mkdir(parents=True)
+    (shared / "model.safetensors").write_bytes(b"keep")
+    spec = gistnet_spec(write_spec(toy, "keep", derived=derived, extra="keep_files: best\n"))
+    study = run_sweep(spec, extra_overrides=["stages=[gistnet]"])
+    states = {t.number: t.state.name for t in study.trials}
+    assert len(states) == 6 and {"COMPLETE", "FAIL", "PRUNED"} <= set(states.values()), states
+    best = study.best_trial.number
+    exports = sorted(p.name for p in (toy / "artifacts" / "gistnet").iterdir())
+    assert exports == sorted([f"keep_t{best}", "smoke"])  # pruned, failed and beaten trials' exports are gone
+    assert (shared / "model.safetensors").read_bytes() == b"keep"
+    for n in states:
+        stage = toy / "runs" / f"keep_t{n}" / "sweeps" / "keep" / f"trial-{n}" / "gistnet"
+        assert (stage / "summary.json").is_file()  # small files stay with every trial
+        assert (stage / "checkpoints").exists() == (n == best) == (stage / "export").exists()
+
+    # the default keeps everything
+    spec = gistnet_spec(write_spec(toy, "all", derived='"name=all_t{trial}"'))
+    run_sweep(spec, extra_overrides=["stages=[gistnet]"])
+    assert len(list((toy / "artifacts" / "gistnet").glob("all_t*"))) == 6
 
 
 DRIVER = """

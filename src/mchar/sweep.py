@@ -23,6 +23,7 @@ Spec (YAML)::
     base_overrides: [+experiment=quickstart, "stages=[eval]"]
     derived_overrides: ["eval.policies=[{allocator.policy}]"]    # filled from the trial's config ({trial}: its number)
     enqueue: [{gistnet.lr: 1e-3, gistnet.pooling: mean}]       # run first, once, never pruned (e.g. the defaults)
+    keep_files: best        # all (default) | best: finished trials that are not the best lose exports + checkpoints
 
 Trials never share files: each writes its stage folders under ``<run_dir>/<name>/sweeps/<study>/trial-<n>``. A
 trial that trains GistNet, LensNet or e2e publishes ``artifacts/<stage>/<name>``, so such a spec must give every
@@ -54,6 +55,7 @@ from typing import Any
 
 from mchar.errors import MCharError, first_line, redact_url
 from mchar.processes import process_alive, process_start
+from mchar.trial_files import FILES_ATTR, KEEP_CHOICES, release, trial_files
 
 SPEC_KEYS = {
     "study_name",
@@ -73,6 +75,7 @@ SPEC_KEYS = {
     "max_retry",
     "description",
     "enqueue",
+    "keep_files",
 }
 DIM_KEYS = {"type", "low", "high", "log", "step", "choices", "values"}
 PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]+)\}")
@@ -155,6 +158,8 @@ class SweepSpec:
     # points of the search space every study runs first (once), e.g. the current defaults, so a search shows
     # whether it beat them
     enqueue: list[dict[str, Any]] = field(default_factory=list)
+    # what finished trials keep on disk: "all", or "best" (the others lose exports and checkpoints; mchar.trial_files)
+    keep_files: str = "all"
 
     @property
     def is_grid(self) -> bool:
@@ -251,6 +256,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             grace_period=raw.get("grace_period"),
             max_retry=int(raw.get("max_retry", 2)),
             enqueue=_parse_enqueue(raw.get("enqueue")),
+            keep_files=str(raw.get("keep_files", "all")),
         )
     except SweepError as err:
         raise SweepError(f"sweep: {p}: {err}") from None
@@ -262,6 +268,10 @@ def load_spec(path: str | Path) -> SweepSpec:
         )
     if spec.pruner["type"] not in ("median", "percentile", "hyperband", "successive_halving", "none"):
         raise SweepError(f"sweep: {p}: unknown pruner {spec.pruner['type']!r}")
+    if spec.keep_files not in KEEP_CHOICES:
+        raise SweepError(
+            f"sweep: {p}: keep_files must be one of {', '.join(KEEP_CHOICES)}, got {spec.keep_files!r}"
+        )
     if spec.n_trials is not None and (not isinstance(spec.n_trials, int) or spec.n_trials < 1):
         raise SweepError(f"sweep: {p}: n_trials must be a positive integer, got {spec.n_trials!r}")
     if spec.is_grid:
@@ -571,6 +581,7 @@ class StudyRun:
     def __init__(self, spec: SweepSpec, base_cfg: Any, study: Any) -> None:
         from mchar.tracking.mlflow_tracking import Tracker
 
+        self.spec = spec
         self.tracker = Tracker(base_cfg, "sweep")
         self.client = self.tracker.client
         self.run_id: str | None = None
@@ -627,6 +638,15 @@ class StudyRun:
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def on_trial_end(self, study: Any, trial: Any) -> None:
+        if self.spec.keep_files == "best":
+            released, freed = release(study)
+            if released:
+                print(
+                    f"[sweep {self.spec.study_name}] keep_files=best: freed {freed / 2**20:.1f} MiB of exports and "
+                    f"checkpoints of trial(s) {released}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self.client is None or self.run_id is None:
             return
         from optuna.trial import TrialState
@@ -745,8 +765,11 @@ class Objective:
         enqueued = "fixed_params" in system_attrs  # a reference point (spec `enqueue`) runs to the end
         callbacks = [pruning_callback(trial, self.spec.monitor)] if self.spec.monitor and not enqueued else []
         t0 = time.perf_counter()
+        scope = f"sweeps/{self.spec.study_name}/trial-{trial.number}"
+        own = (_varies(self.spec, "name"), _varies(self.spec, "model.name"))
+        trial_dir = Path(cfg.run_dir) / cfg.name / scope
+        trial.set_user_attr(FILES_ATTR, trial_files(cfg, trial_dir, EXPORTING_STAGES, *own))
         try:
-            scope = f"sweeps/{self.spec.study_name}/trial-{trial.number}"
             ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker, scope=scope)
             metric = fill(self.spec.metric, flatten(cfg), "metric")
             value = extract_metric(ctx, tracker, self.stage, metric)
