@@ -1,4 +1,4 @@
-"""GistNet stage under trainer=ddp_cpu (2 gloo processes): one MLflow stage run, one export, rank zero only."""
+"""Fits under trainer=ddp_cpu (2 gloo processes): one MLflow stage run and one export per stage, rank zero only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-def _fit(tmp: Path, *overrides: str) -> None:
+def _fit(tmp: Path, *overrides: str, timeout: int = 900) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
@@ -28,7 +28,7 @@ def _fit(tmp: Path, *overrides: str) -> None:
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -44,3 +44,25 @@ def test_gistnet_ddp_cpu_logs_once(tmp_path: Path) -> None:
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "final/dnll" in runs[0].data.metrics and "final/drop_dnll" in runs[0].data.metrics
     assert (tmp_path / "art" / "gistnet" / "smoke" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
+    """base -> GistNet -> LensNet in one DDP command: each stage loads the one before from disk, so every rank must
+    wait for rank zero's export (a rank that ran ahead once trained a second base alone and both ranks hung)."""
+    from mlflow.tracking import MlflowClient
+
+    _fit(tmp_path, "stages=[base_lm,gistnet,lensnet]", "trainer=ddp_cpu", "lensnet.max_steps=4", timeout=400)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    stages = sorted(
+        r.data.tags["mchar.stage"]
+        for r in client.search_runs([exp.experiment_id])
+        if "mchar.stage" in r.data.tags
+    )
+    assert stages == ["base_lm", "gistnet", "lensnet"]
+    assert sorted(p.name for p in (tmp_path / "art" / "base_lm").iterdir()) == [
+        "local_tiny"
+    ]  # no build left behind
+    for stage in ("gistnet", "lensnet"):
+        assert (tmp_path / "art" / stage / "smoke" / "model.safetensors").exists()

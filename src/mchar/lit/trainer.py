@@ -68,6 +68,16 @@ def build_trainer(
     return L.Trainer(**kwargs)
 
 
+def wait_for_rank_zero(trainer: L.Trainer, what: str) -> None:
+    """Every rank waits here until rank zero has published ``what`` (a no-op on one process).
+
+    Under DDP every rank runs the pipeline, and the next stage loads this one's export from disk: a rank that ran
+    ahead found the base missing, started training a second one on its own, and the two ranks hung in unmatched
+    collectives (``trainer=ddp_cpu`` with ``stages=[base_lm,gistnet]`` from scratch).
+    """
+    trainer.strategy.barrier(what)
+
+
 def is_logging_step(module: L.LightningModule) -> bool:
     """Whether this training step's metrics reach the loggers (every ``log_every_n_steps``, as Lightning decides).
 

@@ -180,7 +180,7 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
     from mchar.data.tokenizer import train_tokenizer
     from mchar.evals.task_accuracy import answer_accuracy, full_context_greedy
     from mchar.lit.base_lm import BaseLMModule
-    from mchar.lit.trainer import build_trainer
+    from mchar.lit.trainer import build_trainer, wait_for_rank_zero
 
     cfg, tcfg = ctx.cfg, ctx.cfg.base_lm
     stage_dir = ctx.stage_dir("base_lm")
@@ -282,6 +282,7 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         ctx.tracker.log_metrics(run_id, metrics, step=steps)
         ctx.tracker.set_tags(run_id, {"mchar.model_dir": str(target), "mchar.checkpoints": str(stage_dir)})
         ctx.tracker.log_json(run_id, info, "base_lm/summary.json")
+    wait_for_rank_zero(trainer, "base_lm-export")
     shutil.rmtree(tmp, ignore_errors=True)  # the other ranks' build directories (rank zero's was renamed)
     return {"model_dir": str(target), "trained": True, "metrics": metrics}
 

@@ -208,6 +208,7 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.lit.gistnet_module import GistNetModule
+    from mchar.lit.trainer import wait_for_rank_zero
 
     cfg, g = ctx.cfg, ctx.cfg.gistnet
     base = load_base(ctx)
@@ -244,4 +245,5 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     if trainer.is_global_zero:
         result = publish(ctx, run_id, "gistnet", module, metrics, steps)
+    wait_for_rank_zero(trainer, "gistnet-export")
     return result
