@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,23 @@ def _fit(tmp: Path, *overrides: str, timeout: int = 900) -> None:
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # its own process group: on a hang, the ranks Lightning started are killed too (they hold the output pipes)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the DDP fit did not finish in {timeout}s (hung ranks): {err[-2000:]}")
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.mark.slow
