@@ -82,3 +82,30 @@ def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
     ]  # no build left behind
     for stage in ("gistnet", "lensnet"):
         assert (tmp_path / "art" / stage / "smoke" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ddp_validation_scores_each_window_once_with_single_process_seeds(tmp_path: Path) -> None:
+    """Held-out metrics before the first step (same weights) are a single process's under DDP: 3 code batches
+    split 2 + 1 between the ranks (no repeats), each seeded by its global index."""
+    from mlflow.tracking import MlflowClient
+
+    _fit(tmp_path, "stages=[base_lm]")
+    common = ("stages=[gistnet]", "gistnet.val_every=2", "gistnet.val_windows=6", "data.batch_size=2")
+    _fit(tmp_path, *common, "name=one")
+    _fit(tmp_path, *common, "name=two", "trainer=ddp_cpu", timeout=400)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+
+    def step0(name: str) -> dict[str, float]:
+        (run,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{name}/gistnet'")
+        keys = [k for k in run.data.metrics if k.startswith(("val/", "val_retrieval/"))]
+        hist = {
+            k: [m.value for m in client.get_metric_history(run.info.run_id, k) if m.step == 0] for k in keys
+        }
+        return {k: v[0] for k, v in hist.items() if v}
+
+    one, two = step0("one"), step0("two")
+    assert "val/dnll_lod1" in one and one.keys() == two.keys()
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

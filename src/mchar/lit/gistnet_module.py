@@ -114,6 +114,9 @@ class MultiSetValidation:
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         metrics = self.val_metrics[self.val_sets[dataloader_idx]]
+        trainer = self._trainer  # type: ignore[attr-defined]
+        if trainer is not None:  # the batch's index among all ranks' (W.RankBatches): single-process seeds
+            batch_idx = W.global_batch_index(batch_idx, trainer.global_rank, trainer.world_size)
         for name, vals in self.evaluate_batch(batch, batch_idx).items():  # type: ignore[attr-defined]
             metrics[name.replace("/", "__")].update(vals)
 

@@ -76,6 +76,28 @@ def chunk_windows(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
 
 
+class RankBatches(IterableDataset):
+    """This rank's share of the fixed evaluation batches: global batches ``rank, rank + world, ...``.
+
+    Under DDP every held-out window is scored exactly once over all ranks (Lightning's DistributedSampler pads the
+    last round with repeats, which the synced means would count twice), and a batch's global index is
+    ``local index * world + rank`` (:func:`global_batch_index`), so validation seeds, and with them the numbers,
+    are those of a single process.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__()
+        self.batches = chunk_windows(windows, batch_size)[rank::world]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+
+def global_batch_index(local: int, rank: int, world: int) -> int:
+    """The global position of the ``local``-th batch a rank got from :class:`RankBatches`."""
+    return local * world + rank
+
+
 # ---------------------------------------------------------------------------------------------- shapes
 
 
@@ -445,7 +467,8 @@ def entry_features(
 
 
 class StepDataModule(L.LightningDataModule):
-    """Train batches = f(seed, rank, step) starting at the restored ``global_step``; fixed ordered val batches.
+    """Train batches = f(seed, rank, step) starting at the restored ``global_step``; fixed ordered val batches,
+    split between DDP ranks without repeats (:class:`RankBatches`).
 
     Lightning builds the train dataloader after restoring a checkpoint, so a resumed run continues with the batch
     of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
@@ -479,7 +502,9 @@ class StepDataModule(L.LightningDataModule):
     def _loader(self, windows: torch.Tensor | None) -> DataLoader:
         if windows is None or windows.shape[0] == 0:
             return DataLoader([], batch_size=None)
-        return DataLoader(chunk_windows(windows, self.val_batch_size), batch_size=None, shuffle=False)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(RankBatches(windows, self.val_batch_size, rank, world), batch_size=None)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if not self.extra_val:
