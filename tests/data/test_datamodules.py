@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mchar.data.corpus import DataError
 from mchar.data.datamodules import LongDocDataModule, TaskDataModule
@@ -226,3 +228,27 @@ def test_curriculum_runs_phases_in_order(files: dict[str, list[Path]], tok_dir: 
     assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 64
     with pytest.raises(DataError, match="one positive step count"):
         CurriculumDataModule([phase(16, 4)], [0])
+
+
+@given(n=st.integers(2, 60), world=st.integers(2, 8))
+def test_rank_shares_of_an_eval_split_cover_it_once(n: int, world: int) -> None:
+    """Under DDP every evaluation sample is scored by exactly one rank (no padded repeats); one process: no sampler."""
+    from types import SimpleNamespace
+
+    import lightning as L
+
+    from mchar.data.datamodules import rank_share
+
+    dm = L.LightningDataModule()
+    data = list(range(n))
+    assert rank_share(dm, data) is None
+    shares = []
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)  # type: ignore[assignment]
+        sampler = rank_share(dm, data)
+        shares.append([] if sampler is None else list(sampler))
+    if n < world:  # too few for every rank to get one: Lightning's own sampler keeps the ranks in step
+        assert shares == [[]] * world
+    else:
+        assert sorted(i for s in shares for i in s) == data
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -371,10 +371,12 @@ class LongDocDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup(None if split == "train" else "validate")
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None if split == "train" else rank_share(self, self.datasets[split])
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=gen,
             num_workers=self.num_workers,
             collate_fn=_Collate(self.pad_id),
@@ -390,6 +392,20 @@ class LongDocDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def rank_share(dm: L.LightningDataModule, dataset: Any) -> Any:
+    """Under DDP, the sampler of this rank's share of an evaluation split, no sample repeated: Lightning's
+    DistributedSampler pads the last round with repeats, which the synced means then count twice (validation runs
+    under no_grad, so ranks with one batch fewer never wait on each other). ``None`` in one process."""
+    trainer = getattr(dm, "trainer", None)
+    if trainer is None or trainer.world_size < 2 or len(dataset) < trainer.world_size:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -493,6 +509,7 @@ class TaskDataModule(L.LightningDataModule):
             self.examples[split],
             batch_size=self.batch_size,
             shuffle=split == "train",
+            sampler=None if split == "train" else rank_share(self, self.examples[split]),
             generator=torch.Generator().manual_seed(0) if split == "train" else None,
             num_workers=self.num_workers,
             collate_fn=_Collate(int(pad)),

@@ -16,6 +16,7 @@ spans whose ΔNLL is below ``substitutable_threshold``), and, given the budget, 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,26 @@ def contrastive_term(lod1: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def collect_metrics(metrics: nn.ModuleDict, prefix: str) -> dict[str, torch.Tensor]:
-    """Compute and reset every updated metric as ``<prefix>/<name>`` (``__`` in a key stands for ``/``)."""
+    """Compute and reset every updated metric as ``<prefix>/<name>`` (``__`` in a key stands for ``/``).
+
+    Under DDP "updated" means on any rank: a metric's compute syncs its states across ranks, so every rank must
+    compute the same metrics in the same order, also a rank whose share of a set held no window.
+    """
+    names = list(metrics)
+    if not names:
+        return {}
+    updated = torch.tensor(
+        [int(metrics[n].update_called) for n in names], dtype=torch.int32, device=metrics[names[0]].device
+    )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(updated, op=torch.distributed.ReduceOp.MAX)
     out = {}
-    for name, metric in metrics.items():
-        if metric.update_called:
-            out[f"{prefix}/{name.replace('__', '/')}"] = metric.compute()
+    for name, on_some_rank in zip(names, updated.tolist(), strict=True):
+        metric = metrics[name]
+        if on_some_rank:
+            with warnings.catch_warnings():  # "compute before update" on a rank that had nothing of this set
+                warnings.simplefilter("ignore", UserWarning)
+                out[f"{prefix}/{name.replace('__', '/')}"] = metric.compute()
         metric.reset()
     return out
 
@@ -113,6 +129,8 @@ class MultiSetValidation:
     val_metrics: nn.ModuleDict
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch.shape[0] == 0:  # a rank's padding batch (W.RankBatches)
+            return
         metrics = self.val_metrics[self.val_sets[dataloader_idx]]
         trainer = self._trainer  # type: ignore[attr-defined]
         if trainer is not None:  # the batch's index among all ranks' (W.RankBatches): single-process seeds

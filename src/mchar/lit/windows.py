@@ -82,12 +82,16 @@ class RankBatches(IterableDataset):
     Under DDP every held-out window is scored exactly once over all ranks (Lightning's DistributedSampler pads the
     last round with repeats, which the synced means would count twice), and a batch's global index is
     ``local index * world + rank`` (:func:`global_batch_index`), so validation seeds, and with them the numbers,
-    are those of a single process.
+    are those of a single process. Every rank gets the same number of batches, the missing ones as empty
+    ``[0, T]`` batches that score nothing: a rank with no batch at all would skip the validation, and with it the
+    metric sync the other ranks wait in.
     """
 
     def __init__(self, windows: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
-        self.batches = chunk_windows(windows, batch_size)[rank::world]
+        chunks = chunk_windows(windows, batch_size)
+        rounds = -(-len(chunks) // world)
+        self.batches = chunks[rank::world] + [windows[:0]] * (rounds - len(chunks[rank::world]))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.batches)
