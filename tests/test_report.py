@@ -352,3 +352,42 @@ def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path:
     # sampled floats at 4 significant digits (the store holds 0.0013333333333333333)
     assert "| 0 | RUNNING | 0.001333 | 0.2 | 0.375 | 0.5 | 0.0625 |" in md
     assert "| 1 | RUNNING | 0.0001333 | 0.2 | 0.25 | 0.5 | 0.0625 |" in md
+
+
+def test_sweep_trials_under_an_experiments_name_stay_out_of_its_report(tmp_path: Path) -> None:
+    """A budget sweep over the quickstart runs its trials as ``name=quickstart``: the experiment's report keeps to its
+    own runs (the newest trial must not stand in for it); a name that only sweep trials used still reports them."""
+    from mlflow.tracking import MlflowClient
+
+    from mchar.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = populate(uri, tmp_path)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mchar").experiment_id
+    study = client.create_run(exp, run_name="study:bd", tags={"mchar.role": "study", "mchar.study": "bd"})
+    trials = {}
+    for name in ("quickstart", "bd_t1"):
+        trial = client.create_run(
+            exp,
+            run_name=f"bd/trial-{name}",
+            tags={"mlflow.parentRunId": study.info.run_id, "mchar.study": "bd", "mchar.trial": "1"},
+        ).info.run_id
+        trials[name] = log_stage_run(
+            client,
+            exp,
+            trial,
+            name=name,
+            stage="eval",
+            argv="python -m mchar sweep sweeps/bd.yaml",
+            params={"allocator.budget": 512, "tree.depth": 2, "tree.block_size": 32},
+            metrics={"ppl/recency/delta_nll": 0.0321, "ppl/recency/nll": 2.5321, "ppl/full/nll": 2.5},
+            finished=True,
+        )
+    md = build_report(
+        name="quickstart", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "r"
+    ).read_text()
+    assert trials["quickstart"] not in md and "| 512 |" not in md
+    assert all(r in md for r in ids["eval"].values())
+    md = build_report(name="bd_t1", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "r").read_text()
+    assert trials["bd_t1"] in md and "| 512 | 2 | 32 | recency |" in md

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
@@ -38,14 +37,6 @@ SIDE_NET_METRICS = {
     "e2e": (*LENSNET_RANKING, "alloc_nll/lensnet", "alloc_nll/recency"),
 }
 VAL_PREFIXES = {"final": "code", "final_retrieval": "retrieval"}
-
-
-def _outside_sweeps(client: Any, stages: list[RunInfo]) -> list[RunInfo]:
-    """The stage runs of ``fit``/``eval`` commands: a sweep's trials run under the experiment's name too (a budget
-    sweep over the quickstart is ``name=quickstart``), and the newest trial must not stand in for the experiment."""
-    parents = {r.tags.get("mlflow.parentRunId") for r in stages} - {None}
-    in_sweep = {p for p in parents if "mchar.study" in client.get_run(p).data.tags}
-    return [r for r in stages if r.tags.get("mlflow.parentRunId") not in in_sweep]
 
 
 def _newest(runs: list[RunInfo], stage: str) -> RunInfo | None:
@@ -237,7 +228,7 @@ def build_comparison(
             "overwritten (choose another --name)"
         )
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
-    runs = {n: _outside_sweeps(client, collect(client, exp_id, n, None)[0]) for n in names}
+    runs = {n: collect(client, exp_id, n, None)[0] for n in names}
     evals = {n: ev for n in names if (ev := _newest(runs[n], "eval")) is not None}
     fig_dir = Path(out_dir) / out_name
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -122,14 +122,25 @@ def _search(client: Any, exp_id: str, filter_string: str) -> list[RunInfo]:
             return out
 
 
+def outside_sweeps(client: Any, stages: list[RunInfo]) -> list[RunInfo]:
+    """The stage runs of ``fit``/``eval`` commands: a sweep's trials run under the experiment's name too (a budget
+    sweep over the quickstart is ``name=quickstart``), and its trials must not stand in for the experiment (the
+    sweep has its own report: ``report --name <study>``)."""
+    parents = {r.tags.get("mlflow.parentRunId") for r in stages} - {None}
+    in_sweep = {p for p in parents if "mchar.study" in client.get_run(p).data.tags}
+    return [r for r in stages if r.tags.get("mlflow.parentRunId") not in in_sweep]
+
+
 def collect(client: Any, exp_id: str, name: str, run_id: str | None) -> tuple[list[RunInfo], RunInfo | None]:
     """Stage runs in scope (newest first) and the root run: ``run_id``'s; without one, the finished stage runs of
-    experiment ``name``, else the newest study run of sweep ``name``. Finding nothing is an error, so a mistyped name
+    experiment ``name`` (those of its own commands when sweep trials used the name too), else the newest study run
+    of sweep ``name``. Finding nothing is an error, so a mistyped name
     never overwrites a report with an empty one."""
     if run_id is None:
         runs = _search(client, exp_id, f"params.name = '{name}' and attributes.status = 'FINISHED'")
-        if any(r.stage for r in runs):
-            return [r for r in runs if r.stage], None
+        staged = [r for r in runs if r.stage]
+        if staged:  # a name only sweep trials used (``name=gh_t{trial}``) is theirs to report
+            return outside_sweeps(client, staged) or staged, None
         studies = _search(client, exp_id, f"tags.`mchar.study` = '{name}' and tags.`mchar.role` = 'study'")
         if not studies:
             raise MCharError(
