@@ -64,11 +64,19 @@ def test_gistnet_ddp_cpu_logs_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
-    """base -> GistNet -> LensNet in one DDP command: each stage loads the one before from disk, so every rank must
+    """base -> GistNet -> LensNet -> e2e in one DDP command: each stage loads the one before from disk, so every rank must
     wait for rank zero's export (a rank that ran ahead once trained a second base alone and both ranks hung)."""
     from mlflow.tracking import MlflowClient
 
-    _fit(tmp_path, "stages=[base_lm,gistnet,lensnet]", "trainer=ddp_cpu", "lensnet.max_steps=4", timeout=400)
+    _fit(
+        tmp_path,
+        "stages=[base_lm,gistnet,lensnet,e2e]",
+        "trainer=ddp_cpu",
+        "lensnet.max_steps=4",
+        "e2e.max_steps=4",
+        "e2e.lora=true",  # alternate steps leave a group without gradients: DDP must be told
+        timeout=400,
+    )
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mchar")
     stages = sorted(
@@ -76,12 +84,16 @@ def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
         for r in client.search_runs([exp.experiment_id])
         if "mchar.stage" in r.data.tags
     )
-    assert stages == ["base_lm", "gistnet", "lensnet"]
+    assert stages == ["base_lm", "e2e", "gistnet", "lensnet"]
     assert sorted(p.name for p in (tmp_path / "art" / "base_lm").iterdir()) == [
         "local_tiny"
     ]  # no build left behind
-    for stage in ("gistnet", "lensnet"):
-        assert (tmp_path / "art" / stage / "smoke" / "model.safetensors").exists()
+    for export in (
+        "gistnet/smoke/model.safetensors",
+        "lensnet/smoke/model.safetensors",
+        "e2e/smoke/lora.safetensors",
+    ):
+        assert (tmp_path / "art" / export).exists(), export
 
 
 @pytest.mark.slow

@@ -20,3 +20,13 @@ def test_logging_steps_follow_log_every_n_steps() -> None:
         if is_logging_step(module):
             steps.append(s)
     assert steps == [0, 4, 9, 14]
+
+
+def test_ddp_strategies_get_their_find_unused_parameters_variant_only_when_asked() -> None:
+    from mchar.lit.trainer import ddp_variant
+
+    assert ddp_variant("ddp", True) == "ddp_find_unused_parameters_true"
+    assert ddp_variant("ddp_spawn", True) == "ddp_spawn_find_unused_parameters_true"
+    assert ddp_variant("ddp", False) == "ddp"
+    for other in ("auto", "fsdp", "ddp_find_unused_parameters_true"):
+        assert ddp_variant(other, True) == other

@@ -30,6 +30,9 @@ from mchar.lit.lensnet_module import LensNetModule
 class E2EModule(LensNetModule):
     """GistNet + LensNet (+ LoRA) trained on allocator-built working contexts."""
 
+    # an alternate step leaves the idle group without a gradient, which DDP's reducer refuses unless told
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         base: nn.Module,

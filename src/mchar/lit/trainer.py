@@ -21,8 +21,12 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     monitor: str | None = None,
     every_n_train_steps: int | None = None,
+    find_unused_parameters: bool = False,
 ) -> L.Trainer:
-    """A Trainer for one stage; ``trainer.max_steps`` (when set) overrides the stage's own step count."""
+    """A Trainer for one stage; ``trainer.max_steps`` (when set) overrides the stage's own step count.
+
+    ``find_unused_parameters``: the module's steps do not always use every trained parameter (e2e's alternate
+    schedule), so a DDP strategy gets Lightning's ``*_find_unused_parameters_true`` variant."""
     steps = tcfg.max_steps or max_steps
     cbs: list[Any] = list(callbacks or [])
     if ckpt_dir is not None:
@@ -43,7 +47,7 @@ def build_trainer(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=tcfg.strategy,
+        strategy=ddp_variant(tcfg.strategy, find_unused_parameters),
         precision=tcfg.precision,
         max_steps=steps,
         max_epochs=-1,
@@ -66,6 +70,14 @@ def build_trainer(
         kwargs["limit_val_batches"] = limit_val_batches
     kwargs.update(tcfg.extra)
     return L.Trainer(**kwargs)
+
+
+def ddp_variant(strategy: Any, find_unused_parameters: bool) -> Any:
+    """``ddp`` / ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` -> their ``_find_unused_parameters_true`` registry
+    names when asked; any other strategy (auto, fsdp, a Strategy object) as it is."""
+    if find_unused_parameters and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
 
 
 def wait_for_rank_zero(trainer: L.Trainer, what: str) -> None:

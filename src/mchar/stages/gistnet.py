@@ -152,6 +152,7 @@ def fit(
         callbacks=ctx.callbacks,
         every_n_train_steps=cfg.trainer.checkpoint_every,
         val_check_interval=interval,
+        find_unused_parameters=getattr(module, "ddp_find_unused_parameters", False),
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = ckpt_path(ctx, stage_dir)
