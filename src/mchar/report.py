@@ -134,8 +134,7 @@ def outside_sweeps(client: Any, stages: list[RunInfo]) -> list[RunInfo]:
 def collect(client: Any, exp_id: str, name: str, run_id: str | None) -> tuple[list[RunInfo], RunInfo | None]:
     """Stage runs in scope (newest first) and the root run: ``run_id``'s; without one, the finished stage runs of
     experiment ``name`` (those of its own commands when sweep trials used the name too), else the newest study run
-    of sweep ``name``. Finding nothing is an error, so a mistyped name
-    never overwrites a report with an empty one."""
+    of sweep ``name``. Finding nothing is an error, so a mistyped name never overwrites a report with an empty one."""
     if run_id is None:
         runs = _search(client, exp_id, f"params.name = '{name}' and attributes.status = 'FINISHED'")
         staged = [r for r in runs if r.stage]
