@@ -2,7 +2,7 @@
 
 Skipped on CPU-only machines (CI); ``pytest -m gpu`` runs only these. What they check is what a CPU run cannot:
 every stage of the smoke pipeline (e2e with a LoRA adapter included) trains and evaluates on the GPU, a session on
-the GPU scores like one on the CPU, and DDP over two GPUs logs once.
+the GPU scores like one on the CPU, and every stage from scratch under DDP over two GPUs logs once.
 """
 
 from __future__ import annotations
@@ -71,19 +71,35 @@ def test_smoke_pipeline_trains_and_evaluates_on_the_gpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_gistnet_ddp_on_two_gpus_logs_once(tmp_path: Path) -> None:
-    """``trainer=ddp`` on two GPUs (NCCL): one stage run, one export, the evaluation on rank zero only."""
+def test_every_stage_under_ddp_on_two_gpus_logs_once(tmp_path: Path) -> None:
+    """``trainer=ddp`` on two GPUs (NCCL), from scratch: base, GistNet, LensNet and e2e with LoRA (each stage waits
+    for rank zero's export, held-out sets split between the ranks, the metric syncs on CUDA), one stage run and one
+    export each, the evaluation on rank zero only."""
     from mlflow.tracking import MlflowClient
 
     from tests.lit.test_ddp import _fit
 
-    _fit(tmp_path, "stages=[base_lm]")
-    _fit(tmp_path, "stages=[gistnet,eval]", "trainer=ddp", "trainer.devices=2", "eval.policies=[recency]")
+    _fit(
+        tmp_path,
+        "stages=[base_lm,gistnet,lensnet,e2e,eval]",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "lensnet.max_steps=4",
+        "e2e.max_steps=4",
+        "e2e.lora=true",
+        "eval.policies=[recency,lensnet]",
+        timeout=600,
+    )
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mchar")
     stages = [r.data.tags.get("mchar.stage") for r in client.search_runs([exp.experiment_id])]
-    assert stages.count("gistnet") == 1 and stages.count("eval") == 1
-    assert (tmp_path / "art" / "gistnet" / "smoke" / "model.safetensors").exists()
+    assert sorted(s for s in stages if s) == ["base_lm", "e2e", "eval", "gistnet", "lensnet"]
+    for export in (
+        "gistnet/smoke/model.safetensors",
+        "lensnet/smoke/model.safetensors",
+        "e2e/smoke/lora.safetensors",
+    ):
+        assert (tmp_path / "art" / export).exists(), export
 
 
 def test_a_session_scores_the_same_on_gpu_and_cpu() -> None:
