@@ -166,3 +166,18 @@ def test_a_broken_export_is_one_line_naming_the_file(tmp_path) -> None:
         assert "\n" not in str(info.value), what
     with pytest.raises(ValueError, match="does not load"):
         LensNet.from_pretrained(good)  # a GistNet export is not a LensNet
+
+
+def test_an_export_with_a_scalar_out_scale_still_loads(tmp_path) -> None:
+    """out_scale became 1-D (FSDP cannot wrap scalar parameters); exports written before load unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    net = GistNet(16, 4, max_level=2, n_layers=1, n_heads=2, out_scale=0.5)
+    net.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["out_scale"] = weights["out_scale"].reshape(())
+    save_file(weights, tmp_path / "model.safetensors")
+    loaded = from_pretrained(tmp_path)
+    assert loaded.out_scale.shape == (1,) and float(loaded.out_scale) == 0.5
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(loaded(x, 1), net(x, 1))

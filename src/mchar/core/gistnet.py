@@ -135,6 +135,14 @@ class _Exportable:
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
         return from_pretrained(directory, map_location)
 
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        key = prefix + "out_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # exports and checkpoints from before it was 1-D
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
 
 class GistNet(_Exportable, nn.Module):
     """Transformer GistNet: ``forward(x [N, K, d], level) -> [N, d]``; a :data:`~mchar.core.protocols.GistFn`."""
@@ -170,7 +178,8 @@ class GistNet(_Exportable, nn.Module):
             _BlockEncoder(d_model, block_size, self.width, n_layers, n_heads, pooling, head, max_level + 1)
             for _ in range(n_nets)
         )
-        self.out_scale = nn.Parameter(torch.tensor(float(out_scale)))
+        # 1-D, not a scalar: FSDP refuses to wrap a module with scalar parameters
+        self.out_scale = nn.Parameter(torch.full((1,), float(out_scale)))
         self.residual_mean = residual_mean
         if residual_mean:
             for net in self.nets:
@@ -229,7 +238,8 @@ class MeanPoolGistNet(_Exportable, nn.Module):
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(d_model))
                 self.proj.bias.zero_()
-        self.out_scale = nn.Parameter(torch.tensor(float(out_scale)))
+        # 1-D, not a scalar: FSDP refuses to wrap a module with scalar parameters
+        self.out_scale = nn.Parameter(torch.full((1,), float(out_scale)))
 
     def config_dict(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,21 @@ def ddp_variant(strategy: Any, find_unused_parameters: bool) -> Any:
     if find_unused_parameters and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
         return f"{strategy}_find_unused_parameters_true"
     return strategy
+
+
+@contextmanager
+def full_weights(trainer: Any) -> Iterator[None]:
+    """Entered by every rank around rank zero's export: under FSDP a module's own parameters are this rank's flat
+    shard outside forward (a ``save_pretrained`` there writes one shard), so they are gathered whole on rank zero
+    for the block; under any other strategy a no-op."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = getattr(trainer.strategy, "model", None)
+    if isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, writeback=False, rank0_only=True):
+            yield
+    else:
+        yield
 
 
 def wait_for_rank_zero(trainer: L.Trainer, what: str) -> None:
