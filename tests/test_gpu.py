@@ -2,7 +2,8 @@
 
 Skipped on CPU-only machines (CI); ``pytest -m gpu`` runs only these. What they check is what a CPU run cannot:
 every stage of the smoke pipeline (e2e with a LoRA adapter included) trains and evaluates on the GPU, a session on
-the GPU scores like one on the CPU, and every stage from scratch under DDP over two GPUs logs once.
+the GPU scores like one on the CPU, every stage from scratch under DDP over two GPUs logs once, and side nets
+trained under FSDP export whole weights.
 """
 
 from __future__ import annotations
@@ -100,6 +101,34 @@ def test_every_stage_under_ddp_on_two_gpus_logs_once(tmp_path: Path) -> None:
         "e2e/smoke/lora.safetensors",
     ):
         assert (tmp_path / "art" / export).exists(), export
+
+
+def test_side_nets_under_fsdp_export_whole_weights(tmp_path: Path) -> None:
+    """``trainer=fsdp`` (bf16-mixed) on the GPUs there are (one or two): GistNet, LensNet and e2e with LoRA train,
+    their exports load outside Lightning with the shapes of freshly built nets, and the evaluation runs on them. The
+    base is trained first without FSDP (its export is not gathered)."""
+    from mchar.core.gistnet import from_pretrained as gistnet_from
+    from mchar.core.lensnet import from_pretrained as lensnet_from
+    from tests.lit.test_ddp import _fit
+
+    _fit(tmp_path, "stages=[base_lm]")
+    devices = min(2, torch.cuda.device_count())
+    _fit(
+        tmp_path,
+        "stages=[gistnet,lensnet,e2e,eval]",
+        "trainer=fsdp",
+        f"trainer.devices={devices}",
+        "lensnet.max_steps=4",
+        "e2e.max_steps=4",
+        "e2e.lora=true",
+        "eval.policies=[recency,lensnet]",
+        timeout=600,
+    )
+    art = tmp_path / "art"
+    gist, lens = gistnet_from(art / "gistnet" / "smoke"), lensnet_from(art / "lensnet" / "smoke")
+    assert gist.out_scale.shape == (1,) and all(p.dim() > 0 for p in gist.parameters())
+    assert all(p.numel() > 0 for p in (*gist.parameters(), *lens.parameters()))
+    assert (art / "e2e" / "smoke" / "lora.safetensors").exists()
 
 
 def test_a_session_scores_the_same_on_gpu_and_cpu() -> None:
