@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -54,3 +56,40 @@ def test_release_without_a_completed_trial_frees_pruned_and_failed_ones(tmp_path
     _add(study, TrialState.FAIL, [str(tmp_path / "never-written")])
     assert release(study) == ([0], 100)
     assert not (tmp_path / "a").exists()
+
+
+STATES = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.WAITING]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    trials=st.lists(
+        st.tuples(st.sampled_from(STATES), st.floats(0, 10), st.lists(st.integers(0, 5), max_size=3)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_release_frees_exactly_the_paths_no_kept_trial_records(tmp_path: Path, trials: list) -> None:
+    """Any mix of trial states, values and shared paths: a path survives iff the best trial or an unfinished one
+    records it; every other recorded path is gone, and a second release frees nothing."""
+    root = tmp_path / str(len(list(tmp_path.iterdir())))
+    study = optuna.create_study(direction="minimize")
+    for state, value, names in trials:
+        _add(
+            study,
+            state,
+            _files(root, *(f"p{n}" for n in names)),
+            value if state == TrialState.COMPLETE else None,
+        )
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    best = min(completed, key=lambda t: t.value).number if completed else None
+    kept = {
+        p
+        for t in study.trials
+        if t.number == best or t.state == TrialState.WAITING
+        for p in t.user_attrs[FILES_ATTR]
+    }
+    recorded = {p for t in study.trials for p in t.user_attrs[FILES_ATTR]}
+    release(study)
+    assert {p for p in recorded if Path(p).exists()} == kept
+    assert release(study) == ([], 0)
