@@ -107,6 +107,15 @@ def wait_for_rank_zero(trainer: L.Trainer, what: str) -> None:
     trainer.strategy.barrier(what)
 
 
+@contextmanager
+def rank_zero_export(trainer: L.Trainer, what: str) -> Iterator[bool]:
+    """Every rank enters around a side net's export; the block gets whether this rank writes it (rank zero), with
+    the weights whole (:func:`full_weights`), and every rank leaves once it is on disk (:func:`wait_for_rank_zero`)."""
+    with full_weights(trainer):
+        yield trainer.is_global_zero
+    wait_for_rank_zero(trainer, what)
+
+
 def is_logging_step(module: L.LightningModule) -> bool:
     """Whether this training step's metrics reach the loggers (every ``log_every_n_steps``, as Lightning decides).
 

@@ -90,8 +90,8 @@ class RankBatches(IterableDataset):
     def __init__(self, windows: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
         chunks = chunk_windows(windows, batch_size)
-        rounds = -(-len(chunks) // world)
-        self.batches = chunks[rank::world] + [windows[:0]] * (rounds - len(chunks[rank::world]))
+        mine = chunks[rank::world]
+        self.batches = mine + [windows[:0]] * (-(-len(chunks) // world) - len(mine))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.batches)

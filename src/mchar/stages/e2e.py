@@ -49,7 +49,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
     from mchar.core.lensnet import LensNet
     from mchar.lit.e2e_module import E2EModule
-    from mchar.lit.trainer import full_weights, wait_for_rank_zero
+    from mchar.lit.trainer import rank_zero_export
 
     cfg, e, lc = ctx.cfg, ctx.cfg.e2e, ctx.cfg.lensnet
     gist_dir, lens_dir = start_dirs(ctx)
@@ -74,11 +74,10 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     )
     trainer, metrics = fit(ctx, run_id, "e2e", module, train, val, steps)
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
-    with full_weights(trainer):  # every rank: FSDP gathers the weights on rank zero for the export
-        if trainer.is_global_zero:
+    with rank_zero_export(trainer, "e2e-export") as writer:
+        if writer:
             result = publish(ctx, run_id, "e2e", module, metrics, steps)
             started = {"gistnet": str(gist_dir), "lensnet": str(lens_dir) if lens_found else "fresh"}
             result["started_from"] = started
             ctx.tracker.set_tags(run_id, {f"mchar.e2e_start_{k}": v for k, v in started.items()})
-    wait_for_rank_zero(trainer, "e2e-export")
     return result

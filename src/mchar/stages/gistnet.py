@@ -209,7 +209,7 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.lit.gistnet_module import GistNetModule
-    from mchar.lit.trainer import full_weights, wait_for_rank_zero
+    from mchar.lit.trainer import rank_zero_export
 
     cfg, g = ctx.cfg, ctx.cfg.gistnet
     base = load_base(ctx)
@@ -244,8 +244,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         ctx, run_id, "gistnet", module, train, val, steps, retrieval_val=rv, val_every=g.val_every
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
-    with full_weights(trainer):  # every rank: FSDP gathers the weights on rank zero for the export
-        if trainer.is_global_zero:
+    with rank_zero_export(trainer, "gistnet-export") as writer:
+        if writer:
             result = publish(ctx, run_id, "gistnet", module, metrics, steps)
-    wait_for_rank_zero(trainer, "gistnet-export")
     return result

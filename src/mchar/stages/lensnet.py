@@ -107,7 +107,7 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
     from mchar.lit.lensnet_module import LensNetModule
-    from mchar.lit.trainer import full_weights, wait_for_rank_zero
+    from mchar.lit.trainer import rank_zero_export
 
     cfg, lc = ctx.cfg, ctx.cfg.lensnet
     base = load_base(ctx)
@@ -126,10 +126,9 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv, val_every=lc.val_every
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
-    with full_weights(trainer):  # every rank: FSDP gathers the weights on rank zero for the export
-        if trainer.is_global_zero:
+    with rank_zero_export(trainer, "lensnet-export") as writer:
+        if writer:
             result = publish(ctx, run_id, "lensnet", module, metrics, steps)
             result["gistnet_dir"] = str(gist_path)
             ctx.tracker.set_tags(run_id, {"mchar.gistnet_dir": str(gist_path)})
-    wait_for_rank_zero(trainer, "lensnet-export")
     return result
