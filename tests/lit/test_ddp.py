@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 
-def _fit(tmp: Path, *overrides: str, timeout: int = 900) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [
-        sys.executable,
-        "-m",
+def _mchar_fit(tmp: Path, *overrides: str) -> list[str]:
+    """The arguments after ``python -m`` (or a launcher's ``-m``) for a small smoke fit inside ``tmp``."""
+    return [
         "mchar",
         "fit",
         "+experiment=smoke",
@@ -29,23 +29,56 @@ def _fit(tmp: Path, *overrides: str, timeout: int = 900) -> None:
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
-    # its own process group: on a hang, the ranks Lightning started are killed too (they hold the output pipes)
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+
+
+def _run_all(tmp: Path, commands: list[list[str]], timeout: int) -> None:
+    """Run the commands side by side (one per node, say) and require each to exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # each in its own process group: on a hang, the ranks Lightning or torchrun started are killed too (they hold
+    # the output pipes)
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd in commands
+    ]
+    deadline = time.monotonic() + timeout
+    errs = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            pytest.fail(f"the distributed fit did not finish in {timeout}s (hung ranks): {err[-2000:]}")
+        errs.append((proc.returncode, err))
+    for code, err in errs:
+        assert code == 0, err[-3000:]
+
+
+def _fit(tmp: Path, *overrides: str, timeout: int = 900) -> None:
+    _run_all(tmp, [[sys.executable, "-m", *_mchar_fit(tmp, *overrides)]], timeout)
+
+
+def _stage_runs(tmp: Path) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    return sorted(
+        r.data.tags["mchar.stage"]
+        for r in client.search_runs([exp.experiment_id])
+        if "mchar.stage" in r.data.tags
     )
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"the DDP fit did not finish in {timeout}s (hung ranks): {err[-2000:]}")
-    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.mark.slow
@@ -66,7 +99,6 @@ def test_gistnet_ddp_cpu_logs_once(tmp_path: Path) -> None:
 def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
     """base -> GistNet -> LensNet -> e2e in one DDP command: each stage loads the one before from disk, so every rank must
     wait for rank zero's export (a rank that ran ahead once trained a second base alone and both ranks hung)."""
-    from mlflow.tracking import MlflowClient
 
     _fit(
         tmp_path,
@@ -77,14 +109,7 @@ def test_every_fit_stage_from_scratch_under_ddp_cpu(tmp_path: Path) -> None:
         "e2e.lora=true",  # alternate steps leave a group without gradients: DDP must be told
         timeout=400,
     )
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mchar")
-    stages = sorted(
-        r.data.tags["mchar.stage"]
-        for r in client.search_runs([exp.experiment_id])
-        if "mchar.stage" in r.data.tags
-    )
-    assert stages == ["base_lm", "e2e", "gistnet", "lensnet"]
+    assert _stage_runs(tmp_path) == ["base_lm", "e2e", "gistnet", "lensnet"]
     assert sorted(p.name for p in (tmp_path / "art" / "base_lm").iterdir()) == [
         "local_tiny"
     ]  # no build left behind
@@ -121,3 +146,44 @@ def test_ddp_validation_scores_each_window_once_with_single_process_seeds(tmp_pa
     assert "val/dnll_lod1" in one and one.keys() == two.keys()
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_by_torchrun(tmp_path: Path) -> None:
+    """The README's multi-node launch, both "nodes" on this machine: torchrun per node, one process each, gloo. Node
+    1's only process is its node's local rank 0 but global rank 1, so it must neither log to MLflow nor export,
+    and it must wait for node 0's base before its GistNet stage."""
+    port = _free_port()
+    nodes = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={rank}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            *_mchar_fit(
+                tmp_path,
+                "stages=[base_lm,gistnet,lensnet]",
+                "trainer=ddp_cpu",
+                "trainer.devices=1",
+                "trainer.num_nodes=2",
+                "lensnet.max_steps=4",
+            ),
+        ]
+        for rank in (0, 1)
+    ]
+    _run_all(tmp_path, nodes, timeout=400)
+    assert _stage_runs(tmp_path) == ["base_lm", "gistnet", "lensnet"]
+    assert sorted(p.name for p in (tmp_path / "art" / "base_lm").iterdir()) == ["local_tiny"]
+    for export in ("gistnet/smoke/model.safetensors", "lensnet/smoke/model.safetensors"):
+        assert (tmp_path / "art" / export).exists(), export

@@ -204,7 +204,12 @@ class Tracker:
                 self._client.set_tag(run_id, k, v)
 
     def lightning_logger(self, run_id: str | None) -> Any:
-        """A Lightning MLFlowLogger writing into an existing (stage) run."""
+        """A Lightning MLFlowLogger writing into an existing (stage) run; None on other ranks.
+
+        Not even a dormant logger there: its MlflowClient opens the store, and ranks that start together (one
+        torchrun per node) would race rank zero's creation of a fresh SQLite store's tables."""
+        if not self.active:
+            return None
         from lightning.pytorch.loggers import MLFlowLogger
 
         return MLFlowLogger(
