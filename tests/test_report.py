@@ -143,6 +143,13 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     )
     assert "| lensnet | 0.22 | 0.96 | 0.6 | 248 | 4 | 240 | 5 | 0.25 | 0.75 | — |" in md
     assert "| recency | 0.11 | 0.97 | 0.5 | 256 | 0 | 256 | 0 | 0.25 | — | 0.75 |" in md
+    # several (budget, depth) points: the task and telemetry tables cover every one, with the point's columns
+    assert "Every (budget, depth) of 3 eval runs; the plot shows budget 256, depth 2 (the newest run's)." in md
+    assert "\n| budget | depth | policy | task | 256 | 1024 |" in md
+    assert "\n| budget | depth | policy | swap rate | budget util |" in md
+    for budget in BUDGETS:
+        assert f"\n| {budget} | 2 | lensnet | passkey | 0.8125 | 0.5625 |" in md
+        assert f"\n| {budget} | 2 | lensnet | 0.22 | 0.96 | 0.6 | {budget - 8} | 4 |" in md
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md
@@ -169,6 +176,9 @@ def test_report_scoped_to_one_run_and_missing_sections(tmp_path: Path) -> None:
     )
     md = path.read_text()
     assert ids["eval"][128] in md and ids["eval"][64] not in md and ids["eval"][256] not in md
+    # one (budget, depth): named once above the tables, no point columns
+    assert "\n| policy | swap rate | budget util |" in md and "\n| policy | task | 256 | 1024 |" in md
+    assert "Budget 128, depth 2; runs" in md and "Every (budget, depth)" not in md
     assert "**base_lm**: _not run_" in md and "**gistnet**: _not run_" in md
     kept = tmp_path / "reports" / "nothing.md"
     kept.write_text("an earlier report\n")

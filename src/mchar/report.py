@@ -272,7 +272,8 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
 def _paired(evals: list[RunInfo]) -> list[str]:
     """Per-document paired differences to the reference policy, from the newest eval run that has them (in a sweep
     over another setting, the newest of each variant: each row compares within its own trial)."""
-    runs = _pick_budget_runs(evals, lambda r: any(PAIRED.match(k) for k in r.metrics))
+    groups = _by_point(evals, lambda r: any(PAIRED.match(k) for k in r.metrics))
+    runs = groups[0] if groups else []  # the newest run's (budget, depth)
     variants: dict[str, RunInfo] = {}
     for r in runs:
         variants.setdefault(r.variant, r)
@@ -308,62 +309,95 @@ def _paired(evals: list[RunInfo]) -> list[str]:
     return [*lines, *table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
 
 
-def _pick_budget_runs(evals: list[RunInfo], predicate: Any) -> list[RunInfo]:
-    """Eval runs at the (budget, depth) of the newest run that has the wanted metrics; newest first."""
-    first = next((r for r in evals if predicate(r)), None)
-    if first is None:
+def _by_point(evals: list[RunInfo], predicate: Any) -> list[list[RunInfo]]:
+    """Eval runs with the wanted metrics grouped by (budget, depth), each group newest first; the newest run's
+    group leads (its plot is the one drawn), the others follow in (budget, depth) order."""
+    groups: dict[tuple[int | None, int | None], list[RunInfo]] = {}
+    for r in evals:
+        if predicate(r):
+            groups.setdefault((r.int_param("allocator.budget"), r.int_param("tree.depth")), []).append(r)
+    if not groups:
         return []
-    ident = (first.int_param("allocator.budget"), first.int_param("tree.depth"))
+    lead = next(iter(groups))
+    rest = sorted((k for k in groups if k != lead), key=lambda k: tuple(-1 if v is None else v for v in k))
+    return [groups[k] for k in (lead, *rest)]
+
+
+def _point(runs: list[RunInfo]) -> list[str]:
+    return [str(runs[0].params.get("allocator.budget")), str(runs[0].params.get("tree.depth"))]
+
+
+def _point_note(groups: list[list[RunInfo]]) -> list[str]:
+    """One (budget, depth): say which and the runs; several (a sweep): the tables get budget and depth columns."""
+    if len(groups) == 1:
+        runs = groups[0]
+        return [
+            f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
+            f"runs {_ids(runs)}.",
+            "",
+        ]
+    lead = groups[0][0]
     return [
-        r
-        for r in evals
-        if predicate(r) and (r.int_param("allocator.budget"), r.int_param("tree.depth")) == ident
+        f"Every (budget, depth) of {sum(map(len, groups))} eval runs; the plot shows budget "
+        f"{lead.params.get('allocator.budget')}, depth {lead.params.get('tree.depth')} (the newest run's).",
+        "",
     ]
 
 
 def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
     lines = ["## Task accuracy vs context length", ""]
-    runs = _pick_budget_runs(evals, lambda r: any(TASK.match(k) for k in r.metrics))
-    if not runs:
+    groups = _by_point(evals, lambda r: any(TASK.match(k) for k in r.metrics))
+    if not groups:
         return [*lines, NOT_RUN, ""]
-    acc: dict[str, dict[str, dict[int, float]]] = {}
-    for run in reversed(runs):  # newest wins
-        for key, value in run.metrics.items():
-            m = TASK.match(key)
-            if m:
-                acc.setdefault(run.series(m.group(1)), {}).setdefault(m.group(2), {})[int(m.group(3))] = value
-    lengths = sorted({n for per in acc.values() for t in per.values() for n in t})
-    tasks = sorted({t for per in acc.values() for t in per})
-    rows = [[p, t, *[fmt(acc[p].get(t, {}).get(n)) for n in lengths]] for p in sorted(acc) for t in tasks]
-    lines += [
-        f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
-        f"runs {_ids(runs)}.",
-        "",
+    per_point = []
+    for runs in groups:
+        acc: dict[str, dict[str, dict[int, float]]] = {}
+        for run in reversed(runs):  # newest wins
+            for key, value in run.metrics.items():
+                m = TASK.match(key)
+                if m:
+                    acc.setdefault(run.series(m.group(1)), {}).setdefault(m.group(2), {})[int(m.group(3))] = (
+                        value
+                    )
+        per_point.append((_point(runs), acc))
+    lengths = sorted({n for _, acc in per_point for per in acc.values() for t in per.values() for n in t})
+    point_cols = ["budget", "depth"] if len(groups) > 1 else []
+    rows = [
+        [*(point if point_cols else []), p, t, *[fmt(acc[p].get(t, {}).get(n)) for n in lengths]]
+        for point, acc in per_point
+        for p in sorted(acc)
+        for t in sorted({t for per in acc.values() for t in per})
     ]
-    lines += table(["policy", "task", *[str(n) for n in lengths]], rows)
-    figures.append(plots.task_accuracy(acc, out / "task_accuracy.png"))
+    lines += _point_note(groups)
+    lines += table([*point_cols, "policy", "task", *[str(n) for n in lengths]], rows)
+    figures.append(plots.task_accuracy(per_point[0][1], out / "task_accuracy.png"))
     lines += ["", f"![task accuracy]({rel}/task_accuracy.png)", ""]
     return lines
 
 
 def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
     lines = ["## Focus telemetry (swap rate, budget use, residency)", ""]
-    runs = _pick_budget_runs(evals, lambda r: any(k.startswith("focus/") for k in r.metrics))
-    if not runs:
+    groups = _by_point(evals, lambda r: any(k.startswith("focus/") for k in r.metrics))
+    if not groups:
         return [*lines, NOT_RUN, ""]
-    rows: dict[str, dict[str, float]] = {}
-    for run in reversed(runs):
-        for key, value in run.metrics.items():
-            parts = key.split("/", 2)
-            if len(parts) == 3 and parts[0] == "focus":
-                rows.setdefault(run.series(parts[1]), {})[parts[2]] = value
-    lines += [
-        f"Budget {runs[0].params.get('allocator.budget')}, depth {runs[0].params.get('tree.depth')}; "
-        f"runs {_ids(runs)}.",
-        "",
-    ]
+    per_point = []
+    for runs in groups:
+        rows: dict[str, dict[str, float]] = {}
+        for run in reversed(runs):
+            for key, value in run.metrics.items():
+                parts = key.split("/", 2)
+                if len(parts) == 3 and parts[0] == "focus":
+                    rows.setdefault(run.series(parts[1]), {})[parts[2]] = value
+        per_point.append((_point(runs), rows))
+    lines += _point_note(groups)
     lods = sorted(
-        {k.split("/", 1)[1] for v in rows.values() for k in v if k.startswith("lod_share/")},
+        {
+            k.split("/", 1)[1]
+            for _, rows in per_point
+            for v in rows.values()
+            for k in v
+            if k.startswith("lod_share/")
+        },
         key=lambda lod: (not lod.isdigit(), int(lod) if lod.isdigit() else 0),
     )
     lines += [
@@ -374,11 +408,16 @@ def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -
         "",
     ]
     keys = [*FOCUS_METRICS, *[f"lod_share/{x}" for x in lods]]
+    point_cols = ["budget", "depth"] if len(groups) > 1 else []
     lines += table(
-        ["policy", *FOCUS_METRICS.values()] + [f"LOD{x}" if x.isdigit() else x for x in lods],
-        [[p, *[fmt(v.get(k)) for k in keys]] for p, v in sorted(rows.items())],
+        [*point_cols, "policy", *FOCUS_METRICS.values()] + [f"LOD{x}" if x.isdigit() else x for x in lods],
+        [
+            [*(point if point_cols else []), p, *[fmt(v.get(k)) for k in keys]]
+            for point, rows in per_point
+            for p, v in sorted(rows.items())
+        ],
     )
-    figures.append(plots.telemetry(rows, out / "telemetry.png"))
+    figures.append(plots.telemetry(per_point[0][1], out / "telemetry.png"))
     lines += ["", f"![telemetry]({rel}/telemetry.png)", ""]
     return lines
 

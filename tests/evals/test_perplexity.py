@@ -127,6 +127,26 @@ def test_recorder_focus_map_and_swap_rate() -> None:
     assert s["scored_raw_tokens"] == 28 and s["scored_gist_slots"] == 1 and s["snapshots"] == 2
 
 
+def test_recorder_ignores_how_dropped_history_is_booked() -> None:
+    """Truncation's dropped LOD1 entries merging into a dropped LOD2 is no focus change: with the same raw blocks
+    in view, the swap rate is 0 and every entry in view keeps living; dropping a raw block is a swap."""
+    from mchar.core.entries import Entry
+    from mchar.core.working_context import WorkingContext
+
+    def truncated(entries: list[Entry], dropped: list[bool]) -> WorkingContext:
+        return WorkingContext(2, 2, 8, 16, entries=entries, dropped=dropped, allows_drop=True)
+
+    rec = FocusRecorder(budget=8)
+    raw = [Entry(0, 4), Entry(0, 5), Entry(0, 6), Entry(0, 7)]
+    gists = [Entry(1, i) for i in range(4)]  # K = 2: tokens 0-7 as four LOD1 entries, or two LOD2 ones
+    rec.observe(truncated([*gists, *raw], [True] * 4 + [False] * 4))
+    rec.observe(truncated([Entry(2, 0), Entry(2, 1), *raw], [True] * 2 + [False] * 4))
+    s = rec.summary()
+    assert s["swap_rate"] == 0.0 and s["residency"] == 2.0
+    rec.observe(truncated([Entry(2, 0), Entry(2, 1), *raw], [True] * 3 + [False] * 3))
+    assert rec.summary()["swap_rate"] == pytest.approx((0.0 + 1 / 4) / 2)
+
+
 def test_make_documents_concatenated_cuts_exact_lengths() -> None:
     docs = make_documents([[1] * 10, [2] * 10, [3] * 10], length=12, count=5, sep=0, within_files=False)
     assert [d.tolist() for d in docs] == [[1] * 10 + [0, 2], [2] * 9 + [0, 3, 3]]

@@ -4,9 +4,11 @@ Why a recorder outside the allocator: truncation baselines rebuild their working
 it, so the allocator's own counters see nothing for them. Comparing consecutive WC *snapshots* measures every
 policy the same way:
 
-* ``swap_rate``: per refocus, the share of the previous WC's entries (over already-seen history) that are no
-  longer present (expanded, collapsed, dropped or restored), averaged over refocuses.
-* ``residency``: mean number of consecutive snapshots an entry (level, index, dropped) survives unchanged; an
+* ``swap_rate``: per refocus, the share of the previous WC's entries in view (not dropped) that are no longer
+  in view (expanded, collapsed or dropped), averaged over refocuses. Dropped entries do not count: how a
+  truncation baseline books the history it dropped (LOD1 entries that merge into a dropped LOD2 once it exists)
+  changes nothing the model sees, and counting it made truncation's swap rate depend on ``tree.depth``.
+* ``residency``: mean number of consecutive snapshots an entry in view (level, index) stays in view unchanged; an
   entry still alive at the end counts what it had (right-censored, so residency is a lower bound).
 * ``budget_util``: mean ``cost / budget`` over snapshots.
 * ``raw_tokens`` / ``gist_slots``: mean raw tokens (LOD0 blocks and the tail) and mean gist entries in the WC per
@@ -30,7 +32,7 @@ import numpy as np
 DROPPED = -1
 UNSEEN = -2
 
-EntryKey = tuple[int, int, bool]
+EntryKey = tuple[int, int]
 # the focus metrics logged per policy (``focus/<policy>/<key>``), with their report column titles
 FOCUS_METRICS = {
     "swap_rate": "swap rate",
@@ -80,8 +82,7 @@ class FocusRecorder:
 
     def observe(self, wc: Any) -> None:
         """Record the WC as it is now (call after every refocus)."""
-        keys = [(int(e.level), int(e.index), bool(d)) for e, d in zip(wc.entries, wc.dropped, strict=True)]
-        current = set(keys)
+        current = {(int(e.level), int(e.index)) for e, d in zip(wc.entries, wc.dropped, strict=True) if not d}
         if self._alive:
             gone = [k for k in self._alive if k not in current]
             self._swap.append(len(gone) / max(1, len(self._alive)))
