@@ -144,7 +144,9 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "| lensnet | 0.22 | 0.96 | 0.6 | 248 | 4 | 240 | 5 | 0.25 | 0.75 | — |" in md
     assert "| recency | 0.11 | 0.97 | 0.5 | 256 | 0 | 256 | 0 | 0.25 | — | 0.75 |" in md
     # several (budget, depth) points: the task and telemetry tables cover every one, with the point's columns
-    assert "Every (budget, depth) of 3 eval runs; the plot shows budget 256, depth 2 (the newest run's)." in md
+    assert (
+        "Every (budget, depth) of 3 eval runs; the plot shows budget 256, depth 2 (the newest run's)." in md
+    )
     assert "\n| budget | depth | policy | task | 256 | 1024 |" in md
     assert "\n| budget | depth | policy | swap rate | budget util |" in md
     for budget in BUDGETS:
