@@ -341,3 +341,50 @@ def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
     assert gistnet_dir(context(export)) == Path(export)
     with pytest.raises(ConfigError, match=r"^lensnet.gistnet_dir: no exported GistNet at .*nowhere"):
         gistnet_dir(context(str(tmp / "nowhere")))
+
+
+def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_too(smoke_run) -> None:
+    """``trainer=gpu``/``ddp``/``fsdp`` train in ``bf16-mixed``; CI has no GPU, so the autocast paths (GistNet,
+    LensNet's utilities and loss, e2e with a LoRA adapter) run here under Lightning's CPU bf16 autocast: every fit
+    finishes with finite metrics, records its precision, and exports fp32 master weights that moved in training."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    tmp, _ = smoke_run
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "name=smoke_bf16",
+            f"run_dir={tmp / 'runs_bf16'}",
+            f"artifacts_dir={tmp / 'art'}",
+            "stages=[gistnet,lensnet,e2e]",
+            "trainer.precision=bf16-mixed",
+            "data.max_files=20",
+            "data.batch_size=2",
+            "trainer.enable_progress_bar=false",
+            "gistnet.max_steps=3",
+            "lensnet.max_steps=3",
+            "e2e.lora=true",
+            "e2e.max_steps=2",
+        ]
+    )
+    run = run_pipeline(cfg)
+    client = MlflowClient(f"sqlite:///{tmp / 'runs_bf16' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mchar")
+    runs = {r.data.tags.get("mchar.stage"): r for r in client.search_runs([exp.experiment_id])}
+    for stage in ("gistnet", "lensnet", "e2e"):
+        r = runs[stage]
+        assert r.info.status == "FINISHED" and r.data.params["trainer.precision"] == "bf16-mixed", stage
+        finals = {k: v for k, v in r.data.metrics.items() if k.startswith("final/")}
+        assert finals and all(v == v and abs(v) != float("inf") for v in finals.values()), (stage, finals)
+    # e2e started from this run's GistNet export: its bf16 steps moved the fp32 master weights
+    assert run.results["e2e"]["started_from"]["gistnet"] == run.results["gistnet"]["artifact_dir"]
+    before = load_file(Path(run.results["gistnet"]["artifact_dir"]) / "model.safetensors")
+    after = load_file(Path(run.results["e2e"]["artifact_dir"]) / "gistnet" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(
+        t.dtype == torch.float32 and torch.isfinite(t).all() for t in [*before.values(), *after.values()]
+    )
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    lora = load_file(Path(run.results["e2e"]["artifact_dir"]) / "lora.safetensors")
+    assert lora and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
