@@ -166,6 +166,9 @@ class GistNetConfig:
     val_every: int | None = None
     # output = block mean + the trunk's correction (zero at init): starts at the summary a gist-exposed base reads
     residual_mean: bool = False
+    # start from the GistNet the local base trained with (base_lm.gist_exposure_summary=gistnet) instead of an
+    # untrained one: the compressor whose output that base learnt to read
+    init_from_base: bool = False
 
 
 @dataclass
@@ -259,6 +262,9 @@ class BaseLMTrainConfig:
     gist_exposure_raw_prob: float = 0.5  # share of blocks left raw in an exposure layout
     # share of exposure layouts that are a session's WC at allocator.budget (summaries behind a raw present)
     gist_exposure_session_share: float = 0.0
+    # what writes the exposure's summaries: "mean" (parameter-free block mean) or "gistnet" (a GistNet shaped by
+    # gistnet.*, trained with the base on the exposure loss and saved beside it; gistnet.init_from_base uses it)
+    gist_exposure_summary: str = "mean"
     # Short-window phases before the final ``max_steps`` at ``data.window`` (same tokens per step): retrieval is
     # learned on short windows first. One step count per window.
     curriculum_windows: list[int] = field(default_factory=list)
@@ -439,6 +445,9 @@ def check_semantics(cfg: RootConfig) -> None:
     if cfg.base_lm.gist_exposure < 0:
         raise ConfigError(f"base_lm.gist_exposure: must be >= 0 (0 = off), got {cfg.base_lm.gist_exposure}")
     _share("base_lm.gist_exposure_session_share", cfg.base_lm.gist_exposure_session_share)
+    _choice("base_lm.gist_exposure_summary", cfg.base_lm.gist_exposure_summary, ("mean", "gistnet"))
+    if cfg.base_lm.gist_exposure_summary == "gistnet" and cfg.base_lm.gist_exposure == 0:
+        raise ConfigError("base_lm.gist_exposure_summary=gistnet: needs base_lm.gist_exposure > 0 (it trains on that loss)")
     if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:
         raise ConfigError(
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"

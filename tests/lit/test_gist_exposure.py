@@ -78,3 +78,39 @@ def test_session_layouts_put_summaries_behind_a_raw_present_within_the_budget() 
     a = gisted_inputs(emb, K, DEPTH, np.random.default_rng(5), raw_prob=0.3)
     b = gisted_inputs(emb, K, DEPTH, np.random.default_rng(5), raw_prob=0.3, session_budget=budget)
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_a_gistnet_summarizer_trains_with_the_base_on_the_exposure_loss() -> None:
+    """``base_lm.gist_exposure_summary=gistnet``: the summaries are the GistNet's output (a residual-mean GistNet
+    starts as the mean summary exactly), and one optimiser step moves both the base and the GistNet."""
+    from mchar.core.gistnet import make_gistnet
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", vocab_size=256, hidden_size=32)
+    ids = windows(2)
+    rms = float(model.get_input_embeddings().weight.detach().pow(2).mean().sqrt())
+    gistnet = make_gistnet(
+        "transformer",
+        d_model=32,
+        block_size=K,
+        n_layers=1,
+        n_heads=2,
+        width=32,
+        head="mlp",
+        max_level=DEPTH,
+        out_scale=rms,
+        residual_mean=True,
+    )
+    mean = BaseLMModule(model, gist_exposure=1.0, block_size=K, depth=DEPTH)
+    learnt = BaseLMModule(model, gist_exposure=1.0, block_size=K, depth=DEPTH, summarizer=gistnet)
+    with torch.no_grad():
+        assert torch.allclose(learnt.exposure_loss(ids, 0), mean.exposure_loss(ids, 0), atol=1e-5)
+    learnt.log = lambda *a, **k: None  # noqa: ARG005 - no trainer attached
+    opt = torch.optim.AdamW(learnt.configure_optimizers_plain(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in learnt.named_parameters()}
+    learnt.training_step(ids, 0).backward()
+    opt.step()
+    moved = {n for n, p in learnt.named_parameters() if not torch.equal(before[n], p)}
+    assert any(n.startswith("summarizer.") for n in moved) and any(n.startswith("model.") for n in moved)
+    with torch.no_grad():
+        assert not torch.allclose(learnt.exposure_loss(ids, 0), mean.exposure_loss(ids, 0), atol=1e-5)

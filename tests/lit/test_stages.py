@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -388,3 +389,63 @@ def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_
     assert any(not torch.equal(before[k], after[k]) for k in before)
     lora = load_file(Path(run.results["e2e"]["artifact_dir"]) / "lora.safetensors")
     assert lora and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
+
+
+def test_gistnet_can_start_from_the_gistnet_its_base_learnt_to_read(smoke_run, tmp_path: Path) -> None:
+    """``base_lm.gist_exposure_summary=gistnet`` trains a GistNet with the base and saves it beside the base;
+    ``gistnet.init_from_base`` starts the GistNet stage from it. Without one to start from, the preflight stops."""
+    from safetensors.torch import load_file
+
+    from mchar.base.adapter import FrozenBaseLM
+    from mchar.config import ConfigError
+    from mchar.pipeline import RunContext, preflight
+    from mchar.stages.gistnet import build_gistnet, exposure_gistnet_dir
+
+    tmp, ctx = smoke_run
+
+    def cfg(*extra: str):  # noqa: ANN202
+        return compose_config(
+            [
+                "+experiment=smoke",
+                "gistnet.residual_mean=true",
+                "gistnet.init_from_base=true",
+                "data.max_files=20",
+                "data.batch_size=2",
+                "trainer.enable_progress_bar=false",
+                *extra,
+            ]
+        )
+
+    mean_base = (f"artifacts_dir={tmp / 'art'}", f"model.name={ctx.cfg.model.name}")
+    with pytest.raises(ConfigError, match=r"^gistnet.init_from_base: the base at .* was trained without one"):
+        preflight(cfg(*mean_base))
+    with pytest.raises(ConfigError, match=r"^gistnet.init_from_base: the base \w+ is not built yet"):
+        preflight(cfg(f"artifacts_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"^gistnet.init_from_base: only mchar's own local base"):
+        preflight(cfg("model=hf", f"model.name_or_path={tmp_path}"))
+
+    built = cfg(
+        f"artifacts_dir={tmp_path / 'art'}",
+        f"run_dir={tmp_path / 'runs'}",
+        "model.name=exposed_lm",
+        "base_lm.gist_exposure=1.0",
+        "base_lm.gist_exposure_summary=gistnet",
+        "base_lm.curriculum_steps=[2]",
+        "base_lm.max_steps=2",
+        "base_lm.task_eval_examples=1",
+        "stages=[base_lm]",
+    )
+    base_dir = Path(run_pipeline(built).results["base_lm"]["model_dir"])
+    saved = load_file(exposure_gistnet_dir(base_dir) / "model.safetensors")
+    head = [k for k in saved if k.startswith("nets.0.head.") and k.endswith("weight")][-1]
+    assert saved[head].abs().sum() > 0  # the residual head starts at zero: it trained with the base
+    preflight(built)  # the built base now has one
+    run = RunContext(cfg=built, tracker=None, run_dir=tmp_path / "runs", artifacts_dir=tmp_path / "art")
+    net = build_gistnet(run, FrozenBaseLM.from_pretrained(base_dir))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    other = dataclasses.replace(run.cfg, gistnet=dataclasses.replace(run.cfg.gistnet, width=64))
+    wider = RunContext(cfg=other, tracker=None, run_dir=tmp_path / "runs", artifacts_dir=tmp_path / "art")
+    with pytest.raises(
+        ConfigError, match=r"^gistnet.init_from_base: .* differs in width \(32 vs gistnet.\* 64\)"
+    ):
+        build_gistnet(wider, FrozenBaseLM.from_pretrained(base_dir))

@@ -60,7 +60,8 @@ class BaseLMModule(L.LightningModule):
     ``model.local.induction_prior`` is what gives the local base the ability to copy.
 
     ``gist_exposure > 0`` adds that weight times :func:`mchar.lit.gist_exposure.gist_exposure_loss` on the same
-    text batch (a seeded random layout per step): the base learns to read one-slot block summaries.
+    text batch (a seeded random layout per step): the base learns to read one-slot block summaries. With a
+    ``summarizer`` (a GistNet) those summaries are its output, and it trains with the base on that loss.
     """
 
     def __init__(
@@ -84,10 +85,12 @@ class BaseLMModule(L.LightningModule):
         depth: int = 2,
         position_mode: str = "centre",
         seed: int = 0,
+        summarizer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        self.summarizer = summarizer
+        self.save_hyperparameters(ignore=["model", "summarizer"])
         self.val_nll = torchmetrics.MeanMetric()
 
     def _loss(
@@ -110,7 +113,7 @@ class BaseLMModule(L.LightningModule):
         return self._loss(ids.to(self.device), labels)
 
     def exposure_loss(self, ids: torch.Tensor, step: int) -> torch.Tensor:
-        """NLL of the batch with a seeded random mix of its blocks replaced by mean summaries."""
+        """NLL of the batch with a seeded random mix of its blocks replaced by summaries (mean or ``summarizer``)."""
         h = self.hparams
         gen = np.random.default_rng([h.seed, step, 17])
         return gist_exposure_loss(
@@ -123,6 +126,7 @@ class BaseLMModule(L.LightningModule):
             position_mode=h.position_mode,
             session_share=h.gist_exposure_session_share,
             session_budget=h.budget,
+            summary=self.summarizer,
         )
 
     def copy_phase(self, step: int) -> tuple[bool, bool]:
@@ -161,9 +165,10 @@ class BaseLMModule(L.LightningModule):
         self.val_nll.reset()
 
     def configure_optimizers_plain(self) -> list[dict]:
-        """Parameter groups: weight decay on matrices only."""
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        """Parameter groups: weight decay on matrices only (the base's and the summarizer's)."""
+        params = [*self.model.parameters(), *(self.summarizer.parameters() if self.summarizer else [])]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -10,6 +10,10 @@ K children, RMS-rescaled to the embedding scale; level 2 = the same over level-1
 position, exactly as a working context lays them out, and trains next-token NLL on every raw slot. The base
 learns to read summaries; GistNet later only has to match or beat the mean. Only the project's own local base
 is trained this way: an external HF base stays as it is (adapt it with the e2e stage's LoRA instead).
+
+``summary``: the summariser (any :data:`~mchar.lit.windows.GistFn`, default the mean above). A GistNet passed here
+is trained with the base (``base_lm.gist_exposure_summary=gistnet``): the base learns to read what a learnt
+compressor writes instead of what the mean keeps, and that GistNet is where the GistNet stage can start from.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def gisted_inputs(
     position_mode: str = "centre",
     session_share: float = 0.0,
     session_budget: int | None = None,
+    summary: W.GistFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(inputs_embeds [B, S, d], position_ids [B, S], token_pos [S])`` for one random layout shared by the batch.
 
@@ -58,8 +63,9 @@ def gisted_inputs(
     entries = W.training_layout(
         prefix, k, depth, gen, keep_raw_blocks, raw_prob, session_share, session_budget
     )
-    scale = emb.detach().pow(2).mean().sqrt()
-    gists = W.build_gists(mean_summary(scale), emb[:, :prefix], k, depth)
+    if summary is None:
+        summary = mean_summary(emb.detach().pow(2).mean().sqrt())
+    gists = W.build_gists(summary, emb[:, :prefix], k, depth)
     bank = W.source_bank(emb, gists)
     idx, pos = W.prefix_slots(entries, k, W.bank_offsets(t, prefix, k, depth), position_mode)
     tail = np.arange(prefix, t, dtype=np.int64)
@@ -81,7 +87,7 @@ def gist_exposure_loss(
 
     A raw token predicts the token that followed it in the text even when that token now sits inside a summary
     (the model saw only what came before it, so this is an honest next-token target). ``layout``: the
-    :func:`gisted_inputs` options (``raw_prob``, ``keep_raw_blocks``, ``position_mode``).
+    :func:`gisted_inputs` options (``raw_prob``, ``keep_raw_blocks``, ``position_mode``, ``summary``).
     """
     emb = model.get_input_embeddings()(ids)
     x, positions, token_pos = gisted_inputs(emb, block_size, depth, gen, **layout)

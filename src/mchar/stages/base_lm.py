@@ -203,6 +203,13 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         seed=cfg.seed,
     )
 
+    summarizer = None
+    if tcfg.gist_exposure_summary == "gistnet":
+        from mchar.stages.gistnet import configured_gistnet
+
+        rms = float(model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        summarizer = configured_gistnet(cfg, cfg.model.local.hidden_size, rms)
+
     final_steps = cfg.trainer.max_steps or tcfg.max_steps
     dm = CurriculumDataModule(
         [window_module(ctx, tokenizer, splits, w) for w in [*tcfg.curriculum_windows, cfg.data.window]],
@@ -229,6 +236,7 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         depth=cfg.tree.depth,
         position_mode=cfg.tree.position_mode,
         seed=cfg.seed,
+        summarizer=summarizer,
     )
     trainer = build_trainer(
         cfg.trainer,
@@ -251,6 +259,10 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         model = module.model.cpu().eval()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if summarizer is not None:
+            from mchar.stages.gistnet import exposure_gistnet_dir
+
+            module.summarizer.cpu().save_pretrained(exposure_gistnet_dir(tmp))
         from mchar.base.adapter import FrozenBaseLM
 
         base = FrozenBaseLM(model, tokenizer, name_or_path=str(target))
@@ -270,6 +282,7 @@ def _build(ctx: RunContext, run_id: str | None, target: Path, tmp: Path) -> dict
         info = {
             "metrics": metrics,
             "steps": steps,
+            "gist_exposure_summary": tcfg.gist_exposure_summary if tcfg.gist_exposure > 0 else None,
             "config": vars(cfg.model.local) | {"vocab_size": len(tokenizer)},
             "corpus": report,
             "split_fingerprint": split_fingerprint(splits),

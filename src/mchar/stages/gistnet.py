@@ -187,13 +187,48 @@ def publish(
     return summary
 
 
-def build_gistnet(ctx: RunContext, base: Any) -> Any:
+# where a local base trained with ``base_lm.gist_exposure_summary=gistnet`` keeps the GistNet it learnt to read
+EXPOSURE_GISTNET = "exposure_gistnet"
+
+
+def exposure_gistnet_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / EXPOSURE_GISTNET
+
+
+def preflight(cfg: Any) -> None:
+    """``gistnet.init_from_base`` needs a base that has (or will have, once ``base_lm`` builds it) its GistNet."""
+    if not cfg.gistnet.init_from_base:
+        return
+    from mchar.base.local_lm import is_built
+    from mchar.config import ConfigError
+    from mchar.evals.components import check_export
+
+    m = cfg.model
+    if m.kind == "hf" or m.name_or_path:
+        raise ConfigError("gistnet.init_from_base: only mchar's own local base trains a GistNet beside it")
+    base = Path(cfg.artifacts_dir).resolve() / "base_lm" / m.name
+    if is_built(base) and not cfg.base_lm.force:
+        if not exposure_gistnet_dir(base).is_dir():
+            raise ConfigError(
+                f"gistnet.init_from_base: the base at {base} was trained without one "
+                "(base_lm.gist_exposure_summary=mean); train a base with =gistnet under another model.name"
+            )
+        check_export(exposure_gistnet_dir(base), "GistNet", "gistnet.init_from_base")
+    elif cfg.base_lm.gist_exposure_summary != "gistnet":
+        raise ConfigError(
+            f"gistnet.init_from_base: the base {m.name} is not built yet and base_lm.gist_exposure_summary="
+            f"{cfg.base_lm.gist_exposure_summary} would train none (set it to gistnet)"
+        )
+
+
+def configured_gistnet(cfg: Any, d_model: int, out_scale: float) -> Any:
+    """An untrained GistNet shaped by ``gistnet.*`` / ``tree.*`` for a base of width ``d_model``."""
     from mchar.core.gistnet import make_gistnet
 
-    g, t = ctx.cfg.gistnet, ctx.cfg.tree
+    g, t = cfg.gistnet, cfg.tree
     return make_gistnet(
         g.kind,
-        d_model=base.hidden_size,
+        d_model=d_model,
         block_size=t.block_size,
         n_layers=g.layers,
         n_heads=g.heads,
@@ -202,9 +237,32 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
         head=g.head,
         max_level=t.depth,
         shared=g.shared,
-        out_scale=base.embedding_rms,
+        out_scale=out_scale,
         residual_mean=g.residual_mean,
     )
+
+
+def build_gistnet(ctx: RunContext, base: Any) -> Any:
+    """The GistNet the stage trains: untrained, or (``gistnet.init_from_base``) the base's exposure GistNet."""
+    net = configured_gistnet(ctx.cfg, base.hidden_size, base.embedding_rms)
+    if not ctx.cfg.gistnet.init_from_base:
+        return net
+    from mchar.config import ConfigError
+    from mchar.core.gistnet import from_pretrained
+
+    where = exposure_gistnet_dir(base.name_or_path)
+    try:
+        trained = from_pretrained(where)
+    except ValueError as err:
+        raise ConfigError(f"gistnet.init_from_base: {err}") from None
+    want, have = net.config_dict(), trained.config_dict()
+    differ = sorted(k for k in want if k != "out_scale" and want[k] != have.get(k))
+    if differ:
+        raise ConfigError(
+            f"gistnet.init_from_base: the base's GistNet at {where} differs in "
+            + ", ".join(f"{k} ({have.get(k)} vs gistnet.* {want[k]})" for k in differ)
+        )
+    return trained
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
