@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,28 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from mchar.config import TrainerConfig
+
+# Lightning warnings every mchar fit would print, none of which asks anything of the user:
+for _message in (
+    # the frozen base (and the layers a LoRA adapter wraps) stays in eval mode on purpose: no dropout, fixed norms
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the curriculum's outer loader is an IterableDataset with a length, always read by one process (num_workers=0)
+    r"Your `IterableDataset` has `__len__` defined",
+    # Lightning's own call into torch's pytree API, deprecated by newer torch releases; nothing for a user to change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's per-fit tip to install its cloud logger: mchar logs to MLflow, and a quickstart's five
+    fits printed it five times."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 def build_trainer(
