@@ -447,7 +447,9 @@ def check_semantics(cfg: RootConfig) -> None:
     _share("base_lm.gist_exposure_session_share", cfg.base_lm.gist_exposure_session_share)
     _choice("base_lm.gist_exposure_summary", cfg.base_lm.gist_exposure_summary, ("mean", "gistnet"))
     if cfg.base_lm.gist_exposure_summary == "gistnet" and cfg.base_lm.gist_exposure == 0:
-        raise ConfigError("base_lm.gist_exposure_summary=gistnet: needs base_lm.gist_exposure > 0 (it trains on that loss)")
+        raise ConfigError(
+            "base_lm.gist_exposure_summary=gistnet: needs base_lm.gist_exposure > 0 (it trains on that loss)"
+        )
     if not 0.0 <= cfg.base_lm.gist_exposure_raw_prob < 1.0:
         raise ConfigError(
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"
