@@ -6,6 +6,8 @@ import statistics
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.core.allocator import FocusAllocator
@@ -52,6 +54,9 @@ def _session(
     tree = MegaContextTree.in_memory(K, depth, base.hidden_size, base.embed, gist)
     alloc = FocusAllocator(tau_expand=0.2, tau_collapse=0.2, max_edits=4, cooldown=1, protect_tokens=K)
     return MegaContextSession(base, tree, alloc, policy, budget, refocus_every=K, reuse_cache=reuse)
+
+
+_BASE = FrozenBaseLM(tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, seed=1))
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
@@ -305,3 +310,32 @@ def _session_with(base: FrozenBaseLM, **kwargs) -> MegaContextSession:  # noqa: 
     gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
     tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
     return MegaContextSession(base, tree, FocusAllocator(), ZeroPolicy(), 40, **kwargs)
+
+
+@given(
+    budget=st.integers(2 * K, 6 * K),
+    prompt=st.integers(1, 12 * K),
+    settle_at=st.integers(0, 4 * K),
+    generated=st.integers(1, 3 * K),
+    sink=st.booleans(),
+)
+@settings(max_examples=25, deadline=None)
+def test_a_truncation_baseline_never_holds_a_gist_however_tokens_arrive(
+    budget: int, prompt: int, settle_at: int, generated: int, sink: bool
+) -> None:
+    """``recency`` / ``sink_recent`` are truncation: every slot the base reads is a raw token, after a prompt, a
+    question's settle at any offset from the periodic refocus, and each token generated after it (when a block
+    completes between two refocuses the oldest block leaves the view; it used to become a LOD1 gist)."""
+    from mchar.core.policies import RecencyPolicy, SinkRecentPolicy
+
+    policy = SinkRecentPolicy(sink_blocks=1) if sink else RecencyPolicy()
+    session = _session(_BASE, budget, policy)
+    session.ingest(_ids(prompt))
+    session.ingest(_ids(settle_at, seed=1))
+    session.refocus_pending()
+    for tok in _ids(generated, seed=2).tolist():
+        session.ingest([tok])
+        wc = session.wc
+        slots = wc.slot_map()
+        assert set(slots.levels.tolist()) == {0} and wc.cost <= budget
+        assert int(slots.node_index[-1]) == session.num_tokens - 1  # the newest token is in view

@@ -129,7 +129,7 @@ class MegaContextSession:
     def wc(self) -> Any:
         """The working context, advanced to the whole history (see :meth:`ingest` for the lazy tail)."""
         if self._wc.num_tokens < self.num_tokens:
-            self.allocator.advance(self._wc, self.num_tokens)
+            _grow(self)
         return self._wc
 
     @wc.setter
@@ -461,6 +461,17 @@ def _advance(session: MegaContextSession, new_tokens: int) -> None:
     if new_tokens >= session.budget or not wc.entries and t > session.budget:
         session._wc = _initial_context(session.allocator, session.policy, session.tree, session.budget)
     elif wc.cost + pending > session.budget:
+        _grow(session)
+
+
+def _grow(session: MegaContextSession) -> None:
+    """Advance the WC to the tree's length. A truncation baseline that no longer fits rebuilds its window (the
+    oldest block leaves the view) rather than letting the allocator collapse that block into a gist: between two
+    refocuses (while an answer is generated) it held a LOD1 gist no truncation has."""
+    wc, t = session._wc, session.num_tokens
+    if getattr(session.policy, "allows_drop", False) and wc.cost + (t - wc.num_tokens) > session.budget:
+        session._wc = _initial_context(session.allocator, session.policy, session.tree, session.budget)
+    else:
         session.allocator.advance(wc, t)
 
 
