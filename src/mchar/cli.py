@@ -26,6 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate at budget: perplexity for every policy, lm-eval tasks")
     ev.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
     ev.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    gen = sub.add_parser(
+        "generate", help="continue a long text through MegaContext sessions, one per policy, side by side"
+    )
+    gen.add_argument("overrides", nargs="*", help=USAGE_OVERRIDES)
+    gen.add_argument("--file", default=None, help="a UTF-8 text file: the long context")
+    gen.add_argument("--prompt", default=None, help="text appended after the file (e.g. a question)")
+    gen.add_argument(
+        "--policies",
+        default="full,recency,lensnet",
+        help="comma-separated policies to continue with at allocator.budget (full = the plain base)",
+    )
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    gen.add_argument("--stop", action="append", default=None, help="stop at this string (repeatable)")
     sw = sub.add_parser("sweep", help="run (or resume) an Optuna study described by a YAML spec")
     sw.add_argument("spec", help="sweeps/NAME.yaml")
     sw.add_argument("--n-trials", type=int, default=None, help="override the spec's n_trials")
@@ -65,7 +78,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        from mchar.compose import compose_config
+        from mchar.generate import check_policies, continue_text, print_continuations, read_text
+
+        text = read_text(args.file, args.prompt)
+        policies = check_policies([p.strip() for p in args.policies.split(",") if p.strip()])
+        cfg = compose_config(list(args.overrides))
+        results = continue_text(cfg, text, policies, args.max_new_tokens, args.stop or [])
+        print_continuations(results, cfg.allocator.budget)
+        return 0
     if args.command in ("fit", "eval"):
         from mchar.compose import compose_config, to_yaml
 

@@ -392,17 +392,16 @@ def load_components(
     )
 
 
-def components_from_run(
+def run_exports(
     cfg: Any,
     results: dict[str, Any],
-    base_dir: str | Path,
     gistnet: str | Path | None = None,
     lensnet: str | Path | None = None,
     artifacts_dir: str | Path | None = None,
-    device: str = "cpu",
-) -> EvalComponents:
-    """Components for a pipeline run: nets from ``eval.gistnet_dir``/``eval.lensnet_dir``, this run's results, or
-    an earlier run's exports in ``<artifacts_dir>/{e2e,gistnet,lensnet}/<name>`` (so ``mchar eval`` alone finds them).
+) -> dict[str, Path | None]:
+    """Which GistNet / LensNet / LoRA exports a pipeline run evaluates (None = none found): ``eval.gistnet_dir`` /
+    ``eval.lensnet_dir``, this run's results, or an earlier run's exports in ``<artifacts_dir>/{e2e,gistnet,lensnet}/
+    <name>`` (so ``mchar eval`` alone finds them). Reads no weights, so a caller can refuse a request before loading.
     """
     if artifacts_dir is not None:  # this run's results first, else the exports an earlier run left
         results = {s: Path(artifacts_dir) / s / cfg.name for s in ("gistnet", "lensnet", "e2e")} | results
@@ -419,12 +418,30 @@ def components_from_run(
     from mchar.core.lora import has_lora
 
     lora = e2e_gist.parent if e2e_gist and Path(g) == e2e_gist and has_lora(e2e_gist.parent) else None
+    return {
+        "gistnet": Path(g) if g else None,
+        "lensnet": Path(ln) if ln else None,
+        "lora": lora,
+    }
+
+
+def components_from_run(
+    cfg: Any,
+    results: dict[str, Any],
+    base_dir: str | Path,
+    gistnet: str | Path | None = None,
+    lensnet: str | Path | None = None,
+    artifacts_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> EvalComponents:
+    """Components for a pipeline run, from the exports :func:`run_exports` finds."""
+    found = run_exports(cfg, results, gistnet, lensnet, artifacts_dir)
     return load_components(
         base_dir,
         settings_from_config(cfg),
-        gistnet=g,
-        lensnet=ln,
+        gistnet=found["gistnet"],
+        lensnet=found["lensnet"],
         dtype=cfg.model.dtype,
         device=device,
-        lora=lora,
+        lora=found["lora"],
     )

@@ -250,6 +250,13 @@ class MegaContextLM(LM):
         return out
 
     def _generate(self, ctx: list[int], until: list[str], max_gen: int, kwargs: dict[str, Any]) -> str:
+        return self.generate_ids(ctx, until, max_gen, kwargs)[0]
+
+    def generate_ids(
+        self, ctx: list[int], until: list[str], max_gen: int, kwargs: dict[str, Any]
+    ) -> tuple[str, Any]:
+        """The continuation of ``ctx`` (cut at the first ``until`` string) and the session it was generated in,
+        whose working context shows where the focus ended (``mchar generate`` prints it)."""
         session = self.new_session()
         stream_ingest(session, torch.tensor(ctx, dtype=torch.long))
         session.future_tokens = torch.zeros(0, dtype=torch.long)  # the future is unknown while generating
@@ -267,9 +274,9 @@ class MegaContextLM(LM):
             text = self.tok_decode(new)
             hits = [text.find(u) for u in until if u and u in text]
             if hits:
-                return text[: min(hits)]
+                return text[: min(hits)], session
             session.ingest([tok])
-        return text
+        return text, session
 
 
 __all__ = ["FULL", "POLICY_NAMES", "MegaContextLM"]
