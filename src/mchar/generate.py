@@ -100,9 +100,8 @@ def continue_text(
     comp = components_from_run(cfg, {}, base, artifacts_dir=artifacts, device=eval_device(cfg))
     models = [MegaContextLM(components=comp, policy=p, seed=cfg.seed) for p in policies]
     ids = models[0].tok_encode(text)
-    for (
-        model
-    ) in models:  # every refusal (length, a policy without its net) before the first token is generated
+    # every refusal (a length the base cannot hold) before the first token is generated
+    for model in models:
         model.check_length(len(ids) + max_new_tokens, "generate")
     out = []
     for policy, model in zip(policies, models, strict=True):
