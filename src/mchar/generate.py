@@ -70,11 +70,11 @@ def check_policies(policies: list[str]) -> list[str]:
 def built_base(cfg: Any) -> Path:
     """The experiment's base, which ``generate`` never trains: a missing one is an error naming the fit to run."""
     from mchar.base.local_lm import is_built
+    from mchar.stages.base_lm import configured_model_dir
 
-    m = cfg.model
-    if m.kind == "hf" or m.name_or_path:
-        return Path(m.name_or_path)
-    path = Path(cfg.artifacts_dir).resolve() / "base_lm" / m.name
+    path = configured_model_dir(cfg.model, cfg.artifacts_dir)
+    if cfg.model.kind == "hf" or cfg.model.name_or_path:
+        return path
     if not is_built(path):
         raise GenerateError(
             f"generate: no trained base at {path}; run `python -m mchar fit +experiment=<this experiment>` first"

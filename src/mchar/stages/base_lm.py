@@ -29,10 +29,14 @@ TASK_NAMES = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 
 
 def model_dir(ctx: RunContext) -> Path:
-    cfg = ctx.cfg.model
-    if cfg.kind == "hf" or cfg.name_or_path:
-        return Path(cfg.name_or_path)
-    return ctx.artifacts_dir / "base_lm" / cfg.name
+    return configured_model_dir(ctx.cfg.model, ctx.artifacts_dir)
+
+
+def configured_model_dir(model: Any, artifacts_dir: str | Path) -> Path:
+    """Where the base of ``model.*`` lives: an HF directory as given, else ``<artifacts_dir>/base_lm/<model.name>``."""
+    if model.kind == "hf" or model.name_or_path:
+        return Path(model.name_or_path)
+    return Path(artifacts_dir).resolve() / "base_lm" / model.name
 
 
 def corpus_splits(ctx: RunContext) -> Any:

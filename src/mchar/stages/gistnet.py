@@ -202,11 +202,12 @@ def preflight(cfg: Any) -> None:
     from mchar.base.local_lm import is_built
     from mchar.config import ConfigError
     from mchar.evals.components import check_export
+    from mchar.stages.base_lm import configured_model_dir
 
     m = cfg.model
     if m.kind == "hf" or m.name_or_path:
         raise ConfigError("gistnet.init_from_base: only mchar's own local base trains a GistNet beside it")
-    base = Path(cfg.artifacts_dir).resolve() / "base_lm" / m.name
+    base = configured_model_dir(m, cfg.artifacts_dir)
     if is_built(base) and not cfg.base_lm.force:
         if not exposure_gistnet_dir(base).is_dir():
             raise ConfigError(
