@@ -551,6 +551,12 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("eval.task_output", e.task_output, ("generate", "loglikelihood"))
     _choice("eval.ci", e.ci, ("t", "bootstrap"))
     _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)
+    strategy, accelerator = str(cfg.trainer.strategy).lower(), str(cfg.trainer.accelerator).lower()
+    if strategy.startswith("fsdp") and accelerator == "cpu":
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.strategy}: Lightning's FSDP needs GPUs (trainer.accelerator=gpu); "
+            "on CPUs use trainer=ddp_cpu"
+        )
     _check_training_numbers(cfg)
     if not EVAL_DEVICE.match(str(cfg.eval.device)):
         raise ConfigError(f"eval.device: {cfg.eval.device!r} is not one of auto, cpu, cuda, cuda:N")
