@@ -45,6 +45,7 @@ def test_experiment_required_files_exist() -> None:
         (["base_lm.gist_exposure_session_share=2"], "base_lm.gist_exposure_session_share"),
         (["base_lm.gist_exposure_summary=median"], "base_lm.gist_exposure_summary"),
         (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.strategy=fsdp: Lightning's FSDP needs GPUs"),
+        (["trainer.precision=bf16_mixed"], "trainer.precision: 'bf16_mixed' is not one of 32-true"),
         (["base_lm.gist_exposure_summary=gistnet"], "base_lm.gist_exposure_summary=gistnet: needs"),
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.on_policy=-0.1"], "lensnet.on_policy"),

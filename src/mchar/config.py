@@ -551,6 +551,7 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("eval.task_output", e.task_output, ("generate", "loglikelihood"))
     _choice("eval.ci", e.ci, ("t", "bootstrap"))
     _positive("trainer.max_steps", cfg.trainer.max_steps, allow_none=True)
+    _choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
     strategy, accelerator = str(cfg.trainer.strategy).lower(), str(cfg.trainer.accelerator).lower()
     if strategy.startswith("fsdp") and accelerator == "cpu":
         raise ConfigError(
@@ -563,6 +564,12 @@ def check_semantics(cfg: RootConfig) -> None:
 
 
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# what lightning.Trainer(precision=...) accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT), so a
+# typo stops here and not in the first fit, after the corpus and tokenizer work (config.py imports no Lightning)
+PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64",
+)  # fmt: skip
 
 
 def eval_device(cfg: RootConfig) -> str:
