@@ -30,6 +30,8 @@ import torch
             "eval.device=cuda:0: cuda:0 is not on this machine (0 CUDA devices)",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
+        (["trainer.strategy=dpp"], "trainer.strategy: 'dpp' is not one of auto, ddp, "),
+        (["trainer.accelerator=cpus"], "trainer.accelerator: 'cpus' is not one of auto, gpu, cpu"),
         pytest.param(
             ["trainer=ddp"],
             "trainer.accelerator=gpu: no CUDA device on this machine",

@@ -55,6 +55,20 @@ def _stage_fn(stage: str) -> Callable[[RunContext, str | None], Any]:
     return getattr(_stage_module(stage), STAGE_MODULES[stage].partition(":")[2])
 
 
+def check_trainer_names(accelerator: str, strategy: str) -> None:
+    """An accelerator or strategy name Lightning does not know: one line naming what it does know, before any work
+    (Lightning raised it in the first fit, after the corpus and tokenizer were built)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    if str(accelerator).lower() not in accelerators:
+        raise ConfigError(f"trainer.accelerator: {accelerator!r} is not one of {', '.join(accelerators)}")
+    strategies = ["auto", *sorted(StrategyRegistry.available_strategies())]
+    if str(strategy).lower() not in strategies:
+        raise ConfigError(f"trainer.strategy: {strategy!r} is not one of {', '.join(strategies)}")
+
+
 def check_accelerator(cfg: RootConfig) -> None:
     """``trainer=gpu`` (or ddp/fsdp) or a CUDA ``eval.device`` on a machine without CUDA, or more GPUs than it has:
     one line, not Lightning's traceback after the data is built."""
@@ -64,6 +78,7 @@ def check_accelerator(cfg: RootConfig) -> None:
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     t = cfg.trainer
+    check_trainer_names(t.accelerator, t.strategy)
     if str(t.accelerator).lower() in ("gpu", "cuda"):
         if have == 0:
             raise ConfigError(
