@@ -87,3 +87,22 @@ def test_a_local_base_that_was_never_trained_is_named_not_trained(
     err = capsys.readouterr().err
     assert "generate: no trained base at" in err and "python -m mchar fit +experiment" in err
     assert not (tmp_path / "base_lm").exists()
+
+
+def test_a_budget_that_cannot_hold_the_cover_is_refused_before_generating(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cover policy at depth 1 over a long text needs a slot per block; truncation needs only its window."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT * 3)
+    args = ["tree.depth=1", "--file", str(doc), "--max-new-tokens", "4"]
+    assert _run(base, tmp_path, *args, "--policies", "recency,tree_recency") == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        rf"mchar: error: generate: allocator.budget={BUDGET} cannot hold a cover of this \d+-token text plus 4 new "
+        r"tokens at tree.depth=1 \(it needs \d+\); raise the budget or tree.depth",
+        err.splitlines()[-1],
+    ), err
+    assert (
+        _run(base, tmp_path, *args, "--policies", "recency") == 0
+    )  # truncation holds its window at any length

@@ -82,6 +82,23 @@ def built_base(cfg: Any) -> Path:
     return path
 
 
+def check_cover(cfg: Any, policies: list[str], n_tokens: int, max_new_tokens: int) -> None:
+    """A policy that keeps a cover of the whole history needs the budget to hold it while the text streams in and
+    the answer is generated; truncation (and full context) do not."""
+    from mchar.core.working_context import stream_min_cost
+    from mchar.stages.evaluate import DROPPING
+
+    if all(p in (*DROPPING, "full") for p in policies):
+        return
+    k, depth, budget = cfg.tree.block_size, cfg.tree.depth, cfg.allocator.budget
+    need = stream_min_cost(k, depth, n_tokens, max_new_tokens)
+    if need > budget:
+        raise GenerateError(
+            f"generate: allocator.budget={budget} cannot hold a cover of this {n_tokens}-token text plus "
+            f"{max_new_tokens} new tokens at tree.depth={depth} (it needs {need}); raise the budget or tree.depth"
+        )
+
+
 def continue_text(
     cfg: Any, text: str, policies: list[str], max_new_tokens: int, stop: list[str]
 ) -> list[Continuation]:
@@ -100,9 +117,10 @@ def continue_text(
     comp = components_from_run(cfg, {}, base, artifacts_dir=artifacts, device=eval_device(cfg))
     models = [MegaContextLM(components=comp, policy=p, seed=cfg.seed) for p in policies]
     ids = models[0].tok_encode(text)
-    # every refusal (a length the base cannot hold) before the first token is generated
+    # every refusal (a length the base or the budget cannot hold) before the first token is generated
     for model in models:
         model.check_length(len(ids) + max_new_tokens, "generate")
+    check_cover(cfg, policies, len(ids), max_new_tokens)
     out = []
     for policy, model in zip(policies, models, strict=True):
         t0 = time.perf_counter()

@@ -344,3 +344,22 @@ def test_assembly_matches_tree_under_random_edits() -> None:
             level, node = slots[s]
             want = tree.embed_fn(tree.ids[node]) if level == 0 else tree.levels[level][node]
             assert torch.allclose(emb[0, s], want)
+
+
+@given(
+    k=st.integers(2, 16),
+    depth=st.integers(1, 4),
+    n=st.integers(0, 600),
+    then_each=st.integers(0, 40),
+)
+@settings(max_examples=60, deadline=None)
+def test_stream_min_cost_is_the_peak_cover_cost_of_the_stream(
+    k: int, depth: int, n: int, then_each: int
+) -> None:
+    """What a session needs to stream n tokens in whole blocks and then generate: the largest coarsest-cover cost
+    at each block boundary, at n, and at each generated token; never less than the final length's own cost."""
+    from mchar.core.working_context import stream_min_cost
+
+    lengths = [t for t in (*range(k, n + 1, k), *range(n, n + then_each + 1)) if t > 0]
+    expected = max((min_cost(k, depth, t) for t in lengths), default=0)
+    assert stream_min_cost(k, depth, n, then_each) == expected >= min_cost(k, depth, n)

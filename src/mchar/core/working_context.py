@@ -116,6 +116,26 @@ def min_cost(block_size: int, depth: int, num_tokens: int, tree: Any = None) -> 
     return sum(e.cost(block_size) for e in cover) + num_tokens % block_size
 
 
+def stream_min_cost(block_size: int, depth: int, num_tokens: int, then_each: int = 0) -> int:
+    """The budget a non-dropping session needs to stream ``num_tokens`` tokens in whole blocks (a block-aligned
+    :func:`min_cost` at each block boundary, and at the end), then ``then_each`` more one at a time (generation).
+
+    A cover's cost is not monotone in the length (at K = 16, depth 2: 1,008 tokens cost 3 LOD2 + 15 LOD1 gists, 1,088
+    cost 4 + 4), so a stream can outgrow a budget its final length fits. Closed form, vectorised over the lengths:
+    the raw tail, each level below the top modulo K, and every top-level node."""
+    k = block_size
+    t = np.concatenate(
+        [np.arange(k, num_tokens + 1, k), np.arange(num_tokens, num_tokens + then_each + 1)]
+    ).astype(np.int64)
+    t = t[t > 0]
+    if not t.size:
+        return 0
+    cost = t % k + t // k**depth
+    for level in range(1, depth):
+        cost += (t // k**level) % k
+    return int(cost.max())
+
+
 FitFn = Callable[["WorkingContext"], None]
 
 

@@ -68,21 +68,23 @@ def preflight(cfg: Any) -> None:
         return  # hub ids: the length check happens after loading
 
 
+TASK_ANSWER_TOKENS = 64  # at most this many answer tokens are generated per task example (max_gen_toks)
 DROPPING = ("recency", "sink_recent")  # policies that drop history instead of keeping a gist cover of it
 
 
 def _check_cover(cfg: Any) -> None:
-    """Every non-dropping policy keeps the whole history at some LOD: its coarsest cover must fit the budget."""
-    from mchar.core.working_context import min_cost
+    """Every non-dropping policy keeps the whole history at some LOD: its coarsest cover must fit the budget at every
+    point of the stream (a document arrives in whole blocks; a task's prompt too, then its answer token by token)."""
+    from mchar.core.working_context import stream_min_cost
 
     e, k, depth, budget = cfg.eval, cfg.tree.block_size, cfg.tree.depth, cfg.allocator.budget
-    needs: list[tuple[str, int]] = []
+    needs: list[tuple[str, int, int]] = []
     if any(p not in DROPPING for p in e.policies):
-        needs.append(("eval document", history_length(e, budget) + e.final_tokens))
+        needs.append(("eval document", history_length(e, budget) + e.final_tokens, 0))
     if e.tasks and any(p not in (*DROPPING, "full") for p in e.task_policies):
-        needs += [("eval.task_lengths", n) for n in e.task_lengths]
-    for what, n in needs:
-        cost = min_cost(k, depth, n)
+        needs += [("eval.task_lengths", n, TASK_ANSWER_TOKENS) for n in e.task_lengths]
+    for what, n, answer in needs:
+        cost = stream_min_cost(k, depth, n, answer)
         if cost > budget:
             raise EvalError(
                 f"allocator.budget: {budget} cannot hold a {n}-token {what} at tree.depth={depth} (its coarsest "
@@ -226,7 +228,7 @@ def _task_results(
         if why:
             out[p] = {"skipped": why}
             continue
-        model = MegaContextLM(components=comp, policy=p, max_gen_toks=64, seed=cfg.seed)
+        model = MegaContextLM(components=comp, policy=p, max_gen_toks=TASK_ANSWER_TOKENS, seed=cfg.seed)
         out[p] = {}
         runs = [(tm, list(names))] if tm is not None else []
         if ruler_tm is not None:
