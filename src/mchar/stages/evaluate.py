@@ -88,7 +88,8 @@ def _check_cover(cfg: Any) -> None:
         if cost > budget:
             raise EvalError(
                 f"allocator.budget: {budget} cannot hold a {n}-token {what} at tree.depth={depth} (its coarsest "
-                f"cover costs {cost}); raise allocator.budget or tree.depth, or shorten the history"
+                f"cover costs up to {cost} while it streams in); raise allocator.budget or tree.depth, or shorten "
+                "the history"
             )
 
 
