@@ -88,10 +88,10 @@ def _positive_int(raw: str) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         from mchar.compose import compose_config
-        from mchar.generate import check_policies, continue_text, print_continuations, read_text
+        from mchar.generate import continue_text, print_continuations, read_text
 
         text = read_text(args.file, args.prompt)
-        policies = check_policies([p.strip() for p in args.policies.split(",") if p.strip()])
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         cfg = compose_config(list(args.overrides))
         results = continue_text(cfg, text, policies, args.max_new_tokens, args.stop or [])
         print_continuations(results, cfg.allocator.budget)

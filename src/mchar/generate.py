@@ -70,12 +70,10 @@ def check_policies(policies: list[str]) -> list[str]:
 def built_base(cfg: Any) -> Path:
     """The experiment's base, which ``generate`` never trains: a missing one is an error naming the fit to run."""
     from mchar.base.local_lm import is_built
-    from mchar.stages.base_lm import configured_model_dir
+    from mchar.stages.base_lm import configured_model_dir, is_external
 
     path = configured_model_dir(cfg.model, cfg.artifacts_dir)
-    if cfg.model.kind == "hf" or cfg.model.name_or_path:
-        return path
-    if not is_built(path):
+    if not is_external(cfg.model) and not is_built(path):
         raise GenerateError(
             f"generate: no trained base at {path}; run `python -m mchar fit +experiment=<this experiment>` first"
         )
@@ -86,9 +84,10 @@ def check_cover(cfg: Any, policies: list[str], n_tokens: int, max_new_tokens: in
     """A policy that keeps a cover of the whole history needs the budget to hold it while the text streams in and
     the answer is generated; truncation (and full context) do not."""
     from mchar.core.working_context import stream_min_cost
+    from mchar.evals.components import FULL
     from mchar.stages.evaluate import DROPPING
 
-    if all(p in (*DROPPING, "full") for p in policies):
+    if all(p in (*DROPPING, FULL) for p in policies):
         return
     k, depth, budget = cfg.tree.block_size, cfg.tree.depth, cfg.allocator.budget
     need = stream_min_cost(k, depth, n_tokens, max_new_tokens)
@@ -140,7 +139,9 @@ def continue_text(
 
 
 def print_continuations(results: list[Continuation], budget: int) -> None:
+    from mchar.evals.components import FULL
+
     for r in results:
-        where = "full context" if r.policy == "full" else f"budget {budget}: {r.focus()}"
+        where = "full context" if r.policy == FULL else f"budget {budget}: {r.focus()}"
         print(f"--- {r.policy} ({r.context_tokens} tokens of context; {where}; {r.seconds:.1f} s)")
         print(r.text)

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from mchar.core.allocator import initial_context
@@ -35,14 +34,6 @@ from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.trainer import is_logging_step
 
 BASE_PREFIX = "base."
-
-# MultiSetValidation logs values its torchmetrics already synced across ranks (``collect_metrics``), identical on
-# every rank; Lightning's advice to add ``sync_dist`` for epoch-level tensors would only average them again.
-warnings.filterwarnings(
-    "ignore",
-    message=r"It is recommended to use `self\.log\('(val[a-z_]*/[^']*|step)'",
-    category=PossibleUserWarning,
-)
 
 
 def strip_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,6 +22,9 @@ for _message in (
     r"Your `IterableDataset` has `__len__` defined",
     # Lightning's own call into torch's pytree API, deprecated by newer torch releases; nothing for a user to change
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # MultiSetValidation logs values its torchmetrics already synced across ranks (``collect_metrics``), identical
+    # on every rank; the advice to add ``sync_dist`` for epoch-level tensors would only average them again
+    r"It is recommended to use `self\.log\('(val[a-z_]*/[^']*|step)'",
 ):
     warnings.filterwarnings("ignore", message=_message)
 

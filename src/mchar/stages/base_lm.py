@@ -32,9 +32,14 @@ def model_dir(ctx: RunContext) -> Path:
     return configured_model_dir(ctx.cfg.model, ctx.artifacts_dir)
 
 
+def is_external(model: Any) -> bool:
+    """``model.*`` names an HF model directory (used as it is) rather than mchar's own local base."""
+    return model.kind == "hf" or bool(model.name_or_path)
+
+
 def configured_model_dir(model: Any, artifacts_dir: str | Path) -> Path:
     """Where the base of ``model.*`` lives: an HF directory as given, else ``<artifacts_dir>/base_lm/<model.name>``."""
-    if model.kind == "hf" or model.name_or_path:
+    if is_external(model):
         return Path(model.name_or_path)
     return Path(artifacts_dir).resolve() / "base_lm" / model.name
 

@@ -202,10 +202,10 @@ def preflight(cfg: Any) -> None:
     from mchar.base.local_lm import is_built
     from mchar.config import ConfigError
     from mchar.evals.components import check_export
-    from mchar.stages.base_lm import configured_model_dir
+    from mchar.stages.base_lm import configured_model_dir, is_external
 
     m = cfg.model
-    if m.kind == "hf" or m.name_or_path:
+    if is_external(m):
         raise ConfigError("gistnet.init_from_base: only mchar's own local base trains a GistNet beside it")
     base = configured_model_dir(m, cfg.artifacts_dir)
     if is_built(base) and not cfg.base_lm.force:
