@@ -256,3 +256,63 @@ def test_validation_puts_lensnet_spearman_in_scale_with_references_and_a_split_h
         half = spearman_corrcoef(per_token[w, :, 0::2].mean(-1), per_token[w, :, 1::2].mean(-1))
         assert abs(float(out["utility_split_half"][w]) - float(half)) < 1e-5
     assert out["spearman/similarity"].shape == out["spearman"].shape == (3,)
+
+
+def test_expected_utilities_are_kl_gains_to_the_full_context_model() -> None:
+    """``utility=expected``: a training step runs the teacher (raw window) and the variants (two base forwards);
+    each utility is KL(teacher || WC) - KL(teacher || variant), recomputed here from single rows, and its mean
+    over the horizon tokens equals the sampled gain's expectation under the teacher (NLL gains weighted by the
+    teacher's probabilities)."""
+    m = _module(utility="expected")
+    ids = windows(3)
+    calls = []
+    h = m.base.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    loss, _ = m.step_loss(ids, 0)
+    h.remove()
+    assert len(calls) == 2 and torch.isfinite(loss)
+    p = m.prefix(ids)
+    targets = ids[:, p : p + H]
+    with torch.no_grad():
+        tok = m.base.embed(ids[:, : p + H])
+        bank = W.source_bank(tok, m.gists(tok, p))
+        entries, cand = m.sample_step(0, p)
+        teacher = m.teacher(ids, p)
+        utils = m.measure_utilities(bank, entries, cand, p, targets, teacher=teacher)
+        sampled = m.measure_utilities(bank, entries, cand, p, targets)
+        offs = W.bank_offsets(p + H, p, K, DEPTH)
+        i = int(cand[1])
+        logits = []
+        for layout in (entries, perturb(entries, i, K)):
+            rows = W.build_rows([(2, *m.slots(layout, offs))], p, H, bank.device)
+            logits.append(W.horizon_logits(m.base, W.gather_rows(bank, rows), rows, H))
+    sign = 1.0 if entries[i].level > 0 else -1.0
+    kl = [W.token_kl(teacher[2:3], lg).mean() for lg in logits]
+    assert abs(float(utils[2, 1]) - sign * float(kl[0] - kl[1])) < 1e-4
+    # the same gain as an expectation of per-token NLL gains over the teacher's next-token distribution
+    t = torch.softmax(teacher[2], -1)
+    gains = torch.log_softmax(logits[1][0], -1) - torch.log_softmax(logits[0][0], -1)  # log p_var - log p_wc
+    assert abs(float(utils[2, 1]) - sign * float((t * gains).sum(-1).mean())) < 1e-4
+    assert not torch.allclose(utils, sampled)
+
+
+def test_validation_reports_rank_agreement_with_both_utility_measurements() -> None:
+    for utility in ("sampled", "expected"):
+        out = _module(utility=utility).evaluate_batch(windows(2), 0)
+        for key in (
+            "spearman",
+            "spearman_expected",
+            "utility_split_half",
+            "utility_split_half_expected",
+            "spearman/recency",
+            "spearman_expected/recency",
+            "spearman_expected/similarity",
+        ):
+            assert out[key].shape == (2,), key
+        assert not torch.allclose(out["utility_split_half"], out["utility_split_half_expected"])
+
+
+def test_unknown_utility_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="lensnet.utility"):
+        _module(utility="oracle")

@@ -9,6 +9,10 @@ Utility of an entry = horizon-NLL gain of its finer version: ``NLL(WC) - NLL(WC 
 ``NLL(WC with it collapsed) - NLL(WC)`` for a raw block. Both edits cost the same K-1 slots, so the values are
 directly comparable and "higher = keep/expand, lower = collapse first" matches the allocator's convention
 (upstream's collapse label had the opposite sign, so the blocks that hurt most to collapse were collapsed first).
+Two measurements of that gain (``utility``): ``sampled`` scores the true horizon tokens; ``expected`` takes each
+token's NLL gain in expectation under the full-context model's next-token distribution (``KL(teacher || WC) -
+KL(teacher || variant)``, one more base forward on the raw window): the Rao-Blackwellised version of the same gain,
+without the noise of which token happened to come next. Validation reports the rank agreement with both.
 
 Loss: Bradley–Terry over all candidate pairs of a window (broadcast ``[B, C, C]``, weighted by |Δutility|) or
 MSE regression; no Python loop over pairs. Validation: Spearman between scores and utilities, and the horizon NLL
@@ -41,6 +45,8 @@ from mchar.lit.trainer import is_logging_step
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
 # hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
 RANK_REFERENCES = ("recency", "similarity")
+# how a variant's horizon gain is measured: on the true next tokens, or in expectation under the full-context model
+UTILITIES = ("sampled", "expected")
 
 
 def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
@@ -105,12 +111,15 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         on_policy: float = 0.0,
         lookahead: bool = False,
         seed: int = 0,
+        utility: str = "sampled",
         train_gistnet: bool = False,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
         super().__init__()
         if alloc_start not in ("recent", "coarsest"):
             raise ValueError(f"lensnet.alloc_start must be 'recent' or 'coarsest', got {alloc_start!r}")
+        if utility not in UTILITIES:
+            raise ValueError(f"lensnet.utility must be one of {UTILITIES}, got {utility!r}")
         self.base = base
         self.base.requires_grad_(False)
         self.gistnet = gistnet
@@ -122,6 +131,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
         names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
         names += [f"spearman/{p}" for p in RANK_REFERENCES] + ["utility_split_half"]
+        names += [f"{m}_expected" for m in ("spearman", "utility_split_half")] + [
+            f"spearman_expected/{p}" for p in RANK_REFERENCES
+        ]
         self.val_sets = tuple(val_sets)
         self.val_metrics = metric_sets(self.val_sets, names, nan_strategy="ignore")
         self.timings: dict[str, list[float]] = {}
@@ -190,11 +202,21 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         prefix: int,
         targets: torch.Tensor,
         per_token: bool = False,
+        teacher: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, C]`` utilities of the candidate entries of one WC shared by the batch: ONE base forward.
 
-        ``per_token``: ``[B, C, H]``, each horizon token's share before the mean (validation splits it in halves)."""
-        b = targets.shape[0]
+        ``per_token``: ``[B, C, H]``, each horizon token's share before the mean (validation splits it in halves).
+        ``teacher`` (full-context logits ``[B, H, V]``): expected instead of sampled gains (see the module doc)."""
+        logits, batch = self.variant_logits(bank, entries, cand, prefix)
+        return self.utilities_from(logits, batch, entries, cand, targets, teacher, per_token)
+
+    def variant_logits(
+        self, bank: torch.Tensor, entries: Sequence[Entry], cand: np.ndarray, prefix: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Horizon logits ``[(1+C)*B, H, V]`` of the WC and of its C one-entry variants for every window, rows
+        variant-major, and each row's window index."""
+        b = bank.shape[0]
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         t0 = time.perf_counter()
         variants = [self.slots(entries, offs)] + [
@@ -205,13 +227,33 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         embeds = W.gather_rows(bank, rows)
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
-        t0 = self._tick("base_forward", t0)
-        nll = (
-            W.token_nll(logits, targets[rows.batch]).view(len(variants), b, -1).transpose(0, 1)
-        )  # [B, 1+C, H]
-        sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=nll.device)
-        utils = (nll[:, :1] - nll[:, 1:]) * sign[:, None]
+        self._tick("base_forward", t0)
+        return logits, rows.batch
+
+    def utilities_from(
+        self,
+        logits: torch.Tensor,
+        batch: torch.Tensor,
+        entries: Sequence[Entry],
+        cand: np.ndarray,
+        targets: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits`' rows."""
+        b = targets.shape[0]
+        per_row = (
+            W.token_nll(logits, targets[batch]) if teacher is None else W.token_kl(teacher[batch], logits)
+        )
+        loss = per_row.view(1 + len(cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
+        sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=loss.device)
+        utils = (loss[:, :1] - loss[:, 1:]) * sign[:, None]
         return utils if per_token else utils.mean(-1)
+
+    def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Full-context horizon logits ``[B, H, V]`` (the raw window, no WC)."""
+        with torch.no_grad():
+            return W.teacher_logits(self.base, ids, prefix, self.horizon)
 
     def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
         """A WC and its C candidates: ``kind`` "fill" (:func:`~mchar.lit.windows.random_fill_wc`), "recent"
@@ -252,7 +294,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             if gen.random() < self.hparams.on_policy:
                 entries, cand = self.on_policy_step(tok, gists, prefix, gen)
         t0 = self._tick("sample_wc", t0)
-        utils = self.measure_utilities(bank, entries, cand, prefix, targets)
+        teacher = self.teacher(ids, prefix) if self.hparams.utility == "expected" else None
+        utils = self.measure_utilities(bank, entries, cand, prefix, targets, teacher=teacher)
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
         scores, _ = self.lens_scores([entries] * b, range(b), tok, gists, prefix)
@@ -369,11 +412,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         ids = ids.to(self.device)
         n = ids.shape[0]
         prefix, targets, tok, gists, bank = self.window_state(ids)
-        out: dict[str, torch.Tensor] = {
-            "teacher_nll": W.token_nll(W.teacher_logits(self.base, ids, prefix, self.horizon), targets).mean(
-                1
-            )
-        }
+        teacher = self.teacher(ids, prefix)
+        out: dict[str, torch.Tensor] = {"teacher_nll": W.token_nll(teacher, targets).mean(1)}
         # rank agreement on both kinds of training WC, every batch: the recency-first ones a session starts from,
         # and the random-fill ones with far-back LOD1/raw candidates (mostly near-zero utilities, harder to rank)
         kinds = ("recent", "fill") if self.hparams.random_fill > 0 else ("recent",)
@@ -381,26 +421,43 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         # and the utilities' odd/even split-half agreement (how much of a window's ranking the horizon's tokens
         # agree on; a ranking that only some tokens show is noise no scorer can predict).
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 19))
-        refs: dict[str, list[torch.Tensor]] = {p: [] for p in RANK_REFERENCES}
-        halves = []
+        # Both utility measurements (sampled, expected: suffix "" and "_expected") from the same variant forward.
+        suffixes = {"sampled": "", "expected": "_expected"}
+        refs: dict[str, list[torch.Tensor]] = {
+            f"spearman{x}/{p}": [] for x in suffixes.values() for p in RANK_REFERENCES
+        }
+        halves: dict[str, list[torch.Tensor]] = {x: [] for x in suffixes.values()}
+        ranks: dict[str, list[torch.Tensor]] = {x: [] for x in suffixes.values()}
         for kind in kinds:
             entries, cand = self.sample_step(-1 - batch_idx, prefix, kind=kind)
-            per_token = self.measure_utilities(bank, entries, cand, prefix, targets, per_token=True)
-            utils = per_token.mean(-1)
+            logits, batch = self.variant_logits(bank, entries, cand, prefix)
             scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
             cand_t = torch.as_tensor(cand, device=scores.device)
             cs = scores[:, cand_t]
-            out[f"spearman_{kind}"] = per_window_spearman(cs, utils)
-            out[f"lens_loss_{kind}"] = pairwise_bt_loss(cs, utils).reshape(1)
             wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
-            for p in RANK_REFERENCES:
-                ref = torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))
-                refs[p].append(per_window_spearman(ref[:, cand_t.cpu()], utils.cpu()))
-            halves.append(per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1)))
-        out["spearman"] = torch.cat([out[f"spearman_{k}"] for k in kinds])
-        for p in RANK_REFERENCES:
-            out[f"spearman/{p}"] = torch.cat(refs[p])
-        out["utility_split_half"] = torch.cat(halves)
+            ref_scores = {
+                p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))[:, cand_t.cpu()]
+                for p in RANK_REFERENCES
+            }
+            for measure, x in suffixes.items():
+                per_token = self.utilities_from(
+                    logits, batch, entries, cand, targets, teacher if measure == "expected" else None, True
+                )
+                utils = per_token.mean(-1)
+                ranks[x].append(per_window_spearman(cs, utils))
+                if measure == "sampled":
+                    out[f"spearman_{kind}"] = ranks[x][-1]
+                if measure == self.hparams.utility:  # the loss LensNet trains on, on held-out windows
+                    out[f"lens_loss_{kind}"] = pairwise_bt_loss(cs, utils).reshape(1)
+                for p in RANK_REFERENCES:
+                    refs[f"spearman{x}/{p}"].append(per_window_spearman(ref_scores[p], utils.cpu()))
+                halves[x].append(
+                    per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1))
+                )
+        for x in suffixes.values():
+            out[f"spearman{x}"] = torch.cat(ranks[x])
+            out[f"utility_split_half{x}"] = torch.cat(halves[x])
+        out |= {name: torch.cat(v) for name, v in refs.items()}
         out["lens_loss"] = torch.cat([out[f"lens_loss_{k}"] for k in kinds]).mean().reshape(1)
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)

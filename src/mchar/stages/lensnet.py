@@ -77,6 +77,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         horizon=lc.horizon,
         candidates=lc.candidates,
         loss=lc.loss,
+        utility=lc.utility,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         max_steps=steps,
