@@ -403,3 +403,10 @@ def test_sweep_trials_under_an_experiments_name_stay_out_of_its_report(tmp_path:
     assert all(r in md for r in ids["eval"].values())
     md = build_report(name="bd_t1", experiment="mchar", tracking_uri=uri, out_dir=tmp_path / "r").read_text()
     assert trials["bd_t1"] in md and "| 512 | 2 | 32 | recency |" in md
+
+
+def test_sweep_side_columns_name_their_validation_set() -> None:
+    from mchar.report import side_label
+
+    assert side_label("final/spearman") == "spearman"
+    assert side_label("final_retrieval/spearman_expected") == "spearman_expected (retrieval)"

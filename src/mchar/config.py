@@ -186,6 +186,8 @@ class LensNetConfig:
     # the training targets: sampled = horizon-NLL gains on the true next tokens; expected = the same gains in
     # expectation under the full-context model's next-token distribution (KL to it; less noise per token)
     utility: str = "sampled"
+    # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
+    pair_norm: str = "batch"
     candidates: int = 16
     warmup_steps: int = 10
     tail_tokens: int = 32
@@ -437,6 +439,7 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
     _choice("lensnet.utility", cfg.lensnet.utility, ("sampled", "expected"))
+    _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, ("batch", "window"))
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     _share("gistnet.raw_prob", g.raw_prob)

@@ -43,7 +43,14 @@ GISTNET_VS_DROP = (
     "dnll_session",
     "drop_dnll_session",
 )
-LENSNET_RANKING = ("spearman", "spearman/recency", "utility_split_half")
+LENSNET_RANKING = (
+    "spearman",
+    "spearman/recency",
+    "utility_split_half",
+    "spearman_expected",
+    "spearman_expected/recency",
+    "utility_split_half_expected",
+)
 TRENDS = {
     "gistnet": (*GISTNET_VS_DROP, "subst_rate"),
     "lensnet": (
@@ -524,7 +531,7 @@ def _sweep(root: RunInfo | None) -> list[str]:
         for r, m in zip(trials, found, strict=True)
     ]
     task_names = [t[len("task/") : -len("/acc")] for t in tasks]
-    header = ["trial", "state", *keys, "value", *[k.split("/", 1)[1] for k in side], *task_names, "run"]
+    header = ["trial", "state", *keys, "value", *[side_label(k) for k in side], *task_names, "run"]
     return [*lines, *table(header, rows), ""]
 
 
@@ -537,7 +544,19 @@ SWEEP_SIDE_METRICS = (
     "final/dnll_session",
     "final/drop_dnll_session",
     "final/spearman",
+    "final/spearman_expected",
+    "final_retrieval/spearman",
+    "final_retrieval/spearman_expected",
 )
+
+
+def side_label(key: str) -> str:
+    """``final/spearman`` -> ``spearman``; another validation set's ``final_<set>/spearman`` -> ``spearman (<set>)``."""
+    prefix, metric = key.split("/", 1)
+    held_out = prefix.removeprefix("final").lstrip("_")
+    return f"{metric} ({held_out})" if held_out else metric
+
+
 # what the perplexity, task and telemetry sections already tell apart
 SECTION_KEYS = ("allocator.budget", "tree.depth", "allocator.policy")
 

@@ -83,3 +83,21 @@ def test_remote_code_stays_off_by_default() -> None:
     import inspect
 
     assert inspect.signature(FrozenBaseLM.from_pretrained).parameters["trust_remote_code"].default is False
+
+
+def test_loading_draws_no_weights_bar_and_leaves_the_setting_as_it_was(
+    saved: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    _, path = saved
+    assert hf_logging.is_progress_bar_enabled()
+    FrozenBaseLM.from_pretrained(path)
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        FrozenBaseLM.from_pretrained(path)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -51,6 +51,23 @@ def test_bt_loss_matches_naive_pairs() -> None:
     assert abs(float(pairwise_bt_loss(s, u)) - num / den) < 1e-5
 
 
+def test_bt_loss_per_window_weighs_every_window_alike() -> None:
+    """``norm="window"``: each window's weighted pair loss on its own, averaged; scaling one window's utilities
+    (a needle's nats against code's hundredths) changes the batch-normalised loss but not this one."""
+    g = torch.Generator().manual_seed(1)
+    s, u = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    per = [float(pairwise_bt_loss(s[b : b + 1], u[b : b + 1])) for b in range(3)]
+    assert abs(float(pairwise_bt_loss(s, u, norm="window")) - sum(per) / 3) < 1e-5
+    scaled = u.clone()
+    scaled[0] *= 100.0
+    assert abs(float(pairwise_bt_loss(s, scaled, norm="window")) - sum(per) / 3) < 1e-5
+    assert abs(float(pairwise_bt_loss(s, scaled)) - float(pairwise_bt_loss(s, u))) > 1e-3
+    tied = u.clone()
+    tied[1] = 0.0  # a window without a ranked pair is left out of the mean, not counted as zero loss
+    want = (per[0] + per[2]) / 2
+    assert abs(float(pairwise_bt_loss(s, tied, norm="window")) - want) < 1e-5
+
+
 def test_one_base_forward_per_batch_and_utilities_match_single_runs() -> None:
     m = _module()
     ids = windows(3)
@@ -316,3 +333,5 @@ def test_unknown_utility_is_refused() -> None:
 
     with pytest.raises(ValueError, match="lensnet.utility"):
         _module(utility="oracle")
+    with pytest.raises(ValueError, match="lensnet.pair_norm"):
+        _module(pair_norm="pair")

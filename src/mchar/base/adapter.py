@@ -6,6 +6,8 @@ The base model is never modified: MegaContext feeds it ``inputs_embeds`` (tokens
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,21 @@ _DTYPES = {
 
 class BaseModelError(MCharError, ValueError):
     """A base model could not be loaded or cannot serve the request (one clear line)."""
+
+
+@contextmanager
+def no_weight_loading_bar() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar on every load: a sweep's log held one per trial and stage. Off
+    for the load only (downloads and the caller's own bars keep the setting they had)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -91,9 +108,13 @@ class FrozenBaseLM(nn.Module):
                 f"model.name_or_path: no directory {path!r} (a local model is a from_pretrained directory)"
             )
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+            with no_weight_loading_bar():
+                model = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    dtype=resolve_dtype(dtype),
+                    trust_remote_code=trust_remote_code,
+                    use_safetensors=True,
+                )
         except (OSError, ValueError) as err:
             raise BaseModelError(f"model.name_or_path: cannot load {path!r}: {first_line(err)}") from None
         try:

@@ -47,6 +47,7 @@ ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "
 RANK_REFERENCES = ("recency", "similarity")
 # how a variant's horizon gain is measured: on the true next tokens, or in expectation under the full-context model
 UTILITIES = ("sampled", "expected")
+PAIR_NORMS = ("batch", "window")
 
 
 def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
@@ -55,14 +56,23 @@ def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tens
 
 
 def pairwise_bt_loss(
-    scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None
+    scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None, norm: str = "batch"
 ) -> torch.Tensor:
-    """Bradley–Terry over all pairs (i better than j), weighted by |u_i - u_j|; ``[B, C]`` inputs."""
+    """Bradley–Terry over all pairs (i better than j), weighted by |u_i - u_j|; ``[B, C]`` inputs.
+
+    ``norm="batch"`` divides by the batch's total weight, so windows whose utilities are large (a retrieval needle:
+    nats) outweigh those where they are small (code: hundredths); ``"window"`` normalises each window's pairs on
+    their own and averages the windows, so every window's ranking counts the same."""
     du = utils[:, :, None] - utils[:, None, :]
     ds = scores[:, :, None] - scores[:, None, :]
     w = du.clamp_min(0.0)
     if mask is not None:
         w = w * (mask[:, :, None] & mask[:, None, :])
+    if norm == "window":
+        total = w.sum((1, 2))
+        per_window = (w * F.softplus(-ds)).sum((1, 2)) / total.clamp_min(1e-8)
+        ranked = total > 0
+        return per_window[ranked].sum() / ranked.sum().clamp_min(1)
     return (w * F.softplus(-ds)).sum() / w.sum().clamp_min(1e-8)
 
 
@@ -112,6 +122,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         lookahead: bool = False,
         seed: int = 0,
         utility: str = "sampled",
+        pair_norm: str = "batch",
         train_gistnet: bool = False,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
@@ -120,6 +131,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
             raise ValueError(f"lensnet.alloc_start must be 'recent' or 'coarsest', got {alloc_start!r}")
         if utility not in UTILITIES:
             raise ValueError(f"lensnet.utility must be one of {UTILITIES}, got {utility!r}")
+        if pair_norm not in PAIR_NORMS:
+            raise ValueError(f"lensnet.pair_norm must be one of {PAIR_NORMS}, got {pair_norm!r}")
         self.base = base
         self.base.requires_grad_(False)
         self.gistnet = gistnet
@@ -304,7 +317,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         if self.hparams.loss == "regression":
             loss = regression_loss(cs, utils)
         else:
-            loss = pairwise_bt_loss(cs, utils)
+            loss = pairwise_bt_loss(cs, utils, norm=self.hparams.pair_norm)
         self._tick("loss", t0)
         return loss, {
             "lens_loss": loss.detach(),
@@ -448,7 +461,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
                 if measure == "sampled":
                     out[f"spearman_{kind}"] = ranks[x][-1]
                 if measure == self.hparams.utility:  # the loss LensNet trains on, on held-out windows
-                    out[f"lens_loss_{kind}"] = pairwise_bt_loss(cs, utils).reshape(1)
+                    out[f"lens_loss_{kind}"] = pairwise_bt_loss(
+                        cs, utils, norm=self.hparams.pair_norm
+                    ).reshape(1)
                 for p in RANK_REFERENCES:
                     refs[f"spearman{x}/{p}"].append(per_window_spearman(ref_scores[p], utils.cpu()))
                 halves[x].append(

@@ -78,6 +78,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         candidates=lc.candidates,
         loss=lc.loss,
         utility=lc.utility,
+        pair_norm=lc.pair_norm,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         max_steps=steps,
