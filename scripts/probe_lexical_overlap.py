@@ -18,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mchar.compose import compose_config
 from mchar.core.entries import Entry
-from mchar.core.gistnet import from_pretrained as gistnet_from
-from mchar.core.lensnet import from_pretrained as lensnet_from
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
-from mchar.lit.lensnet_module import LensNetModule, per_window_spearman
-from mchar.pipeline import RunContext
-from mchar.stages.gistnet import load_base
-from mchar.stages.lensnet import lens_training_kwargs, lensnet_windows
+from mchar.lit.lensnet_module import per_window_spearman
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "probes"))
+from _utility_rows import held_out_lens_module  # noqa: E402
 
 
 def overlap(ids: torch.Tensor, entries: list[Entry], prefix: int, k: int, q: int, idf: bool) -> torch.Tensor:
@@ -49,24 +46,7 @@ def zscore(x: torch.Tensor) -> torch.Tensor:
 
 
 def main(name: str = "quickstart", n_windows: int = 16) -> None:
-    cfg = compose_config(
-        [
-            "+experiment=quickstart",
-            f"name={name}",
-            f"lensnet.val_windows={n_windows}",
-            f"lensnet.val_retrieval_windows={n_windows}",
-        ]
-    )
-    ctx = RunContext(cfg=cfg, tracker=None, run_dir=Path(cfg.run_dir), artifacts_dir=Path(cfg.artifacts_dir))
-    base = load_base(ctx)
-    art = Path(cfg.artifacts_dir)
-    module = LensNetModule(
-        base,
-        gistnet_from(art / "gistnet" / name),
-        lensnet_from(art / "lensnet" / name),
-        **lens_training_kwargs(cfg, 1),
-    ).eval()
-    _, val, retrieval = lensnet_windows(ctx, base)
+    cfg, module, val, retrieval = held_out_lens_module(name, name, n_windows)
     k = cfg.tree.block_size
     res: dict[tuple[str, str, str], list[torch.Tensor]] = {}
     with torch.no_grad():

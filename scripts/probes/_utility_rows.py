@@ -2,6 +2,8 @@
 with LensNet's scores and the probe's own per-candidate features, for both kinds of training WC."""
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,3 +31,37 @@ def utility_rows(mod, wins: torch.Tensor, features: Features, bs: int = 4) -> di
                     rows.append((utils[w].numpy(), f))
         out[kind] = rows
     return out
+
+
+def held_out_lens_module(
+    gistnet_name: str, lensnet_name: str, n_windows: int
+) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """(quickstart config, a LensNetModule over the named exported nets and the quickstart base, held-out code
+    windows, held-out retrieval windows): ``n_windows`` of each, as LensNet's validation draws them."""
+    from mchar.compose import compose_config
+    from mchar.core.gistnet import from_pretrained as gistnet_from
+    from mchar.core.lensnet import from_pretrained as lensnet_from
+    from mchar.lit.lensnet_module import LensNetModule
+    from mchar.pipeline import RunContext
+    from mchar.stages.gistnet import load_base
+    from mchar.stages.lensnet import lens_training_kwargs, lensnet_windows
+
+    cfg = compose_config(
+        [
+            "+experiment=quickstart",
+            f"name={lensnet_name}",
+            f"lensnet.val_windows={n_windows}",
+            f"lensnet.val_retrieval_windows={n_windows}",
+        ]
+    )
+    ctx = RunContext(cfg=cfg, tracker=None, run_dir=Path(cfg.run_dir), artifacts_dir=Path(cfg.artifacts_dir))
+    base = load_base(ctx)
+    art = Path(cfg.artifacts_dir)
+    module = LensNetModule(
+        base,
+        gistnet_from(art / "gistnet" / gistnet_name),
+        lensnet_from(art / "lensnet" / lensnet_name),
+        **lens_training_kwargs(cfg, 1),
+    ).eval()
+    _, val, retrieval = lensnet_windows(ctx, base)
+    return cfg, module, val, retrieval

@@ -68,14 +68,22 @@ def test_bt_loss_per_window_weighs_every_window_alike() -> None:
     assert abs(float(pairwise_bt_loss(s, tied, norm="window")) - want) < 1e-5
 
 
+def _step_with_forward_count(m: LensNetModule, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One training step's loss and how many base forwards it ran."""
+    calls = []
+    h = m.base.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        loss, _ = m.step_loss(ids, 0)
+    finally:
+        h.remove()
+    return loss, len(calls)
+
+
 def test_one_base_forward_per_batch_and_utilities_match_single_runs() -> None:
     m = _module()
     ids = windows(3)
-    calls = []
-    h = m.base.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    loss, _ = m.step_loss(ids, 0)
-    h.remove()
-    assert len(calls) == 1 and torch.isfinite(loss)
+    loss, forwards = _step_with_forward_count(m, ids)
+    assert forwards == 1 and torch.isfinite(loss)
     p = m.prefix(ids)
     targets = ids[:, p : p + H]
     with torch.no_grad():
@@ -282,16 +290,10 @@ def test_expected_utilities_are_kl_gains_to_the_full_context_model() -> None:
     teacher's probabilities)."""
     m = _module(utility="expected")
     ids = windows(3)
-    calls = []
-    h = m.base.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    loss, _ = m.step_loss(ids, 0)
-    h.remove()
-    assert len(calls) == 2 and torch.isfinite(loss)
-    p = m.prefix(ids)
-    targets = ids[:, p : p + H]
+    loss, forwards = _step_with_forward_count(m, ids)
+    assert forwards == 2 and torch.isfinite(loss)
+    p, targets, _, _, bank = m.window_state(ids)
     with torch.no_grad():
-        tok = m.base.embed(ids[:, : p + H])
-        bank = W.source_bank(tok, m.gists(tok, p))
         entries, cand = m.sample_step(0, p)
         teacher = m.teacher(ids, p)
         utils = m.measure_utilities(bank, entries, cand, p, targets, teacher=teacher)
