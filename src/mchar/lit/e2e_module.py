@@ -72,11 +72,6 @@ class E2EModule(LensNetModule):
             return "lens"
         return "gist" if step % 2 == 1 else "lens"
 
-    def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
-        """The frozen base's full-context logits (adapters off), as the GistNet phase's teacher."""
-        with lora_disabled(self.lora_layers):
-            return super().teacher(ids, prefix)
-
     def gist_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Substitutability on the WCs the allocator builds from LensNet scores (one WC per window)."""
         ids = ids.to(self.device)

@@ -435,7 +435,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
         # agree on; a ranking that only some tokens show is noise no scorer can predict).
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 19))
         # Both utility measurements (sampled, expected: suffix "" and "_expected") from the same variant forward.
-        suffixes = {"sampled": "", "expected": "_expected"}
+        suffixes = {u: "" if u == "sampled" else f"_{u}" for u in UTILITIES}
         refs: dict[str, list[torch.Tensor]] = {
             f"spearman{x}/{p}": [] for x in suffixes.values() for p in RANK_REFERENCES
         }
