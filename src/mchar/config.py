@@ -438,8 +438,8 @@ def check_semantics(cfg: RootConfig) -> None:
     if g.width % g.heads:
         raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
-    _choice("lensnet.utility", cfg.lensnet.utility, ("sampled", "expected"))
-    _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, ("batch", "window"))
+    _choice("lensnet.utility", cfg.lensnet.utility, LENSNET_UTILITIES)
+    _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, LENSNET_PAIR_NORMS)
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     _share("gistnet.raw_prob", g.raw_prob)
@@ -570,6 +570,10 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"eval.device: {cfg.eval.device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
+# how LensNet's targets are measured (on the true next tokens, or in expectation under the full-context model) and
+# how its pair loss is normalised; the LensNet module checks the same lists
+LENSNET_UTILITIES = ("sampled", "expected")
+LENSNET_PAIR_NORMS = ("batch", "window")
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # what lightning.Trainer(precision=...) accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT), so a
 # typo stops here and not in the first fit, after the corpus and tokenizer work (config.py imports no Lightning)

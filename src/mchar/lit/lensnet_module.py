@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
+from mchar.config import LENSNET_PAIR_NORMS, LENSNET_UTILITIES
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
 from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
@@ -45,9 +46,7 @@ from mchar.lit.trainer import is_logging_step
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
 # hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
 RANK_REFERENCES = ("recency", "similarity")
-# how a variant's horizon gain is measured: on the true next tokens, or in expectation under the full-context model
-UTILITIES = ("sampled", "expected")
-PAIR_NORMS = ("batch", "window")
+UTILITIES, PAIR_NORMS = LENSNET_UTILITIES, LENSNET_PAIR_NORMS
 
 
 def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
