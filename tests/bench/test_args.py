@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize(
@@ -15,6 +16,8 @@ import pytest
         ("decode", ["--mults", "1,x"], "--mults: need comma-separated integers"),
         ("decode", ["--mults", "0,4"], "--mults: every multiple must be >= 1"),
         ("train_step", ["--block-size", "1"], "argument --block-size: must be >= 2, got 1"),
+        ("train_step", ["--device", "warp9"], "--device: unknown device 'warp9'"),
+        ("decode", ["--device", "warp9"], "--device: unknown device 'warp9'"),
         ("train_overhead", ["--steps", "two"], "argument --steps: not an integer: 'two'"),
         ("tree_io", ["--tokens", "-5"], "argument --tokens: must be >= 1, got -5"),
         ("fault", ["--kills", "0"], "argument --kills: must be >= 1, got 0"),
@@ -31,3 +34,11 @@ def test_bad_option_is_one_line(
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"mchar bench {bench.replace('_', '-')}: error: ") and needle in err[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("bench", ["train_step", "decode"])
+def test_cuda_without_a_gpu_is_one_line(bench: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"mchar.bench.{bench}").main(["--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA GPU" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -31,6 +31,24 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def device_option(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` checked before anything is built: an unknown name or CUDA on a machine without it stops in
+    argparse's one line, not in a traceback from the first ``.to``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this machine has no CUDA GPU")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock stamp covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def environment() -> dict:
     """What the numbers were measured on (printed inside every benchmark's JSON): the host as MLflow runs tag it."""
     host = host_info()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import at_least, emit
+from mchar.bench.common import at_least, device_option, emit, sync
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import make_gistnet
 from mchar.core.lensnet import LensNet
@@ -65,11 +65,6 @@ class _TimedPolicy:
         out = self.policy.scores(*args)
         self.seconds += time.perf_counter() - t0
         return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _kv_bytes(cache: Any) -> int:
@@ -153,10 +148,10 @@ class _McSide:
     def step(self, n: int) -> None:
         with torch.no_grad():
             for _ in range(n):
-                _sync(self.device)
+                sync(self.device)
                 t0 = time.perf_counter()
                 self.session.generate(1)
-                _sync(self.device)
+                sync(self.device)
                 self.lat.append(time.perf_counter() - t0)
 
     def report(self) -> dict[str, Any]:
@@ -214,11 +209,11 @@ class _FullSide:
     def step(self, n: int, record: bool = True) -> None:
         with torch.no_grad():
             for _ in range(n):
-                _sync(self.device)
+                sync(self.device)
                 t0 = time.perf_counter()
                 out = self.model(input_ids=self.nxt, past_key_values=self.cache, use_cache=True)
                 self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                _sync(self.device)
+                sync(self.device)
                 if record:
                     self.lat.append(time.perf_counter() - t0)
 
@@ -284,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budget < args.block_size:
         p.error(f"--budget {args.budget} is smaller than one block (--block-size {args.block_size})")
     setup_threads = torch.get_num_threads()
-    device = torch.device(args.device)
+    device = device_option(p, args.device)
     max_pos = max(mults) * args.budget + args.new_tokens + 2 * args.block_size + 64
     model = tiny_causal_lm(
         "llama",

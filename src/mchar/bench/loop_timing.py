@@ -17,6 +17,8 @@ class StepClock(L.Callback):
         self.stamps: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
         self.stamps.append(time.perf_counter())
 
 
@@ -26,12 +28,16 @@ def steps_per_second(stamps: Sequence[float], warmup: int) -> float:
     return (len(window) - 1) / (window[-1] - window[0])
 
 
-def lightning_stamps(module: L.LightningModule, batches: Sequence[object]) -> list[float]:
-    """Fit ``module`` on ``batches`` (one step each) with a bare CPU Trainer; return per-step timestamps."""
+def lightning_stamps(
+    module: L.LightningModule, batches: Sequence[object], device: torch.device | None = None
+) -> list[float]:
+    """Fit ``module`` on ``batches`` (one step each) with a bare one-device Trainer (the CPU unless ``device`` is a
+    GPU); return per-step timestamps."""
     clock = StepClock()
+    device = device or torch.device("cpu")
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
         max_steps=len(batches),
         logger=False,
         enable_checkpointing=False,

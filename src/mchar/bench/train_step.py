@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
-from mchar.bench.common import at_least, emit
+from mchar.bench.common import at_least, device_option, emit, sync
 from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratio, paired_ratios, steps_per_second
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
@@ -29,15 +29,17 @@ from mchar.lit.lensnet_module import LensNetModule
 CONSTRUCTION = ("sample_wc", "build_variants", "loss")
 
 
-def _plain(module: L.LightningModule, batches: list[torch.Tensor]) -> list[float]:
+def _plain(module: L.LightningModule, batches: list[torch.Tensor], device: torch.device) -> list[float]:
+    module.to(device)
     opt = module.configure_optimizers()["optimizer"]
     module.train()
     stamps = []
     for step, ids in enumerate(batches):
-        loss, _ = module.step_loss(ids, step)
+        loss, _ = module.step_loss(ids.to(device), step)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)
         stamps.append(time.perf_counter())
     return stamps
 
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=at_least(0), default=2)
     ap.add_argument("--repeats", type=at_least(1), default=5)
     ap.add_argument("--threads", type=at_least(0), default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both sides, fp32)")
     args = ap.parse_args(argv)
+    device = device_option(ap, args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = FrozenBaseLM(tiny_causal_lm("llama", args.vocab, args.hidden, layers=args.layers))
+    base = FrozenBaseLM(tiny_causal_lm("llama", args.vocab, args.hidden, layers=args.layers).to(device))
     k, depth, d = args.block_size, args.depth, args.hidden
     gen = torch.Generator().manual_seed(0)
     batches = [
@@ -84,16 +88,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         horizon=args.horizon,
         candidates=args.candidates,
         max_steps=args.steps,
-    )
+    ).to(device)
     opt = lens.configure_optimizers()["optimizer"]
     lens.profile = True
     totals = []
     for step, ids in enumerate(batches):
+        ids = ids.to(device)
+        sync(device)
         t0 = time.perf_counter()
         loss, _ = lens.step_loss(ids, step)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)
         totals.append(time.perf_counter() - t0)
     w = args.warmup
     phase_ms = {n: 1e3 * statistics.median(v[w:]) for n, v in lens.timings.items()}
@@ -116,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rates = alternate(
         {
-            "plain": lambda: steps_per_second(_plain(copy.deepcopy(proto), batches), w),
-            "lightning": lambda: steps_per_second(lightning_stamps(copy.deepcopy(proto), batches), w),
+            "plain": lambda: steps_per_second(_plain(copy.deepcopy(proto), batches, device), w),
+            "lightning": lambda: steps_per_second(lightning_stamps(copy.deepcopy(proto), batches, device), w),
         },
         args.repeats,
     )

@@ -153,6 +153,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningMo
 
     # ------------------------------------------------------------------ helpers
     def _tick(self, name: str, t0: float) -> float:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the phase's kernels, not just their launches
         t = time.perf_counter()
         if self.profile:
             self.timings.setdefault(name, []).append(t - t0)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a GPU machine lent for minutes: the GPU tests (`pytest -m gpu`: the smoke
+# pipeline under trainer=gpu, FSDP exports, a session on CUDA scoring like one on the CPU), then the training-step
+# and decode benchmarks on CUDA. Each step runs under its own time limit and the next runs whatever the last did;
+# logs and the benchmarks' JSON land in OUT_DIR. Exit status: the number of failed steps.
+# Usage: scripts/gpu_check.sh OUT_DIR        (PY=python by default: the interpreter that holds torch with CUDA)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+PY=${PY:-python}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+failed=0
+
+step() {  # step NAME SECONDS CMD...: run CMD with a limit, its output in OUT_DIR/NAME.log, a one-line verdict here
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  echo "== $name: rc=$rc in $(($(date +%s) - start)) s"
+  tail -n 4 "$out/$name.log"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $PY -c '
+import importlib, torch
+print(\"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count(), torch.cuda.get_device_name(0))
+for m in (\"lightning\", \"transformers\", \"torchmetrics\", \"mlflow\", \"optuna\", \"hydra\", \"datasets\", \"lm_eval\"):
+    print(m, importlib.import_module(m).__version__)
+'"
+step gpu_tests 420 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py
+step bench_train_step 150 "$PY" -m mchar bench --out "$out/train_step_cuda.json" train-step --device cuda
+step bench_decode 240 "$PY" -m mchar bench --out "$out/decode_cuda.json" decode --device cuda --threads 0
+exit "$failed"
