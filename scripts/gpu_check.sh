@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for minutes: the GPU tests (`pytest -m gpu`: the smoke
-# pipeline under trainer=gpu, FSDP exports, a session on CUDA scoring like one on the CPU), then the training-step
-# and decode benchmarks on CUDA. Each step runs under its own time limit and the next runs whatever the last did;
+# pipeline under trainer=gpu, FSDP exports, a session on CUDA scoring like one on the CPU) after the training-step
+# and decode benchmarks on CUDA (numbers first, should the machine's time run out). Each step runs under its own time limit and the next runs whatever the last did;
 # logs and the benchmarks' JSON land in OUT_DIR. Exit status: the number of failed steps.
 # Usage: scripts/gpu_check.sh OUT_DIR        (PY=python by default: the interpreter that holds torch with CUDA)
 set -uo pipefail
@@ -29,7 +29,7 @@ print(\"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count(), torc
 for m in (\"lightning\", \"transformers\", \"torchmetrics\", \"mlflow\", \"optuna\", \"hydra\", \"datasets\", \"lm_eval\"):
     print(m, importlib.import_module(m).__version__)
 '"
-step gpu_tests 420 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py
 step bench_train_step 150 "$PY" -m mchar bench --out "$out/train_step_cuda.json" train-step --device cuda
-step bench_decode 240 "$PY" -m mchar bench --out "$out/decode_cuda.json" decode --device cuda --threads 0
+step bench_decode 180 "$PY" -m mchar bench --out "$out/decode_cuda.json" decode --device cuda --threads 0
+step gpu_tests 400 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py
 exit "$failed"
