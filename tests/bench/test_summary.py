@@ -72,3 +72,18 @@ def test_missing_and_broken_files(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert out.read_text() == "kept\n"  # a bad file never replaces the report
     assert main(["report", "--bench", "--out-dir", str(tmp_path / "absent")]) == 2
     assert "no benchmark folder" in capsys.readouterr().err
+
+
+def test_a_subfolder_is_a_section_of_its_own(tmp_path: Path) -> None:
+    """Results from another machine (``reports/bench/h200/``) get their own section, named after the folder and
+    the machine in their files, with their numbers, next to the main machine's."""
+    bench = _copy(tmp_path)
+    shutil.copytree(COMMITTED / "h200", bench / "h200")
+    md = build_bench_report(bench, tmp_path / "reports" / "bench.md").read_text()
+    step = json.loads((bench / "h200" / "train-step.json").read_text())
+    decode = json.loads((bench / "h200" / "decode.json").read_text())
+    assert f"## `h200/`: {step['env']['cpu']}" in md and f"accelerator {step['env']['accelerator']}" in md
+    assert f"= {100 * step['lensnet']['construction_share_median']:.1f} % |" in md
+    assert "device=cuda" in md
+    for row in decode["rows"]:
+        assert f"| {row['history']:,} | {row['mc']['median_ms']:.2f} | {row['full']['median_ms']:.2f} |" in md

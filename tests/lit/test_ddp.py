@@ -33,7 +33,8 @@ def _mchar_fit(tmp: Path, *overrides: str) -> list[str]:
 
 def _run_all(tmp: Path, commands: list[list[str]], timeout: int) -> None:
     """Run the commands side by side (one per node, say) and require each to exit 0."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    src = str(Path(__file__).resolve().parents[2] / "src")  # ahead of, not instead of, the caller's own path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     env.pop("MLFLOW_TRACKING_URI", None)
     # each in its own process group: on a hang, the ranks Lightning or torchrun started are killed too (they hold
     # the output pipes)

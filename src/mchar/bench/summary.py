@@ -56,8 +56,10 @@ def _spread(side: dict[str, Any]) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -> list[str]:
-    lines = ["## Training steps (issue 4)", ""]
+def _train_steps(
+    step: dict[str, Any] | None, overhead: dict[str, Any] | None, heading: str = "## Training steps (issue 4)"
+) -> list[str]:
+    lines = [heading, ""]
     rows = []
     if step:
         lens, gist = step["lensnet"], step["gistnet"]
@@ -97,23 +99,32 @@ def _train_steps(step: dict[str, Any] | None, overhead: dict[str, Any] | None) -
     if not rows:
         return [*lines, NOT_RUN.format(name="train-step"), ""]
     machines = {_machine(d) for d in (step, overhead) if d}
+    sizes = (
+        ["`train-step` options: " + ", ".join(f"{k}={v}" for k, v in step["config"].items()) + "."]
+        if step
+        else []
+    )
     return [
         *lines,
         *table(["benchmark", "measured", "target", "met"], rows),
         "",
+        *sizes,
         f"Measured on: {'; '.join(sorted(machines))}.",
         "",
     ]
 
 
-def _decode(data: dict[str, Any] | None) -> list[str]:
-    lines = ["## Decoding at constant per-token cost (`decode`)", ""]
+def _decode(
+    data: dict[str, Any] | None, heading: str = "## Decoding at constant per-token cost (`decode`)"
+) -> list[str]:
+    lines = [heading, ""]
     if not data:
         return [*lines, NOT_RUN.format(name="decode"), ""]
     c = data["config"]
+    threads = f"{c['threads']} CPU thread(s)" if c["threads"] else "torch's default CPU threads"
     lines += [
         f"A {c['layers']}-layer d{c['hidden']} Llama, budget {c['budget']}, K = {c['block_size']}, depth "
-        f"{c['depth']}, LensNet refocus every block, {c['threads']} thread(s); median ms per generated token, both "
+        f"{c['depth']}, LensNet refocus every block, {threads}; median ms per generated token, both "
         f"sides interleaved in rounds. Measured on: {_machine(data)}.",
         "",
     ]
@@ -172,6 +183,23 @@ def _storage(io: dict[str, Any] | None, fault: dict[str, Any] | None) -> list[st
     return [*lines, ""]
 
 
+def _elsewhere(bench_dir: Path) -> list[str]:
+    """One section per subfolder of ``bench_dir`` (another machine, or other sizes: ``reports/bench/h200/``),
+    holding any of the training-step and decode results under their usual names."""
+    lines: list[str] = []
+    for sub in sorted(p for p in bench_dir.iterdir() if p.is_dir()):
+        found = {name: _load(sub, name) for name in ("train-step", "train-overhead", "decode")}
+        if not any(found.values()):
+            continue
+        machine = next(_machine(d) for d in found.values() if d)
+        lines += [f"## `{sub.name}/`: {machine}", ""]
+        if found["train-step"] or found["train-overhead"]:
+            lines += _train_steps(found["train-step"], found["train-overhead"], "### Training steps")
+        if found["decode"]:
+            lines += _decode(found["decode"], "### Decoding")
+    return lines
+
+
 def build_bench_report(bench_dir: str | Path = "reports/bench", out: str | Path = "reports/bench.md") -> Path:
     """Write ``out`` from the benchmark files in ``bench_dir``; returns its path. All files are read (and
     checked) before anything is written."""
@@ -207,6 +235,7 @@ def build_bench_report(bench_dir: str | Path = "reports/bench", out: str | Path 
     lines += _train_steps(found["train-step"], found["train-overhead"])
     lines += _decode(found["decode"])
     lines += _storage(found["tree-io"], found["fault"])
+    lines += _elsewhere(bench_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip("\n") + "\n")
     return out

@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 
 from mchar.data.copy_batches import repeat_batch
+from mchar.lit.clipping import ShardedNormClipping
 from mchar.lit.gist_exposure import gist_exposure_loss
 
 
@@ -44,7 +45,7 @@ def next_token_loss(
     return (nll * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-class BaseLMModule(L.LightningModule):
+class BaseLMModule(ShardedNormClipping, L.LightningModule):
     """Causal-LM training of an HF model; validation perplexity through torchmetrics.
 
     ``answer_weight`` multiplies the training loss of the answer tokens of synthetic retrieval windows

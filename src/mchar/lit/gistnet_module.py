@@ -31,6 +31,7 @@ from torch import nn
 from mchar.core.allocator import initial_context
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
+from mchar.lit.clipping import ShardedNormClipping
 from mchar.lit.trainer import is_logging_step
 
 BASE_PREFIX = "base."
@@ -149,7 +150,7 @@ class MultiSetValidation:
         self.log_dict({**out, "step": step}, sync_dist=False)  # type: ignore[attr-defined]
 
 
-class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningModule):
+class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormClipping, L.LightningModule):
     """Trains ``gistnet`` so that its gists substitute for the raw blocks they summarise."""
 
     def __init__(

@@ -40,6 +40,7 @@ from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
+from mchar.lit.clipping import ShardedNormClipping
 from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, MultiSetValidation, metric_sets
 from mchar.lit.trainer import is_logging_step
 
@@ -91,7 +92,7 @@ def perturb(entries: Sequence[Entry], i: int, block_size: int) -> list[Entry]:
     return [*entries[:i], *repl, *entries[i + 1 :]]
 
 
-class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, L.LightningModule):
+class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormClipping, L.LightningModule):
     """Trains ``lensnet`` to rank WC entries by their measured counterfactual utility."""
 
     def __init__(
