@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for minutes: the GPU tests (`pytest -m gpu`: the smoke
 # pipeline under trainer=gpu, FSDP exports, a session on CUDA scoring like one on the CPU) after the training-step
-# and decode benchmarks on CUDA (numbers first, should the machine's time run out). Each step runs under its own time limit and the next runs whatever the last did;
-# logs and the benchmarks' JSON land in OUT_DIR. Exit status: the number of failed steps.
+# and decode benchmarks on CUDA (numbers first, should the machine's time run out). Each step runs under its own
+# time limit and the next runs whatever the last did; logs and the benchmarks' JSON land in OUT_DIR. Exit status: the number of failed steps.
 # Usage: scripts/gpu_check.sh OUT_DIR        (PY=python by default: the interpreter that holds torch with CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."

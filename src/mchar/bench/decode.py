@@ -37,18 +37,16 @@ from mchar.core.tree import MegaContextTree
 class _Timed(nn.Module):
     """Wraps a module and accumulates its forward wall time (synchronised on CUDA)."""
 
-    def __init__(self, inner: nn.Module, sync: bool) -> None:
+    def __init__(self, inner: nn.Module, device: torch.device) -> None:
         super().__init__()
-        self.inner, self.sync, self.seconds = inner, sync, 0.0
+        self.inner, self.device, self.seconds = inner, device, 0.0
         self.tail_tokens = getattr(inner, "tail_tokens", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.sync:
-            torch.cuda.synchronize()
+        sync(self.device)
         t0 = time.perf_counter()
         out = self.inner(*args, **kwargs)
-        if self.sync:
-            torch.cuda.synchronize()
+        sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -94,7 +92,6 @@ class _McSide:
     def __init__(
         self, base: FrozenBaseLM, prompt: torch.Tensor, args: argparse.Namespace, device: torch.device
     ) -> None:
-        sync = device.type == "cuda"
         self.device = device
         torch.manual_seed(args.seed)
         self.gist = _Timed(
@@ -108,7 +105,7 @@ class _McSide:
             )
             .to(device)
             .eval(),
-            sync,
+            device,
         )
         self.lens = _Timed(
             LensNet(
@@ -116,7 +113,7 @@ class _McSide:
             )
             .to(device)
             .eval(),
-            sync,
+            device,
         )
         self.policy = _TimedPolicy(LensNetPolicy(self.lens))
         gist = self.gist
@@ -134,7 +131,13 @@ class _McSide:
             protect_tokens=args.block_size,
         )
         self.session = MegaContextSession(
-            base, tree, alloc, self.policy, args.budget, refocus_every=args.block_size, profile=sync
+            base,
+            tree,
+            alloc,
+            self.policy,
+            args.budget,
+            refocus_every=args.block_size,
+            profile=device.type == "cuda",
         )
         _reset_peak(device)
         with torch.no_grad():

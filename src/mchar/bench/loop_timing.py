@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 import lightning as L
 import torch
 
+from mchar.bench.common import sync
+
 
 class StepClock(L.Callback):
     """Timestamps after every optimizer step, so Trainer setup/teardown is not counted."""
@@ -17,8 +19,7 @@ class StepClock(L.Callback):
         self.stamps: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        sync(pl_module.device)
         self.stamps.append(time.perf_counter())
 
 

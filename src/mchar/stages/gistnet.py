@@ -6,7 +6,6 @@ for training, val split for the final metrics), the fit with resumption, and ran
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,7 +115,6 @@ def fit(
     train: torch.Tensor,
     val: torch.Tensor,
     steps: int,
-    manual_clip: bool = False,
     retrieval_val: torch.Tensor | None = None,
     val_every: int | None = None,
 ) -> tuple[L.Trainer, dict[str, float]]:
@@ -134,7 +132,6 @@ def fit(
 
     cfg = ctx.cfg
     stage_dir = ctx.stage_dir(stage)
-    tcfg = cfg.trainer if not manual_clip else dataclasses.replace(cfg.trainer, gradient_clip_val=None)
     steps = cfg.trainer.max_steps or steps
     sets = val_sets(retrieval_val)
     if tuple(module.val_sets) != sets:
@@ -145,7 +142,7 @@ def fit(
     )
     interval = min(val_every or steps, steps)
     trainer = build_trainer(
-        tcfg,
+        cfg.trainer,
         steps,
         stage_dir / "checkpoints",
         logger=ctx.tracker.lightning_logger(run_id),
