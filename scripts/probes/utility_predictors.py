@@ -8,7 +8,7 @@ two level orders (raw blocks first then by recency, and the reverse). On the qui
 of them on code against the expected utilities (0.24 / 0.26 on fill / recent WCs; LensNet 0.15 / 0.14, `recency`
 0.13 / 0.07).
 
-    python scripts/probes/utility_predictors.py [LENSNET_NAME]   # after `python -m mchar fit +experiment=quickstart`
+    python scripts/probes/utility_predictors.py [LENSNET_NAME [N_WINDOWS [WCS_PER_BATCH]]]   # after `python -m mchar fit +experiment=quickstart`
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _utility_rows import held_out_lens_module  # noqa: E402
 
 
-def main(lensnet_name: str = "quickstart", n_windows: int = 16) -> None:
+def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: int = 1) -> None:
     cfg, module, val, retrieval = held_out_lens_module("quickstart", lensnet_name, n_windows)
     k = cfg.tree.block_size
     found: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
@@ -38,8 +38,8 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16) -> None:
                 prefix, targets, tok, gists, bank = module.window_state(ids)
                 teacher = module.teacher(ids, prefix)
                 gen = np.random.default_rng(W.step_seed(cfg.seed, bi, 19))
-                for kind in ("recent", "fill"):
-                    entries, cand = module.sample_step(-1 - bi, prefix, kind=kind)
+                for kind, rep in ((kind, rep) for kind in ("recent", "fill") for rep in range(wcs_per_batch)):
+                    entries, cand = module.sample_step(-1 - bi - 1000 * rep, prefix, kind=kind)
                     logits, batch = module.variant_logits(bank, entries, cand, prefix)
                     utilities = {
                         "sampled": module.utilities_from(logits, batch, entries, cand, targets),
@@ -66,4 +66,4 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:2], *(int(n) for n in sys.argv[2:4]))

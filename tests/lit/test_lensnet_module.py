@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mchar.core.lensnet import LensNet
@@ -174,6 +175,26 @@ def test_lookahead_allocation_and_random_fill_steps_run() -> None:
     assert out["spearman_recent"].shape == out["spearman_fill"].shape == (2,)
     assert torch.equal(out["spearman"], torch.cat([out["spearman_recent"], out["spearman_fill"]]))
     assert "spearman_fill" not in _module().evaluate_batch(windows(2), 0)
+
+
+def test_more_wc_draws_add_rankings_and_keep_the_first() -> None:
+    """``val_wc_draws=2``: every kind's rank metrics hold a second WC's windows after the first draw's, which is
+    the one-draw validation's own (same nets, same batch)."""
+    one = _module(random_fill=1.0)
+    two = _module(random_fill=1.0, val_wc_draws=2)
+    two.load_state_dict(one.state_dict())
+    a, b = one.evaluate_batch(windows(2), 0), two.evaluate_batch(windows(2), 0)
+    for name in ("spearman_recent", "spearman_fill", "spearman_expected", "utility_split_half"):
+        assert b[name].shape[0] == 2 * a[name].shape[0], name
+    for kind in ("recent", "fill"):
+        torch.testing.assert_close(b[f"spearman_{kind}"][:2], a[f"spearman_{kind}"], equal_nan=True)
+        assert b[f"lens_loss_{kind}"][0] == a[f"lens_loss_{kind}"][0]
+    assert not torch.equal(b["spearman_recent"][2:], a["spearman_recent"])  # another WC, other candidates
+    torch.testing.assert_close(
+        b["alloc_nll/lensnet"], a["alloc_nll/lensnet"]
+    )  # allocation is not drawn again
+    with pytest.raises(ValueError, match="lensnet.val_wc_draws must be >= 1"):
+        _module(val_wc_draws=0)
 
 
 def test_validation_allocation_starts_where_a_session_does() -> None:

@@ -79,6 +79,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         loss=lc.loss,
         utility=lc.utility,
         pair_norm=lc.pair_norm,
+        val_wc_draws=lc.val_wc_draws,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         max_steps=steps,
