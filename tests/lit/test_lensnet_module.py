@@ -221,8 +221,6 @@ def test_validation_allocation_starts_where_a_session_does() -> None:
 
 
 def test_unknown_alloc_start_is_refused() -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="alloc_start"):
         _module(alloc_start="middle")
 
