@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a GPU machine lent for minutes: the GPU tests (`pytest -m gpu`: the smoke
 # pipeline under trainer=gpu, FSDP exports, a session on CUDA scoring like one on the CPU) after the training-step
-# and decode benchmarks on CUDA (numbers first, should the machine's time run out). Each step runs under its own
+# and decode benchmarks on CUDA at the defaults and at larger sizes (numbers first, should the machine's time run
+# out; ~1.5 min of benchmarks, ~2.6 min of tests on an H200). Each step runs under its own
 # time limit and the next runs whatever the last did; logs and the benchmarks' JSON land in OUT_DIR. Exit status: the number of failed steps.
 # Usage: scripts/gpu_check.sh OUT_DIR        (PY=python by default: the interpreter that holds torch with CUDA)
 set -uo pipefail
@@ -29,7 +30,16 @@ print(\"cuda\", torch.version.cuda, \"devices\", torch.cuda.device_count(), torc
 for m in (\"lightning\", \"transformers\", \"torchmetrics\", \"mlflow\", \"optuna\", \"hydra\", \"datasets\", \"lm_eval\"):
     print(m, importlib.import_module(m).__version__)
 '"
-step bench_train_step 150 "$PY" -m mchar bench --out "$out/train_step_cuda.json" train-step --device cuda
-step bench_decode 180 "$PY" -m mchar bench --out "$out/decode_cuda.json" decode --device cuda --threads 0
+# the benchmarks' JSON as `report --bench` reads a machine's subfolder: OUT_DIR/default/ and OUT_DIR/larger/ are
+# reports/bench/h200/ and reports/bench/h200-larger/ (rename to the machine, copy, `python -m mchar report --bench`)
+mkdir -p "$out/default" "$out/larger"
+step bench_default 300 bash -c "set -e
+  $PY -m mchar bench --out $out/default/train-step.json train-step --device cuda
+  $PY -m mchar bench --out $out/default/decode.json decode --device cuda --threads 0"
+step bench_larger 300 bash -c "set -e
+  $PY -m mchar bench --out $out/larger/train-step.json train-step --device cuda --hidden 128 --window 1024 \
+    --block-size 16 --horizon 64 --vocab 4096
+  $PY -m mchar bench --out $out/larger/decode.json decode --device cuda --threads 0 --hidden 1024 --layers 8 \
+    --heads 16"
 step gpu_tests 400 "$PY" -m pytest -m gpu -p no:cacheprovider -q -rs tests/test_gpu.py
 exit "$failed"
