@@ -229,7 +229,8 @@ def build_bench_report(bench_dir: str | Path = "reports/bench", out: str | Path 
         "them, and reports medians; `tests/bench/test_benchmarks.py` runs each at a tiny size and checks that its "
         "derived numbers (ratios, shares, targets met) follow from its raw ones. The Lightning/plain ratios sit "
         "within a few per cent of 1 either way from run to run; compare medians of repeated runs before calling a "
-        "regression.",
+        "regression. A subfolder (`h200/`) holds another machine's `train-step` / `train-overhead` / `decode` "
+        "results and gets a section of its own (`bash scripts/gpu_check.sh OUT_DIR` writes them on a GPU).",
         "",
     ]
     lines += _train_steps(found["train-step"], found["train-overhead"])
