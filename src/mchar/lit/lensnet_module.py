@@ -237,11 +237,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         b = bank.shape[0]
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         t0 = time.perf_counter()
-        variants = [self.slots(entries, offs)] + [
-            self.slots(perturb(entries, int(i), self.k), offs) for i in cand
-        ]
-        spec = [(w, s[0], s[1]) for s in variants for w in range(b)]
-        rows = W.build_rows(spec, prefix, self.horizon, bank.device)
+        layouts = [list(entries)] + [perturb(entries, int(i), self.k) for i in cand]
+        variants = W.layouts_slots(layouts, self.k, offs, self.hparams.position_mode)
+        rows = W.build_rows([(0, *v) for v in variants], prefix, self.horizon, bank.device).per_window(b)
         embeds = W.gather_rows(bank, rows)
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)

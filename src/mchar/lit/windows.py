@@ -194,6 +194,20 @@ def prefix_slots(
     return bank, pos
 
 
+def layouts_slots(
+    layouts: Sequence[Sequence[Entry]], block_size: int, offsets: Sequence[int], position_mode: str = "centre"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`prefix_slots` of every layout, from one vectorised pass over all their entries (a slot's bank index
+    and position depend on its own entry only): a LensNet step builds 1 + C variant layouts at once."""
+    flat = [e for layout in layouts for e in layout]
+    bank, pos = prefix_slots(flat, block_size, offsets, position_mode)
+    levels = np.fromiter((e.level for e in flat), dtype=np.int64, count=len(flat))
+    starts = np.cumsum([0] + [len(layout) for layout in layouts[:-1]])
+    sizes = np.add.reduceat(np.where(levels == 0, block_size, 1), starts) if flat else np.zeros(0, np.int64)
+    cuts = np.cumsum(sizes)[:-1]
+    return list(zip(np.split(bank, cuts), np.split(pos, cuts), strict=True))
+
+
 def check_tiling(entries: Sequence[Entry], block_size: int, prefix: int) -> None:
     """Entries must tile [0, prefix) in order (cheap guard; the WC class does the full validation)."""
     cur = 0
@@ -346,6 +360,15 @@ class Rows:
     @property
     def padded(self) -> bool:
         return not bool(self.mask.all())
+
+    def per_window(self, windows: int) -> Rows:
+        """Each row once per window (row-major, windows inner): rows shared by a batch are built and moved to the
+        device once, then repeated there."""
+        batch = torch.arange(windows, device=self.batch.device).repeat(self.batch.shape[0])
+        idx, pos, mask = (
+            t.repeat_interleave(windows, dim=0) for t in (self.bank_idx, self.positions, self.mask)
+        )
+        return Rows(batch, idx, pos, mask)
 
 
 def build_rows(
