@@ -53,3 +53,15 @@ def one_step(module, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
     loss.backward()
     opt.step()
     return loss
+
+
+def spawn_gloo_pair(target, out: str) -> None:  # noqa: ANN001 - mp.spawn's (rank, *args) callable
+    """Run ``target(rank, out, port)`` on two processes, with a free local port for their gloo group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(target, args=(out, port), nprocs=2)

@@ -48,15 +48,11 @@ def _clip_under_fsdp(rank: int, out: str, port: int) -> None:
 
 
 def test_clipping_by_norm_under_fsdp_equals_one_process(tmp_path: Path) -> None:
-    import socket
-
     import torch
-    import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_clip_under_fsdp, args=(str(tmp_path), port), nprocs=2)
+    from tests.lit.helpers import spawn_gloo_pair
+
+    spawn_gloo_pair(_clip_under_fsdp, str(tmp_path))
     saved = torch.load(tmp_path / "grads.pt")
     assert saved["norm_before"] > 0.05  # the clip did bite
     assert saved["fsdp"].keys() == saved["reference"].keys()

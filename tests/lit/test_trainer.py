@@ -65,18 +65,13 @@ def _export_under_fsdp(rank: int, out: str, port: int) -> None:
 
 
 def test_full_weights_makes_rank_zero_export_whole_fsdp_weights(tmp_path: Path) -> None:
-    import socket
-
     import pytest
     import torch
-    import torch.multiprocessing as mp
 
     from mchar.core.gistnet import from_pretrained
+    from tests.lit.helpers import spawn_gloo_pair
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_export_under_fsdp, args=(str(tmp_path), port), nprocs=2)
+    spawn_gloo_pair(_export_under_fsdp, str(tmp_path))
     reference = torch.load(tmp_path / "reference.pt")
     gathered = from_pretrained(tmp_path / "gathered").state_dict()
     assert gathered.keys() == reference.keys()
