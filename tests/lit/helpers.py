@@ -55,8 +55,22 @@ def one_step(module, batch: torch.Tensor, step: int = 0) -> torch.Tensor:
     return loss
 
 
-def spawn_gloo_pair(target, out: str) -> None:  # noqa: ANN001 - mp.spawn's (rank, *args) callable
-    """Run ``target(rank, out, port)`` on two processes, with a free local port for their gloo group."""
+def _in_gloo_group(rank: int, target, out: str, port: int) -> None:  # noqa: ANN001
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        target(rank, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo_pair(target, out: str) -> None:  # noqa: ANN001 - a module-level (rank, out) function
+    """Run ``target(rank, out)`` on two processes inside one gloo group (on a free local port)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -64,4 +78,4 @@ def spawn_gloo_pair(target, out: str) -> None:  # noqa: ANN001 - mp.spawn's (ran
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(target, args=(out, port), nprocs=2)
+    mp.spawn(_in_gloo_group, args=(target, out, port), nprocs=2)

@@ -7,15 +7,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 
-def _clip_under_fsdp(rank: int, out: str, port: int) -> None:
+def _clip_under_fsdp(rank: int, out: str) -> None:
     """One of two gloo ranks: the same batch on both, a backward through the FSDP-wrapped net, ``ShardedNormClipping``
     at a norm well below the gradients'; rank zero saves the gathered clipped gradients and a one-process
     reference."""
     import copy
-    import os
 
     import torch
-    import torch.distributed as dist
     from torch import nn
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -25,26 +23,20 @@ def _clip_under_fsdp(rank: int, out: str, port: int) -> None:
         def __init__(self, model: nn.Module) -> None:
             self.trainer = SimpleNamespace(model=model)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-        reference = copy.deepcopy(net)
-        x = torch.randn(5, 8)
-        wrapped = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
-        wrapped(x).pow(2).sum().backward()
-        Clipped(wrapped).configure_gradient_clipping(torch.optim.SGD(wrapped.parameters()), 0.05, "norm")
-        reference(x).pow(2).sum().backward()
-        before = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
-        with FSDP.summon_full_params(wrapped, with_grads=True):
-            grads = {name: p.grad.clone() for name, p in wrapped.module.named_parameters()}
-        if rank == 0:
-            ref = {name: p.grad for name, p in reference.named_parameters()}
-            torch.save({"fsdp": grads, "reference": ref, "norm_before": before}, f"{out}/grads.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    reference = copy.deepcopy(net)
+    x = torch.randn(5, 8)
+    wrapped = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    wrapped(x).pow(2).sum().backward()
+    Clipped(wrapped).configure_gradient_clipping(torch.optim.SGD(wrapped.parameters()), 0.05, "norm")
+    reference(x).pow(2).sum().backward()
+    before = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        grads = {name: p.grad.clone() for name, p in wrapped.module.named_parameters()}
+    if rank == 0:
+        ref = {name: p.grad for name, p in reference.named_parameters()}
+        torch.save({"fsdp": grads, "reference": ref, "norm_before": before}, f"{out}/grads.pt")
 
 
 def test_clipping_by_norm_under_fsdp_equals_one_process(tmp_path: Path) -> None:

@@ -33,35 +33,26 @@ def test_ddp_strategies_get_their_find_unused_parameters_variant_only_when_asked
         assert ddp_variant(other, True) == other
 
 
-def _export_under_fsdp(rank: int, out: str, port: int) -> None:
+def _export_under_fsdp(rank: int, out: str) -> None:
     """One of two gloo ranks: a GistNet wrapped in torch FSDP (as Lightning's FSDPStrategy wraps the module), one
     step, then rank zero exports it once plainly and once inside ``full_weights``."""
-    import os
-
     import torch
-    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from mchar.core.gistnet import GistNet
     from mchar.lit.trainer import full_weights
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        net = GistNet(16, 4, max_level=2, n_layers=1, n_heads=2, width=16)
+    torch.manual_seed(0)
+    net = GistNet(16, 4, max_level=2, n_layers=1, n_heads=2, width=16)
+    if rank == 0:
+        torch.save(net.state_dict(), f"{out}/reference.pt")
+    wrapped = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
+    if rank == 0:
+        net.save_pretrained(f"{out}/plain")  # outside forward: this rank's flat shard only
+    with full_weights(trainer):
         if rank == 0:
-            torch.save(net.state_dict(), f"{out}/reference.pt")
-        wrapped = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
-        trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
-        if rank == 0:
-            net.save_pretrained(f"{out}/plain")  # outside forward: this rank's flat shard only
-        with full_weights(trainer):
-            if rank == 0:
-                net.save_pretrained(f"{out}/gathered")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            net.save_pretrained(f"{out}/gathered")
 
 
 def test_full_weights_makes_rank_zero_export_whole_fsdp_weights(tmp_path: Path) -> None:
