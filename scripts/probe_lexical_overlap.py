@@ -56,7 +56,7 @@ def main(name: str = "quickstart", n_windows: int = 16) -> None:
                 prefix, targets, tok, gists, bank = module.window_state(ids)
                 gen = np.random.default_rng(W.step_seed(cfg.seed, bi, 19))
                 for kind in ("recent", "fill"):
-                    entries, cand = module.sample_step(-1 - bi, prefix, kind=kind)
+                    entries, cand = module.validation_wc(bi, prefix, kind)
                     per_token = module.measure_utilities(bank, entries, cand, prefix, targets, per_token=True)
                     utils, ct = per_token.mean(-1), torch.as_tensor(cand)
                     wc = WorkingContext(k, cfg.tree.depth, 1 << 30, prefix, entries=entries)

@@ -4,14 +4,16 @@
 For the held-out code and retrieval windows LensNet validates on (up to N_WINDOWS of each, default 16; the
 quickstart holds out 11 and 12), it samples WCS_PER_BATCH of the validation's WCs of each kind per batch of 4
 windows (session-like "recent" and far-back "fill"; default 1, the validation's own draw) and their candidates,
-measures the candidates' utilities both ways from one variant forward, and prints the mean per-window Spearman against them of: LensNet, `recency`, `similarity`, and
-two level orders (raw blocks first then by recency, and the reverse). On the quickstart nets `similarity` is the best
+measures the candidates' utilities both ways from one variant forward, and prints the mean per-window Spearman
+against them of: LensNet, `recency`, `similarity`, and two level orders (raw blocks first then by recency, and the
+reverse). On the quickstart nets `similarity` is the best
 of them on code against the expected utilities (0.24 / 0.26 on fill / recent WCs; LensNet 0.15 / 0.14, `recency`
 0.13 / 0.07). With 8 WCs per batch (`... NAME 16 8`, 50 s) LensNet trained on expected utilities for 1,200 steps
 ranks the held-out retrieval windows' expected utilities at 0.425 / 0.600 (fill / recent; seed 0) and 0.432 / 0.615
 (seed 1), the quickstart's (sampled) LensNet at 0.111 / 0.323.
 
-    python scripts/probes/utility_predictors.py [LENSNET_NAME [N_WINDOWS [WCS_PER_BATCH]]]   # after `python -m mchar fit +experiment=quickstart`
+    # after `python -m mchar fit +experiment=quickstart`:
+    python scripts/probes/utility_predictors.py [LENSNET_NAME [N_WINDOWS [WCS_PER_BATCH]]]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: i
                 teacher = module.teacher(ids, prefix)
                 gen = np.random.default_rng(W.step_seed(cfg.seed, bi, 19))
                 for kind, rep in ((kind, rep) for kind in ("recent", "fill") for rep in range(wcs_per_batch)):
-                    entries, cand = module.sample_step(-1 - bi - 1000 * rep, prefix, kind=kind)
+                    entries, cand = module.validation_wc(bi, prefix, kind, rep)
                     logits, batch = module.variant_logits(bank, entries, cand, prefix)
                     utilities = {
                         "sampled": module.utilities_from(logits, batch, entries, cand, targets),

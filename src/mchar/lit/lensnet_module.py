@@ -282,6 +282,13 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             wc = W.random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
         return self.pick_candidates(list(wc.entries), gen)
 
+    def validation_wc(
+        self, batch_idx: int, prefix: int, kind: str, draw: int = 0
+    ) -> tuple[list[Entry], np.ndarray]:
+        """The ``draw``-th validation WC of ``kind`` and its candidates for a held-out batch (seeds apart from
+        every training step's; draw 0 is the one a single-draw validation takes)."""
+        return self.sample_step(-1 - batch_idx - 1000 * draw, prefix, kind=kind)
+
     def on_policy_step(
         self, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int, gen: np.random.Generator
     ) -> tuple[list[Entry], np.ndarray]:
@@ -450,7 +457,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         # ``val_wc_draws`` WCs of each kind per batch (draw 0 is the one a single draw takes): a window's Spearman
         # moves with the WC and candidates drawn, which on 8-12 held-out windows is most of the seed-to-seed spread
         for kind, draw in ((k, d) for k in kinds for d in range(self.hparams.val_wc_draws)):
-            entries, cand = self.sample_step(-1 - batch_idx - 1000 * draw, prefix, kind=kind)
+            entries, cand = self.validation_wc(batch_idx, prefix, kind, draw)
             logits, batch = self.variant_logits(bank, entries, cand, prefix)
             scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
             cand_t = torch.as_tensor(cand, device=scores.device)
