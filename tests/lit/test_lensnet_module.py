@@ -8,7 +8,8 @@ import torch
 
 from mchar.core.lensnet import LensNet
 from mchar.lit import windows as W
-from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss, perturb
+from mchar.lit.lens_plan import perturb
+from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss
 from tests.lit.helpers import (
     DEPTH,
     H,

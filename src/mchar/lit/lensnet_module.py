@@ -42,6 +42,7 @@ from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.clipping import ShardedNormClipping
 from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, MultiSetValidation, metric_sets
+from mchar.lit.lens_plan import LensPlan, LensPlanner
 from mchar.lit.trainer import is_logging_step
 
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
@@ -83,13 +84,6 @@ def regression_loss(
     if mask is None:
         return err.mean()
     return (err * mask).sum() / mask.sum().clamp_min(1)
-
-
-def perturb(entries: Sequence[Entry], i: int, block_size: int) -> list[Entry]:
-    """Entry ``i`` one step finer (gist -> children) or coarser (raw block -> its LOD1 gist)."""
-    e = entries[i]
-    repl = e.children(block_size) if e.level > 0 else [e.parent(block_size)]
-    return [*entries[:i], *repl, *entries[i + 1 :]]
 
 
 class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormClipping, L.LightningModule):
@@ -144,6 +138,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         self.lensnet = lensnet
         self.save_hyperparameters(ignore=["base", "gistnet", "lensnet"])
         self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
+        self.planner = LensPlanner.of(self.hparams)
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
         names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
         names += [f"spearman/{p}" for p in RANK_REFERENCES] + ["utility_split_half"]
@@ -230,16 +225,21 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         return self.utilities_from(logits, batch, entries, cand, targets, teacher, per_token)
 
     def variant_logits(
-        self, bank: torch.Tensor, entries: Sequence[Entry], cand: np.ndarray, prefix: int
+        self,
+        bank: torch.Tensor,
+        entries: Sequence[Entry],
+        cand: np.ndarray,
+        prefix: int,
+        rows: W.Rows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Horizon logits ``[(1+C)*B, H, V]`` of the WC and of its C one-entry variants for every window, rows
-        variant-major, and each row's window index."""
+        variant-major, and each row's window index. ``rows``: the one-window variant rows when a
+        :class:`~mchar.lit.lens_plan.LensPlan` brought them (else built here)."""
         b = bank.shape[0]
-        offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         t0 = time.perf_counter()
-        layouts = [list(entries)] + [perturb(entries, int(i), self.k) for i in cand]
-        variants = W.layouts_slots(layouts, self.k, offs, self.hparams.position_mode)
-        rows = W.build_rows([(0, *v) for v in variants], prefix, self.horizon, bank.device).per_window(b)
+        if rows is None:
+            rows = self.planner.variant_rows(list(entries), cand, prefix)
+        rows = rows.to(bank.device).per_window(b)
         embeds = W.gather_rows(bank, rows)
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
@@ -255,14 +255,18 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         targets: torch.Tensor,
         teacher: torch.Tensor | None = None,
         per_token: bool = False,
+        sign: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits`' rows."""
+        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits`' rows (``sign``: the
+        candidates' signs when a plan brought them)."""
         b = targets.shape[0]
         per_row = (
             W.token_nll(logits, targets[batch]) if teacher is None else W.token_kl(teacher[batch], logits)
         )
         loss = per_row.view(1 + len(cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
-        sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand], device=loss.device)
+        if sign is None:
+            sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand])
+        sign = sign.to(loss.device)
         utils = (loss[:, :1] - loss[:, 1:]) * sign[:, None]
         return utils if per_token else utils.mean(-1)
 
@@ -272,15 +276,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             return W.teacher_logits(self.base, ids, prefix, self.horizon)
 
     def sample_step(self, step: int, prefix: int, kind: str | None = None) -> tuple[list[Entry], np.ndarray]:
-        """A WC and its C candidates: ``kind`` "fill" (:func:`~mchar.lit.windows.random_fill_wc`), "recent"
-        (:func:`~mchar.lit.windows.random_wc`), or None = "fill" with probability ``random_fill`` (training)."""
-        gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 11))
-        fill = self.hparams.random_fill
-        if kind == "fill" or (kind is None and fill > 0 and gen.random() < fill):
-            wc = W.random_fill_wc(self.shape(prefix), self.budget, gen)
-        else:
-            wc = W.random_wc(self.shape(prefix), self.budget, gen, self.hparams.random_edits)
-        return self.pick_candidates(list(wc.entries), gen)
+        """A WC and its C candidates (:meth:`~mchar.lit.lens_plan.LensPlanner.sample`)."""
+        return self.planner.sample(step, prefix, kind)
 
     def validation_wc(
         self, batch_idx: int, prefix: int, kind: str, draw: int = 0
@@ -296,34 +293,41 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         entries: training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where
         its allocations actually go, not only on random WCs it never produces."""
         wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen)[0]
-        return self.pick_candidates(list(wc.entries), gen)
+        return self.planner.pick(list(wc.entries), gen)
 
-    def pick_candidates(
-        self, entries: list[Entry], gen: np.random.Generator
-    ) -> tuple[list[Entry], np.ndarray]:
-        """``entries`` and C of their indices (sorted), the ones whose utilities a step measures."""
-        c = min(self.hparams.candidates, len(entries))
-        return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
+    def step_plan(
+        self, step: int, prefix: int, tok: torch.Tensor, gists: list[torch.Tensor], prepared: LensPlan | None
+    ) -> LensPlan:
+        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, else the prepared one (a
+        DataLoader worker built it, see :mod:`mchar.lit.lens_plan`), else the planner's, built here."""
+        if self.hparams.on_policy > 0:
+            gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
+            if gen.random() < self.hparams.on_policy:
+                return self.planner.plan(*self.on_policy_step(tok, gists, prefix, gen), prefix)
+        if prepared is not None:
+            return prepared
+        return self.planner.plan(*self.sample_step(step, prefix), prefix)
 
-    def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``)."""
+    def lens_loss(
+        self, ids: torch.Tensor, step: int, plan: LensPlan | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``).
+        ``plan``: the step's WC, candidates and variant rows prepared off the step (else built here)."""
         t0 = time.perf_counter()
         ids = ids.to(self.device)
         prefix, targets, tok, gists, bank = self.window_state(ids)
         t0 = self._tick("gists", t0)
-        entries, cand = self.sample_step(step, prefix)
-        if self.hparams.on_policy > 0:
-            gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
-            if gen.random() < self.hparams.on_policy:
-                entries, cand = self.on_policy_step(tok, gists, prefix, gen)
+        plan = self.step_plan(step, prefix, tok, gists, plan).to(self.device)
+        entries, cand = plan.entries, plan.cand
         t0 = self._tick("sample_wc", t0)
         teacher = self.teacher(ids, prefix) if self.hparams.utility == "expected" else None
-        utils = self.measure_utilities(bank, entries, cand, prefix, targets, teacher=teacher)
+        logits, batch = self.variant_logits(bank, entries, cand, prefix, plan.rows)
+        utils = self.utilities_from(logits, batch, entries, cand, targets, teacher, sign=plan.sign)
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
         scores, _ = self.lens_scores([entries] * b, range(b), tok, gists, prefix)
         t0 = self._tick("lens_forward", t0)
-        cs = scores[:, torch.as_tensor(cand, device=scores.device)]
+        cs = scores[:, plan.cand_index]
         if self.hparams.loss == "regression":
             loss = regression_loss(cs, utils)
         else:
@@ -336,14 +340,21 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         }
 
     # ------------------------------------------------------------------ Lightning
-    def step_loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this)."""
-        return self.lens_loss(batch, step)
+    def step_loss(
+        self, batch: torch.Tensor | tuple[torch.Tensor, LensPlan], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this); ``batch`` is
+        the windows, or the windows and the step's prepared plan."""
+        ids, plan = batch if isinstance(batch, tuple | list) else (batch, None)
+        return self.lens_loss(ids, step, plan)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: torch.Tensor | tuple[torch.Tensor, LensPlan], batch_idx: int
+    ) -> torch.Tensor:
         loss, logs = self.step_loss(batch, int(self.global_step))
         if is_logging_step(self):
-            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
+            n = (batch[0] if isinstance(batch, tuple | list) else batch).shape[0]
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
         return loss
 
     # ------------------------------------------------------------------ allocation (validation, e2e)

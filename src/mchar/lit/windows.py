@@ -49,26 +49,43 @@ def step_seed(*parts: int) -> int:
 # ---------------------------------------------------------------------------------------------- data
 
 
+StepPlanFn = Callable[[int, torch.Tensor], object]
+
+
 class StepBatches(IterableDataset):
-    """Yields the training batch of every step ``start..stop-1``; batch = f(seed, rank, step) only."""
+    """Yields the training batch of every step ``start..stop-1``; batch = f(seed, rank, step) only.
+
+    ``plan(step, batch)``: host-side work of the step that needs no model (e.g. a LensNet step's WC and variant
+    rows), yielded with the batch as ``(batch, plan)``. With DataLoader workers, worker ``w`` of ``n`` makes steps
+    ``start + w, start + w + n, ...``; the loader takes them round-robin, so the order is unchanged."""
 
     def __init__(
-        self, windows: torch.Tensor, batch_size: int, seed: int, start: int, stop: int, rank: int = 0
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        plan: StepPlanFn | None = None,
     ) -> None:
         super().__init__()
         if windows.dim() != 2 or windows.shape[0] == 0:
             raise ValueError(f"need a non-empty [N, T] tensor of windows, got {list(windows.shape)}")
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.start, self.stop, self.rank = start, stop, rank
+        self.start, self.stop, self.rank, self.plan = start, stop, rank, plan
 
     def batch(self, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(step_seed(self.seed, self.rank, step, 17))
         idx = torch.randint(0, self.windows.shape[0], (self.batch_size,), generator=gen)
         return self.windows[idx]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for step in range(self.start, self.stop):
-            yield self.batch(step)
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, object]]:
+        worker = torch.utils.data.get_worker_info()
+        first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        for step in range(self.start + first, self.stop, stride):
+            ids = self.batch(step)
+            yield ids if self.plan is None else (ids, self.plan(step, ids))
 
 
 def chunk_windows(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -361,6 +378,15 @@ class Rows:
     def padded(self) -> bool:
         return not bool(self.mask.all())
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rows:
+        return Rows(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
+
+    def pin_memory(self) -> Rows:
+        return Rows(*(t.pin_memory() for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batch, self.bank_idx, self.positions, self.mask
+
     def per_window(self, windows: int) -> Rows:
         """Each row once per window (row-major, windows inner): rows shared by a batch are built and moved to the
         device once, then repeated there."""
@@ -500,7 +526,8 @@ class StepDataModule(L.LightningDataModule):
     Lightning builds the train dataloader after restoring a checkpoint, so a resumed run continues with the batch
     of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
     ``extra_val`` adds further named validation sets (e.g. held-out retrieval windows): Lightning then runs one
-    val dataloader per set at every validation, in order (``dataloader_idx`` 0 = ``val``).
+    val dataloader per set at every validation, in order (``dataloader_idx`` 0 = ``val``). ``plan`` /
+    ``plan_workers``: see :class:`StepBatches`; with workers the plans are made while the previous step runs.
     """
 
     def __init__(
@@ -512,8 +539,13 @@ class StepDataModule(L.LightningDataModule):
         seed: int = 0,
         val_batch_size: int | None = None,
         extra_val: list[torch.Tensor] | None = None,
+        plan: StepPlanFn | None = None,
+        plan_workers: int = 0,
     ) -> None:
         super().__init__()
+        if plan_workers < 0 or (plan_workers and plan is None):
+            raise ValueError(f"plan_workers={plan_workers} needs a plan function and must be >= 0")
+        self.plan, self.plan_workers = plan, plan_workers
         self.train, self.val = train, val
         self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
         self.val_batch_size = val_batch_size or batch_size
@@ -523,8 +555,11 @@ class StepDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         start = int(trainer.global_step) if trainer is not None else 0
         rank = int(trainer.global_rank) if trainer is not None else 0
-        ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank)
-        return DataLoader(ds, batch_size=None, num_workers=0)
+        ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank, self.plan)
+        workers = self.plan_workers
+        # page-locked batches let the copy to the GPU overlap compute; only worth it (and only quiet) with CUDA
+        pin = bool(workers) and torch.cuda.is_available()
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, persistent_workers=False)
 
     def _loader(self, windows: torch.Tensor | None) -> DataLoader:
         if windows is None or windows.shape[0] == 0:
