@@ -50,7 +50,6 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.on_policy=-0.1"], "lensnet.on_policy"),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
-        (["lensnet.plan_workers=-1"], "lensnet.plan_workers: must be >= 0"),
         (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),
         (["allocator.query_cooldown=-1"], "allocator.query_cooldown"),

@@ -227,10 +227,6 @@ class LensNetConfig:
     val_wc_draws: int = 1
     # validate every N train steps and once before the first (the training trend); None = once, at the end
     val_every: int | None = None
-    # DataLoader worker processes that prepare each step's WC, candidates and variant rows while the previous step
-    # runs (same plans, same results); 0 = built inside the step. Worth 1-2 on a GPU, where that host work is
-    # 10-15 % of a launch-bound step; on a 2-core CPU a worker only competes with the step for the cores
-    plan_workers: int = 0
 
 
 @dataclass
@@ -478,7 +474,6 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"lensnet.mix_answer_tail: must be in [0, data.window/2), got {tail}")
     _positive("gistnet.val_every", g.val_every, allow_none=True)
     _positive("lensnet.val_every", cfg.lensnet.val_every, allow_none=True)
-    _at_least("lensnet.plan_workers", cfg.lensnet.plan_workers, 0)
     if cfg.lensnet.query_tokens < 0:
         raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
     if cfg.lensnet.recency_prior < 0:

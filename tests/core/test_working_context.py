@@ -317,6 +317,21 @@ def test_illegal_collapses_of_misaligned_groups_are_rejected(s: tuple, data: st.
 
 @PROPS
 @given(scenario())
+def test_the_exception_free_collapse_check_agrees_with_collapse_error(s: tuple) -> None:
+    """``collapse_size`` (the allocator's and the LensNet planner's fast check) says legal exactly when
+    ``collapse_error`` does, and how many entries the collapse replaces."""
+    k, depth, t, _, ops = s
+    wc = WorkingContext(k, depth, 10**6, t, entries=coarsest_cover(k, depth, t), allows_drop=True)
+    run_ops(wc, ops)
+    for i in range(-1, len(wc) + 1):
+        error = wc.collapse_error(i)
+        assert (wc.collapse_size(i) > 0) == (error is None), (i, error)
+        if error is None:
+            assert wc.collapse_size(i) == len(wc.collapse_group(i))
+
+
+@PROPS
+@given(scenario())
 def test_first_difference_matches_slot_comparison(s: tuple) -> None:
     k, depth, t, _, ops = s
     a = WorkingContext(k, depth, 10**6, t, entries=coarsest_cover(k, depth, t), allows_drop=True)

@@ -25,33 +25,3 @@ def test_rank_batches_cover_every_batch_once_at_its_global_index(n: int, batch: 
             assert g not in seen and torch.equal(b, whole[g])
             seen[g] = b
     assert sorted(seen) == list(range(len(whole)))
-
-
-@given(
-    seed=st.integers(0, 10_000),
-    n_layouts=st.integers(1, 6),
-    mode=st.sampled_from(["centre", "start", "end"]),
-    windows=st.integers(1, 4),
-)
-def test_layouts_slots_and_per_window_rows_match_one_layout_at_a_time(
-    seed: int, n_layouts: int, mode: str, windows: int
-) -> None:
-    """The vectorised slots of several layouts equal :func:`prefix_slots` of each; rows built once and repeated per
-    window equal rows built for every (window, layout) pair."""
-    import numpy as np
-
-    from mchar.lit.windows import bank_offsets, build_rows, layouts_slots, prefix_slots, random_layout
-
-    k, depth, prefix, horizon = 4, 2, 64, 4
-    gen = np.random.default_rng(seed)
-    layouts = [random_layout(prefix, k, depth, gen) for _ in range(n_layouts)]
-    offs = bank_offsets(prefix + horizon, prefix, k, depth)
-    together = layouts_slots(layouts, k, offs, mode)
-    alone = [prefix_slots(layout, k, offs, mode) for layout in layouts]
-    assert len(together) == len(alone)
-    for (b1, p1), (b2, p2) in zip(together, alone, strict=True):
-        assert np.array_equal(b1, b2) and np.array_equal(p1, p2)
-    shared = build_rows([(0, b, p) for b, p in alone], prefix, horizon).per_window(windows)
-    each = build_rows([(w, b, p) for b, p in alone for w in range(windows)], prefix, horizon)
-    for name in ("batch", "bank_idx", "positions", "mask"):
-        assert torch.equal(getattr(shared, name), getattr(each, name)), name

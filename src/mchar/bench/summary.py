@@ -73,21 +73,6 @@ def _train_steps(
                 _yes(lens["meets_target"]),
             ]
         )
-        prepared = step.get("lensnet_prepared")  # absent from results measured before plans were prepared
-        if prepared:
-            n = prepared["plan_workers"]
-            rows.append(
-                [
-                    f"`train-step`: the same with each step's plan prepared by {n} DataLoader worker(s) "
-                    f"(`lensnet.plan_workers={n}`; {prepared['plan_ms_median']:.2f} ms of host work per plan, off "
-                    "the step)",
-                    f"{prepared['construction_ms_median']:.2f} ms / {prepared['step_ms_median']:.1f} ms = "
-                    f"{100 * prepared['construction_share_median']:.1f} %; steps/s "
-                    f"{prepared['steps_per_s_ratio']:.3f}x built-in-step",
-                    f"≤ {100 * prepared['target_share_max']:.0f} %",
-                    _yes(prepared["meets_target"]),
-                ]
-            )
         rows.append(
             [
                 f"`train-step`: GistNet steps/s, Lightning vs plain loop (median of {step['config']['repeats']} "

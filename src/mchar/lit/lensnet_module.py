@@ -233,13 +233,11 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         rows: W.Rows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Horizon logits ``[(1+C)*B, H, V]`` of the WC and of its C one-entry variants for every window, rows
-        variant-major, and each row's window index. ``rows``: the one-window variant rows when a
-        :class:`~mchar.lit.lens_plan.LensPlan` brought them (else built here)."""
-        b = bank.shape[0]
+        variant-major, and each row's window index. ``rows``: those rows when a
+        :class:`~mchar.lit.lens_plan.LensPlan` has them (else built here)."""
         t0 = time.perf_counter()
         if rows is None:
-            rows = self.planner.variant_rows(list(entries), cand, prefix)
-        rows = rows.to(bank.device).per_window(b)
+            rows = self.planner.plan(list(entries), cand, prefix, windows=bank.shape[0]).to(bank.device).rows
         embeds = W.gather_rows(bank, rows)
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
@@ -295,29 +293,21 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen)[0]
         return self.planner.pick(list(wc.entries), gen)
 
-    def step_plan(
-        self, step: int, prefix: int, tok: torch.Tensor, gists: list[torch.Tensor], prepared: LensPlan | None
-    ) -> LensPlan:
-        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, else the prepared one (a
-        DataLoader worker built it, see :mod:`mchar.lit.lens_plan`), else the planner's, built here."""
+    def step_plan(self, step: int, prefix: int, tok: torch.Tensor, gists: list[torch.Tensor]) -> LensPlan:
+        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, else the planner's."""
         if self.hparams.on_policy > 0:
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
             if gen.random() < self.hparams.on_policy:
-                return self.planner.plan(*self.on_policy_step(tok, gists, prefix, gen), prefix)
-        if prepared is not None:
-            return prepared
-        return self.planner.plan(*self.sample_step(step, prefix), prefix)
+                return self.planner.plan(*self.on_policy_step(tok, gists, prefix, gen), prefix, tok.shape[0])
+        return self.planner.plan(*self.sample_step(step, prefix), prefix, tok.shape[0])
 
-    def lens_loss(
-        self, ids: torch.Tensor, step: int, plan: LensPlan | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``).
-        ``plan``: the step's WC, candidates and variant rows prepared off the step (else built here)."""
+    def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Counterfactual targets + LensNet ranking loss for one batch (timed per phase when ``profile``)."""
         t0 = time.perf_counter()
         ids = ids.to(self.device)
         prefix, targets, tok, gists, bank = self.window_state(ids)
         t0 = self._tick("gists", t0)
-        plan = self.step_plan(step, prefix, tok, gists, plan).to(self.device)
+        plan = self.step_plan(step, prefix, tok, gists).to(self.device)
         entries, cand = plan.entries, plan.cand
         t0 = self._tick("sample_wc", t0)
         teacher = self.teacher(ids, prefix) if self.hparams.utility == "expected" else None
@@ -340,21 +330,14 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         }
 
     # ------------------------------------------------------------------ Lightning
-    def step_loss(
-        self, batch: torch.Tensor | tuple[torch.Tensor, LensPlan], step: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this); ``batch`` is
-        the windows, or the windows and the step's prepared plan."""
-        ids, plan = batch if isinstance(batch, tuple | list) else (batch, None)
-        return self.lens_loss(ids, step, plan)
+    def step_loss(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one optimisation step (Lightning and the plain-loop benchmark both call this)."""
+        return self.lens_loss(batch, step)
 
-    def training_step(
-        self, batch: torch.Tensor | tuple[torch.Tensor, LensPlan], batch_idx: int
-    ) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, logs = self.step_loss(batch, int(self.global_step))
         if is_logging_step(self):
-            n = (batch[0] if isinstance(batch, tuple | list) else batch).shape[0]
-            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch.shape[0])
         return loss
 
     # ------------------------------------------------------------------ allocation (validation, e2e)

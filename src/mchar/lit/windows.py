@@ -49,43 +49,26 @@ def step_seed(*parts: int) -> int:
 # ---------------------------------------------------------------------------------------------- data
 
 
-StepPlanFn = Callable[[int, torch.Tensor], object]
-
-
 class StepBatches(IterableDataset):
-    """Yields the training batch of every step ``start..stop-1``; batch = f(seed, rank, step) only.
-
-    ``plan(step, batch)``: host-side work of the step that needs no model (e.g. a LensNet step's WC and variant
-    rows), yielded with the batch as ``(batch, plan)``. With DataLoader workers, worker ``w`` of ``n`` makes steps
-    ``start + w, start + w + n, ...``; the loader takes them round-robin, so the order is unchanged."""
+    """Yields the training batch of every step ``start..stop-1``; batch = f(seed, rank, step) only."""
 
     def __init__(
-        self,
-        windows: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        start: int,
-        stop: int,
-        rank: int = 0,
-        plan: StepPlanFn | None = None,
+        self, windows: torch.Tensor, batch_size: int, seed: int, start: int, stop: int, rank: int = 0
     ) -> None:
         super().__init__()
         if windows.dim() != 2 or windows.shape[0] == 0:
             raise ValueError(f"need a non-empty [N, T] tensor of windows, got {list(windows.shape)}")
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.start, self.stop, self.rank, self.plan = start, stop, rank, plan
+        self.start, self.stop, self.rank = start, stop, rank
 
     def batch(self, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(step_seed(self.seed, self.rank, step, 17))
         idx = torch.randint(0, self.windows.shape[0], (self.batch_size,), generator=gen)
         return self.windows[idx]
 
-    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, object]]:
-        worker = torch.utils.data.get_worker_info()
-        first, stride = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        for step in range(self.start + first, self.stop, stride):
-            ids = self.batch(step)
-            yield ids if self.plan is None else (ids, self.plan(step, ids))
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for step in range(self.start, self.stop):
+            yield self.batch(step)
 
 
 def chunk_windows(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -211,20 +194,6 @@ def prefix_slots(
     return bank, pos
 
 
-def layouts_slots(
-    layouts: Sequence[Sequence[Entry]], block_size: int, offsets: Sequence[int], position_mode: str = "centre"
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`prefix_slots` of every layout, from one vectorised pass over all their entries (a slot's bank index
-    and position depend on its own entry only): a LensNet step builds 1 + C variant layouts at once."""
-    flat = [e for layout in layouts for e in layout]
-    bank, pos = prefix_slots(flat, block_size, offsets, position_mode)
-    levels = np.fromiter((e.level for e in flat), dtype=np.int64, count=len(flat))
-    starts = np.cumsum([0] + [len(layout) for layout in layouts[:-1]])
-    sizes = np.add.reduceat(np.where(levels == 0, block_size, 1), starts) if flat else np.zeros(0, np.int64)
-    cuts = np.cumsum(sizes)[:-1]
-    return list(zip(np.split(bank, cuts), np.split(pos, cuts), strict=True))
-
-
 def check_tiling(entries: Sequence[Entry], block_size: int, prefix: int) -> None:
     """Entries must tile [0, prefix) in order (cheap guard; the WC class does the full validation)."""
     cur = 0
@@ -306,11 +275,14 @@ def random_layout(
     return out
 
 
-def random_wc(shape: WindowShape, budget: int, gen: np.random.Generator, edits: int) -> WorkingContext:
-    """``initial_context`` at the budget plus ``edits`` random legal edits: the WCs a session holds, varied."""
-    wc = initial_context(shape, budget)
+def random_wc(
+    shape: WindowShape, budget: int, gen: np.random.Generator, edits: int, start: WorkingContext | None = None
+) -> WorkingContext:
+    """``initial_context`` at the budget plus ``edits`` random legal edits: the WCs a session holds, varied.
+    ``start``: that initial context, already made (it is edited in place)."""
+    wc = initial_context(shape, budget) if start is None else start
     for _ in range(edits):
-        ops = [(i, "c") for i in range(len(wc)) if wc.collapse_error(i) is None]
+        ops = [(i, "c") for i in range(len(wc)) if wc.collapse_size(i)]
         if wc.cost + shape.block_size - 1 <= budget:
             ops += [(i, "e") for i in range(len(wc)) if wc[i].level > 0]
         if not ops:
@@ -320,11 +292,14 @@ def random_wc(shape: WindowShape, budget: int, gen: np.random.Generator, edits: 
     return wc
 
 
-def random_fill_wc(shape: WindowShape, budget: int, gen: np.random.Generator) -> WorkingContext:
+def random_fill_wc(
+    shape: WindowShape, budget: int, gen: np.random.Generator, start: WorkingContext | None = None
+) -> WorkingContext:
     """The coarsest cover, then uniformly random gists expanded until the budget is spent: LOD1 gists and raw
     blocks land anywhere in the history (a recency-first WC keeps far-back needles under LOD2 gists, where
-    their one-step utility is ~0, so LensNet would never see them as candidates)."""
-    wc = initial_context(shape, budget, expand_recent=False)
+    their one-step utility is ~0, so LensNet would never see them as candidates). ``start``: that cover, already
+    made (it is edited in place)."""
+    wc = initial_context(shape, budget, expand_recent=False) if start is None else start
     while wc.cost + shape.block_size - 1 <= budget:
         gists = [i for i in range(len(wc)) if wc[i].level > 0]
         if not gists:
@@ -378,23 +353,8 @@ class Rows:
     def padded(self) -> bool:
         return not bool(self.mask.all())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rows:
-        return Rows(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
-
-    def pin_memory(self) -> Rows:
-        return Rows(*(t.pin_memory() for t in self.tensors()))
-
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.batch, self.bank_idx, self.positions, self.mask
-
-    def per_window(self, windows: int) -> Rows:
-        """Each row once per window (row-major, windows inner): rows shared by a batch are built and moved to the
-        device once, then repeated there."""
-        batch = torch.arange(windows, device=self.batch.device).repeat(self.batch.shape[0])
-        idx, pos, mask = (
-            t.repeat_interleave(windows, dim=0) for t in (self.bank_idx, self.positions, self.mask)
-        )
-        return Rows(batch, idx, pos, mask)
 
 
 def build_rows(
@@ -526,8 +486,7 @@ class StepDataModule(L.LightningDataModule):
     Lightning builds the train dataloader after restoring a checkpoint, so a resumed run continues with the batch
     of its next step instead of replaying the epoch from the start (what a shuffled DataLoader would do).
     ``extra_val`` adds further named validation sets (e.g. held-out retrieval windows): Lightning then runs one
-    val dataloader per set at every validation, in order (``dataloader_idx`` 0 = ``val``). ``plan`` /
-    ``plan_workers``: see :class:`StepBatches`; with workers the plans are made while the previous step runs.
+    val dataloader per set at every validation, in order (``dataloader_idx`` 0 = ``val``).
     """
 
     def __init__(
@@ -539,13 +498,8 @@ class StepDataModule(L.LightningDataModule):
         seed: int = 0,
         val_batch_size: int | None = None,
         extra_val: list[torch.Tensor] | None = None,
-        plan: StepPlanFn | None = None,
-        plan_workers: int = 0,
     ) -> None:
         super().__init__()
-        if plan_workers < 0 or (plan_workers and plan is None):
-            raise ValueError(f"plan_workers={plan_workers} needs a plan function and must be >= 0")
-        self.plan, self.plan_workers = plan, plan_workers
         self.train, self.val = train, val
         self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
         self.val_batch_size = val_batch_size or batch_size
@@ -555,11 +509,8 @@ class StepDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         start = int(trainer.global_step) if trainer is not None else 0
         rank = int(trainer.global_rank) if trainer is not None else 0
-        ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank, self.plan)
-        workers = self.plan_workers
-        # page-locked batches let the copy to the GPU overlap compute; only worth it (and only quiet) with CUDA
-        pin = bool(workers) and torch.cuda.is_available()
-        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, persistent_workers=False)
+        ds = StepBatches(self.train, self.batch_size, self.seed, start, self.max_steps + 1, rank)
+        return DataLoader(ds, batch_size=None, num_workers=0)
 
     def _loader(self, windows: torch.Tensor | None) -> DataLoader:
         if windows is None or windows.shape[0] == 0:

@@ -117,16 +117,13 @@ def fit(
     steps: int,
     retrieval_val: torch.Tensor | None = None,
     val_every: int | None = None,
-    plan: Any = None,
-    plan_workers: int = 0,
 ) -> tuple[L.Trainer, dict[str, float]]:
     """Fit with step-indexed batches (exact resume) and return the last validation's metrics as ``final/*``.
 
     Validation runs once at the end, or with ``val_every`` also before the first step and every ``val_every``
     steps (the training trend, logged per step). ``retrieval_val`` is a second validation set, run by Lightning
     next to the first (``val_retrieval/*``, returned as ``final_retrieval/*``); the module must have been built
-    with ``val_sets=val_sets(retrieval_val)``. ``plan`` / ``plan_workers``: host-side step work made by DataLoader
-    workers (:class:`~mchar.lit.windows.StepBatches`).
+    with ``val_sets=val_sets(retrieval_val)``.
     """
     import lightning as L
 
@@ -141,14 +138,7 @@ def fit(
         raise ValueError(f"{stage}: module validates {module.val_sets}, the data gives {sets}")
     extra = [retrieval_val] if len(sets) > 1 else None
     dm = StepDataModule(
-        train,
-        val,
-        batch_size=cfg.data.batch_size,
-        max_steps=steps,
-        seed=cfg.seed,
-        extra_val=extra,
-        plan=plan,
-        plan_workers=plan_workers,
+        train, val, batch_size=cfg.data.batch_size, max_steps=steps, seed=cfg.seed, extra_val=extra
     )
     interval = min(val_every or steps, steps)
     trainer = build_trainer(

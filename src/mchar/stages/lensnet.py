@@ -126,17 +126,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(
-        ctx,
-        run_id,
-        "lensnet",
-        module,
-        train,
-        val,
-        steps,
-        retrieval_val=rv,
-        val_every=lc.val_every,
-        plan=module.planner if lc.plan_workers else None,
-        plan_workers=lc.plan_workers,
+        ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv, val_every=lc.val_every
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "lensnet-export") as writer:
