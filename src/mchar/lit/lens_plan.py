@@ -41,7 +41,7 @@ def replacement(e: Entry, block_size: int) -> list[Entry]:
 @dataclass
 class LensPlan:
     """One step's WC (``entries``), its candidate indices (``cand``, sorted) and, packed in ONE int64 tensor, the
-    rows of the WC and its variants for each of ``windows`` windows (variant-major, windows inner: rows ``0..B-1``
+    rows of the WC and its variants for each window of the batch (variant-major, windows inner: rows ``0..B-1``
     the WC, rows ``(1 + j) * B + w`` candidate ``j`` perturbed in window ``w``), the candidates' indices and their
     utility signs (+1 a gist, whose gain is expanding it; -1 a raw block, whose gain is keeping it raw)."""
 
@@ -50,7 +50,6 @@ class LensPlan:
     packed: torch.Tensor  # [batch (R) | bank idx (R*L) | positions (R*L) | mask (R*L) | cand (C) | sign (C)]
     n_rows: int
     width: int
-    windows: int = 1
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LensPlan:
         """On ``device``: one copy."""
@@ -157,7 +156,7 @@ class LensPlanner:
         grid, mask = np.repeat(grid, windows, axis=1), np.repeat(mask, windows, axis=0)
         sign = np.where(np.fromiter((entries[i].level for i in ci), np.int64, count=c) > 0, 1, -1)
         packed = np.concatenate([batch, grid.reshape(-1), mask.reshape(-1), ci, sign])
-        return LensPlan(entries, cand, torch.from_numpy(packed), len(batch), width, windows)
+        return LensPlan(entries, cand, torch.from_numpy(packed), len(batch), width)
 
     def __call__(self, step: int, ids: torch.Tensor) -> LensPlan:
         """The plan of training step ``step`` for a batch of windows ``ids``."""

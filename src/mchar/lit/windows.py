@@ -353,9 +353,6 @@ class Rows:
     def padded(self) -> bool:
         return not bool(self.mask.all())
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.batch, self.bank_idx, self.positions, self.mask
-
 
 def build_rows(
     layouts: Sequence[tuple[int, np.ndarray, np.ndarray]],
