@@ -26,6 +26,9 @@ from mchar.core.lensnet import LensNet
 from mchar.lit.gistnet_module import GistNetModule
 from mchar.lit.lensnet_module import LensNetModule
 
+# LensNetModule's phase timings that are loss construction: "sample_wc" is the step's whole plan (WC, candidates,
+# variant rows, one copy to the device: mchar.lit.lens_plan), "build_variants" the gather of the rows' embeddings,
+# "loss" the candidates' scores picked and the pairwise loss
 CONSTRUCTION = ("sample_wc", "build_variants", "loss")
 
 
