@@ -32,12 +32,14 @@ for m in (\"lightning\", \"transformers\", \"torchmetrics\", \"mlflow\", \"optun
 '"
 # the benchmarks' JSON as `report --bench` reads a machine's subfolder: OUT_DIR/default/ and OUT_DIR/larger/ are
 # reports/bench/h200/ and reports/bench/h200-larger/ (rename to the machine, copy, `python -m mchar report --bench`)
+# train-step runs 48 steps per side and repeat on the GPU (12 on the CPU): a 12-step side lasts ~0.3 s there, and the
+# shared host's drift between such short windows spread the GistNet Lightning/plain pairs 0.84-1.10 (stop 31)
 mkdir -p "$out/default" "$out/larger"
 step bench_default 300 bash -c "set -e
-  $PY -m mchar bench --out $out/default/train-step.json train-step --device cuda
+  $PY -m mchar bench --out $out/default/train-step.json train-step --device cuda --steps 48
   $PY -m mchar bench --out $out/default/decode.json decode --device cuda --threads 0"
 step bench_larger 300 bash -c "set -e
-  $PY -m mchar bench --out $out/larger/train-step.json train-step --device cuda --hidden 128 --window 1024 \
+  $PY -m mchar bench --out $out/larger/train-step.json train-step --device cuda --steps 48 --hidden 128 --window 1024 \
     --block-size 16 --horizon 64 --vocab 4096
   $PY -m mchar bench --out $out/larger/decode.json decode --device cuda --threads 0 --hidden 1024 --layers 8 \
     --heads 16"
