@@ -45,10 +45,11 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: i
                 gen = np.random.default_rng(W.step_seed(cfg.seed, bi, 19))
                 for kind, rep in ((kind, rep) for kind in ("recent", "fill") for rep in range(wcs_per_batch)):
                     entries, cand = module.validation_wc(bi, prefix, kind, rep)
-                    logits, batch = module.variant_logits(bank, entries, cand, prefix)
+                    plan = module.plan_for(entries, cand, prefix, bank)
+                    logits = module.variant_logits(bank, plan)
                     utilities = {
-                        "sampled": module.utilities_from(logits, batch, entries, cand, targets),
-                        "expected": module.utilities_from(logits, batch, entries, cand, targets, teacher),
+                        "sampled": module.utilities_from(logits, plan, targets),
+                        "expected": module.utilities_from(logits, plan, targets, teacher),
                     }
                     wc = WorkingContext(k, module.depth, 1 << 30, prefix, entries=entries)
                     picked = torch.as_tensor(cand)

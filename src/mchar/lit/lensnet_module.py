@@ -221,51 +221,41 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
 
         ``per_token``: ``[B, C, H]``, each horizon token's share before the mean (validation splits it in halves).
         ``teacher`` (full-context logits ``[B, H, V]``): expected instead of sampled gains (see the module doc)."""
-        logits, batch = self.variant_logits(bank, entries, cand, prefix)
-        return self.utilities_from(logits, batch, entries, cand, targets, teacher, per_token)
+        plan = self.plan_for(entries, cand, prefix, bank)
+        return self.utilities_from(self.variant_logits(bank, plan), plan, targets, teacher, per_token)
 
-    def variant_logits(
-        self,
-        bank: torch.Tensor,
-        entries: Sequence[Entry],
-        cand: np.ndarray,
-        prefix: int,
-        rows: W.Rows | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Horizon logits ``[(1+C)*B, H, V]`` of the WC and of its C one-entry variants for every window, rows
-        variant-major, and each row's window index. ``rows``: those rows when a
-        :class:`~mchar.lit.lens_plan.LensPlan` has them (else built here)."""
+    def plan_for(
+        self, entries: Sequence[Entry], cand: np.ndarray, prefix: int, bank: torch.Tensor
+    ) -> LensPlan:
+        """The plan of a given WC and candidates for the bank's windows, on the bank's device."""
+        return self.planner.plan(list(entries), cand, prefix, windows=bank.shape[0]).to(bank.device)
+
+    def variant_logits(self, bank: torch.Tensor, plan: LensPlan) -> torch.Tensor:
+        """Horizon logits ``[(1+C)*B, H, V]`` of the plan's WC and of its C one-entry variants for every window,
+        rows variant-major (windows inner)."""
         t0 = time.perf_counter()
-        if rows is None:
-            rows = self.planner.plan(list(entries), cand, prefix, windows=bank.shape[0]).to(bank.device).rows
+        rows = plan.rows
         embeds = W.gather_rows(bank, rows)
         t0 = self._tick("build_variants", t0)
         logits = W.horizon_logits(self.base, embeds, rows, self.horizon)
         self._tick("base_forward", t0)
-        return logits, rows.batch
+        return logits
 
     def utilities_from(
         self,
         logits: torch.Tensor,
-        batch: torch.Tensor,
-        entries: Sequence[Entry],
-        cand: np.ndarray,
+        plan: LensPlan,
         targets: torch.Tensor,
         teacher: torch.Tensor | None = None,
         per_token: bool = False,
-        sign: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits`' rows (``sign``: the
-        candidates' signs when a plan brought them)."""
-        b = targets.shape[0]
+        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits` of ``plan``."""
+        b, batch = targets.shape[0], plan.rows.batch
         per_row = (
             W.token_nll(logits, targets[batch]) if teacher is None else W.token_kl(teacher[batch], logits)
         )
-        loss = per_row.view(1 + len(cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
-        if sign is None:
-            sign = torch.tensor([1.0 if entries[int(i)].level > 0 else -1.0 for i in cand])
-        sign = sign.to(loss.device)
-        utils = (loss[:, :1] - loss[:, 1:]) * sign[:, None]
+        loss = per_row.view(1 + len(plan.cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
+        utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[:, None]
         return utils if per_token else utils.mean(-1)
 
     def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -308,14 +298,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         prefix, targets, tok, gists, bank = self.window_state(ids)
         t0 = self._tick("gists", t0)
         plan = self.step_plan(step, prefix, tok, gists).to(self.device)
-        entries, cand = plan.entries, plan.cand
         t0 = self._tick("sample_wc", t0)
         teacher = self.teacher(ids, prefix) if self.hparams.utility == "expected" else None
-        logits, batch = self.variant_logits(bank, entries, cand, prefix, plan.rows)
-        utils = self.utilities_from(logits, batch, entries, cand, targets, teacher, sign=plan.sign)
+        utils = self.utilities_from(self.variant_logits(bank, plan), plan, targets, teacher)
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
-        scores, _ = self.lens_scores([entries] * b, range(b), tok, gists, prefix)
+        scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix)
         t0 = self._tick("lens_forward", t0)
         cs = scores[:, plan.cand_index]
         if self.hparams.loss == "regression":
@@ -452,9 +440,10 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         # moves with the WC and candidates drawn, which on 8-12 held-out windows is most of the seed-to-seed spread
         for kind, draw in ((k, d) for k in kinds for d in range(self.hparams.val_wc_draws)):
             entries, cand = self.validation_wc(batch_idx, prefix, kind, draw)
-            logits, batch = self.variant_logits(bank, entries, cand, prefix)
+            plan = self.plan_for(entries, cand, prefix, bank)
+            logits = self.variant_logits(bank, plan)
             scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
-            cand_t = torch.as_tensor(cand, device=scores.device)
+            cand_t = plan.cand_index
             cs = scores[:, cand_t]
             wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
             ref_scores = {
@@ -463,7 +452,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             }
             for measure, x in suffixes.items():
                 per_token = self.utilities_from(
-                    logits, batch, entries, cand, targets, teacher if measure == "expected" else None, True
+                    logits, plan, targets, teacher if measure == "expected" else None, True
                 )
                 utils = per_token.mean(-1)
                 ranks[x].append(per_window_spearman(cs, utils))
