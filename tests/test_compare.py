@@ -83,6 +83,11 @@ def populate(uri: str, tmp: Path) -> dict[str, str]:
         gap = recency - lensnet
         metrics |= {"ppl/recency/vs_lensnet/mean": gap, "ppl/recency/vs_lensnet/ci_low": gap - 0.0625}
         metrics |= {"ppl/recency/vs_lensnet/ci_high": gap + 0.0625}
+        if name == "ablation":  # only one experiment scored the held-out retrieval documents
+            metrics |= {
+                "ppl_retrieval/lensnet/delta_nll": 0.0625,
+                "ppl_retrieval/recency/vs_lensnet/mean": 0.125,
+            }
         evals[name] = _run(client, exp, parent, name, "eval", b, metrics)
         client.set_terminated(parent)
     # a newer sweep trial under the reference's name (sweeps over the quickstart run as name=quickstart)
@@ -113,6 +118,11 @@ def test_two_experiments_side_by_side(tmp_path: Path) -> None:
     assert all(rid in md for rid in evals.values())
     png = tmp_path / "r" / "ref_vs_ablation" / "dnll_by_experiment.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](ref_vs_ablation/dnll_by_experiment.png)" in md
+    retrieval = md[
+        md.index("## ΔNLL vs full context at each column's budget on held-out retrieval documents") :
+    ]
+    assert "| lensnet | — | 0.0625 |" in retrieval and "| recency − lensnet | — | 0.125 |" in retrieval
+    assert "](ref_vs_ablation/dnll_by_experiment_retrieval.png)" in retrieval
 
 
 def test_bad_comparisons_stop_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

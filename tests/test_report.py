@@ -97,6 +97,13 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                     "documents": 10,
                 }.items():
                     metrics[f"ppl/{policy}/vs_lensnet/{key}"] = v
+            # the held-out retrieval documents (eval.retrieval_documents): the same contract under ppl_retrieval/
+            metrics[f"ppl_retrieval/{policy}/nll"] = 3.0 + d / 2
+            metrics[f"ppl_retrieval/{policy}/delta_nll"] = d / 2
+            if policy != "lensnet":
+                metrics[f"ppl_retrieval/{policy}/vs_lensnet/mean"] = 0.0625
+                metrics[f"ppl_retrieval/{policy}/vs_lensnet/wins"] = 7
+                metrics[f"ppl_retrieval/{policy}/vs_lensnet/documents"] = 8
             for k, v in metrics.items():
                 client.log_metric(rid, k, v)
             results["policies"][policy] = {"nll": 2.5 + d, "delta_nll": d, "ci": [d - 0.01, d + 0.01]}
@@ -155,6 +162,16 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md
+    # the retrieval documents get their own ΔNLL table, plot and paired table, after the code documents'
+    retrieval = md[md.index("## Perplexity at budget on held-out retrieval documents") :]
+    assert md.index("## Perplexity at budget (ΔNLL") < md.index(
+        "## Perplexity at budget on held-out retrieval"
+    )
+    for budget in BUDGETS:
+        d = dnll("recency", budget)
+        assert f"| {budget} | 2 | 32 | recency | {3.0 + d / 2:.4g} | {d / 2:.4g} |" in retrieval
+    assert "](quickstart/dnll_vs_budget_retrieval.png)" in retrieval
+    assert "| recency | 0.0625 | [—, —] | 7/8 |" in retrieval.split("## Task accuracy")[0]
     trend = md[md.index("## Training trends") :]
     assert "**gistnet**, held-out code windows" in trend and "| step | dnll_lod1 | drop_dnll_lod1 |" in trend
     assert "| 0 | 0.9 | 0.6 |" in trend and "| 50 | 0.5 | 0.6 |" in trend and "| 100 | 0.27 | 0.6 |" in trend
@@ -291,6 +308,9 @@ def test_a_sweep_table_shows_each_trials_task_accuracy(tmp_path: Path) -> None:
         "| 0 | RUNNING | 0.0 | 0.17 | 1 | 0.5625 |" in md
         and "| 1 | RUNNING | 4.0 | 0.27 | 1 | 0.9375 |" in md
     )
+    assert (
+        "## Perplexity at budget (ΔNLL" in md and "retrieval documents" not in md
+    )  # no such set: no section
     # without --run-id, a sweep's name finds its newest study run: the same report
     by_name = build_report(name="s", tracking_uri=uri, out_dir=tmp_path / "r2").read_text()
     assert f"scope: run `{sid}` and its descendants" in by_name

@@ -38,7 +38,7 @@ gist = g_from(root / "runs/quickstart/gistnet/export")
 lens = LensNet.from_pretrained(root / "runs/quickstart/lensnet/export")
 mod = LensNetModule(base, gist, lens, **lens_training_kwargs(cfg, 10))
 _, val = load_windows(ctx, base, 64)
-rv = retrieval_windows(ctx, base, 32)
+rv = retrieval_windows(ctx, base.tokenizer, 32)
 K = cfg.tree.block_size
 Q = int(os.environ.get("Q", 16))
 

@@ -39,7 +39,7 @@ lens = LensNet.from_pretrained(sys.argv[3]) if len(sys.argv) > 3 else build_lens
 mod = LensNetModule(base, gist, lens, **lens_training_kwargs(cfg, 10))
 lc = cfg.lensnet
 _, val = load_windows(ctx, base, N)
-rv = retrieval_windows(ctx, base, N)
+rv = retrieval_windows(ctx, base.tokenizer, N)
 print("windows", val.shape, rv.shape, flush=True)
 K = cfg.tree.block_size
 

@@ -17,8 +17,7 @@ from mchar.errors import MCharError, redact_url
 from mchar.report import (
     GISTNET_VS_DROP,
     LENSNET_RANKING,
-    PAIRED,
-    PPL,
+    RETRIEVAL_SET,
     TASK,
     RunInfo,
     check_report_name,
@@ -26,6 +25,7 @@ from mchar.report import (
     command_cell,
     fmt,
     open_store,
+    set_patterns,
     table,
     write_report,
 )
@@ -73,59 +73,67 @@ def _experiments_table(runs: dict[str, list[RunInfo]]) -> list[str]:
     return ["## Experiments", "", *table(header, rows), ""]
 
 
-def _policies(evals: dict[str, RunInfo]) -> list[str]:
-    found = {m.group(1) for ev in evals.values() for k in ev.metrics if (m := PPL.match(k))}
+def _policies(evals: dict[str, RunInfo], ppl: str = "ppl") -> list[str]:
+    pattern = set_patterns(ppl)[0]
+    found = {m.group(1) for ev in evals.values() for k in ev.metrics if (m := pattern.match(k))}
     return sorted(found)
 
 
 def _dnll_section(
-    evals: dict[str, RunInfo], names: list[str], out: Path, rel: str
+    evals: dict[str, RunInfo], names: list[str], out: Path, rel: str, ppl: str = "ppl"
 ) -> tuple[list[str], Path | None]:
+    where = "" if ppl == "ppl" else " on held-out retrieval documents"
     lines = [
-        "## ΔNLL vs full context at each column's budget",
+        f"## ΔNLL vs full context at each column's budget{where}",
         "",
         "Mean over the evaluation's documents, 95 % interval over documents; lower is better.",
         "",
     ]
-    policies = _policies(evals)
+    policies = _policies(evals, ppl)
     if not policies:
-        return [*lines, "_not run_", ""], None
+        return ([*lines, "_not run_", ""] if ppl == "ppl" else []), None
     rows = [
-        [p, *[_interval(evals[n].metrics, f"ppl/{p}", "delta_nll") if n in evals else "—" for n in names]]
+        [p, *[_interval(evals[n].metrics, f"{ppl}/{p}", "delta_nll") if n in evals else "—" for n in names]]
         for p in policies
     ]
     lines += table(["policy", *names], rows)
     bars = {
         p: {
             n: (
-                ev.metrics[f"ppl/{p}/delta_nll"],
-                ev.metrics.get(f"ppl/{p}/delta_nll_ci_low"),
-                ev.metrics.get(f"ppl/{p}/delta_nll_ci_high"),
+                ev.metrics[f"{ppl}/{p}/delta_nll"],
+                ev.metrics.get(f"{ppl}/{p}/delta_nll_ci_low"),
+                ev.metrics.get(f"{ppl}/{p}/delta_nll_ci_high"),
             )
             for n, ev in evals.items()
-            if f"ppl/{p}/delta_nll" in ev.metrics
+            if f"{ppl}/{p}/delta_nll" in ev.metrics
         }
         for p in policies
     }
-    figure = plots.dnll_by_experiment(bars, names, out / "dnll_by_experiment.png")
-    return [*lines, "", f"![ΔNLL by experiment]({rel}/dnll_by_experiment.png)", ""], figure
+    png = "dnll_by_experiment.png" if ppl == "ppl" else f"dnll_by_experiment_{ppl.removeprefix('ppl_')}.png"
+    figure = plots.dnll_by_experiment(bars, names, out / png)
+    return [*lines, "", f"![ΔNLL by experiment]({rel}/{png})", ""], figure
 
 
-def _paired_section(evals: dict[str, RunInfo], names: list[str]) -> list[str]:
+def _paired_section(evals: dict[str, RunInfo], names: list[str], ppl: str = "ppl") -> list[str]:
+    paired = set_patterns(ppl)[1]
     pairs = sorted(
-        {(m.group(1), m.group(2)) for ev in evals.values() for k in ev.metrics if (m := PAIRED.match(k))}
+        {(m.group(1), m.group(2)) for ev in evals.values() for k in ev.metrics if (m := paired.match(k))}
     )
     if not pairs:
         return []
     rows = [
         [
             f"{p} − {ref}",
-            *[_interval(evals[n].metrics, f"ppl/{p}/vs_{ref}", "mean") if n in evals else "—" for n in names],
+            *[
+                _interval(evals[n].metrics, f"{ppl}/{p}/vs_{ref}", "mean") if n in evals else "—"
+                for n in names
+            ],
         ]
         for p, ref in pairs
     ]
+    where = "" if ppl == "ppl" else " (held-out retrieval documents)"
     return [
-        "## Paired differences per document",
+        f"## Paired differences per document{where}",
         "",
         "NLL(policy) − NLL(reference) on the same documents; positive = the reference is better.",
         "",
@@ -247,6 +255,8 @@ def build_comparison(
     dnll_lines, figure = _dnll_section(evals, names, fig_dir, out_name)
     lines += dnll_lines
     lines += _paired_section(evals, names)
+    retrieval_lines, retrieval_figure = _dnll_section(evals, names, fig_dir, out_name, RETRIEVAL_SET)
+    lines += retrieval_lines + _paired_section(evals, names, RETRIEVAL_SET)
     lines += _tasks_section(evals, names)
     lines += _side_nets_section(runs, names)
     lines += _sources_section(runs)
@@ -259,6 +269,6 @@ def build_comparison(
             "experiment": experiment,
             "compared": names,
             "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},
-            "figures": [figure.name] if figure else [],
+            "figures": [f.name for f in (figure, retrieval_figure) if f],
         },
     )

@@ -322,6 +322,11 @@ class EvalConfig:
     # documents (and the same full-context reference) at every budget
     history_tokens: int | None = None
     documents: int = 8
+    # held-out *retrieval* documents scored the same way, a second perplexity set (metrics ``ppl_retrieval/...``):
+    # test-split files with retrieval episodes spliced in like the training mix (data.mix_tasks, data.mix_episodes),
+    # the last answer data.mix_answer_tail tokens before the end, so the scored tokens depend on far context. The
+    # code documents alone cannot show a memory's worth where the base gains nothing from far history; 0 = off
+    retrieval_documents: int = 0
     # each document is a window of one held-out file (false: files concatenated with EOS between, then cut)
     documents_within_files: bool = True
     final_tokens: int = 64
@@ -540,6 +545,17 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError("eval.history_multiple: must be >= 1")
     _positive("eval.history_tokens", e.history_tokens, allow_none=True)
     _positive("eval.documents", e.documents)
+    if e.retrieval_documents < 0:
+        raise ConfigError(f"eval.retrieval_documents: must be >= 0, got {e.retrieval_documents}")
+    if e.retrieval_documents and not cfg.data.mix_tasks:
+        raise ConfigError(
+            "eval.retrieval_documents: data.mix_tasks is empty, so there are no episodes to splice in"
+        )
+    if e.retrieval_documents and cfg.data.mix_answer_tail >= e.final_tokens:
+        raise ConfigError(
+            f"eval.retrieval_documents: the last answer sits data.mix_answer_tail={cfg.data.mix_answer_tail} tokens "
+            f"before a document's end, outside its eval.final_tokens={e.final_tokens} scored tokens"
+        )
     _positive("eval.oracle_documents", e.oracle_documents, allow_none=True)
     _positive("eval.final_tokens", e.final_tokens)
     _positive("eval.task_examples", e.task_examples)

@@ -27,8 +27,16 @@ from mchar.evals.telemetry import FOCUS_METRICS
 # Headline sections show every ``final/*`` metric of the stage's latest run (stages name them differently:
 # e.g. base_lm ``final/val_ppl``, gistnet ``final/dnll``/``final/dnll_lod1``, lensnet ``final/spearman``).
 HEADLINE = ("base_lm", "gistnet", "lensnet", "e2e")
-PPL = re.compile(r"^ppl/([^/]+)/delta_nll$")
-PAIRED = re.compile(r"^ppl/([^/]+)/vs_([^/]+)/mean$")
+
+
+def set_patterns(ppl: str = "ppl") -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(ΔNLL, paired-difference) metric patterns of the perplexity set whose metrics start with ``ppl``."""
+    return re.compile(rf"^{ppl}/([^/]+)/delta_nll$"), re.compile(rf"^{ppl}/([^/]+)/vs_([^/]+)/mean$")
+
+
+PPL, PAIRED = set_patterns()
+# a second perplexity set (eval.retrieval_documents): the same metrics under ppl_retrieval/
+RETRIEVAL_SET = "ppl_retrieval"
 TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
 # Validation curves shown per side-net stage (``<set>/<metric>`` histories; ``gistnet.val_every`` /
@@ -221,12 +229,13 @@ def _headline(stages: list[RunInfo]) -> list[str]:
     return lines
 
 
-def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
+def _eval_rows(evals: list[RunInfo], ppl: str = "ppl") -> list[dict[str, Any]]:
     """Latest value per (budget, depth, policy and sweep variant) across eval runs."""
+    pattern = set_patterns(ppl)[0]
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     for run in evals:  # newest first
         for key, value in run.metrics.items():
-            m = PPL.match(key)
+            m = pattern.match(key)
             if not m:
                 continue
             policy = m.group(1)
@@ -238,22 +247,33 @@ def _eval_rows(evals: list[RunInfo]) -> list[dict[str, Any]]:
                 "depth": ident[1],
                 "policy": ident[2],
                 "delta_nll": value,
-                "nll": run.metrics.get(f"ppl/{policy}/nll"),
-                "ci_low": run.metrics.get(f"ppl/{policy}/delta_nll_ci_low"),
-                "ci_high": run.metrics.get(f"ppl/{policy}/delta_nll_ci_high"),
-                "full": run.metrics.get(f"ppl/{policy}/full_nll", run.metrics.get("ppl/full/nll")),
-                "documents": run.metrics.get(f"ppl/{policy}/documents"),
+                "nll": run.metrics.get(f"{ppl}/{policy}/nll"),
+                "ci_low": run.metrics.get(f"{ppl}/{policy}/delta_nll_ci_low"),
+                "ci_high": run.metrics.get(f"{ppl}/{policy}/delta_nll_ci_high"),
+                "full": run.metrics.get(f"{ppl}/{policy}/full_nll", run.metrics.get(f"{ppl}/full/nll")),
+                "documents": run.metrics.get(f"{ppl}/{policy}/documents"),
                 "run": run,
                 "block": run.int_param("tree.block_size"),
             }
     return sorted(seen.values(), key=lambda r: (r["depth"] or 0, r["policy"], r["budget"]))
 
 
-def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
-    lines = ["## Perplexity at budget (ΔNLL vs full context)", ""]
-    rows = _eval_rows(evals)
+def _perplexity(
+    evals: list[RunInfo], out: Path, rel: str, figures: list[Path], ppl: str = "ppl"
+) -> list[str]:
+    if ppl == "ppl":
+        lines = ["## Perplexity at budget (ΔNLL vs full context)", ""]
+    else:
+        lines = [
+            "## Perplexity at budget on held-out retrieval documents (ΔNLL vs full context)",
+            "",
+            "Held-out files with retrieval episodes spliced in like the training mix, the last answer among the "
+            "scored tokens (`eval.retrieval_documents`): where the next tokens depend on far context.",
+            "",
+        ]
+    rows = _eval_rows(evals, ppl)
     if not rows:
-        return [*lines, NOT_RUN, ""]
+        return [*lines, NOT_RUN, ""] if ppl == "ppl" else []
     body = [
         [
             str(r["budget"]),
@@ -271,15 +291,17 @@ def _perplexity(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) 
     ]
     header = ["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "documents", "run"]
     lines += table(header, body)
-    figures.append(plots.dnll_vs_budget(rows, out / "dnll_vs_budget.png"))
-    lines += ["", f"![ΔNLL vs budget]({rel}/dnll_vs_budget.png)", ""]
+    png = "dnll_vs_budget.png" if ppl == "ppl" else f"dnll_vs_budget_{ppl.removeprefix('ppl_')}.png"
+    figures.append(plots.dnll_vs_budget(rows, out / png))
+    lines += ["", f"![ΔNLL vs budget]({rel}/{png})", ""]
     return lines
 
 
-def _paired(evals: list[RunInfo]) -> list[str]:
+def _paired(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
     """Per-document paired differences to the reference policy, from the newest eval run that has them (in a sweep
     over another setting, the newest of each variant: each row compares within its own trial)."""
-    groups = _by_point(evals, lambda r: any(PAIRED.match(k) for k in r.metrics))
+    paired = set_patterns(ppl)[1]
+    groups = _by_point(evals, lambda r: any(paired.match(k) for k in r.metrics))
     runs = groups[0] if groups else []  # the newest run's (budget, depth)
     variants: dict[str, RunInfo] = {}
     for r in runs:
@@ -290,7 +312,7 @@ def _paired(evals: list[RunInfo]) -> list[str]:
     rows, ref = [], ""
     for run in runs:
         for key, value in sorted(run.metrics.items()):
-            m = PAIRED.match(key)
+            m = paired.match(key)
             if not m:
                 continue
             policy, ref = run.series(m.group(1)), m.group(2)
@@ -670,6 +692,8 @@ def build_report(
     lines += _sweep(root)
     lines += _perplexity(evals, fig_dir, name, figures)
     lines += _paired(evals)
+    lines += _perplexity(evals, fig_dir, name, figures, RETRIEVAL_SET)
+    lines += _paired(evals, RETRIEVAL_SET)
     lines += _tasks(evals, fig_dir, name, figures)
     lines += _telemetry(evals, fig_dir, name, figures)
     lines += _focus_maps(client, evals, fig_dir, name, figures)

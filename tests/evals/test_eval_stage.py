@@ -51,6 +51,7 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
         "eval.task_examples=1",
         "eval.task_policies=[recency]",
         "eval.oracle_documents=1",
+        "eval.retrieval_documents=2",
     )
     return root, run_pipeline(cfg, command="eval")
 
@@ -92,6 +93,16 @@ def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> 
         metrics["ppl/oracle/full_nll"] == pytest.approx(full_first) and "ppl/recency/full_nll" not in metrics
     )
     assert {"telemetry", "lod_histogram", "nll"} <= set(rec)
+    # eval.retrieval_documents: a second set of documents (held-out files with episodes), scored the same way
+    retrieval = res["retrieval"]
+    assert (
+        retrieval["documents"]["documents"] == 2 and retrieval["documents"]["document_tokens"] == 4 * 32 + 16
+    )
+    assert metrics["ppl_retrieval/full/nll"] == pytest.approx(retrieval["full"]["nll"])
+    assert metrics["ppl_retrieval/full/nll"] != metrics["ppl/full/nll"]
+    for p in ("recency", "similarity", "oracle"):
+        assert metrics[f"ppl_retrieval/{p}/delta_nll"] == pytest.approx(retrieval["policies"][p]["delta_nll"])
+        assert f"focus_retrieval/{p}/swap_rate" in metrics
     assert res["tasks"]["recency"]["passkey"]["256"] == metrics["task/recency/passkey/256/acc"]
     assert res["components"]["gistnet_trained"] is False
     assert res["components"]["device"] == "cpu"  # eval.device=auto follows trainer=cpu
@@ -109,6 +120,12 @@ def test_bad_requests_fail_with_one_line_before_loading(tmp_path: Path) -> None:
         _cfg(tmp_path, base, "eval.policies=[nope]")
     with pytest.raises(MCharError, match="smaller than one block"):
         _cfg(tmp_path, base, "allocator.budget=4")
+    with pytest.raises(MCharError, match="eval.retrieval_documents: must be >= 0"):
+        _cfg(tmp_path, base, "eval.retrieval_documents=-1")
+    with pytest.raises(MCharError, match="outside its eval.final_tokens=16 scored tokens"):
+        _cfg(tmp_path, base, "eval.retrieval_documents=2", "data.mix_answer_tail=16")
+    with pytest.raises(MCharError, match="data.mix_tasks is empty"):
+        _cfg(tmp_path, base, "eval.retrieval_documents=2", "data.mix_tasks=[]")
     # a 128 + 16 = 144-token document needs 18 LOD1 gists at depth 1 (K=8): more than a budget of 16, unless every
     # policy drops history
     small = ("allocator.budget=16", "tree.depth=1", "eval.history_tokens=128")

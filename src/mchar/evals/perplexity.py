@@ -248,27 +248,28 @@ def summarise(
     return out
 
 
-def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
-    """Flatten to the MLflow metric contract (``ppl/<policy>/...``, ``focus/<policy>/...``; skip undefined)."""
+def metrics_from_summary(summary: dict[str, Any], ppl: str = "ppl", focus: str = "focus") -> dict[str, float]:
+    """Flatten to the MLflow metric contract (``<ppl>/<policy>/...``, ``<focus>/<policy>/...``; skip undefined).
+    Another document set gets its own prefixes (``ppl_retrieval``)."""
     m: dict[str, float] = {}
     if summary["full"]["nll"] is not None:
-        m["ppl/full/nll"] = summary["full"]["nll"]
+        m[f"{ppl}/full/nll"] = summary["full"]["nll"]
     for name, rec in summary["policies"].items():
         if "skipped" in rec:
             continue
-        m[f"ppl/{name}/nll"] = rec["nll"]
-        m[f"ppl/{name}/documents"] = float(rec["documents"])
+        m[f"{ppl}/{name}/nll"] = rec["nll"]
+        m[f"{ppl}/{name}/documents"] = float(rec["documents"])
         if "full_nll" in rec:
-            m[f"ppl/{name}/full_nll"] = rec["full_nll"]
+            m[f"{ppl}/{name}/full_nll"] = rec["full_nll"]
         if rec["delta_nll"] is not None:
-            m[f"ppl/{name}/delta_nll"] = rec["delta_nll"]
+            m[f"{ppl}/{name}/delta_nll"] = rec["delta_nll"]
             lo, hi = rec["ci"]
             if lo is not None and math.isfinite(lo):
-                m[f"ppl/{name}/delta_nll_ci_low"] = lo
-                m[f"ppl/{name}/delta_nll_ci_high"] = hi
+                m[f"{ppl}/{name}/delta_nll_ci_low"] = lo
+                m[f"{ppl}/{name}/delta_nll_ci_high"] = hi
         vs = rec.get("vs_reference")
         if vs is not None:
-            key = f"ppl/{name}/vs_{vs['reference']}"
+            key = f"{ppl}/{name}/vs_{vs['reference']}"
             m[f"{key}/mean"] = vs["mean"]
             lo, hi = vs["ci"]
             if lo is not None and math.isfinite(lo):
@@ -277,7 +278,7 @@ def metrics_from_summary(summary: dict[str, Any]) -> dict[str, float]:
             m[f"{key}/documents"] = float(vs["documents"])
         t = rec["telemetry"]
         for key in FOCUS_METRICS:
-            m[f"focus/{name}/{key}"] = t[key]
+            m[f"{focus}/{name}/{key}"] = t[key]
         for lod, share in rec["lod_histogram"].items():  # share of seen history held at each LOD, or dropped
-            m[f"focus/{name}/lod_share/{lod}"] = share
+            m[f"{focus}/{name}/lod_share/{lod}"] = share
     return m

@@ -2,7 +2,8 @@
 
 Everything that can be wrong with the request (unknown task/policy, missing task YAMLs, a budget below one block,
 documents longer than a learned-position base can index) fails with one line *before* the base is loaded or
-data generated. Results: MLflow metrics (``ppl/…``, ``focus/…``, ``task/…``, ``eval/…``), artifacts
+data generated. Results: MLflow metrics (``ppl/…``, ``focus/…``, ``task/…``, ``eval/…``; ``ppl_retrieval/…`` and
+``focus_retrieval/…`` for the held-out retrieval documents, ``eval.retrieval_documents``), artifacts
 ``eval/results.json`` and ``eval/focus_map.npy`` (+ lm-eval result JSONs), and the same files in the stage dir.
 """
 
@@ -128,26 +129,46 @@ def history_length(e: Any, budget: int) -> int:
     return int(e.history_tokens) if e.history_tokens else e.history_multiple * budget
 
 
-def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-    from mchar.evals.components import FULL
-    from mchar.evals.perplexity import evaluate_policy, full_context_nll, summarise
-
-    cfg, e = ctx.cfg, ctx.cfg.eval
-    budget = cfg.allocator.budget
-    length = history_length(e, budget) + e.final_tokens
-    base = comp.base
+def _document_length(ctx: RunContext, base: Any) -> int:
+    """History plus scored tokens; refused when a learned-position base cannot index that many."""
+    e = ctx.cfg.eval
+    length = history_length(e, ctx.cfg.allocator.budget) + e.final_tokens
     limit = getattr(base, "max_positions", None)
     if getattr(base, "learned_positions", False) and limit is not None and length > limit:
         raise EvalError(
             f"eval: documents of {length} tokens exceed the base's {limit} learned positions (MegaContext keeps "
             f"true positions); lower eval.history_multiple / eval.history_tokens or allocator.budget"
         )
-    docs = _documents(ctx, comp.tokenizer, length, e.documents)
+    return length
+
+
+def _retrieval_documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list[Any]:
+    """``count`` held-out retrieval documents: test-split files with episodes spliced in like the training mix."""
+    from mchar.stages.gistnet import retrieval_windows
+
+    docs = list(retrieval_windows(ctx, tokenizer, count, split="test", length=length))
+    if not docs:
+        raise EvalError(
+            "eval.retrieval_documents: the test split has no file to build retrieval documents from"
+        )
+    if len(docs) < count:
+        log.warning("eval: only %d of %d held-out retrieval documents available", len(docs), count)
+    return docs
+
+
+def _perplexity(
+    ctx: RunContext, comp: Any, docs: list[Any], focus_map: bool = True
+) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+    """Every policy (and full context) on ``docs`` at the budget: the summary, one policy's focus map, and what was
+    scored."""
+    from mchar.evals.components import FULL
+    from mchar.evals.perplexity import PolicyResult, evaluate_policy, full_context_nll, summarise
+
+    cfg, e = ctx.cfg, ctx.cfg.eval
+    budget = cfg.allocator.budget
     runnable = [p for p in e.policies if not comp.unavailable(p)] or list(e.policies)
     map_policy = e.focus_map_policy or ("lensnet" if "lensnet" in runnable else runnable[0])
     results = {}
-    from mchar.evals.perplexity import PolicyResult
-
     for p in e.policies:
         why = comp.unavailable(p)
         if why:
@@ -159,19 +180,20 @@ def _perplexity(ctx: RunContext, comp: Any) -> tuple[dict[str, Any], np.ndarray,
                 docs[: e.oracle_documents] if p == "oracle" else docs,
                 e.final_tokens,
                 budget,
-                map_document=0 if p == map_policy else None,
+                map_document=0 if focus_map and p == map_policy else None,
             )
         log.info("eval %s: nll %.4f (%.1fs)", p, float(np.mean(results[p].nll)), results[p].seconds)
     with comp.reading(FULL):
-        full = full_context_nll(base, docs, e.final_tokens) if e.full_context else None
+        full = full_context_nll(comp.base, docs, e.final_tokens) if e.full_context else None
     summary = summarise(results, full, ci=e.ci, seed=cfg.seed)
-    fmap = results.get(map_policy)
+    fmap = results.get(map_policy) if focus_map else None
     focus = fmap.focus_map if fmap is not None and fmap.focus_map is not None else np.zeros((0, 0), np.int8)
+    length = int(docs[0].numel())
     info = {
         "documents": len(docs),
         "document_tokens": length,
         "history_tokens": length - e.final_tokens,
-        "focus_map_policy": map_policy,
+        "focus_map_policy": map_policy if focus_map else None,
         "focus_map_times": fmap.focus_map_times.tolist()
         if fmap is not None and fmap.focus_map_times is not None
         else [],
@@ -297,8 +319,16 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         cfg, ctx.results, base_dir, artifacts_dir=ctx.artifacts_dir, device=eval_device(cfg)
     )
     t0 = time.perf_counter()
-    summary, focus, info = _perplexity(ctx, comp)
+    e = cfg.eval
+    length = _document_length(ctx, comp.base)
+    summary, focus, info = _perplexity(ctx, comp, _documents(ctx, comp.tokenizer, length, e.documents))
     metrics = metrics_from_summary(summary)
+    retrieval: dict[str, Any] = {}
+    if e.retrieval_documents:
+        docs = _retrieval_documents(ctx, comp.tokenizer, length, e.retrieval_documents)
+        summary_r, _, info_r = _perplexity(ctx, comp, docs, focus_map=False)
+        retrieval = {**summary_r, "documents": info_r}
+        metrics.update(metrics_from_summary(summary_r, ppl="ppl_retrieval", focus="focus_retrieval"))
     tasks, task_metrics, task_files = _task_results(ctx, comp, stage_dir)
     metrics.update(task_metrics)
     results = {
@@ -306,6 +336,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         "tasks": tasks,
         "components": comp.describe(),
         "documents": info,
+        "retrieval": retrieval,
         "config": {
             "eval": asdict(cfg.eval),
             "budget": cfg.allocator.budget,

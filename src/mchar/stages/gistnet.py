@@ -55,36 +55,33 @@ def load_windows(
     return train, val[:n_val]
 
 
-def retrieval_windows(ctx: RunContext, base: Any, n: int, **overrides: Any) -> torch.Tensor:
-    """``n`` held-out synthetic retrieval windows (haystack and needles from val-split files, never trained on).
+def retrieval_windows(
+    ctx: RunContext, tokenizer: Any, n: int, split: str = "val", length: int | None = None, **overrides: Any
+) -> torch.Tensor:
+    """``n`` held-out synthetic retrieval windows of ``length`` tokens (default ``data.window``): haystack and needles
+    from ``split`` files (val, else test: never trained on).
 
-    Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer in the
-    horizon), so side-net metrics can be read where distant context decides the loss, not only on plain code.
+    Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer that many tokens
+    before the end), so metrics can be read where distant context decides the loss, not only on plain code.
     """
     import torch
 
     from mchar.stages.base_lm import corpus_splits, window_module
 
     d = ctx.cfg.data
+    length = length or d.window
     splits = corpus_splits(ctx)
-    files = splits["val"] or splits["test"]
+    files = splits[split] or splits["test"]
     if n <= 0 or not files:
-        return torch.zeros(0, d.window, dtype=torch.long)
-    dm = window_module(
-        ctx,
-        base.tokenizer,
-        {"train": files},
-        stride=None,
-        num_workers=0,
-        seed=ctx.cfg.seed + 7919,
-        task_mix_fraction=0.5,
-        **overrides,
-    )
+        return torch.zeros(0, length, dtype=torch.long)
+    kwargs: dict[str, Any] = dict(stride=None, num_workers=0, seed=ctx.cfg.seed + 7919, task_mix_fraction=0.5)
+    kwargs |= dict(window=length, mix_answer_tail=d.mix_answer_tail) | overrides
+    dm = window_module(ctx, tokenizer, {"train": files}, **kwargs)
     dm.setup("fit")
     ds = dm.datasets["train"]
     first = dm.stats["train"]["windows"]  # synthetic windows follow the natural ones
     rows = [torch.as_tensor(ds[i]["input_ids"]) for i in range(first, min(len(ds), first + n))]
-    return torch.stack(rows).long() if rows else torch.zeros(0, d.window, dtype=torch.long)
+    return torch.stack(rows).long() if rows else torch.zeros(0, length, dtype=torch.long)
 
 
 def ckpt_path(ctx: RunContext, stage_dir: Path) -> str | None:
@@ -270,7 +267,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     cfg, g = ctx.cfg, ctx.cfg.gistnet
     base = load_base(ctx)
     train, val = load_windows(ctx, base, g.val_windows)
-    rv = retrieval_windows(ctx, base, g.val_retrieval_windows)
+    rv = retrieval_windows(ctx, base.tokenizer, g.val_retrieval_windows)
     steps = cfg.trainer.max_steps or g.max_steps
     module = GistNetModule(
         base,

@@ -104,7 +104,11 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
     data = {} if lc.mix_answer_tail is None else {"mix_answer_tail": lc.mix_answer_tail}
     mix = {} if lc.task_mix_fraction is None else {"task_mix_fraction": lc.task_mix_fraction}
     train, val = load_windows(ctx, base, lc.val_windows, **data, **mix)
-    return train, val, retrieval_windows(ctx, base, lc.val_retrieval_windows, **data)  # a fixed held-out mix
+    return (
+        train,
+        val,
+        retrieval_windows(ctx, base.tokenizer, lc.val_retrieval_windows, **data),
+    )  # a fixed held-out mix
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
