@@ -120,6 +120,9 @@ class AllocatorConfig:
     # content-scoring policies (lensnet, similarity) rate each LOD>=2 gist by the best of its children, so the
     # allocator can walk down to a needle under a coarse gist (mchar.core.lookahead)
     lookahead: bool = True
+    # the same for the settle before an answer only (null = lookahead): lookahead=false query_lookahead=true streams
+    # on one-step scores and still walks down to a needle once the question is known
+    query_lookahead: bool | None = None
     # refocus rounds at a prompt's end before answering (stops at the first round without edits): walking from an
     # LOD2 gist down to a raw needle takes two; one round is the ablation
     query_rounds: int = 4
@@ -327,6 +330,9 @@ class EvalConfig:
     # the last answer data.mix_answer_tail tokens before the end, so the scored tokens depend on far context. The
     # code documents alone cannot show a memory's worth where the base gains nothing from far history; 0 = off
     retrieval_documents: int = 0
+    # which held-out split the documents, retrieval documents and task haystacks come from: test (reported numbers) or
+    # val (tuning a setting without looking at the test documents)
+    split: str = "test"
     # each document is a window of one held-out file (false: files concatenated with EOS between, then cut)
     documents_within_files: bool = True
     final_tokens: int = 64
@@ -545,6 +551,7 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError("eval.history_multiple: must be >= 1")
     _positive("eval.history_tokens", e.history_tokens, allow_none=True)
     _positive("eval.documents", e.documents)
+    _choice("eval.split", e.split, ("test", "val"))
     if e.retrieval_documents < 0:
         raise ConfigError(f"eval.retrieval_documents: must be >= 0, got {e.retrieval_documents}")
     if e.retrieval_documents and not cfg.data.mix_tasks:

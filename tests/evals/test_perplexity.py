@@ -234,3 +234,27 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
         assert comp.session(name).query_policy is None
     off = load_components(base_dir, SessionSettings(budget=64, block_size=K, depth=2))
     assert all(off.session(p).query_policy is None for p in ("tree_recency", "random"))
+
+
+def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:
+    """``allocator.query_lookahead``: content scorers stream on one-step scores and settle with the lookahead (or
+    the reverse); unset, the settle follows ``allocator.lookahead``."""
+    from mchar.core.policies import LookaheadPolicy, QueryBlendPolicy
+
+    def settings(**kw: object) -> SessionSettings:
+        return SessionSettings(budget=64, block_size=K, depth=2, **kw)
+
+    split = load_components(base_dir, settings(lookahead=False, query_lookahead=True))
+    s = split.session("similarity")
+    assert not isinstance(s.policy, LookaheadPolicy) and isinstance(s.query_policy, LookaheadPolicy)
+    assert split.session("tree_recency").query_policy is None  # not a content scorer: nothing to look at
+    blend = load_components(base_dir, settings(lookahead=False, query_lookahead=True, query_similarity=1.0))
+    qp = blend.session("similarity").query_policy
+    assert isinstance(qp, LookaheadPolicy)  # similarity blends with nothing, but settles with the lookahead
+    qp = blend.session("tree_recency").query_policy
+    assert isinstance(qp, QueryBlendPolicy) and isinstance(qp.query, LookaheadPolicy)
+    reverse = load_components(base_dir, settings(lookahead=True, query_lookahead=False))
+    s = reverse.session("similarity")
+    assert isinstance(s.policy, LookaheadPolicy) and not isinstance(s.query_policy, LookaheadPolicy)
+    same = load_components(base_dir, settings(lookahead=True, query_lookahead=True))
+    assert same.session("similarity").query_policy is None  # the settle scores as it streams

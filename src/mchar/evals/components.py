@@ -63,6 +63,7 @@ class SessionSettings:
     sink_blocks: int = 1
     oracle_horizon: int | None = None
     lookahead: bool = False
+    query_lookahead: bool | None = None  # the settle's lookahead (None = ``lookahead``)
     query_rounds: int = 1
     query_cooldown: int | None = None
     query_similarity: float = 0.0
@@ -110,6 +111,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         sink_blocks=int(e.sink_blocks),
         oracle_horizon=e.oracle_horizon,
         lookahead=bool(a.lookahead),
+        query_lookahead=None if a.query_lookahead is None else bool(a.query_lookahead),
         query_rounds=int(a.query_rounds),
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
         query_similarity=float(a.query_similarity),
@@ -192,7 +194,8 @@ class EvalComponents:
             seed=s.seed,
         )
 
-    def make_policy(self, name: str) -> Any:
+    def make_policy(self, name: str, lookahead: bool | None = None) -> Any:
+        """``name``'s score source; ``lookahead`` (default: the settings') applies to content scorers only."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import make_policy
 
@@ -206,7 +209,8 @@ class EvalComponents:
             "lensnet": {"lensnet": self.lensnet},
             "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
         }.get(name, {})
-        return make_policy(name, lookahead=s.lookahead and name in CONTENT_POLICIES, **kwargs)
+        look = s.lookahead if lookahead is None else lookahead
+        return make_policy(name, lookahead=look and name in CONTENT_POLICIES, **kwargs)
 
     def session(self, policy: str, budget: int | None = None) -> Any:
         """A fresh, empty session for ``policy`` at ``budget`` (default: the settings' budget)."""
@@ -228,14 +232,20 @@ class EvalComponents:
         )
 
     def query_policy(self, policy: Any) -> Any:
-        """The settle's scores for ``policy``: blended with query similarity when ``query_similarity`` > 0 and
-        the policy ranks by relative scores (truncation and fixed-cover baselines settle as they stream)."""
+        """The settle's scores for ``policy`` (None = its streaming scores): blended with query similarity when
+        ``query_similarity`` > 0 and the policy ranks by relative scores (truncation and fixed-cover baselines
+        settle as they stream), and with ``query_lookahead`` when it differs from the streaming lookahead."""
+        from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import QueryBlendPolicy
 
-        w = self.settings.query_similarity
-        if not w or not QueryBlendPolicy.can_blend(policy) or policy.name == "similarity":
-            return None
-        return QueryBlendPolicy(policy, self.make_policy("similarity"), w)
+        s = self.settings
+        look = s.lookahead if s.query_lookahead is None else s.query_lookahead
+        relook = look != s.lookahead and policy.name in CONTENT_POLICIES
+        settle = self.make_policy(policy.name, lookahead=look) if relook else policy
+        w = s.query_similarity
+        if not w or not QueryBlendPolicy.can_blend(settle) or settle.name == "similarity":
+            return settle if relook else None
+        return QueryBlendPolicy(settle, self.make_policy("similarity", lookahead=look), w)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for results JSON and tags."""

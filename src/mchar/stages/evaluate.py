@@ -99,9 +99,10 @@ def _documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list
     from mchar.evals.perplexity import make_documents
     from mchar.stages.base_lm import corpus_splits
 
-    files = corpus_splits(ctx)["test"]
+    split = ctx.cfg.eval.split
+    files = corpus_splits(ctx)[split]
     if not files:
-        raise EvalError("eval: the corpus has no test-split files to build held-out documents from")
+        raise EvalError(f"eval: the corpus has no {split}-split files to build held-out documents from")
 
     def streams() -> Any:
         for f in sorted(files):
@@ -143,13 +144,16 @@ def _document_length(ctx: RunContext, base: Any) -> int:
 
 
 def _retrieval_documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list[Any]:
-    """``count`` held-out retrieval documents: test-split files with episodes spliced in like the training mix."""
+    """``count`` held-out retrieval documents: ``eval.split`` files with episodes spliced in like the training mix."""
+    from mchar.stages.base_lm import corpus_splits
     from mchar.stages.gistnet import retrieval_windows
 
-    docs = list(retrieval_windows(ctx, tokenizer, count, split="test", length=length))
+    split = ctx.cfg.eval.split
+    has_files = bool(corpus_splits(ctx)[split])
+    docs = list(retrieval_windows(ctx, tokenizer, count, split=split, length=length)) if has_files else []
     if not docs:
         raise EvalError(
-            "eval.retrieval_documents: the test split has no file to build retrieval documents from"
+            f"eval.retrieval_documents: the {split} split has no file to build retrieval documents from"
         )
     if len(docs) < count:
         log.warning("eval: only %d of %d held-out retrieval documents available", len(docs), count)
@@ -230,7 +234,7 @@ def _task_results(
             e.task_lengths,
             n=e.task_examples,
             seed=cfg.seed + 1,
-            files=corpus_splits(ctx)["test"],
+            files=corpus_splits(ctx)[e.split],
         )
         names = {lm_eval_task_name(t, n, e.task_output): (t, n) for t in e.tasks for n in e.task_lengths}
         tm = TaskManager(
