@@ -145,12 +145,10 @@ def _document_length(ctx: RunContext, base: Any) -> int:
 
 def _retrieval_documents(ctx: RunContext, tokenizer: Any, length: int, count: int) -> list[Any]:
     """``count`` held-out retrieval documents: ``eval.split`` files with episodes spliced in like the training mix."""
-    from mchar.stages.base_lm import corpus_splits
     from mchar.stages.gistnet import retrieval_windows
 
     split = ctx.cfg.eval.split
-    has_files = bool(corpus_splits(ctx)[split])
-    docs = list(retrieval_windows(ctx, tokenizer, count, split=split, length=length)) if has_files else []
+    docs = list(retrieval_windows(ctx, tokenizer, count, split=split, length=length))
     if not docs:
         raise EvalError(
             f"eval.retrieval_documents: the {split} split has no file to build retrieval documents from"

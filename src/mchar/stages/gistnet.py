@@ -56,10 +56,15 @@ def load_windows(
 
 
 def retrieval_windows(
-    ctx: RunContext, tokenizer: Any, n: int, split: str = "val", length: int | None = None, **overrides: Any
+    ctx: RunContext,
+    tokenizer: Any,
+    n: int,
+    split: str | None = None,
+    length: int | None = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """``n`` held-out synthetic retrieval windows of ``length`` tokens (default ``data.window``): haystack and needles
-    from ``split`` files (val, else test: never trained on).
+    from the ``split`` files (default: val, else test; never trained on).
 
     Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer that many tokens
     before the end), so metrics can be read where distant context decides the loss, not only on plain code.
@@ -71,7 +76,7 @@ def retrieval_windows(
     d = ctx.cfg.data
     length = length or d.window
     splits = corpus_splits(ctx)
-    files = splits[split] or splits["test"]
+    files = splits[split] if split else splits["val"] or splits["test"]
     if n <= 0 or not files:
         return torch.zeros(0, length, dtype=torch.long)
     kwargs: dict[str, Any] = dict(stride=None, num_workers=0, seed=ctx.cfg.seed + 7919, task_mix_fraction=0.5)
