@@ -18,6 +18,7 @@ from mchar.report import (
     GISTNET_VS_DROP,
     LENSNET_RANKING,
     RETRIEVAL_SET,
+    SET_HEADINGS,
     TASK,
     RunInfo,
     check_report_name,
@@ -25,6 +26,7 @@ from mchar.report import (
     command_cell,
     fmt,
     open_store,
+    set_file_suffix,
     set_patterns,
     table,
     write_report,
@@ -82,9 +84,8 @@ def _policies(evals: dict[str, RunInfo], ppl: str = "ppl") -> list[str]:
 def _dnll_section(
     evals: dict[str, RunInfo], names: list[str], out: Path, rel: str, ppl: str = "ppl"
 ) -> tuple[list[str], Path | None]:
-    where = "" if ppl == "ppl" else " on held-out retrieval documents"
     lines = [
-        f"## ΔNLL vs full context at each column's budget{where}",
+        f"## ΔNLL vs full context at each column's budget{SET_HEADINGS[ppl]}",
         "",
         "Mean over the evaluation's documents, 95 % interval over documents; lower is better.",
         "",
@@ -109,7 +110,7 @@ def _dnll_section(
         }
         for p in policies
     }
-    png = "dnll_by_experiment.png" if ppl == "ppl" else f"dnll_by_experiment_{ppl.removeprefix('ppl_')}.png"
+    png = f"dnll_by_experiment{set_file_suffix(ppl)}.png"
     figure = plots.dnll_by_experiment(bars, names, out / png)
     return [*lines, "", f"![ΔNLL by experiment]({rel}/{png})", ""], figure
 
@@ -131,9 +132,8 @@ def _paired_section(evals: dict[str, RunInfo], names: list[str], ppl: str = "ppl
         ]
         for p, ref in pairs
     ]
-    where = "" if ppl == "ppl" else " (held-out retrieval documents)"
     return [
-        f"## Paired differences per document{where}",
+        f"## Paired differences per document{SET_HEADINGS[ppl]}",
         "",
         "NLL(policy) − NLL(reference) on the same documents; positive = the reference is better.",
         "",

@@ -34,9 +34,17 @@ def set_patterns(ppl: str = "ppl") -> tuple[re.Pattern[str], re.Pattern[str]]:
     return re.compile(rf"^{ppl}/([^/]+)/delta_nll$"), re.compile(rf"^{ppl}/([^/]+)/vs_([^/]+)/mean$")
 
 
-PPL, PAIRED = set_patterns()
 # a second perplexity set (eval.retrieval_documents): the same metrics under ppl_retrieval/
 RETRIEVAL_SET = "ppl_retrieval"
+# what each perplexity set's headings add (the code documents are the main set, "ppl")
+SET_HEADINGS = {"ppl": "", RETRIEVAL_SET: " on held-out retrieval documents"}
+
+
+def set_file_suffix(ppl: str) -> str:
+    """Figure-name suffix of a perplexity set: none for the main set, ``_retrieval`` for ``ppl_retrieval``."""
+    return "" if ppl == "ppl" else "_" + ppl.removeprefix("ppl_")
+
+
 TASK = re.compile(r"^task/([^/]+)/(.+)/(\d+)/acc$")
 NOT_RUN = "_not run_"
 # Validation curves shown per side-net stage (``<set>/<metric>`` histories; ``gistnet.val_every`` /
@@ -261,12 +269,9 @@ def _eval_rows(evals: list[RunInfo], ppl: str = "ppl") -> list[dict[str, Any]]:
 def _perplexity(
     evals: list[RunInfo], out: Path, rel: str, figures: list[Path], ppl: str = "ppl"
 ) -> list[str]:
-    if ppl == "ppl":
-        lines = ["## Perplexity at budget (ΔNLL vs full context)", ""]
-    else:
-        lines = [
-            "## Perplexity at budget on held-out retrieval documents (ΔNLL vs full context)",
-            "",
+    lines = [f"## Perplexity at budget{SET_HEADINGS[ppl]} (ΔNLL vs full context)", ""]
+    if ppl == RETRIEVAL_SET:
+        lines += [
             "Held-out files with retrieval episodes spliced in like the training mix, the last answer among the "
             "scored tokens (`eval.retrieval_documents`): where the next tokens depend on far context.",
             "",
@@ -291,7 +296,7 @@ def _perplexity(
     ]
     header = ["budget", "depth", "K", "policy", "NLL", "ΔNLL", "95% CI", "full NLL", "documents", "run"]
     lines += table(header, body)
-    png = "dnll_vs_budget.png" if ppl == "ppl" else f"dnll_vs_budget_{ppl.removeprefix('ppl_')}.png"
+    png = f"dnll_vs_budget{set_file_suffix(ppl)}.png"
     figures.append(plots.dnll_vs_budget(rows, out / png))
     lines += ["", f"![ΔNLL vs budget]({rel}/{png})", ""]
     return lines
