@@ -251,8 +251,11 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
     ) -> torch.Tensor:
         """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits` of ``plan``."""
         b, batch = targets.shape[0], plan.rows.batch
+        # rows are variant-major, windows inner (row r belongs to window r % B), as variant_cross_entropy expects
         per_row = (
-            W.token_nll(logits, targets[batch]) if teacher is None else W.token_kl(teacher[batch], logits)
+            W.token_nll(logits, targets[batch])
+            if teacher is None
+            else W.variant_cross_entropy(teacher, logits)
         )
         loss = per_row.view(1 + len(plan.cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
         utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[:, None]

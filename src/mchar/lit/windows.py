@@ -427,6 +427,20 @@ def token_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (t.exp() * (t - s)).sum(-1)
 
 
+def variant_cross_entropy(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy ``H(teacher, student)`` ``[R, H]`` of student rows stacked window-inner
+    (``R = n * B``, row ``r`` scored against window ``r % B``).
+
+    It is ``KL(teacher || student)`` plus the teacher's entropy, the same for every row of a window, so gains between
+    rows of one window are the KL gains exactly. Computed as ``logsumexp(s) - <p_t, s>`` against the ``B`` teacher
+    distributions once, instead of a log-softmax of every ``[R, H, V]`` row and of the teacher repeated per row:
+    the ``expected`` LensNet utilities cost ~4x less this way (the plain KL was a third of a LensNet step)."""
+    b, h, v = teacher.shape
+    p = torch.softmax(teacher.float(), -1)
+    s = student.float().view(-1, b, h, v)
+    return (torch.logsumexp(s, -1) - torch.einsum("nbhv,bhv->nbh", s, p)).reshape(-1, h)
+
+
 # ---------------------------------------------------------------------------------------------- lensnet inputs
 
 
