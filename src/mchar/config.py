@@ -598,7 +598,7 @@ def check_semantics(cfg: RootConfig) -> None:
 
 # how LensNet's targets are measured (on the true next tokens, or in expectation under the full-context model) and
 # how its pair loss is normalised; the LensNet module checks the same lists
-LENSNET_UTILITIES = ("sampled", "expected")
+LENSNET_UTILITIES = ("sampled", "expected", "mixed")
 LENSNET_PAIR_NORMS = ("batch", "window")
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # what lightning.Trainer(precision=...) accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT), so a

@@ -334,8 +334,29 @@ def test_expected_utilities_are_kl_gains_to_the_full_context_model() -> None:
     assert not torch.allclose(utils, sampled)
 
 
+def test_mixed_utilities_train_on_the_mean_of_both_measurements() -> None:
+    """``utility=mixed``: one teacher + one variant forward per step, and the target is the mean of the sampled and
+    the expected gains of the same candidates, and the step's loss is the pairwise loss on that mean."""
+    m = _module(utility="mixed")
+    ids = windows(3)
+    loss, forwards = _step_with_forward_count(m, ids)
+    assert forwards == 2 and torch.isfinite(loss)
+    p, targets, tok, gists, bank = m.window_state(ids)
+    with torch.no_grad():
+        entries, cand = m.sample_step(0, p)
+        teacher = m.teacher(ids, p)
+        sampled = m.measure_utilities(bank, entries, cand, p, targets)
+        expected = m.measure_utilities(bank, entries, cand, p, targets, teacher=teacher)
+        mixed = m.target_utilities({"sampled": sampled, "expected": expected})
+        torch.testing.assert_close(mixed, (sampled + expected) / 2)
+        scores, _ = m.lens_scores([entries] * 3, range(3), tok, gists, p)
+        plan = m.plan_for(entries, cand, p, bank)
+        want = pairwise_bt_loss(scores[:, plan.cand_index], mixed, norm=m.hparams.pair_norm)
+        torch.testing.assert_close(m.lens_loss(ids, 0)[0], want)
+
+
 def test_validation_reports_rank_agreement_with_both_utility_measurements() -> None:
-    for utility in ("sampled", "expected"):
+    for utility in ("sampled", "expected", "mixed"):
         out = _module(utility=utility).evaluate_batch(windows(2), 0)
         for key in (
             "spearman",

@@ -12,7 +12,8 @@ directly comparable and "higher = keep/expand, lower = collapse first" matches t
 Two measurements of that gain (``utility``): ``sampled`` scores the true horizon tokens; ``expected`` takes each
 token's NLL gain in expectation under the full-context model's next-token distribution (``KL(teacher || WC) -
 KL(teacher || variant)``, one more base forward on the raw window): the Rao-Blackwellised version of the same gain,
-without the noise of which token happened to come next. Validation reports the rank agreement with both.
+without the noise of which token happened to come next; ``mixed`` trains on their mean. Validation reports the rank
+agreement with both measurements.
 
 Loss: Bradley–Terry over all candidate pairs of a window (broadcast ``[B, C, C]``, weighted by |Δutility|) or
 MSE regression; no Python loop over pairs. Validation: Spearman between scores and utilities, and the horizon NLL
@@ -49,6 +50,7 @@ ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "
 # hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
 RANK_REFERENCES = ("recency", "similarity")
 UTILITIES, PAIR_NORMS = LENSNET_UTILITIES, LENSNET_PAIR_NORMS
+MEASUREMENTS = ("sampled", "expected")  # what validation ranks against; ``mixed`` is their mean
 
 
 def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
@@ -261,6 +263,17 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[:, None]
         return utils if per_token else utils.mean(-1)
 
+    @property
+    def measured(self) -> tuple[str, ...]:
+        """The measurements the training target needs (``mixed`` needs both)."""
+        u = self.hparams.utility
+        return MEASUREMENTS if u == "mixed" else (u,)
+
+    def target_utilities(self, by_measure: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training target from the measurements: one of them, or their mean for ``mixed`` (the sampled gain
+        keeps the signal of the token that came, e.g. a needle's answer; the expected one the teacher's low noise)."""
+        return torch.stack([by_measure[m] for m in self.measured]).mean(0)
+
     def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
         """Full-context horizon logits ``[B, H, V]`` (the raw window, no WC)."""
         with torch.no_grad():
@@ -302,8 +315,14 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         t0 = self._tick("gists", t0)
         plan = self.step_plan(step, prefix, tok, gists).to(self.device)
         t0 = self._tick("sample_wc", t0)
-        teacher = self.teacher(ids, prefix) if self.hparams.utility == "expected" else None
-        utils = self.utilities_from(self.variant_logits(bank, plan), plan, targets, teacher)
+        teacher = self.teacher(ids, prefix) if self.hparams.utility != "sampled" else None
+        logits = self.variant_logits(bank, plan)
+        utils = self.target_utilities(
+            {
+                m: self.utilities_from(logits, plan, targets, teacher if m == "expected" else None)
+                for m in self.measured
+            }
+        )
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
         scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix)
@@ -430,7 +449,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         # agree on; a ranking that only some tokens show is noise no scorer can predict).
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 19))
         # Both utility measurements (sampled, expected: suffix "" and "_expected") from the same variant forward.
-        suffixes = {u: "" if u == "sampled" else f"_{u}" for u in UTILITIES}
+        suffixes = {u: "" if u == "sampled" else f"_{u}" for u in MEASUREMENTS}
         refs: dict[str, list[torch.Tensor]] = {
             f"spearman{x}/{p}": [] for x in suffixes.values() for p in RANK_REFERENCES
         }
@@ -453,23 +472,24 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))[:, cand_t.cpu()]
                 for p in RANK_REFERENCES
             }
+            measured: dict[str, torch.Tensor] = {}
             for measure, x in suffixes.items():
                 per_token = self.utilities_from(
                     logits, plan, targets, teacher if measure == "expected" else None, True
                 )
-                utils = per_token.mean(-1)
+                utils = measured[measure] = per_token.mean(-1)
                 ranks[x].append(per_window_spearman(cs, utils))
                 if measure == "sampled":
                     by_kind[f"spearman_{kind}"].append(ranks[x][-1])
-                if measure == self.hparams.utility:  # the loss LensNet trains on, on held-out windows
-                    by_kind[f"lens_loss_{kind}"].append(
-                        pairwise_bt_loss(cs, utils, norm=self.hparams.pair_norm).reshape(1)
-                    )
                 for p in RANK_REFERENCES:
                     refs[f"spearman{x}/{p}"].append(per_window_spearman(ref_scores[p], utils.cpu()))
                 halves[x].append(
                     per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1))
                 )
+            # the loss LensNet trains on, on held-out windows
+            by_kind[f"lens_loss_{kind}"].append(
+                pairwise_bt_loss(cs, self.target_utilities(measured), norm=self.hparams.pair_norm).reshape(1)
+            )
         for x in suffixes.values():
             out[f"spearman{x}"] = torch.cat(ranks[x])
             out[f"utility_split_half{x}"] = torch.cat(halves[x])
