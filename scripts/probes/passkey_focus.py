@@ -8,7 +8,9 @@ answer still wrong).
 
 Usage, after the quickstart: .venv/bin/python scripts/probes/passkey_focus.py [length] [run] [policy ...]
    e.g. .venv/bin/python scripts/probes/passkey_focus.py 1024 quickstart lensnet similarity
-Overrides (e.g. OVR="allocator.query_cooldown=null") go through the quickstart config.
+Overrides (e.g. OVR="allocator.query_cooldown=null") go through the quickstart config. ``run`` names the LensNet
+export; GISTNET=<name> (default: ``run``) the GistNet export and DATA=<run> (default: ``run``) whose task data to read,
+e.g. GISTNET=quickstart DATA=quickstart for a LensNet trained over the quickstart's GistNet.
 """
 
 import json
@@ -32,11 +34,11 @@ cfg = compose_config(["+experiment=quickstart"] + os.environ.get("OVR", "").spli
 comp = load_components(
     root / "artifacts/base_lm/quickstart_lm",
     settings_from_config(cfg),
-    gistnet=root / "artifacts/gistnet" / run,
+    gistnet=root / "artifacts/gistnet" / os.environ.get("GISTNET", run),
     lensnet=root / "artifacts/lensnet" / run,
 )
 tokenizer = comp.base.tokenizer
-data = root / f"runs/{run}/eval/task_data/passkey_{length}.jsonl"
+data = root / f"runs/{os.environ.get('DATA', run)}/eval/task_data/passkey_{length}.jsonl"
 examples = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
 
 
@@ -55,17 +57,23 @@ for policy in policies:
         s = comp.session(policy)
         stream_ingest(s, torch.tensor(prompt, dtype=torch.long))
         s.future_tokens = torch.zeros(0, dtype=torch.long)
-        s.refocus_pending()
         lo, hi = needle_span(ex)
         k = s.wc.block_size
-        levels = sorted({e.level for e in s.wc.entries if e.start(k) < hi and e.end(k) > lo})
+
+        def coarsest(s=s, lo=lo, hi=hi, k=k) -> int:
+            return max(e.level for e in s.wc.entries if e.start(k) < hi and e.end(k) > lo)
+
+        streamed = coarsest()  # where the streaming focus left the needle, before the settle on the question
+        s.refocus_pending()
         answer = s.generate(len(target))
-        rows.append((answer == target, max(levels), ex["needle_depth"]))
-    right = Counter(lv for ok, lv, _ in rows if ok)
-    wrong = Counter(lv for ok, lv, _ in rows if not ok)
-    acc = sum(ok for ok, _, _ in rows) / len(rows)
+        rows.append((answer == target, coarsest(), ex["needle_depth"], streamed))
+    right = Counter(lv for ok, lv, _, _ in rows if ok)
+    wrong = Counter(lv for ok, lv, _, _ in rows if not ok)
+    acc = sum(ok for ok, *_ in rows) / len(rows)
     print(
         f"{policy} passkey@{length}: acc {acc:.3f} ({len(rows)} examples); coarsest level over the needle at answer "
         f"time, right {dict(sorted(right.items()))}, wrong {dict(sorted(wrong.items()))}; "
-        f"wrong at depths {sorted(d for ok, _, d in rows if not ok)}"
+        f"wrong at depths {sorted(d for ok, _, d, _ in rows if not ok)}; before the settle "
+        f"{dict(sorted(Counter(st for *_, st in rows).items()))}, of the wrong "
+        f"{dict(sorted(Counter(st for ok, *_, st in rows if not ok).items()))}"
     )
