@@ -342,6 +342,10 @@ class EvalConfig:
     task_policies: list[str] = field(default_factory=list)  # empty: same as ``policies``
     task_output: str = "generate"  # generate (exact match) | loglikelihood (acc = answer is greedy)
     task_dir: str = ""  # lm-eval YAML folder; empty: the repository's evals/tasks
+    # per-example task outcomes (task, doc id, target, the answer given, the metric, the doc's short fields such as
+    # needle_depth) as task_samples_<policy>_<local|ruler>.jsonl beside the results: which examples a policy misses,
+    # paired across policies on the same examples; the long context text is left out
+    log_samples: bool = True
     ruler_tasks: list[str] = field(default_factory=list)  # e.g. niah_single_1, niah_multikey_2, ruler_vt
     ruler_lengths: list[int] = field(default_factory=list)
     refocus_every: int | None = None  # default: allocator.refocus_every, else one block

@@ -77,6 +77,16 @@ def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> 
     assert runs[0].data.tags["mchar.gistnet_trained"] == "false"
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval")}
     assert {"eval/results.json", "eval/focus_map.npy"} <= arts
+    lm_eval_arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "eval/lm_eval")}
+    assert "eval/lm_eval/task_samples_recency_local.jsonl" in lm_eval_arts
+    # eval.log_samples: one line per task example with its outcome, without the long prompt
+    stage_dir = Path(ctx.results["eval"]["results_path"]).parent
+    samples = (stage_dir / "task_samples_recency_local.jsonl").read_text().splitlines()
+    [sample] = [json.loads(line) for line in samples]
+    assert sample["task"] == "mchar_passkey_256" and sample["doc_id"] == 0
+    assert sample["exact_match"] == metrics["task/recency/passkey/256/acc"]
+    assert isinstance(sample["response"], str) and sample["target"] == sample["doc"]["answer"]
+    assert "needle_depth" in sample["doc"] and "context" not in sample["doc"]
 
     out = ctx.results["eval"]
     assert set(out["metrics"]) == set(metrics)
