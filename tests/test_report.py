@@ -113,6 +113,17 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
             focus[t, : 2 * (t + 1)] = np.arange(2 * (t + 1)) % 3
         np.save(tmp / "focus_map.npy", focus)
         client.log_artifact(rid, str(tmp / "focus_map.npy"), "eval")
+        if (
+            i == len(BUDGETS) - 1
+        ):  # eval.log_samples: per-example outcomes of the newest run, lensnet vs recency
+            for policy, right in (("lensnet", set(range(9))), ("recency", {0, 1, 9})):
+                path = tmp / f"task_samples_{policy}_local.jsonl"
+                rows = [
+                    {"task": "mchar_passkey_512", "doc_id": d, "exact_match": float(d in right)}
+                    for d in range(10)
+                ]
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                client.log_artifact(rid, str(path), "eval/lm_eval")
         client.set_terminated(rid)
         client.set_terminated(parent)
         ids["eval"][budget] = rid
@@ -162,6 +173,9 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
     assert "cells per LOD" in md and "-1: 30" in md
+    # paired task outcomes on the same examples: 7 only lensnet answers, 1 only recency; exact McNemar 2 * 9 / 256
+    assert "### Paired task outcomes: lensnet vs each policy on the same examples" in md
+    assert "| recency | mchar_passkey_512 | 10 | 0.9 | 0.3 | 7 | 1 | 0.07031 |" in md
     # the retrieval documents get their own ΔNLL table, plot and paired table, after the code documents'
     retrieval = md[md.index("## Perplexity at budget on held-out retrieval documents") :]
     assert md.index("## Perplexity at budget (ΔNLL") < md.index(

@@ -409,6 +409,53 @@ def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> li
     return lines
 
 
+def _paired_tasks(client: Any, evals: list[RunInfo], reference: str = "lensnet") -> list[str]:
+    """Task outcomes of every policy against ``reference`` on the same examples, from the newest eval run that logged
+    them (``eval.log_samples``): discordant counts and the exact McNemar p-value."""
+    from mchar.evals.paired_tasks import outcomes, paired_outcomes, policy_of
+
+    for run in evals:
+        try:
+            files = [f.path for f in client.list_artifacts(run.run_id, "eval/lm_eval") if policy_of(f.path)]
+        except Exception:
+            files = []
+        if not files:
+            continue
+        by_policy: dict[str, dict[tuple[str, int], float]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for artifact in sorted(files):
+                local = Path(client.download_artifacts(run.run_id, artifact, tmp))
+                by_policy.setdefault(str(policy_of(artifact)), {}).update(
+                    outcomes(local.read_text().splitlines())
+                )
+        rows = paired_outcomes(by_policy, reference)
+        if not rows:
+            return []
+        lines = [
+            f"### Paired task outcomes: {reference} vs each policy on the same examples",
+            "",
+            f"Run `{run.run_id}`. *{reference} only* / *policy only*: examples one of the two answers and the other "
+            "misses; p: exact two-sided McNemar test on those, so a gap of a few examples reads as what it is.",
+            "",
+        ]
+        body = [
+            [
+                r.policy,
+                r.task,
+                str(r.examples),
+                fmt(r.reference_acc),
+                fmt(r.policy_acc),
+                str(r.reference_only),
+                str(r.policy_only),
+                fmt(r.p_value),
+            ]
+            for r in rows
+        ]
+        header = ["policy", "task", "examples", f"{reference} acc", "policy acc", f"{reference} only"]
+        return [*lines, *table([*header, "policy only", "McNemar p"], body), ""]
+    return []
+
+
 def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
     lines = ["## Focus telemetry (swap rate, budget use, residency)", ""]
     groups = _by_point(evals, lambda r: any(k.startswith("focus/") for k in r.metrics))
@@ -700,6 +747,7 @@ def build_report(
     lines += _perplexity(evals, fig_dir, name, figures, RETRIEVAL_SET)
     lines += _paired(evals, RETRIEVAL_SET)
     lines += _tasks(evals, fig_dir, name, figures)
+    lines += _paired_tasks(client, evals)
     lines += _telemetry(evals, fig_dir, name, figures)
     lines += _focus_maps(client, evals, fig_dir, name, figures)
     lines += ["## Runs and commands", ""]

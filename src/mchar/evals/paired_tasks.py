@@ -1,0 +1,84 @@
+"""Task accuracies compared on the same examples: two policies answer the same prompts, so their difference is a
+paired one. Counting the examples only one of them gets right (the discordant pairs) and testing them with the exact
+McNemar test says whether an accuracy gap of a few examples out of 30 is more than chance."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SAMPLES_PREFIX = "task_samples_"  # the eval stage's per-example files: task_samples_<policy>_<suite>.jsonl
+OUTCOME_METRICS = ("exact_match", "acc")  # generate / loglikelihood tasks
+
+
+@dataclass(frozen=True)
+class PairedOutcome:
+    """One policy against the reference on one task, over the examples both answered."""
+
+    policy: str
+    task: str
+    examples: int
+    reference_acc: float
+    policy_acc: float
+    reference_only: int  # examples the reference gets right and the policy wrong
+    policy_only: int
+    p_value: float  # exact two-sided McNemar (binomial over the discordant pairs)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (1.0 when there are none)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def policy_of(filename: str) -> str | None:
+    """``task_samples_<policy>_<suite>.jsonl`` -> policy (policy names may hold underscores)."""
+    stem = Path(filename).name
+    if not (stem.startswith(SAMPLES_PREFIX) and stem.endswith(".jsonl")):
+        return None
+    return stem[len(SAMPLES_PREFIX) : -len(".jsonl")].rsplit("_", 1)[0] or None
+
+
+def outcomes(lines: Iterable[str]) -> dict[tuple[str, int], float]:
+    """``{(task, doc id): outcome}`` from a samples file's lines (the first outcome metric each row has)."""
+    out = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        value = next((row[m] for m in OUTCOME_METRICS if m in row), None)
+        if value is not None:
+            out[(str(row["task"]), int(row["doc_id"]))] = float(value)
+    return out
+
+
+def paired_outcomes(
+    by_policy: Mapping[str, Mapping[tuple[str, int], float]], reference: str
+) -> list[PairedOutcome]:
+    """Every other policy against ``reference``, per task, on the examples both have (outcomes 0/1)."""
+    ref = by_policy.get(reference)
+    if not ref:
+        return []
+    rows = []
+    for policy in sorted(p for p in by_policy if p != reference):
+        other = by_policy[policy]
+        for task in sorted({t for t, _ in ref}):
+            keys = sorted(k for k in ref if k[0] == task and k in other)
+            if not keys:
+                continue
+            r = [ref[k] >= 0.5 for k in keys]
+            o = [other[k] >= 0.5 for k in keys]
+            b = sum(x and not y for x, y in zip(r, o, strict=True))
+            c = sum(y and not x for x, y in zip(r, o, strict=True))
+            rows.append(
+                PairedOutcome(
+                    policy, task, len(keys), sum(r) / len(keys), sum(o) / len(keys), b, c, mcnemar_exact(b, c)
+                )
+            )
+    return rows
