@@ -303,19 +303,27 @@ def test_validation_puts_lensnet_spearman_in_scale_with_references_and_a_split_h
     assert out["spearman/similarity"].shape == out["spearman"].shape == (3,)
 
 
+def _teacher_step(utility: str) -> tuple[LensNetModule, torch.Tensor, tuple, list, np.ndarray, torch.Tensor]:
+    """A module training on ``utility`` after one step (checked: the teacher and the variants, two base forwards),
+    with its batch, the batch's window state and step 0's WC, candidates and teacher logits."""
+    m = _module(utility=utility)
+    ids = windows(3)
+    loss, forwards = _step_with_forward_count(m, ids)
+    assert forwards == 2 and torch.isfinite(loss)
+    state = m.window_state(ids)
+    with torch.no_grad():
+        entries, cand = m.sample_step(0, state[0])
+        teacher = m.teacher(ids, state[0])
+    return m, ids, state, entries, cand, teacher
+
+
 def test_expected_utilities_are_kl_gains_to_the_full_context_model() -> None:
     """``utility=expected``: a training step runs the teacher (raw window) and the variants (two base forwards);
     each utility is KL(teacher || WC) - KL(teacher || variant), recomputed here from single rows, and its mean
     over the horizon tokens equals the sampled gain's expectation under the teacher (NLL gains weighted by the
     teacher's probabilities)."""
-    m = _module(utility="expected")
-    ids = windows(3)
-    loss, forwards = _step_with_forward_count(m, ids)
-    assert forwards == 2 and torch.isfinite(loss)
-    p, targets, _, _, bank = m.window_state(ids)
+    m, _, (p, targets, _, _, bank), entries, cand, teacher = _teacher_step("expected")
     with torch.no_grad():
-        entries, cand = m.sample_step(0, p)
-        teacher = m.teacher(ids, p)
         utils = m.measure_utilities(bank, entries, cand, p, targets, teacher=teacher)
         sampled = m.measure_utilities(bank, entries, cand, p, targets)
         offs = W.bank_offsets(p + H, p, K, DEPTH)
@@ -337,14 +345,8 @@ def test_expected_utilities_are_kl_gains_to_the_full_context_model() -> None:
 def test_mixed_utilities_train_on_the_mean_of_both_measurements() -> None:
     """``utility=mixed``: one teacher + one variant forward per step, and the target is the mean of the sampled and
     the expected gains of the same candidates, and the step's loss is the pairwise loss on that mean."""
-    m = _module(utility="mixed")
-    ids = windows(3)
-    loss, forwards = _step_with_forward_count(m, ids)
-    assert forwards == 2 and torch.isfinite(loss)
-    p, targets, tok, gists, bank = m.window_state(ids)
+    m, ids, (p, targets, tok, gists, bank), entries, cand, teacher = _teacher_step("mixed")
     with torch.no_grad():
-        entries, cand = m.sample_step(0, p)
-        teacher = m.teacher(ids, p)
         sampled = m.measure_utilities(bank, entries, cand, p, targets)
         expected = m.measure_utilities(bank, entries, cand, p, targets, teacher=teacher)
         mixed = m.target_utilities({"sampled": sampled, "expected": expected})
