@@ -189,6 +189,7 @@ class LensNetConfig:
     # the training targets: sampled = horizon-NLL gains on the true next tokens; expected = the same gains in
     # expectation under the full-context model's next-token distribution (KL to it; less noise per token)
     utility: str = "sampled"
+    teacher_temperature: float = 1.0
     # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
     pair_norm: str = "batch"
     candidates: int = 16
@@ -457,6 +458,7 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"gistnet.width: {g.width} is not divisible by gistnet.heads={g.heads}")
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
     _choice("lensnet.utility", cfg.lensnet.utility, LENSNET_UTILITIES)
+    _positive("lensnet.teacher_temperature", cfg.lensnet.teacher_temperature)
     _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, LENSNET_PAIR_NORMS)
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))

@@ -380,3 +380,26 @@ def test_unknown_utility_is_refused() -> None:
         _module(utility="oracle")
     with pytest.raises(ValueError, match="lensnet.pair_norm"):
         _module(pair_norm="pair")
+    with pytest.raises(ValueError, match="lensnet.teacher_temperature"):
+        _module(utility="expected", teacher_temperature=0.0)
+
+
+def test_a_sharpened_teacher_is_the_expected_gain_under_logits_over_t() -> None:
+    """``teacher_temperature``: the training target is the expected gain against softmax(teacher / T); T = 1 is the
+    plain expected measurement, and the sharper the teacher, the closer the target to its argmax token's gain."""
+    m, ids, (p, targets, tok, gists, bank), entries, cand, teacher = _teacher_step("expected")
+    with torch.no_grad():
+        plan = m.plan_for(entries, cand, p, bank)
+        logits = m.variant_logits(bank, plan)
+        expected = m.utilities_from(logits, plan, targets, teacher)
+        torch.testing.assert_close(m.training_target(logits, plan, targets, teacher), expected)
+        m.hparams.teacher_temperature = 0.5
+        torch.testing.assert_close(
+            m.training_target(logits, plan, targets, teacher),
+            m.utilities_from(logits, plan, targets, teacher / 0.5),
+        )
+        m.hparams.teacher_temperature = 1e-4  # ~ one-hot on the teacher's argmax: the NLL gain of that token
+        argmax = m.utilities_from(logits, plan, teacher.argmax(-1), None)
+        torch.testing.assert_close(
+            m.training_target(logits, plan, targets, teacher), argmax, atol=1e-3, rtol=1e-3
+        )

@@ -120,6 +120,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         utility: str = "sampled",
         pair_norm: str = "batch",
         val_wc_draws: int = 1,
+        teacher_temperature: float = 1.0,
         train_gistnet: bool = False,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
@@ -130,6 +131,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             raise ValueError(f"lensnet.alloc_start must be 'recent' or 'coarsest', got {alloc_start!r}")
         if utility not in UTILITIES:
             raise ValueError(f"lensnet.utility must be one of {UTILITIES}, got {utility!r}")
+        if not teacher_temperature > 0:
+            raise ValueError(f"lensnet.teacher_temperature must be > 0, got {teacher_temperature}")
         if pair_norm not in PAIR_NORMS:
             raise ValueError(f"lensnet.pair_norm must be one of {PAIR_NORMS}, got {pair_norm!r}")
         self.base = base
@@ -274,6 +277,19 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         keeps the signal of the token that came, e.g. a needle's answer; the expected one the teacher's low noise)."""
         return torch.stack([by_measure[m] for m in self.measured]).mean(0)
 
+    def training_target(
+        self, logits: torch.Tensor, plan: LensPlan, targets: torch.Tensor, teacher: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``[B, C]`` utilities LensNet trains on from :meth:`variant_logits`: the ``utility`` measurement(s), the
+        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T)."""
+        sharp = None if teacher is None else teacher / self.hparams.teacher_temperature
+        return self.target_utilities(
+            {
+                m: self.utilities_from(logits, plan, targets, sharp if m == "expected" else None)
+                for m in self.measured
+            }
+        )
+
     def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
         """Full-context horizon logits ``[B, H, V]`` (the raw window, no WC)."""
         with torch.no_grad():
@@ -316,13 +332,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         plan = self.step_plan(step, prefix, tok, gists).to(self.device)
         t0 = self._tick("sample_wc", t0)
         teacher = self.teacher(ids, prefix) if self.hparams.utility != "sampled" else None
-        logits = self.variant_logits(bank, plan)
-        utils = self.target_utilities(
-            {
-                m: self.utilities_from(logits, plan, targets, teacher if m == "expected" else None)
-                for m in self.measured
-            }
-        )
+        utils = self.training_target(self.variant_logits(bank, plan), plan, targets, teacher)
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
         scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix)
@@ -472,12 +482,11 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))[:, cand_t.cpu()]
                 for p in RANK_REFERENCES
             }
-            measured: dict[str, torch.Tensor] = {}
             for measure, x in suffixes.items():
                 per_token = self.utilities_from(
                     logits, plan, targets, teacher if measure == "expected" else None, True
                 )
-                utils = measured[measure] = per_token.mean(-1)
+                utils = per_token.mean(-1)
                 ranks[x].append(per_window_spearman(cs, utils))
                 if measure == "sampled":
                     by_kind[f"spearman_{kind}"].append(ranks[x][-1])
@@ -488,7 +497,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 )
             # the loss LensNet trains on, on held-out windows
             by_kind[f"lens_loss_{kind}"].append(
-                pairwise_bt_loss(cs, self.target_utilities(measured), norm=self.hparams.pair_norm).reshape(1)
+                pairwise_bt_loss(
+                    cs, self.training_target(logits, plan, targets, teacher), norm=self.hparams.pair_norm
+                ).reshape(1)
             )
         for x in suffixes.values():
             out[f"spearman{x}"] = torch.cat(ranks[x])

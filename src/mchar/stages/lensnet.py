@@ -80,6 +80,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         utility=lc.utility,
         pair_norm=lc.pair_norm,
         val_wc_draws=lc.val_wc_draws,
+        teacher_temperature=lc.teacher_temperature,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         max_steps=steps,
