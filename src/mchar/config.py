@@ -189,6 +189,8 @@ class LensNetConfig:
     # the training targets: sampled = horizon-NLL gains on the true next tokens; expected = the same gains in
     # expectation under the full-context model's next-token distribution (KL to it; less noise per token)
     utility: str = "sampled"
+    # expected / mixed training targets against the full-context distribution sharpened (logits / T); validation
+    # still measures against T = 1
     teacher_temperature: float = 1.0
     # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
     pair_norm: str = "batch"

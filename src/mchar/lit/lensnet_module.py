@@ -278,17 +278,26 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         return torch.stack([by_measure[m] for m in self.measured]).mean(0)
 
     def training_target(
-        self, logits: torch.Tensor, plan: LensPlan, targets: torch.Tensor, teacher: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        plan: LensPlan,
+        targets: torch.Tensor,
+        teacher: torch.Tensor | None,
+        known: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[B, C]`` utilities LensNet trains on from :meth:`variant_logits`: the ``utility`` measurement(s), the
-        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T)."""
-        sharp = None if teacher is None else teacher / self.hparams.teacher_temperature
-        return self.target_utilities(
-            {
-                m: self.utilities_from(logits, plan, targets, sharp if m == "expected" else None)
-                for m in self.measured
-            }
-        )
+        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T). ``known``: measurements
+        already taken from these logits (validation's), reused where the target is the plain measurement."""
+        t = self.hparams.teacher_temperature
+        sharp = None if teacher is None else teacher / t
+        known = known or {}
+
+        def measure(m: str) -> torch.Tensor:
+            if m in known and (m == "sampled" or t == 1.0):
+                return known[m]
+            return self.utilities_from(logits, plan, targets, sharp if m == "expected" else None)
+
+        return self.target_utilities({m: measure(m) for m in self.measured})
 
     def teacher(self, ids: torch.Tensor, prefix: int) -> torch.Tensor:
         """Full-context horizon logits ``[B, H, V]`` (the raw window, no WC)."""
@@ -482,11 +491,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))[:, cand_t.cpu()]
                 for p in RANK_REFERENCES
             }
+            measured: dict[str, torch.Tensor] = {}
             for measure, x in suffixes.items():
                 per_token = self.utilities_from(
                     logits, plan, targets, teacher if measure == "expected" else None, True
                 )
-                utils = per_token.mean(-1)
+                utils = measured[measure] = per_token.mean(-1)
                 ranks[x].append(per_window_spearman(cs, utils))
                 if measure == "sampled":
                     by_kind[f"spearman_{kind}"].append(ranks[x][-1])
@@ -498,7 +508,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             # the loss LensNet trains on, on held-out windows
             by_kind[f"lens_loss_{kind}"].append(
                 pairwise_bt_loss(
-                    cs, self.training_target(logits, plan, targets, teacher), norm=self.hparams.pair_norm
+                    cs,
+                    self.training_target(logits, plan, targets, teacher, measured),
+                    norm=self.hparams.pair_norm,
                 ).reshape(1)
             )
         for x in suffixes.values():
