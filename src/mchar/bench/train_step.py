@@ -21,6 +21,7 @@ import torch
 from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.bench.common import at_least, device_option, emit, sync
 from mchar.bench.loop_timing import alternate, lightning_stamps, paired_ratio, paired_ratios, steps_per_second
+from mchar.config import LENSNET_UTILITIES
 from mchar.core.gistnet import GistNet
 from mchar.core.lensnet import LensNet
 from mchar.lit.gistnet_module import GistNetModule
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=at_least(1), default=5)
     ap.add_argument("--threads", type=at_least(0), default=2)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both sides, fp32)")
+    ap.add_argument(
+        "--utility",
+        choices=LENSNET_UTILITIES,
+        default="sampled",
+        help="LensNet's training target (expected / mixed add the full-context teacher forward)",
+    )
     args = ap.parse_args(argv)
     device = device_option(ap, args.device)
     torch.set_num_threads(args.threads)
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         horizon=args.horizon,
         candidates=args.candidates,
         max_steps=args.steps,
+        utility=args.utility,
     ).to(device)
     opt = lens.configure_optimizers()["optimizer"]
     lens.profile = True

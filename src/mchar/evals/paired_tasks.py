@@ -1,6 +1,8 @@
-"""Task accuracies compared on the same examples: two policies answer the same prompts, so their difference is a
-paired one. Counting the examples only one of them gets right (the discordant pairs) and testing them with the exact
-McNemar test says whether an accuracy gap of a few examples out of 30 is more than chance."""
+"""Per-example task outcomes: the eval stage writes them (one file per policy and suite), the report pairs them.
+
+Two policies answer the same prompts, so their accuracy difference is a paired one. Counting the examples only one of
+them gets right (the discordant pairs) and testing them with the exact McNemar test says whether an accuracy gap of a
+few examples out of 30 is more than chance."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SAMPLES_PREFIX = "task_samples_"  # the eval stage's per-example files: task_samples_<policy>_<suite>.jsonl
 OUTCOME_METRICS = ("exact_match", "acc")  # generate / loglikelihood tasks
+# a doc's string fields up to this length are kept with its outcome (the long context is not)
+SAMPLE_FIELD_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,36 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def samples_filename(policy: str, suite: str) -> str:
+    """The file the eval stage writes ``policy``'s outcomes on ``suite`` ("local" / "ruler") to."""
+    return f"{SAMPLES_PREFIX}{policy}_{suite}.jsonl"
+
+
+def write_samples(samples: Mapping[str, list[dict[str, Any]]], path: Path) -> Path:
+    """lm-eval's ``samples`` as one JSON line per example: task, doc id, target, the (filtered) answer, its metrics and
+    the doc's short fields (e.g. ``needle_depth``), so misses can be read and paired without the long prompt."""
+    with path.open("w") as f:
+        for task, rows in samples.items():
+            for row in rows:
+                doc = row.get("doc") or {}
+                resp = row.get("filtered_resps") or [None]
+                out = {
+                    "task": task,
+                    "doc_id": row.get("doc_id"),
+                    "target": row.get("target"),
+                    "response": resp[0] if len(resp) == 1 else resp,
+                    **{m: row[m] for m in row.get("metrics", []) if m in row},
+                    "doc": {
+                        k: v
+                        for k, v in doc.items()
+                        if isinstance(v, int | float | bool)
+                        or (isinstance(v, str) and len(v) <= SAMPLE_FIELD_CHARS)
+                    },
+                }
+                f.write(json.dumps(out, default=str) + "\n")
+    return path
 
 
 def policy_of(filename: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mchar.evals.components import EvalError
+from mchar.evals.paired_tasks import samples_filename, write_samples
 
 if TYPE_CHECKING:
     from mchar.pipeline import RunContext
@@ -288,9 +289,7 @@ def _task_results(
             )
             files.append(path)
             if e.log_samples:
-                files.append(
-                    _write_samples(res.get("samples") or {}, stage_dir / f"task_samples_{p}_{suite}.jsonl")
-                )
+                files.append(write_samples(res.get("samples") or {}, stage_dir / samples_filename(p, suite)))
             for task, vals in res["results"].items():
                 for mkey, v in vals.items():
                     if not isinstance(v, int | float) or "stderr" in mkey:
@@ -309,36 +308,6 @@ def _task_results(
                             out[p].setdefault(task, {})[mkey.split(",")[0]] = float(v)
                             metrics[f"task/{p}/{task}/{mkey.split(',')[0]}/acc"] = float(v)
     return out, metrics, files
-
-
-SAMPLE_FIELD_CHARS = (
-    200  # a doc's string fields up to this length are kept with its outcome (not the context)
-)
-
-
-def _write_samples(samples: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """One JSON line per task example: task, doc id, target, the (filtered) answer, its metrics and the doc's short
-    fields (e.g. ``needle_depth``), so misses can be read and paired across policies without the long prompt."""
-    with path.open("w") as f:
-        for task, rows in samples.items():
-            for row in rows:
-                doc = row.get("doc") or {}
-                resp = row.get("filtered_resps") or [None]
-                out = {
-                    "task": task,
-                    "doc_id": row.get("doc_id"),
-                    "target": row.get("target"),
-                    "response": resp[0] if len(resp) == 1 else resp,
-                    **{m: row[m] for m in row.get("metrics", []) if m in row},
-                    "doc": {
-                        k: v
-                        for k, v in doc.items()
-                        if isinstance(v, int | float | bool)
-                        or (isinstance(v, str) and len(v) <= SAMPLE_FIELD_CHARS)
-                    },
-                }
-                f.write(json.dumps(out, default=str) + "\n")
-    return path
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
