@@ -10,7 +10,8 @@ Usage, after the quickstart: .venv/bin/python scripts/probes/passkey_focus.py [l
    e.g. .venv/bin/python scripts/probes/passkey_focus.py 1024 quickstart lensnet similarity
 Overrides (e.g. OVR="allocator.query_cooldown=null") go through the quickstart config. ``run`` names the LensNet
 export; GISTNET=<name> (default: ``run``) the GistNet export and DATA=<run> (default: ``run``) whose task data to read,
-e.g. GISTNET=quickstart DATA=quickstart for a LensNet trained over the quickstart's GistNet.
+e.g. GISTNET=quickstart DATA=quickstart for a LensNet trained over the quickstart's GistNet. SETTLE=<name> settles on
+the question with that LensNet export's scores instead (streaming stays with ``run``'s): which of the two fails.
 """
 
 import json
@@ -37,6 +38,16 @@ comp = load_components(
     gistnet=root / "artifacts/gistnet" / os.environ.get("GISTNET", run),
     lensnet=root / "artifacts/lensnet" / run,
 )
+settle = (
+    load_components(
+        root / "artifacts/base_lm/quickstart_lm",
+        settings_from_config(cfg),
+        gistnet=root / "artifacts/gistnet" / os.environ.get("GISTNET", run),
+        lensnet=root / "artifacts/lensnet" / os.environ["SETTLE"],
+    )
+    if os.environ.get("SETTLE")
+    else None
+)
 tokenizer = comp.base.tokenizer
 data = root / f"runs/{os.environ.get('DATA', run)}/eval/task_data/passkey_{length}.jsonl"
 examples = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
@@ -55,6 +66,8 @@ for policy in policies:
         prompt = tokenizer.encode(ex["context"] + ex["query"], add_special_tokens=False)
         target = tokenizer.encode(ex["answer"], add_special_tokens=False)
         s = comp.session(policy)
+        if settle is not None:
+            s.query_policy = settle.query_policy(settle.make_policy(policy))
         stream_ingest(s, torch.tensor(prompt, dtype=torch.long))
         s.future_tokens = torch.zeros(0, dtype=torch.long)
         lo, hi = needle_span(ex)
