@@ -192,6 +192,9 @@ class LensNetConfig:
     # expected / mixed training targets against the full-context distribution sharpened (logits / T); validation
     # still measures against T = 1
     teacher_temperature: float = 1.0
+    # expected / mixed training targets only on the horizon tokens the teacher's argmax predicts right, the sampled
+    # gain on the rest (a teacher that answers a question wrongly would teach fetching the wrong needle)
+    teacher_gate: bool = False
     # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
     pair_norm: str = "batch"
     candidates: int = 16

@@ -403,3 +403,26 @@ def test_a_sharpened_teacher_is_the_expected_gain_under_logits_over_t() -> None:
         torch.testing.assert_close(
             m.training_target(logits, plan, targets, teacher), argmax, atol=1e-3, rtol=1e-3
         )
+
+
+def test_a_gated_teacher_keeps_the_sampled_gain_where_its_argmax_misses_the_token() -> None:
+    """``teacher_gate``: each horizon token takes the expected gain where the teacher's argmax is the token that
+    came, the sampled gain where it is not (a teacher answering with a distractor's value must not set the target)."""
+    m, ids, (p, targets, tok, gists, bank), entries, cand, teacher = _teacher_step("expected")
+    right = teacher.clone()  # the teacher made right (argmax = the true token, still a soft distribution) on even tokens
+    top = right.max(-1).values
+    right[:, ::2].scatter_(-1, targets[:, ::2, None], (top[:, ::2] + 0.5)[..., None])
+    gate = right.argmax(-1) == targets
+    assert bool(gate[:, ::2].all()) and not bool(gate.all())
+    with torch.no_grad():
+        plan = m.plan_for(entries, cand, p, bank)
+        logits = m.variant_logits(bank, plan)
+        expected = m.utilities_from(logits, plan, targets, right, per_token=True)
+        sampled = m.utilities_from(logits, plan, targets, per_token=True)
+        m.hparams.teacher_gate = True
+        gated = m.training_target(logits, plan, targets, right)
+        torch.testing.assert_close(gated, torch.where(gate[:, None], expected, sampled).mean(-1))
+        assert not torch.allclose(gated, expected.mean(-1)) and not torch.allclose(gated, sampled.mean(-1))
+        # validation's already-taken (ungated) expected measurement is not reused for a gated target
+        known = {"expected": expected.mean(-1), "sampled": sampled.mean(-1)}
+        torch.testing.assert_close(m.training_target(logits, plan, targets, right, known), gated)

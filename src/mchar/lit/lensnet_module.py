@@ -121,6 +121,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         pair_norm: str = "batch",
         val_wc_draws: int = 1,
         teacher_temperature: float = 1.0,
+        teacher_gate: bool = False,
         train_gistnet: bool = False,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
@@ -253,15 +254,18 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         targets: torch.Tensor,
         teacher: torch.Tensor | None = None,
         per_token: bool = False,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits` of ``plan``."""
+        """Signed gains ``[B, C]`` (``[B, C, H]`` per token) from :meth:`variant_logits` of ``plan``. ``gate``
+        (``[B, H]`` bool, with ``teacher``): the tokens that take the expected gain; the others take the sampled one."""
         b, batch = targets.shape[0], plan.rows.batch
         # rows are variant-major, windows inner (row r belongs to window r % B), as variant_cross_entropy expects
-        per_row = (
-            W.token_nll(logits, targets[batch])
-            if teacher is None
-            else W.variant_cross_entropy(teacher, logits)
-        )
+        if teacher is None:
+            per_row = W.token_nll(logits, targets[batch])
+        else:
+            per_row = W.variant_cross_entropy(teacher, logits)
+            if gate is not None:
+                per_row = torch.where(gate[batch], per_row, W.token_nll(logits, targets[batch]))
         loss = per_row.view(1 + len(plan.cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
         utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[:, None]
         return utils if per_token else utils.mean(-1)
@@ -286,16 +290,22 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         known: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[B, C]`` utilities LensNet trains on from :meth:`variant_logits`: the ``utility`` measurement(s), the
-        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T). ``known``: measurements
+        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T), with ``teacher_gate`` only on
+        the horizon tokens the teacher's argmax gets right (the sampled gain on the others). ``known``: measurements
         already taken from these logits (validation's), reused where the target is the plain measurement."""
-        t = self.hparams.teacher_temperature
+        t, gated = self.hparams.teacher_temperature, self.hparams.teacher_gate
         sharp = None if teacher is None else teacher / t
+        # where the teacher's argmax misses the token that came (a multi-key question it answers with a distractor's
+        # value), its expected gain rewards fetching the wrong needle: those tokens keep the sampled gain
+        gate = teacher.argmax(-1) == targets if gated and teacher is not None else None
         known = known or {}
 
         def measure(m: str) -> torch.Tensor:
-            if m in known and (m == "sampled" or t == 1.0):
+            if m in known and (m == "sampled" or (t == 1.0 and not gated)):
                 return known[m]
-            return self.utilities_from(logits, plan, targets, sharp if m == "expected" else None)
+            if m == "sampled":
+                return self.utilities_from(logits, plan, targets)
+            return self.utilities_from(logits, plan, targets, sharp, gate=gate)
 
         return self.target_utilities({m: measure(m) for m in self.measured})
 

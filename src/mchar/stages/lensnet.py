@@ -81,6 +81,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         pair_norm=lc.pair_norm,
         val_wc_draws=lc.val_wc_draws,
         teacher_temperature=lc.teacher_temperature,
+        teacher_gate=lc.teacher_gate,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
         max_steps=steps,
