@@ -409,7 +409,9 @@ def test_a_gated_teacher_keeps_the_sampled_gain_where_its_argmax_misses_the_toke
     """``teacher_gate``: each horizon token takes the expected gain where the teacher's argmax is the token that
     came, the sampled gain where it is not (a teacher answering with a distractor's value must not set the target)."""
     m, ids, (p, targets, tok, gists, bank), entries, cand, teacher = _teacher_step("expected")
-    right = teacher.clone()  # the teacher made right (argmax = the true token, still a soft distribution) on even tokens
+    right = (
+        teacher.clone()
+    )  # the teacher made right (argmax = the true token, still a soft distribution) on even tokens
     top = right.max(-1).values
     right[:, ::2].scatter_(-1, targets[:, ::2, None], (top[:, ::2] + 0.5)[..., None])
     gate = right.argmax(-1) == targets
