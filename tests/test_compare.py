@@ -160,3 +160,37 @@ def test_bad_comparisons_stop_before_writing(tmp_path: Path, capsys: pytest.Capt
     assert (
         out / "compare-ref-ablation.md"
     ).exists()  # the default name never lands on an experiment's report
+
+
+def test_task_outcomes_pair_across_experiments_on_the_same_examples(tmp_path: Path) -> None:
+    """Each experiment's per-example outcomes (``eval.log_samples``) against the first's, per policy, only on the
+    examples that are the same in both runs; an example whose target differs under one doc id is left out."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    evals = populate(uri, tmp_path)
+    client = MlflowClient(uri)
+    right = {"ref": {"lensnet": set(range(10)), "recency": {0}}, "ablation": {"lensnet": {0, 1, 2, 3, 9}}}
+    for name, policies in right.items():
+        for policy, ok in policies.items():
+            rows = [
+                {
+                    "task": "mchar_passkey_512",
+                    "doc_id": d,
+                    "target": "other" if (name, d) == ("ablation", 9) else str(d),
+                    "exact_match": float(d in ok),
+                    "doc": {"needle_depth": 0.5},
+                }
+                for d in range(10)
+            ]
+            path = tmp_path / f"task_samples_{policy}_local.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            client.log_artifact(evals[name], str(path), "eval/lm_eval")
+    md = build_comparison(["ref", "ablation"], "cmp", tracking_uri=uri, out_dir=tmp_path / "r").read_text()
+    section = md[md.index("## Paired task outcomes against ref") :]
+    # 9 shared examples (doc 9 differs); ref answers all 9, the ablation 4: 5 discordant, p = 2 / 2**5
+    assert "| ablation | lensnet | mchar_passkey_512 | 9 | 1 | 0.4444 | 5 | 0 | 0.0625 |" in section
+    assert "ablation / lensnet: 1 examples with the same doc id differ, left out" in section
+    assert "| recency |" not in section  # a policy only one experiment ran has nothing to pair

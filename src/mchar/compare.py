@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
+from typing import Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
@@ -26,6 +27,7 @@ from mchar.report import (
     command_cell,
     fmt,
     open_store,
+    run_samples,
     set_file_suffix,
     set_patterns,
     table,
@@ -165,6 +167,60 @@ def _tasks_section(evals: dict[str, RunInfo], names: list[str]) -> list[str]:
     return ["## Task accuracy", "", *table(["policy", "task", "length", *names], rows), ""]
 
 
+def _paired_tasks_section(client: Any, evals: dict[str, RunInfo], names: list[str]) -> list[str]:
+    """Each experiment's task outcomes against the first's, policy by policy, on the examples that are the same in
+    both runs (``eval.log_samples``): whether an ablation's accuracy change is more than a few lucky examples."""
+    from mchar.evals.paired_tasks import paired_runs
+
+    ref_name = names[0]
+    if ref_name not in evals:
+        return []
+    reference = run_samples(client, evals[ref_name].run_id)
+    body, notes = [], []
+    for name in names[1:]:
+        other = run_samples(client, evals[name].run_id) if name in evals else {}
+        for policy in sorted(set(reference) & set(other)):
+            rows, differ = paired_runs(reference[policy], other[policy], policy)
+            if differ:
+                notes.append(f"{name} / {policy}: {differ} examples with the same doc id differ, left out")
+            body += [
+                [
+                    name,
+                    r.policy,
+                    r.task,
+                    str(r.examples),
+                    fmt(r.reference_acc),
+                    fmt(r.policy_acc),
+                    str(r.reference_only),
+                    str(r.policy_only),
+                    fmt(r.p_value),
+                ]
+                for r in rows
+            ]
+    if not body and not notes:
+        return []
+    lines = [
+        f"## Paired task outcomes against {ref_name}",
+        "",
+        f"Each policy's per-example outcomes in an experiment against the same policy's in {ref_name}, on the examples "
+        "that are the same in both runs (same doc id, target and doc fields: the task data follow the seed and "
+        f"tokenizer). *{ref_name} only* / *experiment only*: examples one run answers and the other misses; p: exact "
+        "two-sided McNemar test on those.",
+        "",
+    ]
+    header = [
+        "experiment",
+        "policy",
+        "task",
+        "examples",
+        f"{ref_name} acc",
+        "experiment acc",
+        f"{ref_name} only",
+    ]
+    lines += table([*header, "experiment only", "McNemar p"], body) if body else ["No example is shared."]
+    return [*lines, *(f"- {n}" for n in notes), ""]
+
+
 def _side_nets_section(runs: dict[str, list[RunInfo]], names: list[str]) -> list[str]:
     rows = []
     for stage, metrics in SIDE_NET_METRICS.items():
@@ -258,6 +314,7 @@ def build_comparison(
     retrieval_lines, retrieval_figure = _dnll_section(evals, names, fig_dir, out_name, RETRIEVAL_SET)
     lines += retrieval_lines + _paired_section(evals, names, RETRIEVAL_SET)
     lines += _tasks_section(evals, names)
+    lines += _paired_tasks_section(client, evals, names)
     lines += _side_nets_section(runs, names)
     lines += _sources_section(runs)
     return write_report(

@@ -409,25 +409,35 @@ def _tasks(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> li
     return lines
 
 
+def run_samples(client: Any, run_id: str) -> dict[str, dict[tuple[str, int], tuple[float, str]]]:
+    """Per policy, the per-example task outcomes an eval run logged (``eval.log_samples``), with each example's
+    identity (:func:`mchar.evals.paired_tasks.identified_outcomes`); empty when it logged none."""
+    from mchar.evals.paired_tasks import identified_outcomes, policy_of
+
+    try:
+        files = [f.path for f in client.list_artifacts(run_id, "eval/lm_eval") if policy_of(f.path)]
+    except Exception:
+        files = []
+    by_policy: dict[str, dict[tuple[str, int], tuple[float, str]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact in sorted(files):
+            local = Path(client.download_artifacts(run_id, artifact, tmp))
+            by_policy.setdefault(str(policy_of(artifact)), {}).update(
+                identified_outcomes(local.read_text().splitlines())
+            )
+    return by_policy
+
+
 def _paired_tasks(client: Any, evals: list[RunInfo], reference: str = "lensnet") -> list[str]:
     """Task outcomes of every policy against ``reference`` on the same examples, from the newest eval run that logged
     them (``eval.log_samples``): discordant counts and the exact McNemar p-value."""
-    from mchar.evals.paired_tasks import outcomes, paired_outcomes, policy_of
+    from mchar.evals.paired_tasks import paired_outcomes
 
     for run in evals:
-        try:
-            files = [f.path for f in client.list_artifacts(run.run_id, "eval/lm_eval") if policy_of(f.path)]
-        except Exception:
-            files = []
-        if not files:
+        samples = run_samples(client, run.run_id)
+        if not samples:
             continue
-        by_policy: dict[str, dict[tuple[str, int], float]] = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for artifact in sorted(files):
-                local = Path(client.download_artifacts(run.run_id, artifact, tmp))
-                by_policy.setdefault(str(policy_of(artifact)), {}).update(
-                    outcomes(local.read_text().splitlines())
-                )
+        by_policy = {p: {k: v for k, (v, _) in rows.items()} for p, rows in samples.items()}
         rows = paired_outcomes(by_policy, reference)
         if not rows:
             return []

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mchar.evals.paired_tasks import mcnemar_exact, outcomes, paired_outcomes, policy_of
+from mchar.evals.paired_tasks import mcnemar_exact, outcomes, pair, paired_outcomes, paired_runs, policy_of
 
 
 @given(st.integers(0, 60), st.integers(0, 60))
@@ -59,3 +59,15 @@ def test_outcomes_read_the_eval_stage_lines() -> None:
         ("mchar_passkey_512_ll", 0): 1.0,
     }
     assert paired_outcomes({"recency": outcomes(lines)}, "lensnet") == []  # no reference: no table
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=40))
+def test_runs_pair_only_on_examples_that_are_the_same(rows: list[tuple[bool, bool, bool]]) -> None:
+    """Across runs an example pairs only when its identity matches too; the rest are counted, not paired."""
+    ref = {("t", i): (float(a), "x") for i, (a, _, _) in enumerate(rows)}
+    other = {("t", i): (float(b), "x" if same else "y") for i, (_, b, same) in enumerate(rows)}
+    got, differ = paired_runs(ref, other, "p")
+    same = [("t", i) for i, (*_, s) in enumerate(rows) if s]
+    assert differ == len(rows) - len(same)
+    assert got == pair({k: ref[k][0] for k in same}, {k: other[k][0] for k in same}, "p")
+    assert sum(r.examples for r in got) == len(same)

@@ -80,8 +80,10 @@ def policy_of(filename: str) -> str | None:
     return stem[len(SAMPLES_PREFIX) : -len(".jsonl")].rsplit("_", 1)[0] or None
 
 
-def outcomes(lines: Iterable[str]) -> dict[tuple[str, int], float]:
-    """``{(task, doc id): outcome}`` from a samples file's lines (the first outcome metric each row has)."""
+def identified_outcomes(lines: Iterable[str]) -> dict[tuple[str, int], tuple[float, str]]:
+    """``{(task, doc id): (outcome, identity)}`` from a samples file's lines: the first outcome metric each row has, and
+    the example's target and short doc fields as one string. Two runs share a doc id for different examples when
+    their task data differ (another seed or tokenizer), so pairs across runs must also match on the identity."""
     out = {}
     for line in lines:
         if not line.strip():
@@ -89,8 +91,35 @@ def outcomes(lines: Iterable[str]) -> dict[tuple[str, int], float]:
         row = json.loads(line)
         value = next((row[m] for m in OUTCOME_METRICS if m in row), None)
         if value is not None:
-            out[(str(row["task"]), int(row["doc_id"]))] = float(value)
+            ident = json.dumps([row.get("target"), row.get("doc", {})], sort_keys=True, default=str)
+            out[(str(row["task"]), int(row["doc_id"]))] = (float(value), ident)
     return out
+
+
+def outcomes(lines: Iterable[str]) -> dict[tuple[str, int], float]:
+    """``{(task, doc id): outcome}`` from a samples file's lines (the first outcome metric each row has)."""
+    return {k: v for k, (v, _) in identified_outcomes(lines).items()}
+
+
+def pair(
+    reference: Mapping[tuple[str, int], float], other: Mapping[tuple[str, int], float], label: str
+) -> list[PairedOutcome]:
+    """``other`` (named ``label``) against ``reference``, per task, on the examples both have (outcomes 0/1)."""
+    rows = []
+    for task in sorted({t for t, _ in reference}):
+        keys = sorted(k for k in reference if k[0] == task and k in other)
+        if not keys:
+            continue
+        r = [reference[k] >= 0.5 for k in keys]
+        o = [other[k] >= 0.5 for k in keys]
+        b = sum(x and not y for x, y in zip(r, o, strict=True))
+        c = sum(y and not x for x, y in zip(r, o, strict=True))
+        rows.append(
+            PairedOutcome(
+                label, task, len(keys), sum(r) / len(keys), sum(o) / len(keys), b, c, mcnemar_exact(b, c)
+            )
+        )
+    return rows
 
 
 def paired_outcomes(
@@ -100,20 +129,21 @@ def paired_outcomes(
     ref = by_policy.get(reference)
     if not ref:
         return []
-    rows = []
-    for policy in sorted(p for p in by_policy if p != reference):
-        other = by_policy[policy]
-        for task in sorted({t for t, _ in ref}):
-            keys = sorted(k for k in ref if k[0] == task and k in other)
-            if not keys:
-                continue
-            r = [ref[k] >= 0.5 for k in keys]
-            o = [other[k] >= 0.5 for k in keys]
-            b = sum(x and not y for x, y in zip(r, o, strict=True))
-            c = sum(y and not x for x, y in zip(r, o, strict=True))
-            rows.append(
-                PairedOutcome(
-                    policy, task, len(keys), sum(r) / len(keys), sum(o) / len(keys), b, c, mcnemar_exact(b, c)
-                )
-            )
-    return rows
+    return [
+        row
+        for policy in sorted(p for p in by_policy if p != reference)
+        for row in pair(ref, by_policy[policy], policy)
+    ]
+
+
+def paired_runs(
+    reference: Mapping[tuple[str, int], tuple[float, str]],
+    other: Mapping[tuple[str, int], tuple[float, str]],
+    label: str,
+) -> tuple[list[PairedOutcome], int]:
+    """One policy's outcomes in another run against the reference run's, on the examples that are the same in both
+    (doc id *and* identity); also returns how many shared doc ids were left out because their examples differ."""
+    same = [k for k in reference if k in other and reference[k][1] == other[k][1]]
+    differ = sum(1 for k in reference if k in other) - len(same)
+    rows = pair({k: reference[k][0] for k in same}, {k: other[k][0] for k in same}, label)
+    return rows, differ
