@@ -57,6 +57,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),
         (["lensnet.utility=kl"], "lensnet.utility"),
         (["lensnet.teacher_temperature=0"], "lensnet.teacher_temperature"),
+        (["lensnet.teacher_gate=1.5"], "lensnet.teacher_gate"),
         (["lensnet.pair_norm=pair"], "lensnet.pair_norm"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
         (["lensnet.task_mix_fraction=1.0"], "lensnet.task_mix_fraction"),

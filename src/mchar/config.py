@@ -192,9 +192,10 @@ class LensNetConfig:
     # expected / mixed training targets against the full-context distribution sharpened (logits / T); validation
     # still measures against T = 1
     teacher_temperature: float = 1.0
-    # expected / mixed training targets only on the horizon tokens the teacher's argmax predicts right, the sampled
-    # gain on the rest (a teacher that answers a question wrongly would teach fetching the wrong needle)
-    teacher_gate: bool = False
+    # expected / mixed training targets except on the horizon tokens the teacher misses with at least this much of
+    # its mass on its argmax: those take the sampled gain (a teacher confidently answering a question wrongly would
+    # teach fetching the wrong needle); 0 = every token it misses; null = off
+    teacher_gate: float | None = None
     # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
     pair_norm: str = "batch"
     candidates: int = 16
@@ -464,6 +465,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("lensnet.loss", cfg.lensnet.loss, ("bradley_terry", "regression"))
     _choice("lensnet.utility", cfg.lensnet.utility, LENSNET_UTILITIES)
     _positive("lensnet.teacher_temperature", cfg.lensnet.teacher_temperature)
+    if cfg.lensnet.teacher_gate is not None and not 0.0 <= cfg.lensnet.teacher_gate < 1.0:
+        raise ConfigError(f"lensnet.teacher_gate: must be null or in [0, 1), got {cfg.lensnet.teacher_gate}")
     _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, LENSNET_PAIR_NORMS)
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))

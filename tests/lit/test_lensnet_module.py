@@ -382,6 +382,8 @@ def test_unknown_utility_is_refused() -> None:
         _module(pair_norm="pair")
     with pytest.raises(ValueError, match="lensnet.teacher_temperature"):
         _module(utility="expected", teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="lensnet.teacher_gate"):
+        _module(utility="expected", teacher_gate=1.0)
 
 
 def test_a_sharpened_teacher_is_the_expected_gain_under_logits_over_t() -> None:
@@ -421,10 +423,20 @@ def test_a_gated_teacher_keeps_the_sampled_gain_where_its_argmax_misses_the_toke
         logits = m.variant_logits(bank, plan)
         expected = m.utilities_from(logits, plan, targets, right, per_token=True)
         sampled = m.utilities_from(logits, plan, targets, per_token=True)
-        m.hparams.teacher_gate = True
+        m.hparams.teacher_gate = 0.0
         gated = m.training_target(logits, plan, targets, right)
         torch.testing.assert_close(gated, torch.where(gate[:, None], expected, sampled).mean(-1))
         assert not torch.allclose(gated, expected.mean(-1)) and not torch.allclose(gated, sampled.mean(-1))
         # validation's already-taken (ungated) expected measurement is not reused for a gated target
         known = {"expected": expected.mean(-1), "sampled": sampled.mean(-1)}
         torch.testing.assert_close(m.training_target(logits, plan, targets, right, known), gated)
+        # a threshold keeps the expected gain where the teacher misses without conviction
+        top = torch.softmax(right, -1).max(-1).values
+        g = float(top[~gate].median())
+        m.hparams.teacher_gate = g
+        keep = gate | (top < g)
+        assert bool(keep.any()) and bool((keep & ~gate).any()) and not bool(keep.all())
+        torch.testing.assert_close(
+            m.training_target(logits, plan, targets, right),
+            torch.where(keep[:, None], expected, sampled).mean(-1),
+        )

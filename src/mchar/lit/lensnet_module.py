@@ -121,7 +121,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         pair_norm: str = "batch",
         val_wc_draws: int = 1,
         teacher_temperature: float = 1.0,
-        teacher_gate: bool = False,
+        teacher_gate: float | None = None,
         train_gistnet: bool = False,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
@@ -134,6 +134,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             raise ValueError(f"lensnet.utility must be one of {UTILITIES}, got {utility!r}")
         if not teacher_temperature > 0:
             raise ValueError(f"lensnet.teacher_temperature must be > 0, got {teacher_temperature}")
+        if teacher_gate is not None and not 0.0 <= teacher_gate < 1.0:
+            raise ValueError(f"lensnet.teacher_gate must be null or in [0, 1), got {teacher_gate}")
         if pair_norm not in PAIR_NORMS:
             raise ValueError(f"lensnet.pair_norm must be one of {PAIR_NORMS}, got {pair_norm!r}")
         self.base = base
@@ -290,14 +292,19 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         known: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[B, C]`` utilities LensNet trains on from :meth:`variant_logits`: the ``utility`` measurement(s), the
-        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T), with ``teacher_gate`` only on
-        the horizon tokens the teacher's argmax gets right (the sampled gain on the others). ``known``: measurements
+        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T), with ``teacher_gate`` = g not on
+        the horizon tokens the teacher's argmax misses with probability >= g (those take the sampled gain). ``known``: measurements
         already taken from these logits (validation's), reused where the target is the plain measurement."""
-        t, gated = self.hparams.teacher_temperature, self.hparams.teacher_gate
+        t, g = self.hparams.teacher_temperature, self.hparams.teacher_gate
+        gated = g is not None
         sharp = None if teacher is None else teacher / t
-        # where the teacher's argmax misses the token that came (a multi-key question it answers with a distractor's
-        # value), its expected gain rewards fetching the wrong needle: those tokens keep the sampled gain
-        gate = teacher.argmax(-1) == targets if gated and teacher is not None else None
+        gate = None
+        if gated and teacher is not None:
+            # where the teacher misses the token that came with at least ``g`` of its mass on another one (a multi-key
+            # question it answers with a distractor's value), its expected gain rewards fetching the wrong needle:
+            # those tokens keep the sampled gain
+            top = torch.softmax(teacher.float(), -1).max(-1)
+            gate = (top.indices == targets) | (top.values < g)
         known = known or {}
 
         def measure(m: str) -> torch.Tensor:
