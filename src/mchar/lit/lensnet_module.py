@@ -292,9 +292,10 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         known: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[B, C]`` utilities LensNet trains on from :meth:`variant_logits`: the ``utility`` measurement(s), the
-        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T), with ``teacher_gate`` = g not on
-        the horizon tokens the teacher's argmax misses with probability >= g (those take the sampled gain). ``known``: measurements
-        already taken from these logits (validation's), reused where the target is the plain measurement."""
+        expected one against the teacher sharpened by ``teacher_temperature`` (logits / T) and, with ``teacher_gate``
+        = g, the sampled gain instead on the horizon tokens the teacher misses with probability >= g on its argmax.
+        ``known``: measurements already taken from these logits (validation's), reused where the target is the plain
+        measurement."""
         t, g = self.hparams.teacher_temperature, self.hparams.teacher_gate
         gated = g is not None
         sharp = None if teacher is None else teacher / t
