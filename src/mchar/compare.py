@@ -27,6 +27,7 @@ from mchar.report import (
     command_cell,
     fmt,
     open_store,
+    paired_cells,
     run_samples,
     set_file_suffix,
     set_patterns,
@@ -183,20 +184,7 @@ def _paired_tasks_section(client: Any, evals: dict[str, RunInfo], names: list[st
             rows, differ = paired_runs(reference[policy], other[policy], policy)
             if differ:
                 notes.append(f"{name} / {policy}: {differ} examples with the same doc id differ, left out")
-            body += [
-                [
-                    name,
-                    r.policy,
-                    r.task,
-                    str(r.examples),
-                    fmt(r.reference_acc),
-                    fmt(r.policy_acc),
-                    str(r.reference_only),
-                    str(r.policy_only),
-                    fmt(r.p_value),
-                ]
-                for r in rows
-            ]
+            body += [[name, *paired_cells(r)] for r in rows]
     if not body and not notes:
         return []
     lines = [

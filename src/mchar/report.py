@@ -448,22 +448,24 @@ def _paired_tasks(client: Any, evals: list[RunInfo], reference: str = "lensnet")
             "misses; p: exact two-sided McNemar test on those, so a gap of a few examples reads as what it is.",
             "",
         ]
-        body = [
-            [
-                r.policy,
-                r.task,
-                str(r.examples),
-                fmt(r.reference_acc),
-                fmt(r.policy_acc),
-                str(r.reference_only),
-                str(r.policy_only),
-                fmt(r.p_value),
-            ]
-            for r in rows
-        ]
         header = ["policy", "task", "examples", f"{reference} acc", "policy acc", f"{reference} only"]
-        return [*lines, *table([*header, "policy only", "McNemar p"], body), ""]
+        return [*lines, *table([*header, "policy only", "McNemar p"], [paired_cells(r) for r in rows]), ""]
     return []
+
+
+def paired_cells(r: Any) -> list[str]:
+    """A :class:`~mchar.evals.paired_tasks.PairedOutcome` as table cells: policy, task, examples, both accuracies,
+    the discordant counts, McNemar p."""
+    return [
+        r.policy,
+        r.task,
+        str(r.examples),
+        fmt(r.reference_acc),
+        fmt(r.policy_acc),
+        str(r.reference_only),
+        str(r.policy_only),
+        fmt(r.p_value),
+    ]
 
 
 def _telemetry(evals: list[RunInfo], out: Path, rel: str, figures: list[Path]) -> list[str]:
