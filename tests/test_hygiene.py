@@ -1,7 +1,9 @@
-"""Project rules that are cheap to check: core stays framework-free, the tree stays ruff-clean."""
+"""Project rules that are cheap to check: core stays framework-free, the tree stays ruff-clean, the docs name files
+that exist."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -36,3 +38,23 @@ def test_ruff_clean() -> None:
             [ruff, *args, "src", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, f"ruff {' '.join(args)}: {out.stdout[-3000:]}"
+
+
+DOCS = ["README.md", "docs/FINDINGS.md", "docs/ARCHITECTURE.md", "evals/README.md", "sweeps/README.md"]
+REPO_PATH = re.compile(r"`((?:src|scripts|sweeps|reports|conf|evals|docs|tests)/[\w./-]+)`")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_name_only_files_that_exist(doc: str) -> None:
+    """A moved or renamed file must not leave the README or a findings section pointing at nothing."""
+    missing = sorted({m for m in REPO_PATH.findall((ROOT / doc).read_text()) if not (ROOT / m).exists()})
+    assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
+def test_findings_contents_link_to_its_sections() -> None:
+    text = (ROOT / "docs" / "FINDINGS.md").read_text()
+    slugs = {
+        re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", text, re.M)
+    }
+    links = re.findall(r"^- \[[^]]+\]\(#([^)]+)\)$", text, re.M)
+    assert links and set(links) <= slugs, sorted(set(links) - slugs)
