@@ -19,7 +19,8 @@ def test_every_experiment_composes(name: str) -> None:
 
 
 def test_experiment_required_files_exist() -> None:
-    assert {"smoke", "quickstart", "base_lm", "gistnet", "lensnet", "e2e", "retrieval"} <= set(available_experiments())
+    expected = {"smoke", "quickstart", "base_lm", "gistnet", "lensnet", "e2e", "retrieval"}
+    assert expected <= set(available_experiments())
 
 
 @pytest.mark.parametrize(
