@@ -18,11 +18,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
 from mchar.evals.telemetry import FOCUS_METRICS
+
+if TYPE_CHECKING:
+    from mchar.evals.paired_tasks import PairedOutcome
 
 # Headline sections show every ``final/*`` metric of the stage's latest run (stages name them differently:
 # e.g. base_lm ``final/val_ppl``, gistnet ``final/dnll``/``final/dnll_lod1``, lensnet ``final/spearman``).
@@ -431,13 +434,13 @@ def run_samples(client: Any, run_id: str) -> dict[str, dict[tuple[str, int], tup
 def _paired_tasks(client: Any, evals: list[RunInfo], reference: str = "lensnet") -> list[str]:
     """Task outcomes of every policy against ``reference`` on the same examples, from the newest eval run that logged
     them (``eval.log_samples``): discordant counts and the exact McNemar p-value."""
-    from mchar.evals.paired_tasks import paired_outcomes
+    from mchar.evals.paired_tasks import paired_outcomes, without_identity
 
     for run in evals:
         samples = run_samples(client, run.run_id)
         if not samples:
             continue
-        by_policy = {p: {k: v for k, (v, _) in rows.items()} for p, rows in samples.items()}
+        by_policy = {p: without_identity(rows) for p, rows in samples.items()}
         rows = paired_outcomes(by_policy, reference)
         if not rows:
             return []
@@ -453,7 +456,7 @@ def _paired_tasks(client: Any, evals: list[RunInfo], reference: str = "lensnet")
     return []
 
 
-def paired_cells(r: Any) -> list[str]:
+def paired_cells(r: PairedOutcome) -> list[str]:
     """A :class:`~mchar.evals.paired_tasks.PairedOutcome` as table cells: policy, task, examples, both accuracies,
     the discordant counts, McNemar p."""
     return [

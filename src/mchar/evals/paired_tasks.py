@@ -96,9 +96,14 @@ def identified_outcomes(lines: Iterable[str]) -> dict[tuple[str, int], tuple[flo
     return out
 
 
+def without_identity(identified: Mapping[tuple[str, int], tuple[float, str]]) -> dict[tuple[str, int], float]:
+    """The outcomes of :func:`identified_outcomes`, for pairing within one run (where a doc id is one example)."""
+    return {k: v for k, (v, _) in identified.items()}
+
+
 def outcomes(lines: Iterable[str]) -> dict[tuple[str, int], float]:
     """``{(task, doc id): outcome}`` from a samples file's lines (the first outcome metric each row has)."""
-    return {k: v for k, (v, _) in identified_outcomes(lines).items()}
+    return without_identity(identified_outcomes(lines))
 
 
 def pair(
