@@ -22,6 +22,7 @@ POLICIES = (
     "gists_only",
     "similarity",
     "random",
+    "attention",
     "oracle",
 )
 EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
@@ -133,6 +134,12 @@ class AllocatorConfig:
     # question is known then; streaming perplexity never settles, so it is unaffected): 1 = equal weight, not tuned;
     # 0 = the policy's own scores (the ablation)
     query_similarity: float = 1.0
+    # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
+    # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
+    # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
+    attention_queries: int | None = None
+    attention_layer: int | None = None
+    attention_per_slot: bool = False
 
 
 @dataclass
@@ -453,6 +460,17 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"allocator.query_cooldown: must be >= 0 or null, got {a.query_cooldown}")
     if not a.query_similarity >= 0:
         raise ConfigError(f"allocator.query_similarity: must be >= 0, got {a.query_similarity}")
+    _positive("allocator.attention_queries", a.attention_queries, allow_none=True)
+    n_layers = cfg.model.local.num_layers
+    if (
+        a.attention_layer is not None
+        and cfg.model.kind == "local"
+        and not -n_layers <= a.attention_layer < n_layers
+    ):
+        raise ConfigError(
+            f"allocator.attention_layer: {a.attention_layer} is out of range for the {n_layers}-layer base "
+            f"(model.local.num_layers)"
+        )
     if a.protect_recent < 0 or a.cooldown < 0:
         raise ConfigError("allocator.protect_recent/allocator.cooldown: must be >= 0")
     g = cfg.gistnet

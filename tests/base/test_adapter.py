@@ -61,6 +61,26 @@ def test_custom_positions_change_rotary_models(saved: tuple[str, Path]) -> None:
     assert not torch.allclose(a, b)
 
 
+def test_attention_received_is_a_distribution_and_leaves_the_attention_kernel_as_it_was(
+    saved: tuple[str, Path],
+) -> None:
+    _, path = saved
+    base = FrozenBaseLM.from_pretrained(path)
+    kernel = base.model.config._attn_implementation
+    emb = base.embed(torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0)))
+    pos = torch.arange(12).expand(2, -1)
+    before, _ = base.forward_embeds(emb, pos)
+    for layer in (None, -1, 0):
+        mass = base.attention_received(emb, pos, queries=3, layer=layer)
+        # every query row is a softmax over the keys, so the mean over rows, heads and layers sums to one
+        assert mass.shape == (2, 12) and (mass >= 0).all()
+        assert torch.allclose(mass.sum(-1), torch.ones(2), atol=1e-5)
+    assert base.model.config._attn_implementation == kernel
+    assert torch.equal(base.forward_embeds(emb, pos)[0], before)
+    with pytest.raises(BaseModelError, match="attention layer 5 is out of range for a 2-layer base"):
+        base.attention_received(emb, pos, queries=3, layer=5)
+
+
 def test_gpt2_positions_beyond_table_are_refused(tmp_path: Path) -> None:
     tiny_causal_lm("gpt2", max_positions=16).save_pretrained(tmp_path)
     base = FrozenBaseLM.from_pretrained(tmp_path)

@@ -18,7 +18,7 @@ def test_registry_and_unknown_name() -> None:
 
     # the names configs may use (checked without importing torch) are exactly the ones the core can build
     assert set(POLICIES) == set(config.POLICIES) >= {"recency", "sink_recent", "lensnet", "oracle"}
-    with pytest.raises(ValueError, match=r"unknown policy 'x' \(available: gists_only, lensnet"):
+    with pytest.raises(ValueError, match=r"unknown policy 'x' \(available: attention, gists_only, lensnet"):
         make_policy("x")
 
 
@@ -238,3 +238,32 @@ def test_policies_work_on_the_real_tree() -> None:
     FocusAllocator(protect_tokens=8).advance(wc, tree.num_tokens)
     wc.validate(tree)
     assert wc.num_tokens == 79 and wc.cost <= 30 and wc.entries[-1] == Entry(0, 18)
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_attention_scores_are_the_attention_each_entry_receives(base_lm, per_slot: bool) -> None:  # noqa: ANN001
+    k = 4
+    tree = FakeTree(k, 2, 42, d=16, vocab=64)
+    tree.table = base_lm.embed(torch.arange(64)).detach()
+    tree._build()
+    wc = initial_context(tree, 20)
+    pol = make_policy("attention", base_lm=base_lm, query_tokens=3, per_slot=per_slot)
+    assert pol.relative_scores and not pol.allows_drop
+    scores = pol.scores(wc, tree)
+    # the reference: the HF model's own eager attention weights on the assembled WC, rows of the last 3 slots
+    emb, pos, slots = wc.assemble(tree)
+    model = base_lm.model
+    model.set_attn_implementation("eager")
+    try:
+        out = model(inputs_embeds=emb, position_ids=pos, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    mass = torch.stack(out.attentions)[:, 0, :, -3:, :].mean(dim=(0, 1, 2))
+    for i in range(len(wc)):
+        mine = mass[slots.entry_index == i]
+        want = mine.mean() if per_slot else mine.sum()
+        assert scores[i].item() == pytest.approx(torch.log(want).item(), abs=1e-5)
+    FocusAllocator().refocus(wc, scores)
+    wc.validate(tree)
+    with pytest.raises(ValueError, match="needs a base_lm"):
+        make_policy("attention").scores(wc, tree)

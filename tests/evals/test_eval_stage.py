@@ -11,7 +11,7 @@ import pytest
 from mchar.errors import MCharError
 from tests.evals import build_tiny_base
 
-POLICIES = "[recency,sink_recent,gists_only,similarity,random,oracle,lensnet]"
+POLICIES = "[recency,sink_recent,gists_only,similarity,random,attention,oracle,lensnet]"
 
 
 def _cfg(root: Path, base: Path, *extra: str):  # noqa: ANN202
@@ -66,7 +66,7 @@ def test_eval_stage_logs_the_metric_contract(stage_run: tuple[Path, object]) -> 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     metrics = runs[0].data.metrics
     assert "ppl/full/nll" in metrics
-    for p in ("recency", "sink_recent", "gists_only", "similarity", "random", "oracle"):
+    for p in ("recency", "sink_recent", "gists_only", "similarity", "random", "attention", "oracle"):
         for key in ("nll", "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high"):
             assert f"ppl/{p}/{key}" in metrics, (p, key)
         for key in ("swap_rate", "budget_util", "residency"):

@@ -176,6 +176,42 @@ class FrozenBaseLM(nn.Module):
         cache = getattr(out, "cache", None)
         return out.logits, cache if cache is not None else out.past_key_values
 
+    @torch.no_grad()
+    def attention_received(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, queries: int, layer: int | None = None
+    ) -> torch.Tensor:
+        """Attention mass each position receives from the last ``queries`` positions [B, T], averaged over heads,
+        those queries and the layers (or only ``layer``, negative counts from the top): what the ``attention``
+        focus policy ranks entries by.
+
+        Attention weights exist only under eager attention, so the model switches to it for this one forward and
+        back afterwards; a base that cannot return them raises ``BaseModelError``."""
+        self.check_positions(position_ids)
+        n_layers = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+        if layer is not None and n_layers and not -n_layers <= layer < n_layers:
+            raise BaseModelError(f"attention layer {layer} is out of range for a {n_layers}-layer base")
+        before = getattr(self.model.config, "_attn_implementation", None)
+        if before != "eager":
+            self.model.set_attn_implementation("eager")
+        try:
+            mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            out = self.model(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask=mask,
+                output_attentions=True,
+                logits_to_keep=1,
+            )
+        finally:
+            if before is not None and before != "eager":
+                self.model.set_attn_implementation(before)
+        if not out.attentions or any(a is None for a in out.attentions):
+            raise BaseModelError(f"{self.name_or_path}: the base returns no attention weights")
+        q = max(1, min(int(queries), inputs_embeds.shape[1]))
+        # [layers, B, heads, q, T] -> [B, T]
+        layers = out.attentions if layer is None else (out.attentions[layer],)
+        return torch.stack([a[:, :, -q:, :].float() for a in layers]).mean(dim=(0, 2, 3))
+
     def forward_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Plain causal LM logits on token ids with default positions (the reference the core must match)."""
         return self.model(input_ids=ids.to(self.device)).logits

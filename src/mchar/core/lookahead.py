@@ -19,7 +19,7 @@ import torch
 
 from mchar.core.entries import Entry
 
-CONTENT_POLICIES = ("lensnet", "similarity")
+CONTENT_POLICIES = ("lensnet", "similarity", "attention")
 """Score sources that read entry content, the ones ``allocator.lookahead`` applies to."""
 
 

@@ -223,6 +223,54 @@ class RandomPolicy(Policy):
         return torch.rand(len(wc), generator=self.generator) * 2.0 - 1.0
 
 
+class AttentionPolicy(Policy):
+    """H2O / SnapKV at entry granularity: the base's own attention from the newest tokens to each entry.
+
+    One eager forward of the assembled WC; an entry scores the log of the attention mass its slots receive from
+    the last ``query_tokens`` positions (default K), averaged over heads and over layers (or only ``layer``), summed
+    over the entry's slots (``per_slot``: averaged, so a raw block's K slots do not outweigh a gist's one). A gist
+    the base already leans on is the one worth opening; a raw block it ignores is the one to give back. Needs a
+    base that returns attention weights (``FrozenBaseLM.attention_received``)."""
+
+    name = "attention"
+    relative_scores = True
+
+    def __init__(
+        self,
+        base_lm: Any = None,
+        query_tokens: int | None = None,
+        layer: int | None = None,
+        per_slot: bool = False,
+    ) -> None:
+        self.base_lm = base_lm
+        self.query_tokens = query_tokens
+        self.per_slot = bool(per_slot)
+        self.layer = layer
+
+    @torch.no_grad()
+    def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
+        n = len(wc)
+        lm = self.base_lm if self.base_lm is not None else (context.base_lm if context is not None else None)
+        if lm is None:
+            raise ValueError("attention policy: needs a base_lm that returns attention weights")
+        out = torch.full((n,), float("nan"))
+        if n == 0:
+            return out
+        mode = context.position_mode if context is not None else "centre"
+        emb, pos, slots = wc.assemble(tree, position_mode=mode)
+        dev = getattr(lm, "device", emb.device)
+        queries = self.query_tokens or wc.block_size
+        mass = lm.attention_received(emb.to(dev), pos.to(dev), queries, layer=self.layer)[0].cpu()
+        ent = slots.entry_index
+        live = ent >= 0
+        total = torch.zeros(n).index_add_(0, ent[live], mass[live])
+        count = torch.zeros(n).index_add_(0, ent[live], torch.ones(int(live.sum())))
+        have = count > 0
+        value = total[have] / count[have] if self.per_slot else total[have]
+        out[have] = torch.log(value.clamp_min(1e-12))
+        return out
+
+
 LensFn = Callable[..., torch.Tensor]
 
 
@@ -414,6 +462,7 @@ POLICIES: dict[str, type[Policy]] = {
         GistsOnlyPolicy,
         SimilarityPolicy,
         RandomPolicy,
+        AttentionPolicy,
         LensNetPolicy,
         OraclePolicy,
     )
@@ -490,6 +539,7 @@ def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:
 
 __all__ = [
     "POLICIES",
+    "AttentionPolicy",
     "QueryBlendPolicy",
     "GistsOnlyPolicy",
     "LensNetPolicy",

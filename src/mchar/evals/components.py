@@ -62,6 +62,9 @@ class SessionSettings:
     seed: int = 0
     sink_blocks: int = 1
     oracle_horizon: int | None = None
+    attention_queries: int | None = None
+    attention_layer: int | None = None
+    attention_per_slot: bool = False
     lookahead: bool = False
     query_lookahead: bool | None = None  # the settle's lookahead (None = ``lookahead``)
     query_rounds: int = 1
@@ -110,6 +113,9 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         seed=int(cfg.seed),
         sink_blocks=int(e.sink_blocks),
         oracle_horizon=e.oracle_horizon,
+        attention_queries=a.attention_queries,
+        attention_layer=a.attention_layer,
+        attention_per_slot=bool(a.attention_per_slot),
         lookahead=bool(a.lookahead),
         query_lookahead=None if a.query_lookahead is None else bool(a.query_lookahead),
         query_rounds=int(a.query_rounds),
@@ -207,6 +213,12 @@ class EvalComponents:
             "sink_recent": {"sink_blocks": s.sink_blocks},
             "random": {"seed": s.seed},
             "lensnet": {"lensnet": self.lensnet},
+            "attention": {
+                "base_lm": self.base,
+                "query_tokens": s.attention_queries,
+                "layer": s.attention_layer,
+                "per_slot": s.attention_per_slot,
+            },
             "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
         }.get(name, {})
         look = s.lookahead if lookahead is None else lookahead
