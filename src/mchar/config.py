@@ -110,7 +110,7 @@ class AllocatorConfig:
     n_diff: int = 4
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
-    fill_budget: bool = True  # relative-score policies (lensnet, similarity, random) always spend the budget
+    fill_budget: bool = True  # relative-score policies (lensnet, similarity, random, attention) spend the budget
     group_score: str = "parent"  # how K siblings score as one collapse candidate: mean | max | parent
     cooldown: int = 2
     protect_recent: int = 64
@@ -118,7 +118,7 @@ class AllocatorConfig:
     temperature: float = 1.0
     top_k: int = 4
     refocus_every: int | None = None  # default: every block
-    # content-scoring policies (lensnet, similarity) rate each LOD>=2 gist by the best of its children, so the
+    # content-scoring policies (lensnet, similarity, attention) rate each LOD>=2 gist by the best of its children, so the
     # allocator can walk down to a needle under a coarse gist (mchar.core.lookahead)
     lookahead: bool = True
     # the same for the settle before an answer only (null = lookahead): lookahead=false query_lookahead=true streams
