@@ -110,9 +110,8 @@ class AllocatorConfig:
     n_diff: int = 4
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
-    fill_budget: bool = (
-        True  # relative-score policies (lensnet, similarity, random, attention) spend the budget
-    )
+    # relative-score policies (lensnet, similarity, random, attention) always spend the budget
+    fill_budget: bool = True
     group_score: str = "parent"  # how K siblings score as one collapse candidate: mean | max | parent
     cooldown: int = 2
     protect_recent: int = 64
