@@ -264,7 +264,7 @@ class AttentionPolicy(Policy):
         ent = slots.entry_index
         live = ent >= 0
         total = torch.zeros(n).index_add_(0, ent[live], mass[live])
-        count = torch.zeros(n).index_add_(0, ent[live], torch.ones(int(live.sum())))
+        count = torch.bincount(ent[live], minlength=n).float()
         have = count > 0
         value = total[have] / count[have] if self.per_slot else total[have]
         out[have] = torch.log(value.clamp_min(1e-12))
