@@ -191,7 +191,9 @@ class FrozenBaseLM(nn.Module):
         if layer is not None and n_layers and not -n_layers <= layer < n_layers:
             raise BaseModelError(f"attention layer {layer} is out of range for a {n_layers}-layer base")
         before = getattr(self.model.config, "_attn_implementation", None)
-        if before != "eager":
+        # transformers < 4.48 has no switch, and its SDPA layers fall back to eager when asked for the weights
+        switch = before not in (None, "eager") and hasattr(self.model, "set_attn_implementation")
+        if switch:
             self.model.set_attn_implementation("eager")
         try:
             mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
@@ -203,7 +205,7 @@ class FrozenBaseLM(nn.Module):
                 logits_to_keep=1,
             )
         finally:
-            if before is not None and before != "eager":
+            if switch:
                 self.model.set_attn_implementation(before)
         if not out.attentions or any(a is None for a in out.attentions):
             raise BaseModelError(f"{self.name_or_path}: the base returns no attention weights")
