@@ -344,6 +344,41 @@ def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
         gistnet_dir(context(str(tmp / "nowhere")))
 
 
+def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
+    """``lensnet.ema_decay``: the same LensNet fit (seed, GistNet, data) exports other weights than the last step's,
+    and the run records the decay."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    tmp, ctx = smoke_run
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "name=ema",
+            f"run_dir={tmp / 'runs'}",
+            f"artifacts_dir={tmp / 'art'}",
+            "stages=[lensnet]",
+            f"lensnet.gistnet_dir={ctx.results['gistnet']['artifact_dir']}",
+            "data.max_files=20",
+            "lensnet.max_steps=4",
+            "lensnet.val_every=2",
+            "lensnet.ema_decay=0.5",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=2",
+        ]
+    )
+    ema = run_pipeline(cfg)
+    last = load_file(Path(ctx.results["lensnet"]["export_dir"]) / "model.safetensors")
+    averaged = load_file(Path(ema.results["lensnet"]["export_dir"]) / "model.safetensors")
+    assert last.keys() == averaged.keys()
+    assert any(not torch.equal(last[k], averaged[k]) for k in last)
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("mchar").experiment_id], "attributes.run_name = 'ema/lensnet'"
+    )
+    assert run.data.params["lensnet.ema_decay"] == "0.5"
+
+
 def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_too(smoke_run) -> None:
     """``trainer=gpu``/``ddp``/``fsdp`` train in ``bf16-mixed``; CI has no GPU, so the autocast paths (GistNet,
     LensNet's utilities and loss, e2e with a LoRA adapter) run here under Lightning's CPU bf16 autocast: every fit

@@ -119,13 +119,14 @@ def fit(
     steps: int,
     retrieval_val: torch.Tensor | None = None,
     val_every: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> tuple[L.Trainer, dict[str, float]]:
     """Fit with step-indexed batches (exact resume) and return the last validation's metrics as ``final/*``.
 
     Validation runs once at the end, or with ``val_every`` also before the first step and every ``val_every``
     steps (the training trend, logged per step). ``retrieval_val`` is a second validation set, run by Lightning
     next to the first (``val_retrieval/*``, returned as ``final_retrieval/*``); the module must have been built
-    with ``val_sets=val_sets(retrieval_val)``.
+    with ``val_sets=val_sets(retrieval_val)``. ``callbacks``: this stage's own, next to the run's (``ctx.callbacks``).
     """
     import lightning as L
 
@@ -148,7 +149,7 @@ def fit(
         steps,
         stage_dir / "checkpoints",
         logger=ctx.tracker.lightning_logger(run_id),
-        callbacks=ctx.callbacks,
+        callbacks=[*ctx.callbacks, *(callbacks or [])],
         every_n_train_steps=cfg.trainer.checkpoint_every,
         val_check_interval=interval,
         find_unused_parameters=getattr(module, "ddp_find_unused_parameters", False),

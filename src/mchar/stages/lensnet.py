@@ -113,6 +113,13 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
     )  # a fixed held-out mix
 
 
+def ema_callbacks(decay: float | None) -> list[Any]:
+    """``lensnet.ema_decay``: validate and export an exponential moving average of LensNet's weights."""
+    from mchar.lit.ema import SubmoduleEMA
+
+    return [] if decay is None else [SubmoduleEMA("lensnet", decay)]
+
+
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
     from mchar.lit.lensnet_module import LensNetModule
@@ -132,7 +139,16 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(
-        ctx, run_id, "lensnet", module, train, val, steps, retrieval_val=rv, val_every=lc.val_every
+        ctx,
+        run_id,
+        "lensnet",
+        module,
+        train,
+        val,
+        steps,
+        retrieval_val=rv,
+        val_every=lc.val_every,
+        callbacks=ema_callbacks(lc.ema_decay),
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "lensnet-export") as writer:

@@ -1,0 +1,94 @@
+"""An exponential moving average of one trained side net (LensNet), swapped in for validation and the export.
+
+Why not Lightning's ``EMAWeightAveraging``: it averages the whole LightningModule, and a side-net module holds the
+frozen base (and GistNet) too, so it would keep a second copy of the base and lerp every frozen weight after every
+step. This callback averages only the named submodule with the same engine (``torch.optim.swa_utils.AveragedModel``
+with ``get_ema_multi_avg_fn``); its state (the average and the count) rides in the checkpoint, so a killed fit
+resumes with the same average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class SubmoduleEMA(L.Callback):
+    """EMA of ``pl_module.<attr>``'s parameters (and buffers), updated after every optimizer step.
+
+    During validation inside the fit the averaged weights stand in for the live ones; when training ends they
+    replace the live ones for good, so whatever the stage exports afterwards is the average.
+    """
+
+    def __init__(self, attr: str, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.attr, self.decay = attr, float(decay)
+        self.average: AveragedModel | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+        self._last_step = 0
+
+    @property
+    def state_key(self) -> str:
+        return f"SubmoduleEMA[{self.attr}]"
+
+    def _target(self, pl_module: L.LightningModule) -> torch.nn.Module:
+        return getattr(pl_module, self.attr)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.average is not None:
+            return
+        self.average = AveragedModel(
+            self._target(pl_module), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+        )
+        if self._pending is not None:
+            self.average.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # one update per optimizer step (a batch that only accumulates gradients leaves global_step where it was)
+        if self.average is not None and trainer.global_step > self._last_step:
+            self.average.update_parameters(self._target(pl_module))
+            self._last_step = trainer.global_step
+
+    def _swap(self, pl_module: L.LightningModule) -> None:
+        if self.average is None or not int(self.average.n_averaged):
+            return
+        for avg, live in zip(_tensors(self.average.module), _tensors(self._target(pl_module)), strict=True):
+            tmp = avg.detach().clone()
+            avg.detach().copy_(live.detach())
+            live.detach().copy_(tmp)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._swap(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.average is None or not int(self.average.n_averaged):
+            return
+        for avg, live in zip(_tensors(self.average.module), _tensors(self._target(pl_module)), strict=True):
+            live.detach().copy_(avg.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {} if self.average is None else self.average.state_dict()
+        return {"average": state, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        if not state_dict["average"]:
+            return
+        if self.average is None:
+            self._pending = state_dict["average"]
+        else:
+            self.average.load_state_dict(state_dict["average"])
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
