@@ -345,8 +345,8 @@ def test_lensnet_can_train_over_another_runs_gistnet(smoke_run) -> None:
 
 
 def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
-    """``lensnet.ema_decay``: the same LensNet fit (seed, GistNet, data) exports other weights than the last step's,
-    and the run records the decay."""
+    """``lensnet.ema_decay`` (default 0.99): the same LensNet fit (seed, GistNet, data) without it exports other weights
+    (the last step's), and each run records its setting."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
@@ -354,7 +354,7 @@ def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
     cfg = compose_config(
         [
             "+experiment=smoke",
-            "name=ema",
+            "name=no_ema",
             f"run_dir={tmp / 'runs'}",
             f"artifacts_dir={tmp / 'art'}",
             "stages=[lensnet]",
@@ -362,21 +362,33 @@ def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
             "data.max_files=20",
             "lensnet.max_steps=4",
             "lensnet.val_every=2",
-            "lensnet.ema_decay=0.5",
+            "lensnet.ema_decay=null",
             "trainer.enable_progress_bar=false",
             "data.batch_size=2",
         ]
     )
-    ema = run_pipeline(cfg)
-    last = load_file(Path(ctx.results["lensnet"]["export_dir"]) / "model.safetensors")
-    averaged = load_file(Path(ema.results["lensnet"]["export_dir"]) / "model.safetensors")
+    no_ema = run_pipeline(cfg)
+    averaged = load_file(Path(ctx.results["lensnet"]["export_dir"]) / "model.safetensors")
+    last = load_file(Path(no_ema.results["lensnet"]["export_dir"]) / "model.safetensors")
     assert last.keys() == averaged.keys()
     assert any(not torch.equal(last[k], averaged[k]) for k in last)
     client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("mchar").experiment_id], "attributes.run_name = 'ema/lensnet'"
-    )
-    assert run.data.params["lensnet.ema_decay"] == "0.5"
+    experiment = client.get_experiment_by_name("mchar").experiment_id
+    for name, decay in (("smoke", "0.99"), ("no_ema", "None")):
+        (run,) = client.search_runs([experiment], f"attributes.run_name = '{name}/lensnet'")
+        assert run.data.params["lensnet.ema_decay"] == decay
+
+
+def test_lensnet_ema_steps_aside_under_fsdp_with_a_warning() -> None:
+    """Each FSDP rank holds a shard of LensNet, so the default average is left out (warned), not refused."""
+    from mchar.lit.ema import SubmoduleEMA
+    from mchar.stages.lensnet import ema_callbacks
+
+    assert ema_callbacks(None, "auto") == []
+    (ema,) = ema_callbacks(0.99, "ddp")
+    assert isinstance(ema, SubmoduleEMA) and ema.decay == 0.99
+    with pytest.warns(UserWarning, match="lensnet.ema_decay: no weight average under an FSDP strategy"):
+        assert ema_callbacks(0.99, "fsdp") == []
 
 
 def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_too(smoke_run) -> None:
