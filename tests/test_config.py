@@ -62,6 +62,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.teacher_temperature=0"], "lensnet.teacher_temperature"),
         (["lensnet.teacher_gate=1.5"], "lensnet.teacher_gate"),
         (["lensnet.ema_decay=1.0"], "lensnet.ema_decay: must be null or in (0, 1)"),
+        (["gistnet.ema_decay=0"], "gistnet.ema_decay: must be null or in (0, 1)"),
         (["lensnet.pair_norm=pair"], "lensnet.pair_norm"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
         (["lensnet.task_mix_fraction=1.0"], "lensnet.task_mix_fraction"),

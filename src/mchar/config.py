@@ -163,6 +163,8 @@ class GistNetConfig:
     substitutable_threshold: float = 0.5
     contrastive_margin: float = 0.2
     warmup_steps: int = 10
+    # validate and export an exponential moving average of GistNet's weights with this decay; null = the last step's
+    ema_decay: float | None = None
     raw_prob: float = 0.25  # share of raw blocks in the random training layouts
     # share of raw blocks in the validation mix (``dnll``): fixed apart from raw_prob, so ablations stay comparable
     val_raw_prob: float = 0.25
@@ -491,8 +493,12 @@ def check_semantics(cfg: RootConfig) -> None:
     if cfg.lensnet.teacher_gate is not None and not 0.0 <= cfg.lensnet.teacher_gate < 1.0:
         raise ConfigError(f"lensnet.teacher_gate: must be null or in [0, 1), got {cfg.lensnet.teacher_gate}")
     _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, LENSNET_PAIR_NORMS)
-    if cfg.lensnet.ema_decay is not None and not 0.0 < cfg.lensnet.ema_decay < 1.0:
-        raise ConfigError(f"lensnet.ema_decay: must be null or in (0, 1), got {cfg.lensnet.ema_decay}")
+    for key, decay in (
+        ("gistnet.ema_decay", cfg.gistnet.ema_decay),
+        ("lensnet.ema_decay", cfg.lensnet.ema_decay),
+    ):
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ConfigError(f"{key}: must be null or in (0, 1), got {decay}")
     _choice("lensnet.alloc_start", cfg.lensnet.alloc_start, ("recent", "coarsest"))
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     _share("gistnet.raw_prob", g.raw_prob)

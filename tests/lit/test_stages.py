@@ -381,14 +381,13 @@ def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
 
 def test_lensnet_ema_steps_aside_under_fsdp_with_a_warning() -> None:
     """Each FSDP rank holds a shard of LensNet, so the default average is left out (warned), not refused."""
-    from mchar.lit.ema import SubmoduleEMA
-    from mchar.stages.lensnet import ema_callbacks
+    from mchar.lit.ema import SubmoduleEMA, ema_callbacks
 
-    assert ema_callbacks(None, "auto") == []
-    (ema,) = ema_callbacks(0.99, "ddp")
-    assert isinstance(ema, SubmoduleEMA) and ema.decay == 0.99
+    assert ema_callbacks("lensnet", None, "auto") == []
+    (ema,) = ema_callbacks("lensnet", 0.99, "ddp")
+    assert isinstance(ema, SubmoduleEMA) and (ema.attr, ema.decay) == ("lensnet", 0.99)
     with pytest.warns(UserWarning, match="lensnet.ema_decay: no weight average under an FSDP strategy"):
-        assert ema_callbacks(0.99, "fsdp") == []
+        assert ema_callbacks("lensnet", 0.99, "fsdp") == []
 
 
 def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_too(smoke_run) -> None:

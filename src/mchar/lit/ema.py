@@ -1,4 +1,4 @@
-"""An exponential moving average of one trained side net (LensNet), swapped in for validation and the export.
+"""An exponential moving average of one trained side net (LensNet, GistNet), swapped in for validation and the export.
 
 Why not Lightning's ``EMAWeightAveraging``: it averages the whole LightningModule, and a side-net module holds the
 frozen base (and GistNet) too, so it would keep a second copy of the base and lerp every frozen weight after every
@@ -88,6 +88,22 @@ class SubmoduleEMA(L.Callback):
             self._pending = state_dict["average"]
         else:
             self.average.load_state_dict(state_dict["average"])
+
+
+def ema_callbacks(attr: str, decay: float | None, strategy: Any) -> list[L.Callback]:
+    """``<stage>.ema_decay``: the stage's :class:`SubmoduleEMA` over ``pl_module.<attr>``, or none. Under FSDP each
+    rank holds a shard of the net, so the average (of whole weights) is left out with a warning, not refused: a
+    default decay must not make ``trainer=fsdp`` unusable."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if decay is None:
+        return []
+    if "fsdp" in str(strategy).lower():
+        rank_zero_warn(
+            f"{attr}.ema_decay: no weight average under an FSDP strategy; {attr} is exported from its last step"
+        )
+        return []
+    return [SubmoduleEMA(attr, decay)]
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

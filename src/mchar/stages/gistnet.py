@@ -267,6 +267,7 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
+    from mchar.lit.ema import ema_callbacks
     from mchar.lit.gistnet_module import GistNetModule
     from mchar.lit.trainer import rank_zero_export
 
@@ -300,7 +301,16 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(
-        ctx, run_id, "gistnet", module, train, val, steps, retrieval_val=rv, val_every=g.val_every
+        ctx,
+        run_id,
+        "gistnet",
+        module,
+        train,
+        val,
+        steps,
+        retrieval_val=rv,
+        val_every=g.val_every,
+        callbacks=ema_callbacks("gistnet", g.ema_decay, cfg.trainer.strategy),
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "gistnet-export") as writer:

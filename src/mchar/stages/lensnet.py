@@ -113,26 +113,9 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
     )  # a fixed held-out mix
 
 
-def ema_callbacks(decay: float | None, strategy: Any) -> list[Any]:
-    """``lensnet.ema_decay``: validate and export an exponential moving average of LensNet's weights. Under FSDP
-    each rank holds a shard of LensNet, so the average (of whole weights) is left out with a warning, not refused:
-    the default decay must not make ``trainer=fsdp`` unusable."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    from mchar.lit.ema import SubmoduleEMA
-
-    if decay is None:
-        return []
-    if "fsdp" in str(strategy).lower():
-        rank_zero_warn(
-            "lensnet.ema_decay: no weight average under an FSDP strategy; LensNet is exported from its last step"
-        )
-        return []
-    return [SubmoduleEMA("lensnet", decay)]
-
-
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
+    from mchar.lit.ema import ema_callbacks
     from mchar.lit.lensnet_module import LensNetModule
     from mchar.lit.trainer import rank_zero_export
 
@@ -159,7 +142,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         steps,
         retrieval_val=rv,
         val_every=lc.val_every,
-        callbacks=ema_callbacks(lc.ema_decay, cfg.trainer.strategy),
+        callbacks=ema_callbacks("lensnet", lc.ema_decay, cfg.trainer.strategy),
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "lensnet-export") as writer:
