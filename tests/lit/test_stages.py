@@ -14,25 +14,34 @@ from mchar.compose import compose_config
 from mchar.pipeline import run_pipeline
 
 
+def _small_smoke(tmp: Path, runs: str, *overrides: str) -> list[str]:
+    """The smoke experiment cut to seconds, writing runs under ``tmp/runs`` and exports under ``tmp/art``."""
+    return [
+        "+experiment=smoke",
+        f"run_dir={tmp / runs}",
+        f"artifacts_dir={tmp / 'art'}",
+        "base_lm.max_steps=5",
+        "base_lm.task_eval_examples=1",
+        "data.max_files=20",
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=2",
+        *overrides,
+    ]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     tmp = tmp_path_factory.mktemp("smoke")
     cfg = compose_config(
-        [
-            "+experiment=smoke",
-            f"run_dir={tmp / 'runs'}",
-            f"artifacts_dir={tmp / 'art'}",
+        _small_smoke(
+            tmp,
+            "runs",
             "stages=[base_lm,gistnet,lensnet]",
-            "base_lm.max_steps=5",
-            "base_lm.task_eval_examples=1",
-            "data.max_files=20",
             "gistnet.max_steps=6",
             "gistnet.val_every=4",
             "lensnet.max_steps=4",
             "lensnet.val_every=2",
-            "trainer.enable_progress_bar=false",
-            "data.batch_size=2",
-        ]
+        )
     )
     return tmp, run_pipeline(cfg)
 
@@ -167,19 +176,13 @@ def test_a_stage_trains_the_same_net_whatever_ran_before_it(smoke_run) -> None:
 
     tmp, ctx = smoke_run
     cfg = compose_config(
-        [
-            "+experiment=smoke",
-            f"run_dir={tmp / 'runs_again'}",
-            f"artifacts_dir={tmp / 'art'}",
+        _small_smoke(
+            tmp,
+            "runs_again",
             "stages=[base_lm,gistnet]",  # base_lm is reused from disk: it consumes no randomness this time
-            "base_lm.max_steps=5",
-            "base_lm.task_eval_examples=1",
-            "data.max_files=20",
             "gistnet.max_steps=6",
             "gistnet.val_every=4",
-            "trainer.enable_progress_bar=false",
-            "data.batch_size=2",
-        ]
+        )
     )
     again = run_pipeline(cfg)
     first = load_file(Path(ctx.results["gistnet"]["export_dir"]) / "model.safetensors")
@@ -352,20 +355,16 @@ def test_lensnet_ema_exports_the_average_of_its_weights(smoke_run) -> None:
 
     tmp, ctx = smoke_run
     cfg = compose_config(
-        [
-            "+experiment=smoke",
+        _small_smoke(
+            tmp,
+            "runs",
             "name=no_ema",
-            f"run_dir={tmp / 'runs'}",
-            f"artifacts_dir={tmp / 'art'}",
             "stages=[lensnet]",
             f"lensnet.gistnet_dir={ctx.results['gistnet']['artifact_dir']}",
-            "data.max_files=20",
             "lensnet.max_steps=4",
             "lensnet.val_every=2",
             "lensnet.ema_decay=null",
-            "trainer.enable_progress_bar=false",
-            "data.batch_size=2",
-        ]
+        )
     )
     no_ema = run_pipeline(cfg)
     averaged = load_file(Path(ctx.results["lensnet"]["export_dir"]) / "model.safetensors")

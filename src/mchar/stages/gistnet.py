@@ -119,17 +119,19 @@ def fit(
     steps: int,
     retrieval_val: torch.Tensor | None = None,
     val_every: int | None = None,
-    callbacks: list[Any] | None = None,
+    ema_decay: float | None = None,
 ) -> tuple[L.Trainer, dict[str, float]]:
     """Fit with step-indexed batches (exact resume) and return the last validation's metrics as ``final/*``.
 
     Validation runs once at the end, or with ``val_every`` also before the first step and every ``val_every``
     steps (the training trend, logged per step). ``retrieval_val`` is a second validation set, run by Lightning
     next to the first (``val_retrieval/*``, returned as ``final_retrieval/*``); the module must have been built
-    with ``val_sets=val_sets(retrieval_val)``. ``callbacks``: this stage's own, next to the run's (``ctx.callbacks``).
+    with ``val_sets=val_sets(retrieval_val)``. ``ema_decay``: validate and export the moving average of the module's
+    ``<stage>`` net (:mod:`mchar.lit.ema`).
     """
     import lightning as L
 
+    from mchar.lit.ema import ema_callbacks
     from mchar.lit.trainer import build_trainer
     from mchar.lit.windows import StepDataModule
 
@@ -149,7 +151,7 @@ def fit(
         steps,
         stage_dir / "checkpoints",
         logger=ctx.tracker.lightning_logger(run_id),
-        callbacks=[*ctx.callbacks, *(callbacks or [])],
+        callbacks=[*ctx.callbacks, *ema_callbacks(stage, ema_decay, cfg.trainer.strategy)],
         every_n_train_steps=cfg.trainer.checkpoint_every,
         val_check_interval=interval,
         find_unused_parameters=getattr(module, "ddp_find_unused_parameters", False),
@@ -267,7 +269,6 @@ def build_gistnet(ctx: RunContext, base: Any) -> Any:
 
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
-    from mchar.lit.ema import ema_callbacks
     from mchar.lit.gistnet_module import GistNetModule
     from mchar.lit.trainer import rank_zero_export
 
@@ -301,16 +302,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(
-        ctx,
-        run_id,
-        "gistnet",
-        module,
-        train,
-        val,
-        steps,
-        retrieval_val=rv,
-        val_every=g.val_every,
-        callbacks=ema_callbacks("gistnet", g.ema_decay, cfg.trainer.strategy),
+        ctx, run_id, "gistnet", module, train, val, steps, rv, val_every=g.val_every, ema_decay=g.ema_decay
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "gistnet-export") as writer:

@@ -115,7 +115,6 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
 
 def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     from mchar.core.gistnet import from_pretrained
-    from mchar.lit.ema import ema_callbacks
     from mchar.lit.lensnet_module import LensNetModule
     from mchar.lit.trainer import rank_zero_export
 
@@ -133,16 +132,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(
-        ctx,
-        run_id,
-        "lensnet",
-        module,
-        train,
-        val,
-        steps,
-        retrieval_val=rv,
-        val_every=lc.val_every,
-        callbacks=ema_callbacks("lensnet", lc.ema_decay, cfg.trainer.strategy),
+        ctx, run_id, "lensnet", module, train, val, steps, rv, val_every=lc.val_every, ema_decay=lc.ema_decay
     )
     result: dict[str, Any] = {"metrics": metrics, "steps": steps}
     with rank_zero_export(trainer, "lensnet-export") as writer:
