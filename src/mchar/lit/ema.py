@@ -54,10 +54,14 @@ class SubmoduleEMA(L.Callback):
             self.average.update_parameters(self._target(pl_module))
             self._last_step = trainer.global_step
 
-    def _swap(self, pl_module: L.LightningModule) -> None:
+    def _pairs(self, pl_module: L.LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(averaged, live) tensors, or none before the first update (the live weights are all there is then)."""
         if self.average is None or not int(self.average.n_averaged):
-            return
-        for avg, live in zip(_tensors(self.average.module), _tensors(self._target(pl_module)), strict=True):
+            return []
+        return list(zip(_tensors(self.average.module), _tensors(self._target(pl_module)), strict=True))
+
+    def _swap(self, pl_module: L.LightningModule) -> None:
+        for avg, live in self._pairs(pl_module):
             tmp = avg.detach().clone()
             avg.detach().copy_(live.detach())
             live.detach().copy_(tmp)
@@ -71,9 +75,7 @@ class SubmoduleEMA(L.Callback):
             self._swap(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.average is None or not int(self.average.n_averaged):
-            return
-        for avg, live in zip(_tensors(self.average.module), _tensors(self._target(pl_module)), strict=True):
+        for avg, live in self._pairs(pl_module):
             live.detach().copy_(avg.detach())
 
     def state_dict(self) -> dict[str, Any]:
