@@ -28,7 +28,6 @@ class SubmoduleEMA(L.Callback):
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.attr, self.decay = attr, float(decay)
         self.average: AveragedModel | None = None
-        self._pending: dict[str, torch.Tensor] | None = None
         self._last_step = 0
 
     @property
@@ -41,12 +40,10 @@ class SubmoduleEMA(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.average is not None:
             return
+        # Lightning restores callback state after ``setup``, so a resumed fit fills this average (load_state_dict)
         self.average = AveragedModel(
             self._target(pl_module), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
         )
-        if self._pending is not None:
-            self.average.load_state_dict(self._pending)
-            self._pending = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # one update per optimizer step (a batch that only accumulates gradients leaves global_step where it was)
@@ -84,11 +81,8 @@ class SubmoduleEMA(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict["last_step"])
-        if not state_dict["average"]:
-            return
-        if self.average is None:
-            self._pending = state_dict["average"]
-        else:
+        if state_dict["average"]:
+            assert self.average is not None, "restored before setup"
             self.average.load_state_dict(state_dict["average"])
 
 
