@@ -21,6 +21,18 @@ def dnll(policy: str, budget: int) -> float:
     return round((0.9 if policy == "recency" else 0.4) * 64 / budget + 0.0123, 6)
 
 
+def gap_metrics(budget: int) -> dict[str, float]:
+    """``lensnet − recency``'s paired parts from real per-document NLLs: the cover costs 1/16 on every document,
+    the focus wins ``budget / 1024`` back on every one."""
+    from mchar.evals.perplexity import PolicyResult, metrics_from_summary, summarise
+
+    recency = [1.0, 2.0, 3.0, 4.0]
+    cover = [x + 0.0625 for x in recency]
+    nll = {"recency": recency, "tree_recency": cover, "lensnet": [x - budget / 1024 for x in cover]}
+    summary = summarise({p: PolicyResult(nll=v, telemetry=[]) for p, v in nll.items()}, None)
+    return {k: v for k, v in metrics_from_summary(summary).items() if k.startswith("ppl/gap/")}
+
+
 def _stage_run(client: Any, exp: str, parent: str, stage: str, params: dict[str, Any]) -> str:
     return log_stage_run(
         client,
@@ -107,6 +119,9 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
             for k, v in metrics.items():
                 client.log_metric(rid, k, v)
             results["policies"][policy] = {"nll": 2.5 + d, "delta_nll": d, "ci": [d - 0.01, d + 0.01]}
+        if budget != BUDGETS[0]:  # the gap's parts, as the eval stage names them (the budget-64 run has none)
+            for k, v in gap_metrics(budget).items():
+                client.log_metric(rid, k, v)
         client.log_text(rid, json.dumps(results), "eval/results.json")
         focus = np.full((6, 12), -1, dtype=np.int64)
         for t in range(6):
@@ -172,6 +187,14 @@ def test_report_from_real_store(tmp_path: Path) -> None:
         assert f"\n| {budget} | 2 | lensnet | 0.22 | 0.96 | 0.6 | {budget - 8} | 4 |" in md
     assert "### Paired: NLL(policy) − NLL(lensnet) per document" in md
     assert "| recency | 0.125 | [0.123, 0.127] | 9/10 |" in md  # newest eval run (budget 256)
+    # lensnet's gap to recency in its two parts, at every (budget, depth) whose run logged them
+    gap = md[
+        md.index("### Where lensnet's gap to recency comes from") : md.index("## Perplexity at budget on")
+    ]
+    assert "\n| 256 | 2 | cover | NLL(tree_recency) − NLL(recency) | 0.0625 | [0.0625, 0.0625] | 4/4 |" in gap
+    assert "\n| 256 | 2 | focus | NLL(lensnet) − NLL(tree_recency) | -0.25 | [-0.25, -0.25] | 0/4 |" in gap
+    assert "\n| 128 | 2 | focus | NLL(lensnet) − NLL(tree_recency) | -0.125 |" in gap
+    assert "\n| 64 |" not in gap and md.count("### Where lensnet's gap") == 1  # no retrieval parts logged
     assert "cells per LOD" in md and "-1: 30" in md
     # paired task outcomes on the same examples: 7 only lensnet answers, 1 only recency; exact McNemar 2 * 9 / 256
     assert "### Paired task outcomes: lensnet vs each policy on the same examples" in md

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
+from mchar.evals.gap import GAP_TERMS
 from mchar.evals.telemetry import FOCUS_METRICS
 
 if TYPE_CHECKING:
@@ -344,6 +345,54 @@ def _paired(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
         "",
     ]
     return [*lines, *table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
+
+
+def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
+    """The paired parts of ``lensnet − recency`` (:mod:`mchar.evals.gap`) at every (budget, depth) whose newest run
+    logged them."""
+    groups = _by_point(
+        evals, lambda r: f"{ppl}/gap/cover/mean" in r.metrics or f"{ppl}/gap/focus/mean" in r.metrics
+    )
+    rows = []
+    for runs in groups:
+        run = runs[0]
+        for term, (policy, reference) in GAP_TERMS.items():
+            stem = f"{ppl}/gap/{term}"
+            if f"{stem}/mean" not in run.metrics:
+                continue
+            m = run.metrics
+            rows.append(
+                [
+                    *_point([run]),
+                    term,
+                    f"NLL({policy}) − NLL({reference})",
+                    fmt(m[f"{stem}/mean"]),
+                    f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]",
+                    f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}",
+                    f"`{run.run_id[:12]}`",
+                ]
+            )
+    if not rows:
+        return []
+    lines = [
+        "### Where lensnet's gap to recency comes from",
+        "",
+        "The two paired parts add up to NLL(lensnet) − NLL(recency) per document: *cover*, what keeping a gist cover "
+        "costs against truncation at the same budget (a cover can never hold truncation's last raw block); *focus*, "
+        "what the learned focus adds to that cover. Positive = the second policy better.",
+        "",
+    ]
+    header = [
+        "budget",
+        "depth",
+        "part",
+        "difference",
+        "mean",
+        "95% CI",
+        "documents where the second wins",
+        "run",
+    ]
+    return [*lines, *table(header, rows), ""]
 
 
 def _by_point(evals: list[RunInfo], predicate: Any) -> list[list[RunInfo]]:
@@ -759,8 +808,10 @@ def build_report(
     lines += _sweep(root)
     lines += _perplexity(evals, fig_dir, name, figures)
     lines += _paired(evals)
+    lines += _gap(evals)
     lines += _perplexity(evals, fig_dir, name, figures, RETRIEVAL_SET)
     lines += _paired(evals, RETRIEVAL_SET)
+    lines += _gap(evals, RETRIEVAL_SET)
     lines += _tasks(evals, fig_dir, name, figures)
     lines += _paired_tasks(client, evals)
     lines += _telemetry(evals, fig_dir, name, figures)

@@ -201,6 +201,30 @@ def test_paired_difference_to_the_reference_policy() -> None:
     assert not any("/vs_" in k for k in metrics_from_summary(summarise({"b": b}, None)))
 
 
+def test_gap_to_recency_splits_into_the_covers_cost_and_the_focus() -> None:
+    """``gap``: NLL(tree_recency) − NLL(recency) and NLL(lensnet) − NLL(tree_recency) per document, which add up to
+    lensnet's paired difference to recency; absent unless both policies of a part ran."""
+    from mchar.evals.perplexity import PolicyResult
+
+    nll = {"recency": [1.0, 2.0, 3.5], "tree_recency": [1.1, 2.0, 3.6], "lensnet": [1.05, 2.2, 3.4]}
+    s = summarise({p: PolicyResult(nll=v, telemetry=[]) for p, v in nll.items()}, None)
+    cover, focus = s["gap"]["cover"], s["gap"]["focus"]
+    assert (cover["policy"], cover["reference"]) == ("tree_recency", "recency")
+    assert cover["mean"] == pytest.approx(0.2 / 3) and cover["wins"] == 2 and cover["documents"] == 3
+    assert focus["mean"] == pytest.approx(-0.05 / 3) and focus["wins"] == 1
+    lensnet_vs_recency = -s["policies"]["recency"]["vs_reference"]["mean"]
+    assert cover["mean"] + focus["mean"] == pytest.approx(lensnet_vs_recency)
+    m = metrics_from_summary(s)
+    assert m["ppl/gap/cover/mean"] == pytest.approx(0.2 / 3) and m["ppl/gap/focus/documents"] == 3.0
+    assert m["ppl/gap/cover/ci_low"] < m["ppl/gap/cover/mean"] < m["ppl/gap/cover/ci_high"]
+    # without tree_recency neither part exists; a skipped policy counts as not run
+    two = {p: PolicyResult(nll=nll[p], telemetry=[]) for p in ("recency", "lensnet")}
+    assert "gap" not in summarise(two, None)
+    skipped = {**two, "tree_recency": PolicyResult(skipped="needs depth >= 1")}
+    assert "gap" not in summarise(skipped, None)
+    assert not any(k.startswith("ppl/gap/") for k in metrics_from_summary(summarise(skipped, None)))
+
+
 def test_a_policy_scored_on_fewer_documents_is_compared_on_those() -> None:
     """``eval.oracle_documents``: the oracle's ΔNLL and its paired difference use only the documents it scored."""
     from mchar.evals.perplexity import PolicyResult

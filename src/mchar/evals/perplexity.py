@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mchar.evals.gap import GAP_TERMS
 from mchar.evals.telemetry import FOCUS_METRICS, FocusRecorder, merge_summaries
 
 
@@ -191,6 +192,19 @@ def full_context_nll(base: Any, documents: Sequence[torch.Tensor], final_tokens:
     return [float(-full_context_logprobs(base, doc)[-final_tokens:].mean()) for doc in documents]
 
 
+def paired_difference(nll: Sequence[float], reference: Sequence[float], ci: str, seed: int) -> dict[str, Any]:
+    """Mean per-document ``NLL - NLL(reference)`` over the documents both scored, its interval, and the documents
+    where the reference is better (``wins``)."""
+    n = min(len(nll), len(reference))
+    diffs = [a - b for a, b in zip(nll[:n], reference[:n], strict=True)]
+    return {
+        "mean": float(np.mean(diffs)),
+        "ci": list(confidence_interval(diffs, ci, seed=seed)),
+        "wins": int(sum(d > 0 for d in diffs)),
+        "documents": n,
+    }
+
+
 def summarise(
     results: dict[str, PolicyResult],
     full: list[float] | None,
@@ -202,7 +216,8 @@ def summarise(
 
     Besides ΔNLL vs full context, every policy gets its **paired** difference to ``reference`` (when that ran):
     ``NLL(policy) - NLL(reference)`` per document, with a CI. Documents differ far more from each other than
-    policies do on one document, so unpaired CIs overlap even when one policy wins on every document.
+    policies do on one document, so unpaired CIs overlap even when one policy wins on every document. ``gap``
+    holds the paired parts of ``lensnet − recency`` (:mod:`mchar.evals.gap`) when their policies ran.
     """
     out: dict[str, Any] = {
         "policies": {},
@@ -236,15 +251,18 @@ def summarise(
         for name, rec in out["policies"].items():
             if name == reference or "skipped" in rec:
                 continue
-            n = min(len(results[name].nll), len(ref.nll))  # the documents both scored
-            diffs = [a - b for a, b in zip(results[name].nll[:n], ref.nll[:n], strict=True)]
             rec["vs_reference"] = {
                 "reference": reference,
-                "mean": float(np.mean(diffs)),
-                "ci": list(confidence_interval(diffs, ci, seed=seed)),
-                "wins": int(sum(d > 0 for d in diffs)),  # documents where the reference is better
-                "documents": len(diffs),
+                **paired_difference(results[name].nll, ref.nll, ci, seed),
             }
+    ran = {name for name, r in results.items() if not r.skipped}
+    gap = {
+        term: {"policy": a, "reference": b, **paired_difference(results[a].nll, results[b].nll, ci, seed)}
+        for term, (a, b) in GAP_TERMS.items()
+        if {a, b} <= ran
+    }
+    if gap:
+        out["gap"] = gap
     return out
 
 
@@ -269,16 +287,25 @@ def metrics_from_summary(summary: dict[str, Any], ppl: str = "ppl", focus: str =
                 m[f"{ppl}/{name}/delta_nll_ci_high"] = hi
         vs = rec.get("vs_reference")
         if vs is not None:
-            key = f"{ppl}/{name}/vs_{vs['reference']}"
-            m[f"{key}/mean"] = vs["mean"]
-            lo, hi = vs["ci"]
-            if lo is not None and math.isfinite(lo):
-                m[f"{key}/ci_low"], m[f"{key}/ci_high"] = lo, hi
-            m[f"{key}/wins"] = float(vs["wins"])
-            m[f"{key}/documents"] = float(vs["documents"])
+            m |= _paired_metrics(f"{ppl}/{name}/vs_{vs['reference']}", vs)
         t = rec["telemetry"]
         for key in FOCUS_METRICS:
             m[f"{focus}/{name}/{key}"] = t[key]
         for lod, share in rec["lod_histogram"].items():  # share of seen history held at each LOD, or dropped
             m[f"{focus}/{name}/lod_share/{lod}"] = share
+    for term, part in summary.get("gap", {}).items():
+        m |= _paired_metrics(f"{ppl}/gap/{term}", part)
+    return m
+
+
+def _paired_metrics(key: str, part: dict[str, Any]) -> dict[str, float]:
+    """``<key>/mean``, ``/ci_low``, ``/ci_high`` (when finite), ``/wins``, ``/documents`` of a paired difference."""
+    m = {
+        f"{key}/mean": part["mean"],
+        f"{key}/wins": float(part["wins"]),
+        f"{key}/documents": float(part["documents"]),
+    }
+    lo, hi = part["ci"]
+    if lo is not None and math.isfinite(lo):
+        m[f"{key}/ci_low"], m[f"{key}/ci_high"] = lo, hi
     return m
