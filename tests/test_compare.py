@@ -83,6 +83,13 @@ def populate(uri: str, tmp: Path) -> dict[str, str]:
         gap = recency - lensnet
         metrics |= {"ppl/recency/vs_lensnet/mean": gap, "ppl/recency/vs_lensnet/ci_low": gap - 0.0625}
         metrics |= {"ppl/recency/vs_lensnet/ci_high": gap + 0.0625}
+        if name == "ref":  # only the reference logged lensnet − recency's parts
+            metrics |= {
+                "ppl/gap/cover/mean": 0.0625,
+                "ppl/gap/focus/mean": -0.125,
+                "ppl/gap/focus/ci_low": -0.25,
+            }
+            metrics |= {"ppl/gap/focus/ci_high": 0.0}
         if name == "ablation":  # only one experiment scored the held-out retrieval documents
             metrics |= {
                 "ppl_retrieval/lensnet/delta_nll": 0.0625,
@@ -108,6 +115,8 @@ def test_two_experiments_side_by_side(tmp_path: Path) -> None:
     assert "| policy | ref | ablation |" in md
     assert "9.25" not in md and "9.5" not in md  # the sweep trial does not stand in for the experiment
     assert "| recency | 0.175 [0.05, 0.3] | 0.076 [-0.049, 0.201] |" in md
+    assert "| tree_recency − recency (cover) | 0.0625 | — |" in md
+    assert "| lensnet − tree_recency (focus) | -0.125 [-0.25, 0] | — |" in md
     assert "| lensnet | 0.229 [0.104, 0.354] | 0.128 [0.003, 0.253] |" in md
     assert "| recency − lensnet | -0.054 [-0.1165, 0.0085] | -0.052 [-0.1145, 0.0105] |" in md
     assert "| lensnet | passkey | 1024 | 0.97 | 1 |" in md

@@ -15,6 +15,7 @@ from typing import Any
 
 from mchar import plots
 from mchar.errors import MCharError, redact_url
+from mchar.evals.gap import GAP_TERMS
 from mchar.report import (
     GISTNET_VS_DROP,
     LENSNET_RANKING,
@@ -123,17 +124,18 @@ def _paired_section(evals: dict[str, RunInfo], names: list[str], ppl: str = "ppl
     pairs = sorted(
         {(m.group(1), m.group(2)) for ev in evals.values() for k in ev.metrics if (m := paired.match(k))}
     )
-    if not pairs:
+    stems = [(f"{p} − {ref}", f"{ppl}/{p}/vs_{ref}") for p, ref in pairs]
+    # lensnet − recency's two parts (mchar.evals.gap), where any column logged them
+    stems += [
+        (f"{p} − {ref} ({term})", f"{ppl}/gap/{term}")
+        for term, (p, ref) in GAP_TERMS.items()
+        if any(f"{ppl}/gap/{term}/mean" in ev.metrics for ev in evals.values())
+    ]
+    if not stems:
         return []
     rows = [
-        [
-            f"{p} − {ref}",
-            *[
-                _interval(evals[n].metrics, f"{ppl}/{p}/vs_{ref}", "mean") if n in evals else "—"
-                for n in names
-            ],
-        ]
-        for p, ref in pairs
+        [label, *[_interval(evals[n].metrics, stem, "mean") if n in evals else "—" for n in names]]
+        for label, stem in stems
     ]
     return [
         f"## Paired differences per document{SET_HEADINGS[ppl]}",
