@@ -398,6 +398,41 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
     assert "| 128 | 2 | 16 | lensnet | " not in md  # no unlabelled row standing for one of the trials
 
 
+def test_a_policy_sweep_splits_lensnets_gap_from_its_trials(tmp_path: Path) -> None:
+    """A budget × policy sweep scores one policy per trial, so no run logs the paired parts of lensnet − recency;
+    the report takes each part as the difference of two trials' ΔNLLs on the same documents (the paired mean),
+    without an interval, and leaves out a budget whose trials scored different documents."""
+    from mchar.report import build_report
+
+    client, exp, sid, uri = _study_store(
+        tmp_path, "bd", {"search_space": "allocator.budget,allocator.policy"}
+    )
+    dnll = {"recency": 0.1875, "tree_recency": 0.25, "lensnet": 0.3125}
+    trials = [(128, p, d, 40) for p, d in dnll.items()] + [
+        (256, "recency", 0.0, 40),
+        (256, "tree_recency", 0.5, 39),
+    ]
+    for trial, (budget, policy, d, documents) in enumerate(trials):
+        tid = client.create_run(
+            exp, run_name=f"bd/trial-{trial}", tags={"mlflow.parentRunId": sid, "mchar.trial": str(trial)}
+        ).info.run_id
+        for k, v in {"allocator.budget": budget, "allocator.policy": policy}.items():
+            client.log_param(tid, k, str(v))
+        tags = {"mlflow.parentRunId": tid, "mchar.stage": "eval", "mchar.role": "stage"}
+        eid = client.create_run(exp, run_name="eval", tags=tags).info.run_id
+        for k, v in {"allocator.budget": budget, "tree.depth": 2, "tree.block_size": 16}.items():
+            client.log_param(eid, k, str(v))
+        metrics = {f"ppl/{policy}/delta_nll": d, f"ppl/{policy}/documents": documents, "ppl/full/nll": 3.5}
+        for k, v in metrics.items():
+            client.log_metric(eid, k, v)
+        client.set_terminated(eid)
+    md = build_report(name="bd", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
+    gap = md[md.index("### Where lensnet's gap to recency comes from") :].split("\n## ")[0]
+    assert "| 128 | 2 | cover | NLL(tree_recency) − NLL(recency) | 0.0625 | — | — |" in gap
+    assert "| 128 | 2 | focus | NLL(lensnet) − NLL(tree_recency) | 0.0625 | — | — |" in gap
+    assert "| 256 |" not in gap  # 39 documents against 40: not provably the same documents
+
+
 def test_a_gistnet_sweep_table_shows_each_trials_held_out_gist_numbers(tmp_path: Path) -> None:
     """Whatever the objective, a trial's GistNet held-out numbers (gists vs dropping, in a session's cover) are in
     the sweep table, so a search over GistNet settings can be read against the issue's targets."""

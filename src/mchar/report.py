@@ -348,38 +348,32 @@ def _paired(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
 
 
 def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
-    """The paired parts of ``lensnet − recency`` (:mod:`mchar.evals.gap`) at every (budget, depth) whose newest run
-    logged them."""
-    groups = _by_point(
-        evals, lambda r: f"{ppl}/gap/cover/mean" in r.metrics or f"{ppl}/gap/focus/mean" in r.metrics
-    )
-    rows = []
-    for runs in groups:
-        run = runs[0]
-        for term, (policy, reference) in GAP_TERMS.items():
-            stem = f"{ppl}/gap/{term}"
-            if f"{stem}/mean" not in run.metrics:
-                continue
-            m = run.metrics
-            rows.append(
-                [
-                    *_point([run]),
-                    term,
-                    f"NLL({policy}) − NLL({reference})",
-                    fmt(m[f"{stem}/mean"]),
-                    f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]",
-                    f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}",
-                    f"`{run.run_id[:12]}`",
-                ]
-            )
+    """The parts of ``lensnet − recency`` (:mod:`mchar.evals.gap`) at every (budget, depth) that has them."""
+    policies = {p for pair in GAP_TERMS.values() for p in pair}
+
+    def has_gap(r: RunInfo) -> bool:
+        return any(
+            f"{ppl}/gap/{t}/mean" in r.metrics or f"{ppl}/{p}/delta_nll" in r.metrics
+            for t in GAP_TERMS
+            for p in policies
+        )
+
+    rows = [
+        row
+        for runs in _by_point(evals, has_gap)
+        for term, (policy, reference) in GAP_TERMS.items()
+        if (row := _gap_row(runs, ppl, term, policy, reference))
+    ]
     if not rows:
         return []
     lines = [
         "### Where lensnet's gap to recency comes from",
         "",
-        "The two paired parts add up to NLL(lensnet) − NLL(recency) per document: *cover*, what keeping a gist cover "
-        "costs against truncation at the same budget (a cover can never hold truncation's last raw block); *focus*, "
-        "what the learned focus adds to that cover. Positive = the second policy better.",
+        "The two parts add up to NLL(lensnet) − NLL(recency) per document: *cover*, what keeping a gist cover costs "
+        "against truncation at the same budget (a cover can never hold truncation's last raw block); *focus*, what "
+        "the learned focus adds to that cover. Positive = the second policy better. A row without an interval comes "
+        "from two runs that each scored one of the policies on the same documents (a sweep's trials): the difference "
+        "of their ΔNLLs, which is the paired mean.",
         "",
     ]
     header = [
@@ -390,9 +384,39 @@ def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
         "mean",
         "95% CI",
         "documents where the second wins",
-        "run",
+        "runs",
     ]
     return [*lines, *table(header, rows), ""]
+
+
+def _gap_row(runs: list[RunInfo], ppl: str, term: str, policy: str, reference: str) -> list[str] | None:
+    """One part at one (budget, depth): from the newest run that logged it paired, else from the newest runs (outside
+    sweep variants) that scored each of the two policies on the same documents."""
+    head = [*_point(runs), term, f"NLL({policy}) − NLL({reference})"]
+    stem = f"{ppl}/gap/{term}"
+    for run in runs:
+        m = run.metrics
+        if f"{stem}/mean" in m:
+            interval = f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]"
+            wins = f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}"
+            return [*head, fmt(m[f"{stem}/mean"]), interval, wins, f"`{run.run_id[:12]}`"]
+    newest: dict[str, RunInfo] = {}
+    for run in runs:
+        for p in (policy, reference):
+            if not run.variant and f"{ppl}/{p}/delta_nll" in run.metrics:
+                newest.setdefault(p, run)
+    if len(newest) < 2:
+        return None
+    a, b = newest[policy].metrics, newest[reference].metrics
+    same = (
+        [f"{ppl}/{policy}/documents", f"{ppl}/full/nll"],
+        [f"{ppl}/{reference}/documents", f"{ppl}/full/nll"],
+    )
+    if any(a.get(x) is None or a.get(x) != b.get(y) for x, y in zip(*same, strict=True)):
+        return None  # not provably the same documents
+    diff = a[f"{ppl}/{policy}/delta_nll"] - b[f"{ppl}/{reference}/delta_nll"]
+    ids = ", ".join(dict.fromkeys(f"`{newest[p].run_id[:12]}`" for p in (policy, reference)))
+    return [*head, fmt(diff), "—", "—", ids]
 
 
 def _by_point(evals: list[RunInfo], predicate: Any) -> list[list[RunInfo]]:
