@@ -389,6 +389,23 @@ def test_lensnet_ema_steps_aside_under_fsdp_with_a_warning() -> None:
         assert ema_callbacks("lensnet", 0.99, "fsdp") == []
 
 
+def test_a_fit_too_short_for_its_ema_decay_is_warned() -> None:
+    """The average starts at the first step's weights, which keep ``decay ** (steps - 1)`` of it: at 0.99 a 50-step
+    fit would export 61 % near-initial weights (warned); the quickstart's 400 steps keep 2 % (silent)."""
+    import warnings
+
+    from mchar.lit.ema import ema_callbacks
+
+    with pytest.warns(
+        UserWarning, match=r"lensnet.ema_decay=0.99: after 50 steps .* still hold 61% .* ~100 steps"
+    ):
+        assert len(ema_callbacks("lensnet", 0.99, "auto", steps=50)) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for decay, steps in ((0.99, 400), (0.8, 20), (0.99, None)):  # the quickstart's, the smoke's, unknown
+            assert len(ema_callbacks("lensnet", decay, "auto", steps=steps)) == 1
+
+
 def test_the_gpu_trainers_bf16_mixed_precision_trains_every_side_net_on_the_cpu_too(smoke_run) -> None:
     """``trainer=gpu``/``ddp``/``fsdp`` train in ``bf16-mixed``; CI has no GPU, so the autocast paths (GistNet,
     LensNet's utilities and loss, e2e with a LoRA adapter) run here under Lightning's CPU bf16 autocast: every fit

@@ -86,10 +86,17 @@ class SubmoduleEMA(L.Callback):
             self.average.load_state_dict(state_dict["average"])
 
 
-def ema_callbacks(attr: str, decay: float | None, strategy: Any) -> list[L.Callback]:
+# the share of the average that the first averaged step's weights may still hold at the end before a fit is warned
+FIRST_STEP_SHARE_MAX = 0.25
+
+
+def ema_callbacks(
+    attr: str, decay: float | None, strategy: Any, steps: int | None = None
+) -> list[L.Callback]:
     """``<stage>.ema_decay``: the stage's :class:`SubmoduleEMA` over ``pl_module.<attr>``, or none. Under FSDP each
     rank holds a shard of the net, so the average (of whole weights) is left out with a warning, not refused: a
-    default decay must not make ``trainer=fsdp`` unusable."""
+    default decay must not make ``trainer=fsdp`` unusable. A fit of ``steps`` too short for the decay is warned:
+    the average starts at the first step's (near-initial) weights, which keep ``decay ** (steps - 1)`` of it."""
     from lightning.pytorch.utilities import rank_zero_warn
 
     if decay is None:
@@ -99,6 +106,12 @@ def ema_callbacks(attr: str, decay: float | None, strategy: Any) -> list[L.Callb
             f"{attr}.ema_decay: no weight average under an FSDP strategy; {attr} is exported from its last step"
         )
         return []
+    if steps and decay ** (steps - 1) > FIRST_STEP_SHARE_MAX:
+        rank_zero_warn(
+            f"{attr}.ema_decay={decay}: after {steps} steps the first step's weights still hold "
+            f"{decay ** (steps - 1):.0%} of the exported average (it spans ~{1 / (1 - decay):.0f} steps); "
+            "lower the decay or train longer"
+        )
     return [SubmoduleEMA(attr, decay)]
 
 

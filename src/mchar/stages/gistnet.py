@@ -151,7 +151,7 @@ def fit(
         steps,
         stage_dir / "checkpoints",
         logger=ctx.tracker.lightning_logger(run_id),
-        callbacks=[*ctx.callbacks, *ema_callbacks(stage, ema_decay, cfg.trainer.strategy)],
+        callbacks=[*ctx.callbacks, *ema_callbacks(stage, ema_decay, cfg.trainer.strategy, steps)],
         every_n_train_steps=cfg.trainer.checkpoint_every,
         val_check_interval=interval,
         find_unused_parameters=getattr(module, "ddp_find_unused_parameters", False),
