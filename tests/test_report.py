@@ -379,10 +379,18 @@ def test_a_sweep_over_another_setting_shows_every_trial_in_the_policy_sections(t
             "ppl/recency/vs_lensnet/mean": 0.5 - lens,
             "task/lensnet/passkey/1024/acc": 1 - lens,
             "focus/lensnet/swap_rate": lens / 2,
+            "ppl/gap/focus/mean": lens / 4,
+            "ppl/gap/focus/wins": 3,
+            "ppl/gap/focus/documents": 40,
         }.items():
             client.log_metric(eid, k, v)
         client.set_terminated(eid)
     md = build_report(name="s", tracking_uri=uri, run_id=sid, out_dir=tmp_path / "r").read_text()
+    for seed, lens in ((0, 0.125), (1, 0.25)):  # each trial's paired gap part, labelled like its other rows
+        assert (
+            f"| 128 | 2 | focus [seed={seed}] | NLL(lensnet) − NLL(tree_recency) | {lens / 4:.4g} | [—, —] | 3/40 |"
+            in md
+        )
     perplexity = md.split("## Perplexity at budget")[1].split("### Paired")[0]
     for seed, lens in ((0, 0.125), (1, 0.25)):
         assert (

@@ -362,7 +362,7 @@ def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
         row
         for runs in _by_point(evals, has_gap)
         for term, (policy, reference) in GAP_TERMS.items()
-        if (row := _gap_row(runs, ppl, term, policy, reference))
+        for row in _gap_rows(runs, ppl, term, policy, reference)
     ]
     if not rows:
         return []
@@ -389,34 +389,43 @@ def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
     return [*lines, *table(header, rows), ""]
 
 
-def _gap_row(runs: list[RunInfo], ppl: str, term: str, policy: str, reference: str) -> list[str] | None:
-    """One part at one (budget, depth): from the newest run that logged it paired, else from the newest runs (outside
-    sweep variants) that scored each of the two policies on the same documents."""
-    head = [*_point(runs), term, f"NLL({policy}) − NLL({reference})"]
+def _gap_rows(runs: list[RunInfo], ppl: str, term: str, policy: str, reference: str) -> list[list[str]]:
+    """One part at one (budget, depth): from the newest run of each sweep variant that logged it paired, else from the
+    newest runs (outside sweep variants) that scored each of the two policies on the same documents."""
     stem = f"{ppl}/gap/{term}"
+    pair = f"NLL({policy}) − NLL({reference})"
+    variants: dict[str, RunInfo] = {}
     for run in runs:
+        if f"{stem}/mean" in run.metrics:
+            variants.setdefault(run.variant, run)
+    rows = []
+    for run in sorted(variants.values(), key=lambda r: r.variant):
         m = run.metrics
-        if f"{stem}/mean" in m:
-            interval = f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]"
-            wins = f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}"
-            return [*head, fmt(m[f"{stem}/mean"]), interval, wins, f"`{run.run_id[:12]}`"]
+        interval = f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]"
+        wins = f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}"
+        label = f"{term} [{run.variant}]" if run.variant else term
+        rows.append(
+            [*_point(runs), label, pair, fmt(m[f"{stem}/mean"]), interval, wins, f"`{run.run_id[:12]}`"]
+        )
+    if rows:
+        return rows
     newest: dict[str, RunInfo] = {}
     for run in runs:
         for p in (policy, reference):
             if not run.variant and f"{ppl}/{p}/delta_nll" in run.metrics:
                 newest.setdefault(p, run)
     if len(newest) < 2:
-        return None
+        return []
     a, b = newest[policy].metrics, newest[reference].metrics
     same = (
         [f"{ppl}/{policy}/documents", f"{ppl}/full/nll"],
         [f"{ppl}/{reference}/documents", f"{ppl}/full/nll"],
     )
     if any(a.get(x) is None or a.get(x) != b.get(y) for x, y in zip(*same, strict=True)):
-        return None  # not provably the same documents
+        return []  # not provably the same documents
     diff = a[f"{ppl}/{policy}/delta_nll"] - b[f"{ppl}/{reference}/delta_nll"]
     ids = ", ".join(dict.fromkeys(f"`{newest[p].run_id[:12]}`" for p in (policy, reference)))
-    return [*head, fmt(diff), "—", "—", ids]
+    return [[*_point(runs), term, pair, fmt(diff), "—", "—", ids]]
 
 
 def _by_point(evals: list[RunInfo], predicate: Any) -> list[list[RunInfo]]:
