@@ -1,0 +1,64 @@
+"""Paired per-document comparison of one policy between two evaluations of the same documents.
+
+An eval run's paired table compares policies within that run; an allocator or LensNet setting evaluated as its own
+run (``name=X ... 'eval.policies=[lensnet]'``) needs its per-document NLLs paired with the reference run's. Reads
+both ``runs/<name>/eval/results.json``; refuses runs whose full-context NLLs differ (not the same documents).
+
+    python scripts/probes/paired_runs.py REFERENCE_NAME OTHER_NAME [OTHER_NAME ...] [--policy lensnet]
+
+Prints, per document set (code, retrieval), the other run's ΔNLL and NLL(other) − NLL(reference) with its 95 % t
+interval (positive = the reference run better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mchar.evals.perplexity import confidence_interval
+
+SETS = {"code": lambda r: r, "retrieval": lambda r: r.get("retrieval")}
+
+
+def load(name: str, runs: Path) -> dict[str, Any]:
+    path = runs / name / "eval" / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"paired_runs: no {path} (run the evaluation under name={name} first)")
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reference")
+    ap.add_argument("others", nargs="+")
+    ap.add_argument("--policy", default="lensnet")
+    ap.add_argument("--runs", type=Path, default=Path("runs"))
+    args = ap.parse_args()
+    ref = load(args.reference, args.runs)
+    for name in args.others:
+        other = load(name, args.runs)
+        for label, pick in SETS.items():
+            a, b = pick(other), pick(ref)
+            if not a or not b or args.policy not in a["policies"] or args.policy not in b["policies"]:
+                continue
+            if a["full"]["per_document"] != b["full"]["per_document"]:
+                raise SystemExit(
+                    f"paired_runs: {name} and {args.reference} scored different {label} documents"
+                )
+            x = np.asarray(a["policies"][args.policy]["per_document"])
+            y = np.asarray(b["policies"][args.policy]["per_document"])
+            diff = x - y
+            lo, hi = confidence_interval(diff.tolist(), "t")
+            print(
+                f"{name} {label}: {args.policy} ΔNLL {a['policies'][args.policy]['delta_nll']:.4f} "
+                f"({args.reference}: {b['policies'][args.policy]['delta_nll']:.4f}); paired {diff.mean():+.4f} "
+                f"[{lo:+.4f}, {hi:+.4f}] over {diff.size} documents"
+            )
+
+
+if __name__ == "__main__":
+    main()
