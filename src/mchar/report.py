@@ -320,22 +320,12 @@ def _paired(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
         return []
     rows, ref = [], ""
     for run in runs:
-        for key, value in sorted(run.metrics.items()):
+        for key in sorted(run.metrics):
             m = paired.match(key)
             if not m:
                 continue
             policy, ref = run.series(m.group(1)), m.group(2)
-            stem = key.rsplit("/", 1)[0]
-            lo, hi = run.metrics.get(f"{stem}/ci_low"), run.metrics.get(f"{stem}/ci_high")
-            wins, docs = run.metrics.get(f"{stem}/wins"), run.metrics.get(f"{stem}/documents")
-            rows.append(
-                [
-                    policy,
-                    fmt(value),
-                    f"[{fmt(lo)}, {fmt(hi)}]",
-                    f"{int(wins)}/{int(docs)}" if wins is not None and docs else fmt(wins),
-                ]
-            )
+            rows.append([policy, *_paired_cells(run.metrics, key.rsplit("/", 1)[0])])
     lines = [
         f"### Paired: NLL(policy) − NLL({ref}) per document",
         "",
@@ -345,6 +335,18 @@ def _paired(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
         "",
     ]
     return [*lines, *table(["policy", "mean difference", "95% CI", f"documents where {ref} wins"], rows), ""]
+
+
+def _paired_cells(metrics: dict[str, float], stem: str) -> list[str]:
+    """A logged paired difference (``<stem>/mean``, ``/ci_low``, ``/ci_high``, ``/wins``, ``/documents``) as cells:
+    mean, interval, wins of the documents."""
+    lo, hi = metrics.get(f"{stem}/ci_low"), metrics.get(f"{stem}/ci_high")
+    wins, docs = metrics.get(f"{stem}/wins"), metrics.get(f"{stem}/documents")
+    return [
+        fmt(metrics[f"{stem}/mean"]),
+        f"[{fmt(lo)}, {fmt(hi)}]",
+        f"{int(wins)}/{int(docs)}" if wins is not None and docs else fmt(wins),
+    ]
 
 
 def _gap(evals: list[RunInfo], ppl: str = "ppl") -> list[str]:
@@ -400,13 +402,8 @@ def _gap_rows(runs: list[RunInfo], ppl: str, term: str, policy: str, reference: 
             variants.setdefault(run.variant, run)
     rows = []
     for run in sorted(variants.values(), key=lambda r: r.variant):
-        m = run.metrics
-        interval = f"[{fmt(m.get(f'{stem}/ci_low'))}, {fmt(m.get(f'{stem}/ci_high'))}]"
-        wins = f"{int(m.get(f'{stem}/wins', 0))}/{int(m.get(f'{stem}/documents', 0))}"
         label = f"{term} [{run.variant}]" if run.variant else term
-        rows.append(
-            [*_point(runs), label, pair, fmt(m[f"{stem}/mean"]), interval, wins, f"`{run.run_id[:12]}`"]
-        )
+        rows.append([*_point(runs), label, pair, *_paired_cells(run.metrics, stem), f"`{run.run_id[:12]}`"])
     if rows:
         return rows
     newest: dict[str, RunInfo] = {}
