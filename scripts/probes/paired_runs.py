@@ -17,9 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from mchar.evals.perplexity import confidence_interval
+from mchar.evals.perplexity import paired_difference
 
 SETS = {"code": lambda r: r, "retrieval": lambda r: r.get("retrieval")}
 
@@ -49,14 +47,12 @@ def main() -> None:
                 raise SystemExit(
                     f"paired_runs: {name} and {args.reference} scored different {label} documents"
                 )
-            x = np.asarray(a["policies"][args.policy]["per_document"])
-            y = np.asarray(b["policies"][args.policy]["per_document"])
-            diff = x - y
-            lo, hi = confidence_interval(diff.tolist(), "t")
+            x, y = a["policies"][args.policy], b["policies"][args.policy]
+            pair = paired_difference(x["per_document"], y["per_document"], "t", 0)
+            lo, hi = pair["ci"]
             print(
-                f"{name} {label}: {args.policy} ΔNLL {a['policies'][args.policy]['delta_nll']:.4f} "
-                f"({args.reference}: {b['policies'][args.policy]['delta_nll']:.4f}); paired {diff.mean():+.4f} "
-                f"[{lo:+.4f}, {hi:+.4f}] over {diff.size} documents"
+                f"{name} {label}: {args.policy} ΔNLL {x['delta_nll']:.4f} ({args.reference}: {y['delta_nll']:.4f}); "
+                f"paired {pair['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] over {pair['documents']} documents"
             )
 
 

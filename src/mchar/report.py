@@ -414,11 +414,12 @@ def _gap_rows(runs: list[RunInfo], ppl: str, term: str, policy: str, reference: 
     if len(newest) < 2:
         return []
     a, b = newest[policy].metrics, newest[reference].metrics
-    same = (
-        [f"{ppl}/{policy}/documents", f"{ppl}/full/nll"],
-        [f"{ppl}/{reference}/documents", f"{ppl}/full/nll"],
-    )
-    if any(a.get(x) is None or a.get(x) != b.get(y) for x, y in zip(*same, strict=True)):
+    docs, full = a.get(f"{ppl}/{policy}/documents"), a.get(f"{ppl}/full/nll")
+    if (
+        docs is None
+        or full is None
+        or (docs, full) != (b.get(f"{ppl}/{reference}/documents"), b.get(f"{ppl}/full/nll"))
+    ):
         return []  # not provably the same documents
     diff = a[f"{ppl}/{policy}/delta_nll"] - b[f"{ppl}/{reference}/delta_nll"]
     ids = ", ".join(dict.fromkeys(f"`{newest[p].run_id[:12]}`" for p in (policy, reference)))
