@@ -55,6 +55,7 @@ def test_experiment_required_files_exist() -> None:
         (["allocator.query_rounds=0"], "allocator.query_rounds"),
         (["allocator.query_cooldown=-1"], "allocator.query_cooldown"),
         (["allocator.query_similarity=-1"], "allocator.query_similarity"),
+        (["allocator.query_scorer=bm25"], "allocator.query_scorer"),
         (["allocator.attention_queries=0"], "allocator.attention_queries"),
         (["allocator.attention_layer=99"], "allocator.attention_layer"),
         (["lensnet.alloc_start=middle"], "lensnet.alloc_start"),

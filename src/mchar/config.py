@@ -21,10 +21,12 @@ POLICIES = (
     "tree_recency",
     "gists_only",
     "similarity",
+    "lexical",
     "random",
     "attention",
     "oracle",
 )
+QUERY_SCORERS = ("similarity", "lexical")  # what a settle may blend into a policy's scores
 EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 MIX_TASKS = (*EVAL_TASKS, "copy")  # the training mix may also draw ``copy`` episodes (dense induction signal)
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -135,6 +137,10 @@ class AllocatorConfig:
     # question is known then; streaming perplexity never settles, so it is unaffected): 1 = equal weight, not tuned;
     # 0 = the policy's own scores (the ablation)
     query_similarity: float = 1.0
+    # what that blend scores the entries by: `similarity` (cosine of mean embeddings with the question's) or
+    # `lexical` (the summed rarity of the question's token ids each entry's span holds: tells apart needles that
+    # share their wording and differ in one key, as multi-key needles do)
+    query_scorer: str = "similarity"
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -467,6 +473,7 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"allocator.query_cooldown: must be >= 0 or null, got {a.query_cooldown}")
     if not a.query_similarity >= 0:
         raise ConfigError(f"allocator.query_similarity: must be >= 0, got {a.query_similarity}")
+    _choice("allocator.query_scorer", a.query_scorer, QUERY_SCORERS)
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)
     n_layers = cfg.model.local.num_layers
     if (

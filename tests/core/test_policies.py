@@ -224,7 +224,7 @@ def test_policies_work_on_the_real_tree() -> None:
 
     tree = MegaContextTree.in_memory(4, 2, 8, embed_fn=lambda ids: table[ids], gist_fn=gist_fn)
     tree.ingest(torch.randint(0, 50, (70,)))
-    for name in ("similarity", "random", "gists_only", "tree_recency"):
+    for name in ("similarity", "lexical", "random", "gists_only", "tree_recency"):
         wc = initial_context(tree, 30)
         FocusAllocator().refocus(wc, make_policy(name).scores(wc, tree))
         wc.validate(tree)

@@ -106,6 +106,7 @@ def test_simple_evaluate_runs_a_local_task(base_dir: Path, tmp_path: Path) -> No
         ({"budget": 4}, "smaller than one block"),
         ({"lensnet": ""} | {"policy": "lensnet"}, "no trained LensNet"),
         ({"query_similarity": "-1"}, "query_similarity: must be >= 0"),
+        ({"query_scorer": "bm25"}, "query_scorer: must be similarity or lexical"),
     ],
 )
 def test_bad_model_args_fail_with_one_line(base_dir: Path, kw: dict, needle: str) -> None:

@@ -258,6 +258,12 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
         assert comp.session(name).query_policy is None
     off = load_components(base_dir, SessionSettings(budget=64, block_size=K, depth=2))
     assert all(off.session(p).query_policy is None for p in ("tree_recency", "random"))
+    lexical = load_components(
+        base_dir,
+        SessionSettings(budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical"),
+    )
+    assert lexical.session("tree_recency").query_policy.query.name == "lexical"
+    assert lexical.session("lexical").query_policy is None  # blending with itself is a no-op
 
 
 def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:

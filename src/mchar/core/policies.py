@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mchar.core.allocator import initial_context
 from mchar.core.entries import Entry
+from mchar.core.lexical import LexicalIndex
 from mchar.core.lookahead import lookahead_view, max_by_owner
 from mchar.core.positions import check_mode, gist_position
 from mchar.core.working_context import BudgetExceeded, WorkingContext, coarsest_cover
@@ -207,6 +208,39 @@ class SimilarityPolicy(Policy):
         if sims.numel() < 2:
             return sims.cpu() * self.scale
         return ((sims - sims.mean()) / (sims.std() + 1e-6) * self.scale).cpu()
+
+
+class LexicalPolicy(Policy):
+    """BM25-style block retrieval: expand entries whose span holds the query's rare tokens.
+
+    Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
+    (over the tree's blocks) of the distinct query tokens found in its span, z-scored across entries. Unlike
+    ``similarity``'s mean embeddings it tells apart needles that share their wording and differ in one key. The
+    tree's blocks are indexed incrementally (:class:`~mchar.core.lexical.LexicalIndex`), one index per tree.
+    """
+
+    name = "lexical"
+    relative_scores = True
+
+    def __init__(self, query_tokens: int | None = None) -> None:
+        self.query_tokens = query_tokens
+        self._tree: Any = None
+        self._index = LexicalIndex()
+
+    def index(self, tree: Any) -> LexicalIndex:
+        """This tree's index, grown to its completed blocks (a new tree, or a shorter one, starts a new index)."""
+        if tree is not self._tree or int(tree.num_tokens) // int(tree.block_size) < self._index.blocks:
+            self._tree, self._index = tree, LexicalIndex()
+        self._index.update(tree)
+        return self._index
+
+    def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
+        if not len(wc):
+            return torch.zeros(0)
+        k, t = wc.block_size, wc.num_tokens
+        query = tree.tokens(max(0, t - (self.query_tokens or k)), t)
+        spans = [(e.start(k) // k, -(-e.end(k) // k)) for e in wc.entries]
+        return standardise(self.index(tree).span_scores(query, spans))
 
 
 class RandomPolicy(Policy):
@@ -461,6 +495,7 @@ POLICIES: dict[str, type[Policy]] = {
         TreeRecencyPolicy,
         GistsOnlyPolicy,
         SimilarityPolicy,
+        LexicalPolicy,
         RandomPolicy,
         AttentionPolicy,
         LensNetPolicy,
@@ -543,6 +578,7 @@ __all__ = [
     "QueryBlendPolicy",
     "GistsOnlyPolicy",
     "LensNetPolicy",
+    "LexicalPolicy",
     "LookaheadPolicy",
     "OraclePolicy",
     "Policy",

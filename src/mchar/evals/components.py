@@ -70,6 +70,7 @@ class SessionSettings:
     query_rounds: int = 1
     query_cooldown: int | None = None
     query_similarity: float = 0.0
+    query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -88,6 +89,8 @@ class SessionSettings:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
         if not self.query_similarity >= 0:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
+        if self.query_scorer not in ("similarity", "lexical"):
+            raise EvalError(f"query_scorer: must be similarity or lexical, got {self.query_scorer!r}")
 
 
 def settings_from_config(cfg: Any) -> SessionSettings:
@@ -121,6 +124,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_rounds=int(a.query_rounds),
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
         query_similarity=float(a.query_similarity),
+        query_scorer=str(a.query_scorer),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -245,7 +249,7 @@ class EvalComponents:
 
     def query_policy(self, policy: Any) -> Any:
         """The settle's scores for ``policy`` (None = its streaming scores): blended with query similarity when
-        ``query_similarity`` > 0 and the policy ranks by relative scores (truncation and fixed-cover baselines
+        ``query_similarity`` > 0 (scored by ``query_scorer``) and the policy ranks by relative scores (truncation and fixed-cover baselines
         settle as they stream), and with ``query_lookahead`` when it differs from the streaming lookahead."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import QueryBlendPolicy
@@ -255,9 +259,9 @@ class EvalComponents:
         relook = look != s.lookahead and policy.name in CONTENT_POLICIES
         settle = self.make_policy(policy.name, lookahead=look) if relook else policy
         w = s.query_similarity
-        if not w or not QueryBlendPolicy.can_blend(settle) or settle.name == "similarity":
+        if not w or not QueryBlendPolicy.can_blend(settle) or settle.name == s.query_scorer:
             return settle if relook else None
-        return QueryBlendPolicy(settle, self.make_policy("similarity", lookahead=look), w)
+        return QueryBlendPolicy(settle, self.make_policy(s.query_scorer, lookahead=look), w)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for results JSON and tags."""

@@ -1,0 +1,69 @@
+"""An inverted index of a tree's blocks: which blocks hold which token ids, for lexical block retrieval.
+
+Query similarity (``SimilarityPolicy``) compares mean embeddings, so a question that shares its wording with several
+needles ("the special magic number for X is") rates them all alike; only the rare tokens (the key X) tell them apart.
+This index answers "which of these spans contains query token t" for every WC entry at once, weighting each token by
+its rarity over the blocks indexed so far (inverse document frequency), the way BM25-style retrievers rank passages.
+
+Cost: indexing is O(K) per completed block, done once (incremental); scoring is O(|query| x entries x log(postings))
+per refocus, independent of the history's length except through the postings of the query's own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class LexicalIndex:
+    """Postings (sorted block indices) per token id over a tree's complete blocks, grown as the tree grows."""
+
+    def __init__(self) -> None:
+        self.blocks = 0
+        self._postings: dict[int, list[int]] = {}
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def update(self, tree: Any) -> None:
+        """Index the blocks the tree completed since the last call."""
+        k = int(tree.block_size)
+        n = int(tree.num_tokens) // k
+        if n <= self.blocks:
+            return
+        ids = tree.tokens(self.blocks * k, n * k).reshape(n - self.blocks, k).tolist()
+        for b, row in enumerate(ids, start=self.blocks):
+            for tok in set(row):
+                self._postings.setdefault(tok, []).append(b)
+                self._arrays.pop(tok, None)
+        self.blocks = n
+
+    def idf(self, token: int) -> float:
+        """``log(1 + N / df)``: 0 for a token no indexed block holds."""
+        df = len(self._postings.get(int(token), ()))
+        return math.log1p(self.blocks / df) if df else 0.0
+
+    def _array(self, token: int) -> np.ndarray:
+        arr = self._arrays.get(token)
+        if arr is None:
+            arr = self._arrays[token] = np.asarray(self._postings[token], dtype=np.int64)
+        return arr
+
+    def span_scores(self, query: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """For block spans ``[(b0, b1), ...]`` (end exclusive): the summed IDF of the distinct query tokens each holds."""
+        starts = np.asarray([s for s, _ in spans], dtype=np.int64)
+        ends = np.asarray([e for _, e in spans], dtype=np.int64)
+        out = np.zeros(len(spans), dtype=np.float64)
+        for tok in {int(t) for t in query.reshape(-1).tolist()}:
+            if tok not in self._postings:
+                continue
+            post = self._array(tok)
+            first = np.searchsorted(post, starts)  # the first posting at or after each span's start
+            hit = (first < post.size) & (post[np.minimum(first, post.size - 1)] < ends)
+            out += hit * self.idf(tok)
+        return torch.from_numpy(out).float()
+
+
+__all__ = ["LexicalIndex"]

@@ -1,0 +1,82 @@
+"""The lexical index and the ``lexical`` policy: rare shared tokens decide, indexing is incremental."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mchar.core.allocator import initial_context
+from mchar.core.lexical import LexicalIndex
+from mchar.core.policies import make_policy
+
+from .test_working_context import FakeTree
+
+
+def test_idf_weights_rare_tokens_and_spans_count_each_token_once() -> None:
+    tree = FakeTree(4, 2, 0)
+    # blocks: [1 2 3 9] [1 2 3 4] [1 2 3 4] [1 1 1 1]: token 9 in one block, 4 in two, 1 in all four
+    tree.ingest(torch.tensor([1, 2, 3, 9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 1, 1, 1]))
+    index = LexicalIndex()
+    index.update(tree)
+    assert index.blocks == 4
+    assert (
+        index.idf(9) == math.log1p(4 / 1) > index.idf(4) == math.log1p(4 / 2) > index.idf(1) == math.log1p(1)
+    )
+    assert index.idf(7) == 0.0
+    got = index.span_scores(torch.tensor([9, 4, 4, 7]), [(0, 1), (1, 2), (3, 4), (0, 4)]).tolist()
+    expect = [index.idf(9), index.idf(4), 0.0, index.idf(9) + index.idf(4)]
+    assert got == [float(torch.tensor(x).float()) for x in expect]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 12), min_size=8, max_size=80),
+    st.lists(st.integers(0, 12), min_size=1, max_size=8),
+    st.integers(1, 3),
+)
+def test_incremental_index_matches_a_brute_force_scan(ids: list[int], query: list[int], chunks: int) -> None:
+    k = 4
+    tree = FakeTree(k, 2, 0)
+    index = LexicalIndex()
+    step = -(-len(ids) // chunks)
+    for c in range(0, len(ids), step):  # grown in pieces, as a session ingests
+        tree.ingest(torch.tensor(ids[c : c + step]))
+        index.update(tree)
+    n = len(ids) // k
+    blocks = [set(ids[b * k : (b + 1) * k]) for b in range(n)]
+    spans = [(b, min(n, b + 2)) for b in range(n)]
+    want = []
+    for s, e in spans:
+        held = set().union(*blocks[s:e]) & set(query)
+        want.append(sum(math.log1p(n / sum(t in blk for blk in blocks)) for t in held))
+    assert torch.allclose(
+        index.span_scores(torch.tensor(query), spans), torch.tensor(want).float(), atol=1e-5
+    )
+
+
+def test_lexical_finds_the_needle_whose_key_matches() -> None:
+    """Four needles share their wording and differ in one key token; the question names the third's key."""
+    k, wording, keys = 4, [20, 21, 22], [30, 31, 32, 33]
+    tree = FakeTree(k, 1, 0, vocab=40)
+    filler = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0))
+    needles = {2: 0, 6: 1, 9: 2, 13: 3}  # block -> key
+    for b, key in needles.items():
+        filler[b * k : (b + 1) * k] = torch.tensor([*wording, keys[key]])
+    tree.ingest(filler)
+    tree.ingest(torch.tensor([*wording, keys[2]]))  # the question's block: the wording and the third key
+    wc = initial_context(tree, 80, expand_recent=False)
+    block_of = [e.start(k) // k for e in wc.entries]
+    lex = make_policy("lexical").scores(wc, tree)[:-1]  # every block before the question's own
+    ranked = [block_of[i] for i in lex.argsort(descending=True).tolist()]
+    assert ranked[0] == 9 and set(ranked[1:4]) == {2, 6, 13} and lex.max() > 0 > lex.min()
+
+
+def test_a_new_or_shorter_tree_gets_a_new_index() -> None:
+    policy = make_policy("lexical")
+    a, b = FakeTree(4, 1, 0), FakeTree(4, 1, 0)
+    a.ingest(torch.arange(16))
+    b.ingest(torch.arange(8))
+    assert policy.index(a).blocks == 4 and policy.index(b).blocks == 2 and policy.index(a).blocks == 4
