@@ -133,14 +133,14 @@ class AllocatorConfig:
     # the allocator's cooldown during those rounds (the streaming cooldown damps oscillation, but at the question it
     # vetoes re-expanding what was just collapsed and ends the settle early); null = the streaming cooldown
     query_cooldown: int | None = 0
-    # weight of query similarity blended into a relative-score policy's z-scores during those rounds only (the
-    # question is known then; streaming perplexity never settles, so it is unaffected): 1 = equal weight, not tuned;
-    # 0 = the policy's own scores (the ablation)
-    query_similarity: float = 1.0
-    # what that blend scores the entries by: `similarity` (cosine of mean embeddings with the question's) or
-    # `lexical` (the summed rarity of the question's token ids each entry's span holds: tells apart needles that
-    # share their wording and differ in one key, as multi-key needles do)
-    query_scorer: str = "similarity"
+    # weight of the query scorer's z-scores blended into a relative-score policy's during those rounds only (the
+    # question is known then; streaming perplexity never settles, so it is unaffected): chosen on the validation
+    # split's multi-key needles; 0 = the policy's own scores (the ablation)
+    query_similarity: float = 4.0
+    # what that blend scores the entries by: `lexical` (the summed rarity of the question's token ids each entry's
+    # span holds: tells apart needles that share their wording and differ in one key, as multi-key needles do) or
+    # `similarity` (cosine of mean embeddings with the question's)
+    query_scorer: str = "lexical"
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)

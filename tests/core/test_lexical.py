@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,9 +70,15 @@ def test_lexical_finds_the_needle_whose_key_matches() -> None:
     tree.ingest(torch.tensor([*wording, keys[2]]))  # the question's block: the wording and the third key
     wc = initial_context(tree, 80, expand_recent=False)
     block_of = [e.start(k) // k for e in wc.entries]
-    lex = make_policy("lexical").scores(wc, tree)[:-1]  # every block before the question's own
+    lex = make_policy("lexical", lookback=0).scores(wc, tree)[:-1]  # every block before the question's own
     ranked = [block_of[i] for i in lex.argsort(descending=True).tolist()]
     assert ranked[0] == 9 and set(ranked[1:4]) == {2, 6, 13} and lex.max() > 0 > lex.min()
+    # with a block of lookback the block after the needle (where a long needle's value lands) ranks with it
+    lex = make_policy("lexical").scores(wc, tree)[:-1]
+    ranked = [block_of[i] for i in lex.argsort(descending=True).tolist()]
+    assert set(ranked[:2]) == {9, 10} and set(ranked[2:8]) == {2, 3, 6, 7, 13, 14}
+    with pytest.raises(ValueError, match="lookback must be >= 0"):
+        make_policy("lexical", lookback=-1)
 
 
 def test_a_new_or_shorter_tree_gets_a_new_index() -> None:

@@ -214,16 +214,20 @@ class LexicalPolicy(Policy):
     """BM25-style block retrieval: expand entries whose span holds the query's rare tokens.
 
     Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
-    (over the tree's blocks) of the distinct query tokens found in its span, z-scored across entries. Unlike
-    ``similarity``'s mean embeddings it tells apart needles that share their wording and differ in one key. The
-    tree's blocks are indexed incrementally (:class:`~mchar.core.lexical.LexicalIndex`), one index per tree.
+    (over the tree's blocks) of the distinct query tokens found in its span or in the ``lookback`` blocks before it,
+    z-scored across entries. Unlike ``similarity``'s mean embeddings it tells apart needles that share their wording
+    and differ in one key. The lookback is there because what answers a match follows it: a needle's key may end one
+    block and its value fill the next, which holds none of the question's words. The tree's blocks are indexed
+    incrementally (:class:`~mchar.core.lexical.LexicalIndex`), one index per tree.
     """
 
     name = "lexical"
     relative_scores = True
 
-    def __init__(self, query_tokens: int | None = None) -> None:
-        self.query_tokens = query_tokens
+    def __init__(self, query_tokens: int | None = None, lookback: int = 1) -> None:
+        if lookback < 0:
+            raise ValueError(f"lexical: lookback must be >= 0, got {lookback}")
+        self.query_tokens, self.lookback = query_tokens, int(lookback)
         self._tree: Any = None
         self._index = LexicalIndex()
 
@@ -239,7 +243,7 @@ class LexicalPolicy(Policy):
             return torch.zeros(0)
         k, t = wc.block_size, wc.num_tokens
         query = tree.tokens(max(0, t - (self.query_tokens or k)), t)
-        spans = [(e.start(k) // k, -(-e.end(k) // k)) for e in wc.entries]
+        spans = [(max(0, e.start(k) // k - self.lookback), -(-e.end(k) // k)) for e in wc.entries]
         return standardise(self.index(tree).span_scores(query, spans))
 
 
