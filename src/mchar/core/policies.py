@@ -243,7 +243,9 @@ class LexicalPolicy(Policy):
             return torch.zeros(0)
         k, t = wc.block_size, wc.num_tokens
         query = tree.tokens(max(0, t - (self.query_tokens or k)), t)
-        spans = [(max(0, e.start(k) // k - self.lookback), -(-e.end(k) // k)) for e in wc.entries]
+        spans = [
+            (max(0, e.start(k) // k - self.lookback), e.end(k) // k) for e in wc.entries
+        ]  # entries end on blocks
         return standardise(self.index(tree).span_scores(query, spans))
 
 

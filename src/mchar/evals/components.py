@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mchar.config import POLICIES
+from mchar.config import POLICIES, QUERY_SCORERS
 from mchar.errors import MCharError, first_line
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class SessionSettings:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
         if not self.query_similarity >= 0:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
-        if self.query_scorer not in ("similarity", "lexical"):
-            raise EvalError(f"query_scorer: must be similarity or lexical, got {self.query_scorer!r}")
+        if self.query_scorer not in QUERY_SCORERS:
+            raise EvalError(f"query_scorer: must be {' or '.join(QUERY_SCORERS)}, got {self.query_scorer!r}")
 
 
 def settings_from_config(cfg: Any) -> SessionSettings:
