@@ -60,9 +60,13 @@ def main(name: str = "quickstart", n_windows: int = 16) -> None:
                     per_token = module.measure_utilities(bank, entries, cand, prefix, targets, per_token=True)
                     utils, ct = per_token.mean(-1), torch.as_tensor(cand)
                     wc = WorkingContext(k, cfg.tree.depth, 1 << 30, prefix, entries=entries)
-                    scores = {"lensnet": module.lens_scores([entries] * n, range(n), tok, gists, prefix)[0]}
+                    scores = {
+                        "lensnet": module.lens_scores([entries] * n, range(n), tok, gists, prefix, ids)[0]
+                    }
                     for p in ("recency", "similarity"):
-                        scores[p] = torch.stack(module.policy_scores(p, [wc] * n, tok, gists, prefix, gen))
+                        scores[p] = torch.stack(
+                            module.policy_scores(p, [wc] * n, tok, gists, prefix, gen, ids=ids)
+                        )
                     for q in (16, 64):
                         for idf in (False, True):
                             lex = torch.stack([overlap(ids[i], entries, prefix, k, q, idf) for i in range(n)])

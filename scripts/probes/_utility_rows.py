@@ -23,7 +23,9 @@ def utility_rows(mod, wins: torch.Tensor, features: Features, bs: int = 4) -> di
             for rep in range(2):
                 entries, cand = mod.sample_step(-1000 - s * 7 - rep, prefix, kind=kind)
                 utils = mod.measure_utilities(bank, entries, cand, prefix, targets)
-                scores, _ = mod.lens_scores([entries] * ids.shape[0], range(ids.shape[0]), tok, gists, prefix)
+                scores, _ = mod.lens_scores(
+                    [entries] * ids.shape[0], range(ids.shape[0]), tok, gists, prefix, ids
+                )
                 cs = scores[:, torch.as_tensor(cand)]
                 for w in range(ids.shape[0]):
                     f = features(ids[w], bank[w], prefix, entries, cand)

@@ -45,7 +45,10 @@ for li, lens_dir in enumerate(lens_dirs):
         full = W.token_nll(W.teacher_logits(base, ids, prefix, mod.horizon), targets).mean().item()
         gen = np.random.default_rng(d)
         pols = ["lensnet"] + (["recency", "sink_recent", "similarity"] if li == 0 else [])
-        spec = [(0, *mod.slots(mod.allocate(p, 1, tok, gists, prefix, gen)[0].entries, offs)) for p in pols]
+        spec = [
+            (0, *mod.slots(mod.allocate(p, 1, tok, gists, prefix, gen, ids=ids)[0].entries, offs))
+            for p in pols
+        ]
         if li == 0:  # truncation: the newest raw blocks that fit the budget, nothing else
             n = budget // k
             spec.append((0, *mod.slots([Entry(0, i) for i in range(prefix // k - n, prefix // k)], offs)))

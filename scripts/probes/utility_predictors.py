@@ -53,10 +53,10 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: i
                     }
                     wc = WorkingContext(k, module.depth, 1 << 30, prefix, entries=entries)
                     picked = torch.as_tensor(cand)
-                    scores, _ = module.lens_scores([entries] * n, range(n), tok, gists, prefix)
+                    scores, _ = module.lens_scores([entries] * n, range(n), tok, gists, prefix, ids)
                     features = {"lensnet": scores[:, picked]}
                     for policy in ("recency", "similarity"):
-                        ranked = module.policy_scores(policy, [wc] * n, tok, gists, prefix, gen)
+                        ranked = module.policy_scores(policy, [wc] * n, tok, gists, prefix, gen, ids=ids)
                         features[policy] = torch.stack(ranked)[:, picked]
                     level = torch.tensor([float(entries[int(i)].level) for i in cand])
                     end = torch.tensor([float(entries[int(i)].end(k)) for i in cand])

@@ -236,6 +236,13 @@ class LensNetConfig:
     # the same linear path's initial weight on query similarity: untrained, LensNet then ranks like recency plus
     # similarity (a needle that matches the question outranks a few blocks of distance); 0 = off
     similarity_prior: float = 0.0
+    # the lexical policy's block score (summed IDF of the newest lexical_tokens token ids in each entry's span or the
+    # lexical_lookback blocks before it, z-scored per WC) as a LensNet input feature (0 = off): needles worded alike
+    # differ in token ids, not in mean embeddings (docs/FINDINGS.md, *A lexical input for LensNet*)
+    lexical_tokens: int = 0
+    lexical_lookback: int = 1
+    # the prior path's initial weight on that feature (needs lexical_tokens > 0 and recency_prior > 0; 0 = off)
+    lexical_prior: float = 0.0
     # train on this exported GistNet instead of this run's (e.g. LensNet ablations over the quickstart's fixed
     # GistNet under their own names; the eval of the same run then uses it too); "" = this run's gistnet export
     gistnet_dir: str = ""
@@ -541,6 +548,14 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"lensnet.query_tokens: must be >= 0 (0 = off), got {cfg.lensnet.query_tokens}")
     if cfg.lensnet.recency_prior < 0:
         raise ConfigError(f"lensnet.recency_prior: must be >= 0 (0 = off), got {cfg.lensnet.recency_prior}")
+    lc = cfg.lensnet
+    if lc.lexical_tokens < 0 or lc.lexical_lookback < 0:
+        raise ConfigError(
+            f"lensnet.lexical_tokens / lexical_lookback: must be >= 0, got {lc.lexical_tokens} / {lc.lexical_lookback}"
+        )
+    for key, needs in (("similarity_prior", "query_tokens"), ("lexical_prior", "lexical_tokens")):
+        if getattr(lc, key) and not (getattr(lc, needs) > 0 and lc.recency_prior > 0):
+            raise ConfigError(f"lensnet.{key}: needs lensnet.{needs} > 0 and lensnet.recency_prior > 0")
     if cfg.lensnet.width % cfg.lensnet.heads:
         raise ConfigError(
             f"lensnet.width: {cfg.lensnet.width} is not divisible by lensnet.heads={cfg.lensnet.heads}"

@@ -154,3 +154,36 @@ def test_similarity_prior_lifts_the_entry_that_matches_the_query(tmp_path) -> No
     assert from_pretrained(tmp_path / "s").similarity_prior == 4.0
     with pytest.raises(ValueError, match="similarity_prior"):
         LensNet(D, query_tokens=0, recency_prior=0.5, similarity_prior=1.0)
+
+
+def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> None:
+    """The lexical match is z-scored per row over real entries (its scale does not matter, padding stays out);
+    with a lexical prior an untrained LensNet ranks the far entry holding the query's tokens first; a LensNet built
+    to read it refuses to score without it; it exports and reloads."""
+    torch.manual_seed(0)
+    w = 12
+    e, lv, wd = torch.randn(w, D), torch.zeros(w, dtype=torch.long), torch.full((w,), 8)
+    ds = torch.arange(w - 1, -1, -1) * 8
+    lex = torch.zeros(w)
+    lex[0] = 3.0  # only the OLDEST entry holds the query's rare tokens
+    kw = dict(width=32, n_layers=1, n_heads=4, max_level=2, recency_prior=0.5, lexical_tokens=8)
+    net = LensNet(D, **kw, lexical_prior=4.0).eval()
+    with torch.no_grad():
+        net.score[-1].weight.zero_()  # the prior path alone
+        s = net(e, lv, wd, ds, lexical=lex)
+        assert s.argmax() == 0
+        assert torch.allclose(net(e, lv, wd, ds, lexical=lex * 10 + 5), s, atol=1e-5)  # z-scored: scale-free
+        pad = torch.ones(2, w + 3, dtype=torch.bool)
+        pad[0, w:] = False
+        batch = [torch.stack([torch.cat([x, x[:3]])] * 2) for x in (e, lv, wd, ds)]
+        padded = net(*batch, mask=pad, lexical=torch.cat([lex, torch.full((3,), 99.0)]).expand(2, -1))
+        assert torch.allclose(
+            padded[0, :w], s, atol=1e-5
+        )  # padding's lexical values never reach real entries
+    with pytest.raises(ValueError, match="pass lexical="):
+        net(e, lv, wd, ds)
+    net.save_pretrained(tmp_path / "x")
+    back = from_pretrained(tmp_path / "x")
+    assert (back.lexical_tokens, back.lexical_prior, back.lexical_lookback) == (8, 4.0, 1)
+    with pytest.raises(ValueError, match="lexical_prior"):
+        LensNet(D, recency_prior=0.5, lexical_prior=1.0)

@@ -87,3 +87,33 @@ def test_a_new_or_shorter_tree_gets_a_new_index() -> None:
     a.ingest(torch.arange(16))
     b.ingest(torch.arange(8))
     assert policy.index(a).blocks == 4 and policy.index(b).blocks == 2 and policy.index(a).blocks == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 12), min_size=48, max_size=48), min_size=1, max_size=3),
+    st.integers(1, 8),
+    st.integers(0, 2),
+)
+def test_window_lexicon_scores_what_the_trees_index_scores(
+    rows: list[list[int]], q: int, lookback: int
+) -> None:
+    """LensNet trains on :class:`WindowLexicon` (a batch of windows at once) and is served the tree's incremental
+    index: for the same tokens, query and spans they agree."""
+    from mchar.core.lexical import WindowLexicon
+
+    k, prefix = 4, 40  # 10 complete blocks; tokens past the prefix are the horizon, never indexed
+    ids = torch.tensor(rows)
+    n = prefix // k
+    spans = [(max(0, b - lookback), e) for b in range(n) for e in range(b + 1, min(n, b + 3) + 1)]
+    lexicon = WindowLexicon.of(ids, k, prefix, q)
+    starts = torch.tensor([s for s, _ in spans]).expand(len(rows), -1)
+    ends = torch.tensor([e for _, e in spans]).expand(len(rows), -1)
+    got = lexicon.span_scores(torch.arange(len(rows)), starts, ends)
+    for r, row in enumerate(rows):
+        tree = FakeTree(k, 2, 0)
+        tree.ingest(torch.tensor(row[:prefix]))
+        index = LexicalIndex()
+        index.update(tree)
+        want = index.span_scores(torch.tensor(row[prefix - q : prefix]), spans)
+        assert torch.allclose(got[r], want, atol=1e-5)

@@ -246,17 +246,28 @@ def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
     assert not stuck and not moved, (sorted(stuck), sorted(moved))
 
 
-def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it() -> None:
+@pytest.mark.parametrize("lexical_tokens", [0, K])
+def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it(lexical_tokens: int) -> None:
     """Train/serve parity: for the same WC over the same tokens, the ``lensnet`` policy (tree-built entry vectors,
-    distances, tail) gives the scores the training module's batched features give, up to the policy's
-    standardisation. A mismatch here would make every validation number say nothing about evaluation."""
+    distances, tail; the tree's incremental lexical index) gives the scores the training module's batched features
+    give (the windows' lexicon), up to the policy's standardisation. A mismatch here would make every validation
+    number say nothing about evaluation."""
     from mchar.core.policies import LensNetPolicy, standardise
     from mchar.core.tree import MegaContextTree
     from mchar.lit.windows import random_fill_wc, random_wc
 
     torch.manual_seed(3)
     lens = LensNet(
-        32, width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8, query_tokens=4, recency_prior=0.5
+        32,
+        width=32,
+        n_layers=1,
+        n_heads=4,
+        max_level=DEPTH,
+        tail_tokens=8,
+        query_tokens=4,
+        recency_prior=0.5,
+        lexical_tokens=lexical_tokens,
+        lexical_prior=2.0 if lexical_tokens else 0.0,
     )
     m = LensNetModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H)
     ids = windows(1, seed=5)
@@ -271,9 +282,13 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it() -> None
             gen = np.random.default_rng(seed)
             make = random_fill_wc if seed % 2 else (lambda s, b, g: random_wc(s, b, g, 3))
             wc = make(m.shape(prefix), 24, gen)
-            want, _ = m.lens_scores([list(wc.entries)], [0], tok, gists, prefix)
+            want, _ = m.lens_scores([list(wc.entries)], [0], tok, gists, prefix, ids)
             got = policy.scores(wc, tree)
             assert torch.allclose(got, standardise(want[0]), atol=1e-4), (seed, got, standardise(want[0]))
+            if lexical_tokens:  # the feature is live: some entries hold the query's tokens, some do not
+                lex = m.lexical_scores([list(wc.entries)], [0], ids, prefix, K, 1)[0]
+                assert lex.max() > 0 and lex.min() == 0
+                assert torch.allclose(policy.lexical.scores(wc, tree), standardise(lex), atol=1e-5)
 
 
 def test_validation_puts_lensnet_spearman_in_scale_with_references_and_a_split_half() -> None:

@@ -14,6 +14,11 @@ Why it looks like this:
   rediscover this match from the raw tail on its own (measured: on passkey prompts the needle block ranked
   near the *bottom*, while the plain ``similarity`` policy ranked it in the top 3), and with it LensNet can
   start from what the similarity baseline knows and learn when to trust it.
+* **Lexical match** (``lexical_tokens > 0``): the summed IDF of the newest ``lexical_tokens`` token ids found in each
+  entry's span (or the ``lexical_lookback`` blocks before it), z-scored over the WC, is one more scalar feature: the
+  ``lexical`` policy's score (:mod:`mchar.core.lexical`). Embeddings cannot tell apart needles worded alike that differ
+  in one key token; token ids can. The caller computes it (it needs ids, which LensNet never sees) and passes
+  ``lexical=``; ``lexical_prior`` is its initial weight on the prior path below.
 * **Recency prior** (``recency_prior > 0``): a linear path from the unscaled scalar features (``log width``,
   ``log1p distance``, query similarity) straight to the score, initialised to ``-recency_prior * log1p(distance)``,
   so an untrained LensNet already ranks like ``recency`` and training learns where content should overrule it.
@@ -60,6 +65,9 @@ class LensNet(nn.Module):
         query_tokens: int = 0,
         recency_prior: float = 0.0,
         similarity_prior: float = 0.0,
+        lexical_tokens: int = 0,
+        lexical_prior: float = 0.0,
+        lexical_lookback: int = 1,
     ) -> None:
         super().__init__()
         if query_tokens < 0:
@@ -70,14 +78,22 @@ class LensNet(nn.Module):
             raise ValueError(
                 "lensnet.similarity_prior needs lensnet.query_tokens > 0 and lensnet.recency_prior > 0"
             )
+        if lexical_tokens < 0 or lexical_lookback < 0:
+            raise ValueError("lensnet.lexical_tokens and lensnet.lexical_lookback must be >= 0")
+        if lexical_prior and not (lexical_tokens and recency_prior > 0):
+            raise ValueError(
+                "lensnet.lexical_prior needs lensnet.lexical_tokens > 0 and lensnet.recency_prior > 0"
+            )
         self.d_model, self.width, self.n_layers, self.n_heads = d_model, width, n_layers, n_heads
         self.max_level, self.tail_tokens, self.query_tokens = max_level, tail_tokens, query_tokens
         self.recency_prior = float(recency_prior)
         self.similarity_prior = float(similarity_prior)
+        self.lexical_tokens, self.lexical_lookback = int(lexical_tokens), int(lexical_lookback)
+        self.lexical_prior = float(lexical_prior)
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
         self.level = nn.Embedding(max_level + 1, width)
-        n_feats = 3 if query_tokens else 2
+        n_feats = 2 + bool(query_tokens) + bool(lexical_tokens)
         self.features = nn.Sequential(nn.Linear(n_feats, width), nn.GELU(), nn.Linear(width, width))
         self.tail_type = nn.Parameter(torch.randn(width) * 0.02)
         self.tail_pos = nn.Parameter(torch.randn(max(tail_tokens, 1), width) * 0.02)
@@ -93,6 +109,8 @@ class LensNet(nn.Module):
                 self.prior.weight[0, 1] = -self.recency_prior  # column 1 = log1p(distance)
                 if query_tokens:
                     self.prior.weight[0, 2] = self.similarity_prior  # column 2 = query similarity
+                if lexical_tokens:
+                    self.prior.weight[0, -1] = self.lexical_prior  # last column = lexical match
                 self.prior.bias.zero_()
 
     def config_dict(self) -> dict[str, Any]:
@@ -107,6 +125,9 @@ class LensNet(nn.Module):
             "query_tokens": self.query_tokens,
             "recency_prior": self.recency_prior,
             "similarity_prior": self.similarity_prior,
+            "lexical_tokens": self.lexical_tokens,
+            "lexical_prior": self.lexical_prior,
+            "lexical_lookback": self.lexical_lookback,
         }
 
     @classmethod
@@ -130,14 +151,19 @@ class LensNet(nn.Module):
         tail_embeds: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         tail_mask: torch.Tensor | None = None,
+        lexical: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Score entries.
 
         entry_embeds [B, W, d] (or [W, d]); levels [B, W] int; widths [B, W] tokens covered; distances [B, W]
         tokens from the entry's end to the cursor; tail_embeds [B, T, d] token embeddings of the recent tail
         (only the last ``tail_tokens`` are used; T may be 0 or None); mask [B, W] bool, True = real entry;
-        tail_mask [B, T] bool, True = real tail token (pad tails on the left: the last column is the newest). Returns [B, W] (or [W]).
+        tail_mask [B, T] bool, True = real tail token (pad tails on the left: the last column is the newest); lexical
+        [B, W] lexical match scores (needed when ``lexical_tokens > 0``; z-scored here over each row's real entries).
+        Returns [B, W] (or [W]).
         """
+        if self.lexical_tokens and lexical is None:
+            raise ValueError("this LensNet reads lexical match scores (lexical_tokens > 0): pass lexical=")
         squeeze = entry_embeds.dim() == 2
         if squeeze:
             entry_embeds, levels, widths, distances = (
@@ -145,6 +171,7 @@ class LensNet(nn.Module):
             )
             tail_embeds = None if tail_embeds is None else tail_embeds.unsqueeze(0)
             mask = None if mask is None else mask.unsqueeze(0)
+            lexical = None if lexical is None else lexical.unsqueeze(0)
             tail_mask = None if tail_mask is None else tail_mask.unsqueeze(0)
         b, w, _ = entry_embeds.shape
         dtype = self.entry_proj.weight.dtype
@@ -152,7 +179,9 @@ class LensNet(nn.Module):
         if self.query_tokens:
             sim = query_similarity(entry_embeds.to(dtype), tail_embeds, tail_mask, self.query_tokens)
             raw = torch.cat([raw, sim.unsqueeze(-1)], -1)
-        scale = raw.new_tensor([_FEATURE_SCALE, _FEATURE_SCALE, 1.0][: raw.shape[-1]])
+        if self.lexical_tokens and lexical is not None:
+            raw = torch.cat([raw, standardise_rows(lexical.to(dtype), mask).unsqueeze(-1)], -1)
+        scale = raw.new_tensor([_FEATURE_SCALE, _FEATURE_SCALE] + [1.0] * (raw.shape[-1] - 2))
         h = (
             self.entry_proj(_rms_normalise(entry_embeds.to(dtype)))
             + self.level(levels.long().clamp(0, self.max_level))
@@ -183,6 +212,18 @@ class LensNet(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~key_mask[:, :w], 0.0)
         return scores[0] if squeeze else scores
+
+
+def standardise_rows(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, W]`` z-scored per row over its real entries (``mask``); a constant row becomes 0, padding 0."""
+    m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    w = m.to(x.dtype)
+    n = w.sum(-1, keepdim=True)
+    mean = (x * w).sum(-1, keepdim=True) / n.clamp_min(1.0)
+    var = (((x - mean) * w) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1.0)
+    std = var.sqrt()
+    z = torch.where(std > 1e-6, (x - mean) / std.clamp_min(1e-6), torch.zeros_like(x))
+    return z * w
 
 
 def query_similarity(

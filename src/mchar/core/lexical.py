@@ -7,12 +7,16 @@ its rarity over the blocks indexed so far (inverse document frequency), the way 
 
 Cost: indexing is O(K) per completed block, done once (incremental); scoring is O(|query| x entries x log(postings))
 per refocus, independent of the history's length except through the postings of the query's own tokens.
+
+:class:`WindowLexicon` is the same score for a batch of training windows at once (LensNet's lexical input): the
+query tokens' presence per block, prefix-summed over blocks, so any span's hits are one difference of two rows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,4 +70,37 @@ class LexicalIndex:
         return torch.from_numpy(out).float()
 
 
-__all__ = ["LexicalIndex"]
+@dataclass(frozen=True)
+class WindowLexicon:
+    """Lexical block scores for a batch of windows: ``cum [B, N+1, Q]`` counts of blocks ``< n`` holding each query
+    token, ``idf [B, Q]`` its weight (0 for a repeat within the query and for a token no block holds)."""
+
+    cum: torch.Tensor
+    idf: torch.Tensor
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, block_size: int, prefix: int, query_tokens: int) -> WindowLexicon:
+        """Index the ``prefix // block_size`` blocks of each window ``ids [B, T]`` against its query, the last
+        ``query_tokens`` ids before ``prefix`` (the IDF is over the window's blocks, as the index's is over the tree's)."""
+        k, n = int(block_size), int(prefix) // int(block_size)
+        q = min(int(query_tokens), int(prefix))
+        query = ids[:, prefix - q : prefix]  # [B, Q]
+        blocks = ids[:, : n * k].reshape(ids.shape[0], n, k)
+        present = (blocks[:, :, :, None] == query[:, None, None, :]).any(2)  # [B, N, Q]
+        repeat = ((query[:, :, None] == query[:, None, :]).tril(-1)).any(-1)  # an earlier copy in the query
+        df = present.sum(1)
+        idf = torch.where((df > 0) & ~repeat, torch.log1p(n / df.clamp_min(1).float()), 0.0)
+        zero = present.new_zeros(ids.shape[0], 1, q, dtype=torch.int32)
+        return cls(torch.cat([zero, present.cumsum(1, dtype=torch.int32)], 1), idf)
+
+    def span_scores(self, rows_batch: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """``[R, W]`` summed IDF of the distinct query tokens of window ``rows_batch[r]`` that block span
+        ``[starts, ends)`` (``[R, W]`` block indices, end exclusive) holds."""
+        cum = self.cum[rows_batch]  # [R, N+1, Q]
+        q = cum.shape[-1]
+        hi = cum.gather(1, ends[..., None].expand(-1, -1, q))
+        lo = cum.gather(1, starts[..., None].expand(-1, -1, q))
+        return ((hi > lo).float() * self.idf[rows_batch][:, None, :]).sum(-1)
+
+
+__all__ = ["LexicalIndex", "WindowLexicon"]

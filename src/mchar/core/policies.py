@@ -320,6 +320,8 @@ class LensNetPolicy(Policy):
     Scores are standardised per WC (zero mean, unit std): a pairwise (Bradley–Terry) LensNet is only defined up to
     a shift and scale, while the allocator's ``tau_expand``/``tau_collapse`` are absolute. Without this a LensNet
     whose scores happen to sit below ``-tau_collapse`` collapses everything and leaves most of the budget unused.
+    A LensNet that reads lexical match scores (``lexical_tokens > 0``) gets them from its own :class:`LexicalPolicy`
+    (the tree's incremental index), with the query length and lookback it was trained with.
     """
 
     name = "lensnet"
@@ -330,6 +332,12 @@ class LensNetPolicy(Policy):
             raise ValueError("lensnet policy: needs a callable LensNet (lensnet=...)")
         self.lensnet = lensnet
         self.tail_tokens = tail_tokens
+        lexical_tokens = int(getattr(lensnet, "lexical_tokens", 0) or 0)
+        self.lexical = (
+            LexicalPolicy(lexical_tokens, lookback=int(getattr(lensnet, "lexical_lookback", 1)))
+            if lexical_tokens
+            else None
+        )
 
     def features(
         self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None
@@ -365,8 +373,12 @@ class LensNetPolicy(Policy):
                 *feats[1:4],  # type: ignore[assignment]
                 feats[4].to(_module_dtype(self.lensnet)),
             )
+        extra = {}
+        if self.lexical is not None:
+            lex = self.lexical.scores(wc, tree, context)
+            extra["lexical"] = lex if dev is None else lex.to(dev, _module_dtype(self.lensnet))
         with torch.no_grad():
-            out = self.lensnet(*feats)
+            out = self.lensnet(*feats, **extra)
         out = out.detach().float().reshape(-1).cpu()
         if out.numel() != len(wc):
             raise ValueError(f"lensnet returned {out.numel()} scores for {len(wc)} entries")

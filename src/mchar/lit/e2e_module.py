@@ -83,7 +83,7 @@ class E2EModule(LensNetModule):
         tok = self.base.embed(ids[:, : prefix + self.horizon])
         with torch.no_grad():
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 19))
-            wcs = self.allocate("lensnet", n, tok, self.gists(tok, prefix), prefix, gen)
+            wcs = self.allocate("lensnet", n, tok, self.gists(tok, prefix), prefix, gen, ids=ids)
         gists = self.gists(tok, prefix, grad=True)
         bank = W.source_bank(tok, gists)
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)

@@ -37,6 +37,8 @@ from torchmetrics.functional import spearman_corrcoef
 from mchar.config import LENSNET_PAIR_NORMS, LENSNET_UTILITIES
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
+from mchar.core.lensnet import standardise_rows
+from mchar.core.lexical import WindowLexicon
 from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
@@ -46,9 +48,9 @@ from mchar.lit.gistnet_module import FrozenBaseCheckpointMixin, MultiSetValidati
 from mchar.lit.lens_plan import LensPlan, LensPlanner
 from mchar.lit.trainer import is_logging_step
 
-ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "random", "gists_only")
+ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "lexical", "random", "gists_only")
 # hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
-RANK_REFERENCES = ("recency", "similarity")
+RANK_REFERENCES = ("recency", "similarity", "lexical")
 UTILITIES, PAIR_NORMS = LENSNET_UTILITIES, LENSNET_PAIR_NORMS
 MEASUREMENTS = ("sampled", "expected")  # what validation ranks against; ``mixed`` is their mean
 
@@ -199,6 +201,38 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
     def slots(self, entries: Sequence[Entry], offs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return W.prefix_slots(entries, self.k, offs, self.hparams.position_mode)
 
+    def lexical_scores(
+        self,
+        entries_per_row: Sequence[Sequence[Entry]],
+        rows_batch: Sequence[int],
+        ids: torch.Tensor | None,
+        prefix: int,
+        query_tokens: int,
+        lookback: int,
+    ) -> torch.Tensor:
+        """``[R, W]`` the ``lexical`` policy's raw scores of each row's entries (padding 0) in its window ``ids``."""
+        if ids is None:
+            raise ValueError("lexical match scores need the windows' token ids (ids=)")
+        width = max(len(e) for e in entries_per_row)
+        spans = np.zeros((2, len(entries_per_row), width), dtype=np.int64)
+        done: dict[
+            int, int
+        ] = {}  # a training step scores one entry list for every window: build its spans once
+        for i, ents in enumerate(entries_per_row):
+            if id(ents) in done:
+                spans[:, i] = spans[:, done[id(ents)]]
+                continue
+            done[id(ents)] = i
+            n = len(ents)
+            starts = np.fromiter((e.start(self.k) for e in ents), np.int64, count=n) // self.k
+            spans[0, i, :n] = np.maximum(starts - lookback, 0)
+            spans[1, i, :n] = np.fromiter((e.end(self.k) for e in ents), np.int64, count=n) // self.k
+        lexicon = WindowLexicon.of(ids, self.k, prefix, query_tokens)
+        dev = lexicon.cum.device
+        bi = torch.as_tensor(list(rows_batch), device=dev)
+        starts, ends = torch.from_numpy(spans).to(dev)
+        return lexicon.span_scores(bi, starts, ends)
+
     def lens_scores(
         self,
         entries_per_row: Sequence[Sequence[Entry]],
@@ -206,12 +240,21 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         tok: torch.Tensor,
         gists: list[torch.Tensor],
         prefix: int,
+        ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LensNet's scores ``[R, W]`` and mask of each row's WC; ``ids`` (the windows' token ids) are needed by a
+        LensNet that reads lexical match scores."""
         emb, lv, wd, dist, mask = W.entry_features(entries_per_row, rows_batch, tok, gists, self.k, prefix)
         tail_n = min(getattr(self.lensnet, "tail_tokens", 0), prefix)
         bi = torch.as_tensor(list(rows_batch), device=tok.device)
         tail = tok[bi, prefix - tail_n : prefix] if tail_n else None
-        return self.lensnet(emb, lv, wd, dist, tail, mask), mask
+        extra = {}
+        if lexical_tokens := getattr(self.lensnet, "lexical_tokens", 0):
+            lookback = self.lensnet.lexical_lookback
+            extra["lexical"] = self.lexical_scores(
+                entries_per_row, rows_batch, ids, prefix, lexical_tokens, lookback
+            )
+        return self.lensnet(emb, lv, wd, dist, tail, mask, **extra), mask
 
     # ------------------------------------------------------------------ utilities
     @torch.no_grad()
@@ -334,20 +377,34 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         return self.sample_step(-1 - batch_idx - 1000 * draw, prefix, kind=kind)
 
     def on_policy_step(
-        self, tok: torch.Tensor, gists: list[torch.Tensor], prefix: int, gen: np.random.Generator
+        self,
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        gen: np.random.Generator,
+        ids: torch.Tensor | None = None,
     ) -> tuple[list[Entry], np.ndarray]:
         """The WC the allocator builds from LensNet's *current* scores for the batch's first window, and C of its
         entries: training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where
         its allocations actually go, not only on random WCs it never produces."""
-        wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen)[0]
+        first = None if ids is None else ids[:1]
+        wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen, ids=first)[0]
         return self.planner.pick(list(wc.entries), gen)
 
-    def step_plan(self, step: int, prefix: int, tok: torch.Tensor, gists: list[torch.Tensor]) -> LensPlan:
+    def step_plan(
+        self,
+        step: int,
+        prefix: int,
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        ids: torch.Tensor | None = None,
+    ) -> LensPlan:
         """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, else the planner's."""
         if self.hparams.on_policy > 0:
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
             if gen.random() < self.hparams.on_policy:
-                return self.planner.plan(*self.on_policy_step(tok, gists, prefix, gen), prefix, tok.shape[0])
+                picked = self.on_policy_step(tok, gists, prefix, gen, ids)
+                return self.planner.plan(*picked, prefix, tok.shape[0])
         return self.planner.plan(*self.sample_step(step, prefix), prefix, tok.shape[0])
 
     def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -356,13 +413,13 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         ids = ids.to(self.device)
         prefix, targets, tok, gists, bank = self.window_state(ids)
         t0 = self._tick("gists", t0)
-        plan = self.step_plan(step, prefix, tok, gists).to(self.device)
+        plan = self.step_plan(step, prefix, tok, gists, ids).to(self.device)
         t0 = self._tick("sample_wc", t0)
         teacher = self.teacher(ids, prefix) if self.hparams.utility != "sampled" else None
         utils = self.training_target(self.variant_logits(bank, plan), plan, targets, teacher)
         t0 = self._tick("utilities", t0)
         b = ids.shape[0]
-        scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix)
+        scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix, ids)
         t0 = self._tick("lens_forward", t0)
         cs = scores[:, plan.cand_index]
         if self.hparams.loss == "regression":
@@ -397,11 +454,13 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         prefix: int,
         gen: np.random.Generator,
         lookahead: bool | None = None,
+        ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Per-WC entry scores of a score source (higher = expand first, lower = collapse first).
 
         With ``lookahead`` (default: the module's setting) the content scorers rate each LOD>=2 gist by the best
-        of its children, as the evaluation sessions do (``allocator.lookahead``)."""
+        of its children, as the evaluation sessions do (``allocator.lookahead``). ``ids`` (the windows' token
+        ids): needed by ``lexical`` and by a LensNet that reads lexical match scores."""
         ents = [list(wc.entries) for wc in wcs]
         if (self.hparams.lookahead if lookahead is None else lookahead) and policy in CONTENT_POLICIES:
             views = [lookahead_view(e, self.k) for e in ents]
@@ -409,10 +468,17 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 WorkingContext(self.k, self.depth, 1 << 30, wc.num_tokens, entries=v)
                 for wc, (v, _) in zip(wcs, views, strict=True)
             ]
-            scored = self.policy_scores(policy, view_wcs, tok, gists, prefix, gen, lookahead=False)
+            scored = self.policy_scores(policy, view_wcs, tok, gists, prefix, gen, lookahead=False, ids=ids)
             return [max_by_owner(s, o, len(e)) for s, (_, o), e in zip(scored, views, ents, strict=True)]
         if policy == "lensnet":
-            s, _ = self.lens_scores(ents, range(len(wcs)), tok, gists, prefix)
+            s, _ = self.lens_scores(ents, range(len(wcs)), tok, gists, prefix, ids)
+            return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
+        if policy == "lexical":  # the streaming policy's defaults: a block of query, one block of lookback
+            s = self.lexical_scores(ents, range(len(wcs)), ids, prefix, self.k, 1)
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            for i, e in enumerate(ents):
+                mask[i, : len(e)] = True
+            s = standardise_rows(s, mask)
             return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
         out = []
         for i, e in enumerate(ents):
@@ -441,6 +507,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         gists: list[torch.Tensor],
         prefix: int,
         gen: np.random.Generator,
+        ids: torch.Tensor | None = None,
     ) -> list[WorkingContext]:
         """WCs the allocator builds at the budget, rescoring each round (``alloc_rounds``).
 
@@ -464,7 +531,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             for _ in range(n)
         ]
         for _ in range(self.hparams.alloc_rounds):
-            scores = self.policy_scores(policy, wcs, tok, gists, prefix, gen)
+            scores = self.policy_scores(policy, wcs, tok, gists, prefix, gen, ids=ids)
             if not sum(len(a.refocus(wc, s)) for a, wc, s in zip(allocs, wcs, scores, strict=True)):
                 break
         return wcs
@@ -501,12 +568,14 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             entries, cand = self.validation_wc(batch_idx, prefix, kind, draw)
             plan = self.plan_for(entries, cand, prefix, bank)
             logits = self.variant_logits(bank, plan)
-            scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix)
+            scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix, ids)
             cand_t = plan.cand_index
             cs = scores[:, cand_t]
             wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
             ref_scores = {
-                p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen))[:, cand_t.cpu()]
+                p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen, ids=ids))[
+                    :, cand_t.cpu()
+                ]
                 for p in RANK_REFERENCES
             }
             measured: dict[str, torch.Tensor] = {}
@@ -540,7 +609,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         spec = []
         for p in policies:
-            for i, wc in enumerate(self.allocate(p, n, tok, gists, prefix, gen)):
+            for i, wc in enumerate(self.allocate(p, n, tok, gists, prefix, gen, ids=ids)):
                 spec.append((i, *self.slots(wc.entries, offs)))
         nll = self.horizon_nll(bank, spec, prefix, targets).view(len(policies), n)
         for j, p in enumerate(policies):

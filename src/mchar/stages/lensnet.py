@@ -64,6 +64,9 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         query_tokens=lc.query_tokens,
         recency_prior=lc.recency_prior,
         similarity_prior=lc.similarity_prior,
+        lexical_tokens=lc.lexical_tokens,
+        lexical_prior=lc.lexical_prior,
+        lexical_lookback=lc.lexical_lookback,
     )
 
 
