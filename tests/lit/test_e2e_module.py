@@ -107,3 +107,19 @@ def test_checkpoint_and_export_contain_every_trained_module(tmp_path) -> None:
         ids = windows(1)[:, :16]
         assert torch.allclose(fresh.model(ids).logits, m.base.model(ids).logits, atol=1e-6)
         assert not torch.allclose(tiny_base().model(ids).logits, m.base.model(ids).logits, atol=1e-3)
+
+
+def test_a_lexical_lensnet_drives_the_gist_steps_allocator() -> None:
+    """The e2e GistNet phase allocates with LensNet's scores: a LensNet reading lexical scores gets the windows' ids
+    there too, and both phases train every trainable parameter."""
+    from mchar.core.lensnet import LensNet
+
+    torch.manual_seed(2)
+    lens = LensNet(32, width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8, recency_prior=0.5,
+                   lexical_tokens=K, lexical_prior=1.0)  # fmt: skip
+    m = E2EModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H, candidates=4,
+                  max_steps=4, alloc_rounds=4, weight_decay=0.0)  # fmt: skip
+    before = snapshot(m)
+    _steps(m, 2)  # alternate: step 0 LensNet, step 1 GistNet
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved, (sorted(stuck), sorted(moved))

@@ -455,3 +455,37 @@ def test_a_gated_teacher_keeps_the_sampled_gain_where_its_argmax_misses_the_toke
             m.training_target(logits, plan, targets, right),
             torch.where(keep[:, None], expected, sampled).mean(-1),
         )
+
+
+def test_a_lexical_lensnet_trains_validates_and_allocates_from_token_ids() -> None:
+    """With ``lexical_tokens`` the lexical score reaches LensNet on every path that scores with it (training steps,
+    on-policy allocation, validation), its prior weight trains like every other parameter, validation reports the
+    ``lexical`` baseline next to LensNet's, and scoring without the windows' ids fails with a message naming them."""
+    lens = LensNet(
+        32,
+        width=32,
+        n_layers=1,
+        n_heads=4,
+        max_level=DEPTH,
+        tail_tokens=8,
+        recency_prior=0.5,
+        lexical_tokens=K,
+    )
+    lens.prior.weight.data[0, -1] = 1.0
+    m = LensNetModule(
+        tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H, candidates=6,
+        on_policy=0.5,
+    )  # fmt: skip
+    before = snapshot(m)
+    for step in range(2):  # one on-policy step (allocator WC from LensNet's scores), one planner step
+        one_step(m, windows(2), step=step)
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved, (sorted(stuck), sorted(moved))
+    out = m.evaluate_batch(windows(2), 0)
+    for key in ("alloc_nll/lexical", "alloc_nll/lensnet", "spearman/lexical"):
+        assert torch.isfinite(out[key]).all(), key
+    ids = windows(2)
+    p = m.prefix(ids)
+    tok = m.base.embed(ids[:, :p])
+    with pytest.raises(ValueError, match="token ids"):
+        m.allocate("lensnet", 2, tok, m.gists(tok, p), p, np.random.default_rng(0))
