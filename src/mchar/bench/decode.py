@@ -41,6 +41,8 @@ class _Timed(nn.Module):
         super().__init__()
         self.inner, self.device, self.seconds = inner, device, 0.0
         self.tail_tokens = getattr(inner, "tail_tokens", None)
+        self.lexical_tokens = getattr(inner, "lexical_tokens", 0)  # LensNetPolicy serves what the net reads
+        self.lexical_lookback = getattr(inner, "lexical_lookback", 1)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync(self.device)
@@ -108,8 +110,15 @@ class _McSide:
             device,
         )
         self.lens = _Timed(
-            LensNet(
-                base.hidden_size, width=args.lens_width, max_level=args.depth, tail_tokens=args.block_size
+            LensNet(  # the default LensNet's inputs: query similarity, the recency prior, the lexical score
+                base.hidden_size,
+                width=args.lens_width,
+                max_level=args.depth,
+                tail_tokens=args.block_size,
+                query_tokens=args.block_size,
+                recency_prior=0.5,
+                lexical_tokens=args.block_size,
+                lexical_prior=1.0,
             )
             .to(device)
             .eval(),

@@ -91,7 +91,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lens = LensNetModule(
         base,
         gistnet(),
-        LensNet(d, width=32, n_layers=2, n_heads=4, max_level=depth),
+        LensNet(  # with the default LensNet's inputs (query similarity, recency prior, lexical score)
+            d,
+            width=32,
+            n_layers=2,
+            n_heads=4,
+            max_level=depth,
+            query_tokens=k,
+            recency_prior=0.5,
+            lexical_tokens=k,
+            lexical_prior=1.0,
+        ),  # fmt: skip
         block_size=k,
         depth=depth,
         budget=args.budget,
