@@ -25,6 +25,14 @@ def tiny_lensnet() -> LensNet:
     return LensNet(32, width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8)
 
 
+def featured_lensnet(seed: int = 2, **kw: object) -> LensNet:
+    """A tiny LensNet with the default inputs: recency prior, and the lexical score (``lexical_tokens=K``, prior 1)
+    unless ``kw`` says otherwise."""
+    torch.manual_seed(seed)
+    args = dict(width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8, recency_prior=0.5)
+    return LensNet(32, **(args | {"lexical_tokens": K, "lexical_prior": 1.0} | kw))
+
+
 def windows(n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))
 

@@ -8,7 +8,18 @@ from safetensors.torch import load_file
 
 from mchar.lit import windows as W
 from mchar.lit.e2e_module import E2EModule, lora_disabled
-from tests.lit.helpers import DEPTH, H, K, changed, snapshot, tiny_base, tiny_gistnet, tiny_lensnet, windows
+from tests.lit.helpers import (
+    DEPTH,
+    H,
+    K,
+    changed,
+    featured_lensnet,
+    snapshot,
+    tiny_base,
+    tiny_gistnet,
+    tiny_lensnet,
+    windows,
+)
 
 
 def _module(**kw) -> E2EModule:
@@ -112,12 +123,7 @@ def test_checkpoint_and_export_contain_every_trained_module(tmp_path) -> None:
 def test_a_lexical_lensnet_drives_the_gist_steps_allocator() -> None:
     """The e2e GistNet phase allocates with LensNet's scores: a LensNet reading lexical scores gets the windows' ids
     there too, and both phases train every trainable parameter."""
-    from mchar.core.lensnet import LensNet
-
-    torch.manual_seed(2)
-    lens = LensNet(32, width=32, n_layers=1, n_heads=4, max_level=DEPTH, tail_tokens=8, recency_prior=0.5,
-                   lexical_tokens=K, lexical_prior=1.0)  # fmt: skip
-    m = E2EModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H, candidates=4,
+    m = E2EModule(tiny_base(), tiny_gistnet(), featured_lensnet(), block_size=K, depth=DEPTH, budget=24, horizon=H, candidates=4,
                   max_steps=4, alloc_rounds=4, weight_decay=0.0)  # fmt: skip
     before = snapshot(m)
     _steps(m, 2)  # alternate: step 0 LensNet, step 1 GistNet

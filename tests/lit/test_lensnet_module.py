@@ -15,6 +15,7 @@ from tests.lit.helpers import (
     H,
     K,
     changed,
+    featured_lensnet,
     one_step,
     snapshot,
     tiny_base,
@@ -256,18 +257,8 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it(lexical_t
     from mchar.core.tree import MegaContextTree
     from mchar.lit.windows import random_fill_wc, random_wc
 
-    torch.manual_seed(3)
-    lens = LensNet(
-        32,
-        width=32,
-        n_layers=1,
-        n_heads=4,
-        max_level=DEPTH,
-        tail_tokens=8,
-        query_tokens=4,
-        recency_prior=0.5,
-        lexical_tokens=lexical_tokens,
-        lexical_prior=2.0 if lexical_tokens else 0.0,
+    lens = featured_lensnet(
+        seed=3, query_tokens=4, lexical_tokens=lexical_tokens, lexical_prior=2.0 if lexical_tokens else 0.0
     )
     m = LensNetModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H)
     ids = windows(1, seed=5)
@@ -461,20 +452,9 @@ def test_a_lexical_lensnet_trains_validates_and_allocates_from_token_ids() -> No
     """With ``lexical_tokens`` the lexical score reaches LensNet on every path that scores with it (training steps,
     on-policy allocation, validation), its prior weight trains like every other parameter, validation reports the
     ``lexical`` baseline next to LensNet's, and scoring without the windows' ids fails with a message naming them."""
-    lens = LensNet(
-        32,
-        width=32,
-        n_layers=1,
-        n_heads=4,
-        max_level=DEPTH,
-        tail_tokens=8,
-        recency_prior=0.5,
-        lexical_tokens=K,
-    )
-    lens.prior.weight.data[0, -1] = 1.0
     m = LensNetModule(
-        tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H, candidates=6,
-        on_policy=0.5,
+        tiny_base(), tiny_gistnet(), featured_lensnet(), block_size=K, depth=DEPTH, budget=24, horizon=H,
+        candidates=6, on_policy=0.5,
     )  # fmt: skip
     before = snapshot(m)
     for step in range(2):  # one on-policy step (allocator WC from LensNet's scores), one planner step
