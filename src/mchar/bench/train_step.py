@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recency_prior=0.5,
             lexical_tokens=k,
             lexical_prior=1.0,
-        ),  # fmt: skip
+        ),
         block_size=k,
         depth=depth,
         budget=args.budget,

@@ -215,9 +215,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             raise ValueError("lexical match scores need the windows' token ids (ids=)")
         width = max(len(e) for e in entries_per_row)
         spans = np.zeros((2, len(entries_per_row), width), dtype=np.int64)
-        done: dict[
-            int, int
-        ] = {}  # a training step scores one entry list for every window: build its spans once
+        # a training step scores one entry list for every window: build its spans once
+        done: dict[int, int] = {}
         for i, ents in enumerate(entries_per_row):
             if id(ents) in done:
                 spans[:, i] = spans[:, done[id(ents)]]
