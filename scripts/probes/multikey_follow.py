@@ -4,10 +4,10 @@ The ``lexical`` score reads an entry's span and the block before it, so a needle
 key) scores at least as high as its key block, and a settle with a few edits to spend may open the value blocks of
 several needles worded alike while leaving the asked needle's key block a gist: the base then cannot tell which
 raw value belongs to the asked key and copies a distractor's (what the quickstart's multi-key misses look like).
-This probe re-scores every :class:`~mchar.core.policies.LexicalPolicy` with its span reaching ``follow`` blocks
-*forward* as well (0 = as shipped), which gives a needle's key block its value block's hits and vice versa, and
-answers the multi-key examples of an evaluation's task data through the quickstart's nets. It patches the class, so
-a LensNet's own lexical input (served by a ``LexicalPolicy``) changes with the settle's scorer.
+This probe builds every :class:`~mchar.core.policies.LexicalPolicy` with ``follow`` = 0 (as shipped) and 1: its
+spans reaching one block *forward* as well, which gives a needle's key block its value block's hits and vice versa, and
+answers the multi-key examples of an evaluation's task data through the quickstart's nets. It patches the class's
+constructor, so a LensNet's own lexical input (served by a ``LexicalPolicy``) changes with the settle's scorer.
 
 Usage: .venv/bin/python scripts/probes/multikey_follow.py LENGTH DATA_RUN [policy ...]
    e.g. .venv/bin/python scripts/probes/multikey_follow.py 512 s40_settle_w4 lensnet random
@@ -16,6 +16,7 @@ Usage: .venv/bin/python scripts/probes/multikey_follow.py LENGTH DATA_RUN [polic
 
 import json
 import sys
+from functools import partialmethod
 from pathlib import Path
 
 import torch
@@ -46,25 +47,10 @@ examples = [
 ]
 
 
-def reaching(follow: int):
-    """``LexicalPolicy.scores`` with every span also covering ``follow`` blocks after it."""
-
-    def scores(self, wc, tree, context=None):
-        if not len(wc):
-            return torch.zeros(0)
-        k, t = wc.block_size, wc.num_tokens
-        query = tree.tokens(max(0, t - (self.query_tokens or k)), t)
-        n = t // k
-        spans = [
-            (max(0, e.start(k) // k - self.lookback), min(n, e.end(k) // k + follow)) for e in wc.entries
-        ]
-        return P.standardise(self.index(tree).span_scores(query, spans))
-
-    return scores
-
-
+shipped_init = P.LexicalPolicy.__init__
 for follow in (0, 1):
-    P.LexicalPolicy.scores = reaching(follow)
+    # every LexicalPolicy built from here on (the settle's scorer, a LensNet policy's input) reaches ``follow`` forward
+    P.LexicalPolicy.__init__ = partialmethod(shipped_init, follow=follow)
     for name in names:
         right = 0
         for ex in examples:

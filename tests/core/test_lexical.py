@@ -117,3 +117,20 @@ def test_window_lexicon_scores_what_the_trees_index_scores(
         index.update(tree)
         want = index.span_scores(torch.tensor(row[prefix - q : prefix]), spans)
         assert torch.allclose(got[r], want, atol=1e-5)
+
+
+def test_follow_gives_a_key_block_the_hits_of_the_block_after_it() -> None:
+    """``follow=1``: a span also reads the block after it, so the block before a match scores with it (the probe's
+    setting for needles whose key and value straddle a block boundary); negative reaches are refused."""
+    k = 4
+    tree = FakeTree(k, 1, 0, vocab=40)
+    tree.ingest(
+        torch.tensor([1, 2, 3, 4, 30, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 18, 12, 13, 14, 30])
+    )  # query: 30
+    wc = initial_context(tree, 80, expand_recent=False)
+    plain = make_policy("lexical", query_tokens=1, lookback=0).scores(wc, tree)
+    ahead = make_policy("lexical", query_tokens=1, lookback=0, follow=1).scores(wc, tree)
+    assert plain[1] > plain[0] == plain[2]  # block 1 holds token 30; blocks 0 and 2 do not
+    assert ahead[0] == ahead[1] > ahead[2]  # block 0 now reads block 1's hit
+    with pytest.raises(ValueError, match="follow must be >= 0"):
+        make_policy("lexical", follow=-1)

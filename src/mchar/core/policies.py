@@ -215,7 +215,8 @@ class LexicalPolicy(Policy):
 
     Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
     (over the tree's blocks) of the distinct query tokens found in its span or in the ``lookback`` blocks before it,
-    z-scored across entries. Unlike ``similarity``'s mean embeddings it tells apart needles that share their wording
+    z-scored across entries (``follow`` > 0: also the blocks after it; a probe's setting, off by default). Unlike
+    ``similarity``'s mean embeddings it tells apart needles that share their wording
     and differ in one key. The lookback is there because what answers a match follows it: a needle's key may end one
     block and its value fill the next, which holds none of the question's words. The tree's blocks are indexed
     incrementally (:class:`~mchar.core.lexical.LexicalIndex`), one index per tree.
@@ -224,10 +225,11 @@ class LexicalPolicy(Policy):
     name = "lexical"
     relative_scores = True
 
-    def __init__(self, query_tokens: int | None = None, lookback: int = 1) -> None:
-        if lookback < 0:
-            raise ValueError(f"lexical: lookback must be >= 0, got {lookback}")
-        self.query_tokens, self.lookback = query_tokens, int(lookback)
+    def __init__(self, query_tokens: int | None = None, lookback: int = 1, follow: int = 0) -> None:
+        for key, value in (("lookback", lookback), ("follow", follow)):
+            if value < 0:
+                raise ValueError(f"lexical: {key} must be >= 0, got {value}")
+        self.query_tokens, self.lookback, self.follow = query_tokens, int(lookback), int(follow)
         self._tree: Any = None
         self._index = LexicalIndex()
 
@@ -243,9 +245,11 @@ class LexicalPolicy(Policy):
             return torch.zeros(0)
         k, t = wc.block_size, wc.num_tokens
         query = tree.tokens(max(0, t - (self.query_tokens or k)), t)
-        spans = [
-            (max(0, e.start(k) // k - self.lookback), e.end(k) // k) for e in wc.entries
-        ]  # entries end on blocks
+        back, ahead = (
+            self.lookback,
+            self.follow,
+        )  # entries end on blocks; a span past the index holds nothing more
+        spans = [(max(0, e.start(k) // k - back), e.end(k) // k + ahead) for e in wc.entries]
         return standardise(self.index(tree).span_scores(query, spans))
 
 

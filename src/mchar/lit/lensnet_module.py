@@ -474,10 +474,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
         if policy == "lexical":  # the streaming policy's defaults: a block of query, one block of lookback
             s = self.lexical_scores(ents, range(len(wcs)), ids, prefix, self.k, 1)
-            mask = torch.zeros_like(s, dtype=torch.bool)
-            for i, e in enumerate(ents):
-                mask[i, : len(e)] = True
-            s = standardise_rows(s, mask)
+            lengths = torch.tensor([len(e) for e in ents], device=s.device)
+            s = standardise_rows(s, torch.arange(s.shape[1], device=s.device) < lengths[:, None])
             return [s[i, : len(e)].float().cpu() for i, e in enumerate(ents)]
         out = []
         for i, e in enumerate(ents):
