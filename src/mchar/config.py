@@ -141,6 +141,9 @@ class AllocatorConfig:
     # span holds: tells apart needles that share their wording and differ in one key, as multi-key needles do) or
     # `similarity` (cosine of mean embeddings with the question's)
     query_scorer: str = "lexical"
+    # the `lexical` policy (and that settle scorer) reads each entry's span, the block before it and this many blocks
+    # after it: 1 gives a multi-key needle's key block its value block's hits (0 = span and lookback only)
+    lexical_follow: int = 0
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -241,6 +244,8 @@ class LensNetConfig:
     # differ in token ids, not in mean embeddings (docs/FINDINGS.md, *A lexical input for LensNet*)
     lexical_tokens: int = 16
     lexical_lookback: int = 1
+    # ... and the lexical_follow blocks after it (a needle's key block then also holds its value block's hits)
+    lexical_follow: int = 0
     # the prior path's initial weight on that feature (needs lexical_tokens > 0 and recency_prior > 0; 0 = off): 1
     # lowered the quickstart LensNet's ΔNLL on the 120+120 validation documents of heldout_large by 0.097 on code and
     # 0.074 on retrieval documents (paired; 0 = feature only: 0.023 / 0.060; 3: 0.042 / 0.095)
@@ -483,6 +488,8 @@ def check_semantics(cfg: RootConfig) -> None:
     if not a.query_similarity >= 0:
         raise ConfigError(f"allocator.query_similarity: must be >= 0, got {a.query_similarity}")
     _choice("allocator.query_scorer", a.query_scorer, QUERY_SCORERS)
+    if a.lexical_follow < 0:
+        raise ConfigError(f"allocator.lexical_follow: must be >= 0, got {a.lexical_follow}")
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)
     n_layers = cfg.model.local.num_layers
     if (
@@ -551,10 +558,9 @@ def check_semantics(cfg: RootConfig) -> None:
     if cfg.lensnet.recency_prior < 0:
         raise ConfigError(f"lensnet.recency_prior: must be >= 0 (0 = off), got {cfg.lensnet.recency_prior}")
     lc = cfg.lensnet
-    if lc.lexical_tokens < 0 or lc.lexical_lookback < 0:
-        raise ConfigError(
-            f"lensnet.lexical_tokens / lexical_lookback: must be >= 0, got {lc.lexical_tokens} / {lc.lexical_lookback}"
-        )
+    for key in ("lexical_tokens", "lexical_lookback", "lexical_follow"):
+        if getattr(lc, key) < 0:
+            raise ConfigError(f"lensnet.{key}: must be >= 0, got {getattr(lc, key)}")
     for key, needs in (("similarity_prior", "query_tokens"), ("lexical_prior", "lexical_tokens")):
         if getattr(lc, key) and not (getattr(lc, needs) > 0 and lc.recency_prior > 0):
             raise ConfigError(f"lensnet.{key}: needs lensnet.{needs} > 0 and lensnet.recency_prior > 0")

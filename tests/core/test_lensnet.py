@@ -167,7 +167,7 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
     lex = torch.zeros(w)
     lex[0] = 3.0  # only the OLDEST entry holds the query's rare tokens
     kw = dict(width=32, n_layers=1, n_heads=4, max_level=2, recency_prior=0.5, lexical_tokens=8)
-    net = LensNet(D, **kw, lexical_prior=4.0).eval()
+    net = LensNet(D, **kw, lexical_prior=4.0, lexical_follow=1).eval()
     with torch.no_grad():
         net.score[-1].weight.zero_()  # the prior path alone
         s = net(e, lv, wd, ds, lexical=lex)
@@ -184,6 +184,11 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
         net(e, lv, wd, ds)
     net.save_pretrained(tmp_path / "x")
     back = from_pretrained(tmp_path / "x")
-    assert (back.lexical_tokens, back.lexical_prior, back.lexical_lookback) == (8, 4.0, 1)
+    assert (back.lexical_tokens, back.lexical_prior, back.lexical_lookback, back.lexical_follow) == (
+        8,
+        4.0,
+        1,
+        1,
+    )
     with pytest.raises(ValueError, match="lexical_prior"):
         LensNet(D, recency_prior=0.5, lexical_prior=1.0)

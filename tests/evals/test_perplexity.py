@@ -260,9 +260,14 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     assert all(off.session(p).query_policy is None for p in ("tree_recency", "random"))
     lexical = load_components(
         base_dir,
-        SessionSettings(budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical"),
+        SessionSettings(
+            budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical", lexical_follow=1
+        ),
     )
     assert lexical.session("tree_recency").query_policy.query.name == "lexical"
+    # allocator.lexical_follow reaches the settle's scorer and the lexical policy itself
+    assert lexical.session("tree_recency").query_policy.query.follow == 1
+    assert lexical.session("lexical").policy.follow == 1
     assert lexical.session("lexical").query_policy is None  # blending with itself is a no-op
 
 

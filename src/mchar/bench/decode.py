@@ -43,6 +43,7 @@ class _Timed(nn.Module):
         self.tail_tokens = getattr(inner, "tail_tokens", None)
         self.lexical_tokens = getattr(inner, "lexical_tokens", 0)  # LensNetPolicy serves what the net reads
         self.lexical_lookback = getattr(inner, "lexical_lookback", 1)
+        self.lexical_follow = getattr(inner, "lexical_follow", 0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync(self.device)

@@ -15,7 +15,7 @@ Why it looks like this:
   near the *bottom*, while the plain ``similarity`` policy ranked it in the top 3), and with it LensNet can
   start from what the similarity baseline knows and learn when to trust it.
 * **Lexical match** (``lexical_tokens > 0``): the summed IDF of the newest ``lexical_tokens`` token ids found in each
-  entry's span (or the ``lexical_lookback`` blocks before it), z-scored over the WC, is one more scalar feature: the
+  entry's span (or the ``lexical_lookback`` blocks before it and the ``lexical_follow`` after it), z-scored over the WC, is one more scalar feature: the
   ``lexical`` policy's score (:mod:`mchar.core.lexical`). Embeddings cannot tell apart needles worded alike that differ
   in one key token; token ids can. The caller computes it (it needs ids, which LensNet never sees) and passes
   ``lexical=``; ``lexical_prior`` is its initial weight on the prior path below.
@@ -68,6 +68,7 @@ class LensNet(nn.Module):
         lexical_tokens: int = 0,
         lexical_prior: float = 0.0,
         lexical_lookback: int = 1,
+        lexical_follow: int = 0,
     ) -> None:
         super().__init__()
         if query_tokens < 0:
@@ -78,8 +79,8 @@ class LensNet(nn.Module):
             raise ValueError(
                 "lensnet.similarity_prior needs lensnet.query_tokens > 0 and lensnet.recency_prior > 0"
             )
-        if lexical_tokens < 0 or lexical_lookback < 0:
-            raise ValueError("lensnet.lexical_tokens and lensnet.lexical_lookback must be >= 0")
+        if min(lexical_tokens, lexical_lookback, lexical_follow) < 0:
+            raise ValueError("lensnet.lexical_tokens, lexical_lookback and lexical_follow must be >= 0")
         if lexical_prior and not (lexical_tokens and recency_prior > 0):
             raise ValueError(
                 "lensnet.lexical_prior needs lensnet.lexical_tokens > 0 and lensnet.recency_prior > 0"
@@ -89,6 +90,7 @@ class LensNet(nn.Module):
         self.recency_prior = float(recency_prior)
         self.similarity_prior = float(similarity_prior)
         self.lexical_tokens, self.lexical_lookback = int(lexical_tokens), int(lexical_lookback)
+        self.lexical_follow = int(lexical_follow)
         self.lexical_prior = float(lexical_prior)
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
@@ -128,6 +130,7 @@ class LensNet(nn.Module):
             "lexical_tokens": self.lexical_tokens,
             "lexical_prior": self.lexical_prior,
             "lexical_lookback": self.lexical_lookback,
+            "lexical_follow": self.lexical_follow,
         }
 
     @classmethod

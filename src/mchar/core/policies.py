@@ -215,7 +215,7 @@ class LexicalPolicy(Policy):
 
     Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
     (over the tree's blocks) of the distinct query tokens found in its span or in the ``lookback`` blocks before it,
-    z-scored across entries (``follow`` > 0: also the blocks after it; a probe's setting, off by default). Unlike
+    z-scored across entries (``follow`` > 0: also the ``follow`` blocks after it; ``allocator.lexical_follow``). Unlike
     ``similarity``'s mean embeddings it tells apart needles that share their wording
     and differ in one key. The lookback is there because what answers a match follows it: a needle's key may end one
     block and its value fill the next, which holds none of the question's words. The tree's blocks are indexed
@@ -325,7 +325,7 @@ class LensNetPolicy(Policy):
     a shift and scale, while the allocator's ``tau_expand``/``tau_collapse`` are absolute. Without this a LensNet
     whose scores happen to sit below ``-tau_collapse`` collapses everything and leaves most of the budget unused.
     A LensNet that reads lexical match scores (``lexical_tokens > 0``) gets them from its own :class:`LexicalPolicy`
-    (the tree's incremental index), with the query length and lookback it was trained with.
+    (the tree's incremental index), with the query length, lookback and follow it was trained with.
     """
 
     name = "lensnet"
@@ -338,7 +338,11 @@ class LensNetPolicy(Policy):
         self.tail_tokens = tail_tokens
         lexical_tokens = int(getattr(lensnet, "lexical_tokens", 0) or 0)
         self.lexical = (
-            LexicalPolicy(lexical_tokens, lookback=int(getattr(lensnet, "lexical_lookback", 1)))
+            LexicalPolicy(
+                lexical_tokens,
+                lookback=int(getattr(lensnet, "lexical_lookback", 1)),
+                follow=int(getattr(lensnet, "lexical_follow", 0)),
+            )
             if lexical_tokens
             else None
         )

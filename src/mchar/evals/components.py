@@ -71,6 +71,7 @@ class SessionSettings:
     query_cooldown: int | None = None
     query_similarity: float = 0.0
     query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
+    lexical_follow: int = 0  # blocks after an entry's span the ``lexical`` policy also reads
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -89,6 +90,8 @@ class SessionSettings:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
         if not self.query_similarity >= 0:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
+        if self.lexical_follow < 0:
+            raise EvalError(f"lexical_follow: must be >= 0, got {self.lexical_follow}")
         if self.query_scorer not in QUERY_SCORERS:
             raise EvalError(f"query_scorer: must be {' or '.join(QUERY_SCORERS)}, got {self.query_scorer!r}")
 
@@ -125,6 +128,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
         query_similarity=float(a.query_similarity),
         query_scorer=str(a.query_scorer),
+        lexical_follow=int(a.lexical_follow),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -216,6 +220,7 @@ class EvalComponents:
         kwargs: dict[str, Any] = {
             "sink_recent": {"sink_blocks": s.sink_blocks},
             "random": {"seed": s.seed},
+            "lexical": {"follow": s.lexical_follow},
             "lensnet": {"lensnet": self.lensnet},
             "attention": {
                 "base_lm": self.base,

@@ -209,8 +209,10 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         prefix: int,
         query_tokens: int,
         lookback: int,
+        follow: int = 0,
     ) -> torch.Tensor:
-        """``[R, W]`` the ``lexical`` policy's raw scores of each row's entries (padding 0) in its window ``ids``."""
+        """``[R, W]`` the ``lexical`` policy's raw scores of each row's entries (padding 0) in its window ``ids``: each
+        span widened by ``lookback`` blocks before it and ``follow`` after it (within the window's complete blocks)."""
         if ids is None:
             raise ValueError("lexical match scores need the windows' token ids (ids=)")
         width = max(len(e) for e in entries_per_row)
@@ -225,7 +227,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             n = len(ents)
             starts = np.fromiter((e.start(self.k) for e in ents), np.int64, count=n) // self.k
             spans[0, i, :n] = np.maximum(starts - lookback, 0)
-            spans[1, i, :n] = np.fromiter((e.end(self.k) for e in ents), np.int64, count=n) // self.k
+            ends = np.fromiter((e.end(self.k) for e in ents), np.int64, count=n) // self.k
+            spans[1, i, :n] = np.minimum(ends + follow, prefix // self.k)
         lexicon = WindowLexicon.of(ids, self.k, prefix, query_tokens)
         dev = lexicon.cum.device
         bi = torch.as_tensor(list(rows_batch), device=dev)
@@ -249,9 +252,15 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         tail = tok[bi, prefix - tail_n : prefix] if tail_n else None
         extra = {}
         if lexical_tokens := getattr(self.lensnet, "lexical_tokens", 0):
-            lookback = self.lensnet.lexical_lookback
+            net = self.lensnet
             extra["lexical"] = self.lexical_scores(
-                entries_per_row, rows_batch, ids, prefix, lexical_tokens, lookback
+                entries_per_row,
+                rows_batch,
+                ids,
+                prefix,
+                lexical_tokens,
+                net.lexical_lookback,
+                getattr(net, "lexical_follow", 0),
             )
         return self.lensnet(emb, lv, wd, dist, tail, mask, **extra), mask
 

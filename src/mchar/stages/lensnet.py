@@ -67,6 +67,7 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         lexical_tokens=lc.lexical_tokens,
         lexical_prior=lc.lexical_prior,
         lexical_lookback=lc.lexical_lookback,
+        lexical_follow=lc.lexical_follow,
     )
 
 
