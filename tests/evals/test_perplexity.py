@@ -260,15 +260,21 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     assert all(off.session(p).query_policy is None for p in ("tree_recency", "random"))
     lexical = load_components(
         base_dir,
-        SessionSettings(
-            budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical", lexical_follow=1
-        ),
+        SessionSettings(budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical"),
     )
     assert lexical.session("tree_recency").query_policy.query.name == "lexical"
-    # allocator.lexical_follow reaches the settle's scorer and the lexical policy itself
-    assert lexical.session("tree_recency").query_policy.query.follow == 1
-    assert lexical.session("lexical").policy.follow == 1
     assert lexical.session("lexical").query_policy is None  # blending with itself is a no-op
+    ahead = load_components(
+        base_dir,
+        SessionSettings(
+            budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical", query_follow=1
+        ),
+    )
+    # allocator.query_follow: the settle's lexical scorer reads a block ahead; the lexical policy streams without it
+    # and settles on that scorer
+    assert ahead.session("tree_recency").query_policy.query.follow == 1
+    lex = ahead.session("lexical")
+    assert lex.policy.follow == 0 and lex.query_policy.name == "lexical" and lex.query_policy.follow == 1
 
 
 def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:

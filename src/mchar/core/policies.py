@@ -215,7 +215,7 @@ class LexicalPolicy(Policy):
 
     Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
     (over the tree's blocks) of the distinct query tokens found in its span or in the ``lookback`` blocks before it,
-    z-scored across entries (``follow`` > 0: also the ``follow`` blocks after it; ``allocator.lexical_follow``). Unlike
+    z-scored across entries (``follow`` > 0: also the ``follow`` blocks after it; ``allocator.query_follow`` for a settle). Unlike
     ``similarity``'s mean embeddings it tells apart needles that share their wording
     and differ in one key. The lookback is there because what answers a match follows it: a needle's key may end one
     block and its value fill the next, which holds none of the question's words. The tree's blocks are indexed

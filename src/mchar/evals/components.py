@@ -71,7 +71,7 @@ class SessionSettings:
     query_cooldown: int | None = None
     query_similarity: float = 0.0
     query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
-    lexical_follow: int = 0  # blocks after an entry's span the ``lexical`` policy also reads
+    query_follow: int = 0  # blocks after an entry's span a lexical settle scorer also reads
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -90,8 +90,8 @@ class SessionSettings:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
         if not self.query_similarity >= 0:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
-        if self.lexical_follow < 0:
-            raise EvalError(f"lexical_follow: must be >= 0, got {self.lexical_follow}")
+        if self.query_follow < 0:
+            raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
         if self.query_scorer not in QUERY_SCORERS:
             raise EvalError(f"query_scorer: must be {' or '.join(QUERY_SCORERS)}, got {self.query_scorer!r}")
 
@@ -128,7 +128,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_cooldown=None if a.query_cooldown is None else int(a.query_cooldown),
         query_similarity=float(a.query_similarity),
         query_scorer=str(a.query_scorer),
-        lexical_follow=int(a.lexical_follow),
+        query_follow=int(a.query_follow),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -208,8 +208,9 @@ class EvalComponents:
             seed=s.seed,
         )
 
-    def make_policy(self, name: str, lookahead: bool | None = None) -> Any:
-        """``name``'s score source; ``lookahead`` (default: the settings') applies to content scorers only."""
+    def make_policy(self, name: str, lookahead: bool | None = None, **overrides: Any) -> Any:
+        """``name``'s score source; ``lookahead`` (default: the settings') applies to content scorers only;
+        ``overrides`` replace the settings' keyword arguments for it."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import make_policy
 
@@ -220,7 +221,6 @@ class EvalComponents:
         kwargs: dict[str, Any] = {
             "sink_recent": {"sink_blocks": s.sink_blocks},
             "random": {"seed": s.seed},
-            "lexical": {"follow": s.lexical_follow},
             "lensnet": {"lensnet": self.lensnet},
             "attention": {
                 "base_lm": self.base,
@@ -229,7 +229,7 @@ class EvalComponents:
                 "per_slot": s.attention_per_slot,
             },
             "oracle": {"base_lm": self.base, "horizon": s.oracle_horizon},
-        }.get(name, {})
+        }.get(name, {}) | overrides
         look = s.lookahead if lookahead is None else lookahead
         return make_policy(name, lookahead=look and name in CONTENT_POLICIES, **kwargs)
 
@@ -254,8 +254,10 @@ class EvalComponents:
 
     def query_policy(self, policy: Any) -> Any:
         """The settle's scores for ``policy`` (None = its streaming scores): blended with query similarity when
-        ``query_similarity`` > 0 (scored by ``query_scorer``) and the policy ranks by relative scores (truncation and fixed-cover baselines
-        settle as they stream), and with ``query_lookahead`` when it differs from the streaming lookahead."""
+        ``query_similarity`` > 0 (scored by ``query_scorer``, reading ``query_follow`` blocks ahead when lexical; the
+        ``lexical`` policy then settles on that scorer alone) and the policy ranks by relative scores (truncation and
+        fixed-cover baselines settle as they stream), and with ``query_lookahead`` when it differs from the streaming
+        lookahead."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import QueryBlendPolicy
 
@@ -264,9 +266,15 @@ class EvalComponents:
         relook = look != s.lookahead and policy.name in CONTENT_POLICIES
         settle = self.make_policy(policy.name, lookahead=look) if relook else policy
         w = s.query_similarity
-        if not w or not QueryBlendPolicy.can_blend(settle) or settle.name == s.query_scorer:
+        if not w or not QueryBlendPolicy.can_blend(settle):
             return settle if relook else None
-        return QueryBlendPolicy(settle, self.make_policy(s.query_scorer, lookahead=look), w)
+        follow = {"follow": s.query_follow} if s.query_scorer == "lexical" else {}
+        query = self.make_policy(s.query_scorer, lookahead=look, **follow)
+        if (
+            settle.name == s.query_scorer
+        ):  # blending with itself: settle on the scorer's settle-time form, if new
+            return query if relook or follow.get("follow") else None
+        return QueryBlendPolicy(settle, query, w)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for results JSON and tags."""
