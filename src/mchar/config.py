@@ -143,8 +143,11 @@ class AllocatorConfig:
     query_scorer: str = "lexical"
     # a lexical settle scorer reads each entry's span, the block before it and this many blocks after it (what answers
     # the question follows its match: 1 gives a multi-key needle's key block its value block's hits); the `lexical`
-    # policy settles on that scorer too. Streaming never reads ahead (a LensNet input reading ahead cost code ΔNLL)
-    query_follow: int = 0
+    # policy settles on that scorer too. Streaming never reads ahead (a LensNet input reading ahead cost code ΔNLL).
+    # 1: chosen on the validation split's multi-key needles (512 / 1,024 tokens, 0 -> 1: lensnet 0.37 / 0.60 -> 0.53 /
+    # 0.67, lexical 0.50 / 0.77 -> 0.70 / 0.80, random 0.63 / 0.67 -> 0.63 / 0.83; 2 lifts lensnet to 0.63 / 0.80 but
+    # costs lexical and random multi-key and passkey accuracy); 0 = the ablation
+    query_follow: int = 1
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
