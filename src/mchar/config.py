@@ -148,6 +148,12 @@ class AllocatorConfig:
     # 0.67, lexical 0.50 / 0.77 -> 0.70 / 0.80, random 0.63 / 0.67 -> 0.63 / 0.83; 2 lifts lensnet to 0.63 / 0.80 but
     # costs lexical and random multi-key and passkey accuracy); 0 = the ablation
     query_follow: int = 1
+    # the settle's lexical scorer weighs each query token by IDF to this power: > 1 lets the rarest tokens (a needle's
+    # key) outweigh the words every needle shares; the `lexical` policy settles on it too; 1 = plain IDF
+    query_idf_power: float = 1.0
+    # the settle starts from a fresh recency-first WC instead of the stream's, so what streaming left raw (the values
+    # of needles worded like the asked one) must earn its slot again under the settle's scores; false = the ablation
+    query_rebuild: bool = False
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -495,6 +501,8 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("allocator.query_scorer", a.query_scorer, QUERY_SCORERS)
     if a.query_follow < 0:
         raise ConfigError(f"allocator.query_follow: must be >= 0, got {a.query_follow}")
+    if not a.query_idf_power > 0:
+        raise ConfigError(f"allocator.query_idf_power: must be > 0, got {a.query_idf_power}")
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)
     n_layers = cfg.model.local.num_layers
     if (

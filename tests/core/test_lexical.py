@@ -134,3 +134,24 @@ def test_follow_gives_a_key_block_the_hits_of_the_block_after_it() -> None:
     assert ahead[0] == ahead[1] > ahead[2]  # block 0 now reads block 1's hit
     with pytest.raises(ValueError, match="follow must be >= 0"):
         make_policy("lexical", follow=-1)
+
+
+def test_an_idf_power_lets_the_rarest_token_outweigh_words_several_blocks_share() -> None:
+    """``idf_power``: each found token weighs IDF to that power. With plain IDF two shared words (each in two
+    blocks) outscore one unique token; squared, the unique token wins (a needle's key against the wording every
+    needle shares)."""
+    tree = FakeTree(4, 2, 0)
+    # blocks: [5 6 9 0] [5 6 0 0] [0 0 0 0] [0 0 0 0]: 9 in one block, 5 and 6 in two
+    tree.ingest(torch.tensor([5, 6, 9, 0, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+    index = LexicalIndex()
+    index.update(tree)
+    query, spans = torch.tensor([5, 6, 9]), [(0, 1), (1, 2)]
+    idf1, idf2 = math.log1p(4 / 1), math.log1p(4 / 2)
+    plain = index.span_scores(query, spans).tolist()
+    assert plain == pytest.approx([idf1 + 2 * idf2, 2 * idf2])
+    squared = index.span_scores(query, spans, idf_power=2.0).tolist()
+    assert squared == pytest.approx([idf1**2 + 2 * idf2**2, 2 * idf2**2])
+    assert idf1 < 2 * idf2 and idf1**2 > 2 * idf2**2  # the unique token alone now outweighs both shared ones
+    assert make_policy("lexical", idf_power=2.0).idf_power == 2.0
+    with pytest.raises(ValueError, match="idf_power must be > 0"):
+        make_policy("lexical", idf_power=0.0)

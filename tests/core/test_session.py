@@ -300,6 +300,26 @@ def test_a_query_policy_scores_the_settle_only_and_the_streaming_policy_comes_ba
     assert len(streaming.seen) > before  # streaming refocuses score with the streaming policy again
 
 
+def test_query_rebuild_settles_from_a_fresh_recency_first_wc() -> None:
+    """``query_rebuild``: whatever the stream left in the WC, the settle starts from the allocator's recency-first
+    WC (a settle scorer with no opinion then leaves exactly that), and the answer reads that WC through the cache as a
+    fresh forward would; without it the stream's WC stays."""
+    base = _base("llama")
+    ids = _ids(10 * K)
+    settled = {}
+    for rebuild, reuse in ((False, True), (True, True), (True, False)):
+        s = _session(base, budget=48, policy=RandomPolicy(3), reuse=reuse)
+        s.query_policy, s.query_rebuild = ZeroPolicy(), rebuild
+        s.ingest(ids)
+        streamed = [(e.level, e.index) for e in s.wc.entries]
+        s.refocus_pending()
+        settled[rebuild, reuse] = [(e.level, e.index) for e in s.wc.entries], s.generate(3)
+        fresh = [(e.level, e.index) for e in s.allocator.initial_context(s.tree, 48).entries]
+        assert streamed != fresh  # the random stream left a WC of its own
+        assert settled[rebuild, reuse][0] == (fresh if rebuild else streamed)
+    assert settled[True, True] == settled[True, False]  # the cached answer reads the rebuilt WC exactly
+
+
 def test_query_rounds_must_be_positive() -> None:
     base = _base("llama")
     with pytest.raises(ValueError, match="query_rounds must be >= 1"):

@@ -267,14 +267,31 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     ahead = load_components(
         base_dir,
         SessionSettings(
-            budget=64, block_size=K, depth=2, query_similarity=1.0, query_scorer="lexical", query_follow=1
+            budget=64,
+            block_size=K,
+            depth=2,
+            query_similarity=1.0,
+            query_scorer="lexical",
+            query_follow=1,
+            query_idf_power=3.0,
+            query_rebuild=True,
         ),
     )
-    # allocator.query_follow: the settle's lexical scorer reads a block ahead; the lexical policy streams without it
-    # and settles on that scorer
-    assert ahead.session("tree_recency").query_policy.query.follow == 1
+    # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
+    # the lexical policy streams without either and settles on that scorer; query_rebuild reaches the session
+    settle = ahead.session("tree_recency")
+    assert (settle.query_policy.query.follow, settle.query_policy.query.idf_power, settle.query_rebuild) == (
+        1,
+        3,
+        True,
+    )
     lex = ahead.session("lexical")
-    assert lex.policy.follow == 0 and lex.query_policy.name == "lexical" and lex.query_policy.follow == 1
+    assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
+    assert lex.query_policy.name == "lexical" and (lex.query_policy.follow, lex.query_policy.idf_power) == (
+        1,
+        3.0,
+    )
+    assert not lexical.session("tree_recency").query_rebuild
 
 
 def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:

@@ -55,8 +55,11 @@ class LexicalIndex:
             arr = self._arrays[token] = np.asarray(self._postings[token], dtype=np.int64)
         return arr
 
-    def span_scores(self, query: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """For block spans ``[(b0, b1), ...]`` (end exclusive): the summed IDF of the distinct query tokens each holds."""
+    def span_scores(
+        self, query: torch.Tensor, spans: Sequence[tuple[int, int]], idf_power: float = 1.0
+    ) -> torch.Tensor:
+        """For block spans ``[(b0, b1), ...]`` (end exclusive): the summed IDF (raised to ``idf_power``) of the
+        distinct query tokens each holds."""
         starts = np.asarray([s for s, _ in spans], dtype=np.int64)
         ends = np.asarray([e for _, e in spans], dtype=np.int64)
         out = np.zeros(len(spans), dtype=np.float64)
@@ -66,7 +69,7 @@ class LexicalIndex:
             post = self._array(tok)
             first = np.searchsorted(post, starts)  # the first posting at or after each span's start
             hit = (first < post.size) & (post[np.minimum(first, post.size - 1)] < ends)
-            out += hit * self.idf(tok)
+            out += hit * self.idf(tok) ** idf_power
         return torch.from_numpy(out).float()
 
 

@@ -91,6 +91,7 @@ class MegaContextSession:
         query_rounds: int = 1,
         query_cooldown: int | None = None,
         query_policy: Any = None,
+        query_rebuild: bool = False,
     ) -> None:
         check_mode(position_mode)
         if int(query_rounds) < 1:
@@ -107,6 +108,7 @@ class MegaContextSession:
         self.query_rounds = int(query_rounds)
         self.query_cooldown = None if query_cooldown is None else int(query_cooldown)
         self.query_policy = query_policy
+        self.query_rebuild = bool(query_rebuild)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -301,6 +303,9 @@ class MegaContextSession:
         streaming oscillation, but here it vetoes the walk back to a block collapsed moments earlier, and a round
         whose only wanted edit is vetoed has no edits, which ends the settle. ``query_policy`` (when set) scores
         these rounds instead of the streaming policy (:class:`~mchar.core.policies.QueryBlendPolicy`).
+        ``query_rebuild`` starts the settle from a fresh recency-first WC instead of the stream's: what streaming left
+        raw (say, the values of needles worded like the asked one) must earn its slot again under the settle's scores
+        (one base pass over at most ``budget`` slots, so still constant-cost).
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
         streaming_policy = self.policy
@@ -309,7 +314,9 @@ class MegaContextSession:
         if self.query_policy is not None:
             self.policy = self.query_policy
         try:
-            pending = bool(self._since_refocus)
+            if self.query_rebuild and self.wc.entries:
+                self._wc = _initial_context(self.allocator, self.policy, self.tree, self.budget)
+            pending = bool(self._since_refocus) or self.query_rebuild
             # without pending tokens the last periodic refocus already saw the whole question: it was round one
             edits = self.refocus() if pending else self._last_refocus_edits
             total = edits if pending else 0

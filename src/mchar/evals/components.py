@@ -72,6 +72,8 @@ class SessionSettings:
     query_similarity: float = 0.0
     query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
     query_follow: int = 0  # blocks after an entry's span a lexical settle scorer also reads
+    query_idf_power: float = 1.0  # a lexical settle scorer's IDF exponent
+    query_rebuild: bool = False  # the settle starts from a fresh recency-first WC
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -92,6 +94,8 @@ class SessionSettings:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
         if self.query_follow < 0:
             raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
+        if not self.query_idf_power > 0:
+            raise EvalError(f"query_idf_power: must be > 0, got {self.query_idf_power}")
         if self.query_scorer not in QUERY_SCORERS:
             raise EvalError(f"query_scorer: must be {' or '.join(QUERY_SCORERS)}, got {self.query_scorer!r}")
 
@@ -129,6 +133,8 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_similarity=float(a.query_similarity),
         query_scorer=str(a.query_scorer),
         query_follow=int(a.query_follow),
+        query_idf_power=float(a.query_idf_power),
+        query_rebuild=bool(a.query_rebuild),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -250,14 +256,15 @@ class EvalComponents:
             query_rounds=s.query_rounds,
             query_cooldown=s.query_cooldown,
             query_policy=self.query_policy(pol),
+            query_rebuild=s.query_rebuild,
         )
 
     def query_policy(self, policy: Any) -> Any:
         """The settle's scores for ``policy`` (None = its streaming scores): blended with query similarity when
-        ``query_similarity`` > 0 (scored by ``query_scorer``, reading ``query_follow`` blocks ahead when lexical; the
-        ``lexical`` policy then settles on that scorer alone) and the policy ranks by relative scores (truncation and
-        fixed-cover baselines settle as they stream), and with ``query_lookahead`` when it differs from the streaming
-        lookahead."""
+        ``query_similarity`` > 0 (scored by ``query_scorer``; when lexical, reading ``query_follow`` blocks ahead with IDF
+        to the power ``query_idf_power``, and the ``lexical`` policy then settles on that scorer alone) and the policy
+        ranks by relative scores (truncation and fixed-cover baselines settle as they stream), and with
+        ``query_lookahead`` when it differs from the streaming lookahead."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import QueryBlendPolicy
 
@@ -268,12 +275,13 @@ class EvalComponents:
         w = s.query_similarity
         if not w or not QueryBlendPolicy.can_blend(settle):
             return settle if relook else None
-        follow = {"follow": s.query_follow} if s.query_scorer == "lexical" else {}
-        query = self.make_policy(s.query_scorer, lookahead=look, **follow)
-        if (
-            settle.name == s.query_scorer
-        ):  # blending with itself: settle on the scorer's settle-time form, if new
-            return query if relook or follow.get("follow") else None
+        lexical = s.query_scorer == "lexical"
+        sharp = {"follow": s.query_follow, "idf_power": s.query_idf_power} if lexical else {}
+        query = self.make_policy(s.query_scorer, lookahead=look, **sharp)
+        # blending with itself: settle on the scorer's settle-time form, if that differs from its streaming one
+        if settle.name == s.query_scorer:
+            new = lexical and (s.query_follow != 0 or s.query_idf_power != 1.0)
+            return query if relook or new else None
         return QueryBlendPolicy(settle, query, w)
 
     def describe(self) -> dict[str, Any]:
