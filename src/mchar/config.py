@@ -150,10 +150,12 @@ class AllocatorConfig:
     query_follow: int = 1
     # the settle's lexical scorer weighs each query token by IDF to this power: > 1 lets the rarest tokens (a needle's
     # key) outweigh the words every needle shares; the `lexical` policy settles on it too; 1 = plain IDF
-    query_idf_power: float = 1.0
+    query_idf_power: float = 3.0
     # the settle starts from a fresh recency-first WC instead of the stream's, so what streaming left raw (the values
-    # of needles worded like the asked one) must earn its slot again under the settle's scores; false = the ablation
-    query_rebuild: bool = False
+    # of needles worded like the asked one) must earn its slot again under the settle's scores; false = the ablation.
+    # 3 and true: chosen together on the validation split's multi-key needles (512 + 1,024 tokens, 60 examples:
+    # lensnet 36 -> 46 right, random 44 -> 50, lexical 45 -> 47; passkey unchanged); docs/FINDINGS.md
+    query_rebuild: bool = True
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
