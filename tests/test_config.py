@@ -56,6 +56,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.lexical_follow=-1"], "lensnet.lexical_follow"),
         (["allocator.query_follow=-1"], "allocator.query_follow"),
         (["allocator.query_idf_power=0"], "allocator.query_idf_power"),
+        (["allocator.query_rebuild=fresh"], "allocator.query_rebuild"),
         (["lensnet.lexical_tokens=0"], "lensnet.lexical_prior: needs lensnet.lexical_tokens > 0"),
         (["lensnet.query_tokens=0", "lensnet.similarity_prior=1"], "lensnet.similarity_prior"),
         (["allocator.query_rounds=0"], "allocator.query_rounds"),

@@ -27,6 +27,11 @@ POLICIES = (
     "oracle",
 )
 QUERY_SCORERS = ("similarity", "lexical")  # what a settle may blend into a policy's scores
+QUERY_REBUILDS = (
+    "off",
+    "recent",
+    "coarsest",
+)  # what a settle starts from (mchar.core.session's, kept light here)
 EVAL_TASKS = ("passkey", "niah_multikey", "kv_retrieval", "variable_tracking")
 MIX_TASKS = (*EVAL_TASKS, "copy")  # the training mix may also draw ``copy`` episodes (dense induction signal)
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -151,11 +156,13 @@ class AllocatorConfig:
     # the settle's lexical scorer weighs each query token by IDF to this power: > 1 lets the rarest tokens (a needle's
     # key) outweigh the words every needle shares; the `lexical` policy settles on it too; 1 = plain IDF
     query_idf_power: float = 3.0
-    # the settle starts from a fresh recency-first WC instead of the stream's, so what streaming left raw (the values
-    # of needles worded like the asked one) must earn its slot again under the settle's scores; false = the ablation.
-    # 3 and true: chosen together on the validation split's multi-key needles (512 + 1,024 tokens, 60 examples:
-    # lensnet 36 -> 46 right, random 44 -> 50, lexical 45 -> 47; passkey unchanged); docs/FINDINGS.md
-    query_rebuild: bool = True
+    # what the settle starts from: `coarsest` (a fresh WC: the coarsest cover and the protected tail), `recent` (that
+    # cover with the newest gists expanded, as a session starts) or `off` (the stream's WC, the ablation): with a fresh
+    # WC what streaming left raw (the values of needles worded like the asked one, recent blocks that do not answer
+    # the question) must earn its slot again under the settle's scores. With query_idf_power 3, chosen on the
+    # validation split's multi-key needles (512 + 1,024 tokens, 60 examples; off -> recent -> coarsest: lensnet 41 ->
+    # 46 -> 52 right, random 49 -> 50 -> 53, lexical 46 -> 47 -> 52; passkey 59-60 of 60 throughout); docs/FINDINGS.md
+    query_rebuild: str = "coarsest"
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -503,6 +510,7 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("allocator.query_scorer", a.query_scorer, QUERY_SCORERS)
     if a.query_follow < 0:
         raise ConfigError(f"allocator.query_follow: must be >= 0, got {a.query_follow}")
+    _choice("allocator.query_rebuild", a.query_rebuild, QUERY_REBUILDS)
     if not a.query_idf_power > 0:
         raise ConfigError(f"allocator.query_idf_power: must be > 0, got {a.query_idf_power}")
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)

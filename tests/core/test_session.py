@@ -300,24 +300,33 @@ def test_a_query_policy_scores_the_settle_only_and_the_streaming_policy_comes_ba
     assert len(streaming.seen) > before  # streaming refocuses score with the streaming policy again
 
 
-def test_query_rebuild_settles_from_a_fresh_recency_first_wc() -> None:
-    """``query_rebuild``: whatever the stream left in the WC, the settle starts from the allocator's recency-first
-    WC (a settle scorer with no opinion then leaves exactly that), and the answer reads that WC through the cache as a
-    fresh forward would; without it the stream's WC stays."""
+@pytest.mark.parametrize("rebuild", ["recent", "coarsest"])
+def test_query_rebuild_settles_from_a_fresh_wc(rebuild: str) -> None:
+    """``query_rebuild``: whatever the stream left in the WC, the settle starts from a fresh one (``recent``: the
+    allocator's recency-first WC; ``coarsest``: the coarsest cover alone), which a settle scorer with no opinion then
+    leaves as it is, and the answer reads that WC through the cache as a fresh forward would; ``off`` keeps the
+    stream's WC; an unknown value is refused."""
+    from mchar.config import QUERY_REBUILDS
+    from mchar.core.session import QUERY_REBUILDS as CORE_REBUILDS
+
+    assert QUERY_REBUILDS == CORE_REBUILDS
     base = _base("llama")
     ids = _ids(10 * K)
     settled = {}
-    for rebuild, reuse in ((False, True), (True, True), (True, False)):
+    for mode, reuse in (("off", True), (rebuild, True), (rebuild, False)):
         s = _session(base, budget=48, policy=RandomPolicy(3), reuse=reuse)
-        s.query_policy, s.query_rebuild = ZeroPolicy(), rebuild
+        s.query_policy, s.query_rebuild = ZeroPolicy(), mode
         s.ingest(ids)
         streamed = [(e.level, e.index) for e in s.wc.entries]
         s.refocus_pending()
-        settled[rebuild, reuse] = [(e.level, e.index) for e in s.wc.entries], s.generate(3)
-        fresh = [(e.level, e.index) for e in s.allocator.initial_context(s.tree, 48).entries]
+        settled[mode, reuse] = [(e.level, e.index) for e in s.wc.entries], s.generate(3)
+        fresh_wc = s.allocator.initial_context(s.tree, 48, expand_recent=rebuild == "recent")
+        fresh = [(e.level, e.index) for e in fresh_wc.entries]
         assert streamed != fresh  # the random stream left a WC of its own
-        assert settled[rebuild, reuse][0] == (fresh if rebuild else streamed)
-    assert settled[True, True] == settled[True, False]  # the cached answer reads the rebuilt WC exactly
+        assert settled[mode, reuse][0] == (streamed if mode == "off" else fresh)
+    assert settled[rebuild, True] == settled[rebuild, False]  # the cached answer reads the rebuilt WC exactly
+    with pytest.raises(ValueError, match="query_rebuild must be one of"):
+        _session_with(base, query_rebuild="fresh")
 
 
 def test_query_rounds_must_be_positive() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mchar.evals.components import POLICY_NAMES, SessionSettings, load_components
+from mchar.evals.components import POLICY_NAMES, EvalError, SessionSettings, load_components
 from mchar.evals.perplexity import (
     confidence_interval,
     evaluate_policy,
@@ -274,24 +274,21 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
             query_scorer="lexical",
             query_follow=1,
             query_idf_power=3.0,
-            query_rebuild=True,
+            query_rebuild="coarsest",
         ),
     )
     # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
     # the lexical policy streams without either and settles on that scorer; query_rebuild reaches the session
     settle = ahead.session("tree_recency")
-    assert (settle.query_policy.query.follow, settle.query_policy.query.idf_power, settle.query_rebuild) == (
-        1,
-        3,
-        True,
-    )
+    query = settle.query_policy.query
+    assert (query.follow, query.idf_power, settle.query_rebuild) == (1, 3.0, "coarsest")
     lex = ahead.session("lexical")
     assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
-    assert lex.query_policy.name == "lexical" and (lex.query_policy.follow, lex.query_policy.idf_power) == (
-        1,
-        3.0,
-    )
-    assert not lexical.session("tree_recency").query_rebuild
+    assert lex.query_policy.name == "lexical"
+    assert (lex.query_policy.follow, lex.query_policy.idf_power) == (1, 3.0)
+    assert lexical.session("tree_recency").query_rebuild == "off"
+    with pytest.raises(EvalError, match="query_rebuild"):
+        SessionSettings(budget=64, block_size=K, depth=2, query_rebuild="fresh").check()
 
 
 def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:

@@ -68,6 +68,9 @@ class SessionStats:
         self.times.clear()
 
 
+QUERY_REBUILDS = ("off", "recent", "coarsest")  # what a settle starts from: the stream's WC, or a fresh one
+
+
 class MegaContextSession:
     """A frozen base LM with a MegaContext memory: ``ingest``, ``refocus``, ``score``, ``generate``.
 
@@ -91,9 +94,13 @@ class MegaContextSession:
         query_rounds: int = 1,
         query_cooldown: int | None = None,
         query_policy: Any = None,
-        query_rebuild: bool = False,
+        query_rebuild: str = "off",
     ) -> None:
         check_mode(position_mode)
+        if query_rebuild not in QUERY_REBUILDS:
+            raise ValueError(
+                f"allocator.query_rebuild must be one of {QUERY_REBUILDS}, got {query_rebuild!r}"
+            )
         if int(query_rounds) < 1:
             raise ValueError(f"allocator.query_rounds must be >= 1, got {query_rounds}")
         if query_cooldown is not None and int(query_cooldown) < 0:
@@ -108,7 +115,7 @@ class MegaContextSession:
         self.query_rounds = int(query_rounds)
         self.query_cooldown = None if query_cooldown is None else int(query_cooldown)
         self.query_policy = query_policy
-        self.query_rebuild = bool(query_rebuild)
+        self.query_rebuild = str(query_rebuild)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -303,9 +310,11 @@ class MegaContextSession:
         streaming oscillation, but here it vetoes the walk back to a block collapsed moments earlier, and a round
         whose only wanted edit is vetoed has no edits, which ends the settle. ``query_policy`` (when set) scores
         these rounds instead of the streaming policy (:class:`~mchar.core.policies.QueryBlendPolicy`).
-        ``query_rebuild`` starts the settle from a fresh recency-first WC instead of the stream's: what streaming left
-        raw (say, the values of needles worded like the asked one) must earn its slot again under the settle's scores
-        (one base pass over at most ``budget`` slots, so still constant-cost).
+        ``query_rebuild`` starts the settle from a fresh WC instead of the stream's (``coarsest``: the coarsest cover and
+        the protected tail; ``recent``: that cover with the newest gists expanded, as a session starts): what streaming
+        left raw (say, the values of needles worded like the asked one, or recent blocks that do not answer the
+        question) must earn its slot again under the settle's scores (one base pass over at most ``budget`` slots, so
+        still constant-cost).
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
         streaming_policy = self.policy
@@ -314,9 +323,11 @@ class MegaContextSession:
         if self.query_policy is not None:
             self.policy = self.query_policy
         try:
-            if self.query_rebuild and self.wc.entries:
-                self._wc = _initial_context(self.allocator, self.policy, self.tree, self.budget)
-            pending = bool(self._since_refocus) or self.query_rebuild
+            rebuild = self.query_rebuild != "off" and bool(self.wc.entries)
+            if rebuild:
+                recent = self.query_rebuild == "recent"
+                self._wc = _initial_context(self.allocator, self.policy, self.tree, self.budget, recent)
+            pending = bool(self._since_refocus) or rebuild
             # without pending tokens the last periodic refocus already saw the whole question: it was round one
             edits = self.refocus() if pending else self._last_refocus_edits
             total = edits if pending else 0
@@ -452,11 +463,12 @@ def _live_entries(wc: Any) -> list[tuple[Entry, bool]]:
     return list(zip(wc.entries, dropped, strict=True))
 
 
-def _initial_context(allocator: Any, policy: Any, tree: Any, budget: int) -> Any:
-    """A fresh legal WC for everything in ``tree`` (truncation policies build their own)."""
+def _initial_context(allocator: Any, policy: Any, tree: Any, budget: int, expand_recent: bool = True) -> Any:
+    """A fresh legal WC for everything in ``tree`` (truncation policies build their own): the coarsest cover with
+    the newest gists expanded while they fit (``expand_recent``), or the coarsest cover alone."""
     if getattr(policy, "allows_drop", False):
         return policy.build(tree, budget, depth=tree.depth)
-    return allocator.initial_context(tree, budget)
+    return allocator.initial_context(tree, budget, expand_recent=expand_recent)
 
 
 def _advance(session: MegaContextSession, new_tokens: int) -> None:

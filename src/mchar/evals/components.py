@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mchar.config import POLICIES, QUERY_SCORERS
+from mchar.config import POLICIES, QUERY_REBUILDS, QUERY_SCORERS
 from mchar.errors import MCharError, first_line
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class SessionSettings:
     query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
     query_follow: int = 0  # blocks after an entry's span a lexical settle scorer also reads
     query_idf_power: float = 1.0  # a lexical settle scorer's IDF exponent
-    query_rebuild: bool = False  # the settle starts from a fresh recency-first WC
+    query_rebuild: str = (
+        "off"  # the settle starts from the stream's WC (off) or a fresh one (recent / coarsest)
+    )
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -94,6 +96,10 @@ class SessionSettings:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
         if self.query_follow < 0:
             raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
+        if self.query_rebuild not in QUERY_REBUILDS:
+            raise EvalError(
+                f"query_rebuild: must be one of {', '.join(QUERY_REBUILDS)}, got {self.query_rebuild!r}"
+            )
         if not self.query_idf_power > 0:
             raise EvalError(f"query_idf_power: must be > 0, got {self.query_idf_power}")
         if self.query_scorer not in QUERY_SCORERS:
@@ -134,7 +140,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_scorer=str(a.query_scorer),
         query_follow=int(a.query_follow),
         query_idf_power=float(a.query_idf_power),
-        query_rebuild=bool(a.query_rebuild),
+        query_rebuild=str(a.query_rebuild),
         plain_baselines=bool(e.plain_baselines),
     )
 
