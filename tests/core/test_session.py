@@ -325,6 +325,15 @@ def test_query_rebuild_settles_from_a_fresh_wc(rebuild: str) -> None:
         assert streamed != fresh  # the random stream left a WC of its own
         assert settled[mode, reuse][0] == (streamed if mode == "off" else fresh)
     assert settled[rebuild, True] == settled[rebuild, False]  # the cached answer reads the rebuilt WC exactly
+    # a settle without a query policy settles as it streams: nothing to rebuild for (a fixed cover could not walk back)
+    s = _session(base, budget=48, policy=RandomPolicy(3))
+    s.query_rebuild = rebuild
+    s.ingest(ids)
+    s.allocator.max_edits = 0  # the settle's rounds edit nothing: the WC is what the settle started from
+    s.ingest(_ids(3, seed=9))
+    before = [(e.level, e.index) for e in s.wc.entries]
+    s.refocus_pending()
+    assert [(e.level, e.index) for e in s.wc.entries] == before
     with pytest.raises(ValueError, match="query_rebuild must be one of"):
         _session_with(base, query_rebuild="fresh")
 

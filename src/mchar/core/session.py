@@ -310,7 +310,8 @@ class MegaContextSession:
         streaming oscillation, but here it vetoes the walk back to a block collapsed moments earlier, and a round
         whose only wanted edit is vetoed has no edits, which ends the settle. ``query_policy`` (when set) scores
         these rounds instead of the streaming policy (:class:`~mchar.core.policies.QueryBlendPolicy`).
-        ``query_rebuild`` starts the settle from a fresh WC instead of the stream's (``coarsest``: the coarsest cover and
+        ``query_rebuild`` starts a query-driven settle (one with a ``query_policy``) from a fresh WC instead of the
+        stream's (``coarsest``: the coarsest cover and
         the protected tail; ``recent``: that cover with the newest gists expanded, as a session starts): what streaming
         left raw (say, the values of needles worded like the asked one, or recent blocks that do not answer the
         question) must earn its slot again under the settle's scores (one base pass over at most ``budget`` slots, so
@@ -323,7 +324,9 @@ class MegaContextSession:
         if self.query_policy is not None:
             self.policy = self.query_policy
         try:
-            rebuild = self.query_rebuild != "off" and bool(self.wc.entries)
+            # only a query-driven settle starts afresh: a policy that settles as it streams (a fixed cover, truncation)
+            # could not walk back from the coarsest cover in a few rounds
+            rebuild = self.query_rebuild != "off" and self.query_policy is not None and bool(self.wc.entries)
             if rebuild:
                 recent = self.query_rebuild == "recent"
                 self._wc = _initial_context(self.allocator, self.policy, self.tree, self.budget, recent)
