@@ -311,11 +311,10 @@ class MegaContextSession:
         whose only wanted edit is vetoed has no edits, which ends the settle. ``query_policy`` (when set) scores
         these rounds instead of the streaming policy (:class:`~mchar.core.policies.QueryBlendPolicy`).
         ``query_rebuild`` starts a query-driven settle (one with a ``query_policy``) from a fresh WC instead of the
-        stream's (``coarsest``: the coarsest cover and
-        the protected tail; ``recent``: that cover with the newest gists expanded, as a session starts): what streaming
-        left raw (say, the values of needles worded like the asked one, or recent blocks that do not answer the
-        question) must earn its slot again under the settle's scores (one base pass over at most ``budget`` slots, so
-        still constant-cost).
+        stream's (``coarsest``: the coarsest cover and the protected tail; ``recent``: that cover with the newest gists
+        expanded, as a session starts): what streaming left raw (say, the values of needles worded like the asked one,
+        or recent blocks that do not answer the question) must earn its slot again under the settle's scores (one base
+        pass over at most ``budget`` slots, so still constant-cost).
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
         streaming_policy = self.policy
