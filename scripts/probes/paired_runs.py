@@ -5,9 +5,11 @@ run (``name=X ... 'eval.policies=[lensnet]'``) needs its per-document NLLs paire
 both ``runs/<name>/eval/results.json``; refuses runs whose full-context NLLs differ (not the same documents).
 
     python scripts/probes/paired_runs.py REFERENCE_NAME OTHER_NAME [OTHER_NAME ...] [--policy lensnet]
+        [--against recency lexical ...]
 
 Prints, per document set (code, retrieval), the other run's ΔNLL and NLL(other) − NLL(reference) with its 95 % t
-interval (positive = the reference run better).
+interval (positive = the reference run better); ``--against`` pairs the other run's policy with those policies of the
+reference run instead (a retrained LensNet against the baselines it must beat, on the same documents).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("reference")
     ap.add_argument("others", nargs="+")
     ap.add_argument("--policy", default="lensnet")
+    ap.add_argument("--against", nargs="+", default=None, help="the reference run's policies to pair with")
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     args = ap.parse_args()
     ref = load(args.reference, args.runs)
@@ -47,13 +50,20 @@ def main() -> None:
                 raise SystemExit(
                     f"paired_runs: {name} and {args.reference} scored different {label} documents"
                 )
-            x, y = a["policies"][args.policy], b["policies"][args.policy]
-            pair = paired_difference(x["per_document"], y["per_document"], "t", 0)
-            lo, hi = pair["ci"]
-            print(
-                f"{name} {label}: {args.policy} ΔNLL {x['delta_nll']:.4f} ({args.reference}: {y['delta_nll']:.4f}); "
-                f"paired {pair['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] over {pair['documents']} documents"
-            )
+            x = a["policies"][args.policy]
+            for rival in args.against or [args.policy]:
+                if rival not in b["policies"]:
+                    raise SystemExit(
+                        f"paired_runs: {args.reference} has no {label} results for policy {rival!r}"
+                    )
+                y = b["policies"][rival]
+                pair = paired_difference(x["per_document"], y["per_document"], "t", 0)
+                lo, hi = pair["ci"]
+                print(
+                    f"{name} {label}: {args.policy} ΔNLL {x['delta_nll']:.4f} ({args.reference} {rival}: "
+                    f"{y['delta_nll']:.4f}); paired {pair['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] over "
+                    f"{pair['documents']} documents"
+                )
 
 
 if __name__ == "__main__":
