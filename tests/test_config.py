@@ -19,7 +19,7 @@ def test_every_experiment_composes(name: str) -> None:
 
 
 def test_experiment_required_files_exist() -> None:
-    expected = {"smoke", "quickstart", "base_lm", "gistnet", "lensnet", "e2e", "retrieval", "heldout_large"}
+    expected = {"smoke", "quickstart", "base_lm", "gistnet", "lensnet", "e2e", "retrieval", "heldout_large", "tasks_large"}
     assert expected <= set(available_experiments())
 
 
