@@ -19,7 +19,17 @@ def test_every_experiment_composes(name: str) -> None:
 
 
 def test_experiment_required_files_exist() -> None:
-    expected = {"smoke", "quickstart", "base_lm", "gistnet", "lensnet", "e2e", "retrieval", "heldout_large", "tasks_large"}
+    expected = {
+        "smoke",
+        "quickstart",
+        "base_lm",
+        "gistnet",
+        "lensnet",
+        "e2e",
+        "retrieval",
+        "heldout_large",
+        "tasks_large",
+    }
     assert expected <= set(available_experiments())
 
 
@@ -56,6 +66,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.lexical_follow=-1"], "lensnet.lexical_follow"),
         (["allocator.query_follow=-1"], "allocator.query_follow"),
         (["allocator.query_idf_power=0"], "allocator.query_idf_power"),
+        (["allocator.query_tau_expand=inf"], "allocator.query_tau_expand: must be a finite number"),
         (["allocator.query_rebuild=fresh"], "allocator.query_rebuild"),
         (["lensnet.lexical_tokens=0"], "lensnet.lexical_prior: needs lensnet.lexical_tokens > 0"),
         (["lensnet.query_tokens=0", "lensnet.similarity_prior=1"], "lensnet.similarity_prior"),

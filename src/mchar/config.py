@@ -7,6 +7,7 @@ or data is touched, and every failure is a :class:`ConfigError` with one line na
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,10 @@ class AllocatorConfig:
     # validation split's multi-key needles (512 + 1,024 tokens, 60 examples; off -> recent -> coarsest: lensnet 41 ->
     # 46 -> 52 right, random 49 -> 50 -> 53, lexical 46 -> 47 -> 52; passkey 59-60 of 60 throughout); docs/FINDINGS.md
     query_rebuild: str = "coarsest"
+    # the allocator's expand threshold during those rounds (null = the streaming one: with fill_budget, any gist may
+    # take a free slot, and at the question the free slots go to needles worded like the asked one); a number opens
+    # only entries whose settle z-score exceeds it and leaves the rest of the budget unused
+    query_tau_expand: float | None = None
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -511,6 +516,10 @@ def check_semantics(cfg: RootConfig) -> None:
     if a.query_follow < 0:
         raise ConfigError(f"allocator.query_follow: must be >= 0, got {a.query_follow}")
     _choice("allocator.query_rebuild", a.query_rebuild, QUERY_REBUILDS)
+    if a.query_tau_expand is not None and not math.isfinite(a.query_tau_expand):
+        raise ConfigError(
+            f"allocator.query_tau_expand: must be a finite number or null, got {a.query_tau_expand}"
+        )
     if not a.query_idf_power > 0:
         raise ConfigError(f"allocator.query_idf_power: must be > 0, got {a.query_idf_power}")
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)

@@ -277,6 +277,83 @@ def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(
         _session_with(base, query_cooldown=-1)
 
 
+class ThresholdSpy(CooldownSpy):
+    """Scores like recency and records the allocator's expand threshold each scoring pass ran under."""
+
+    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
+        self.seen.append(self.allocator.tau_expand)
+        return torch.linspace(-1.0, 1.0, len(wc))
+
+
+@pytest.mark.parametrize("query_tau", [None, 0.5])
+def test_the_settle_runs_under_the_query_expand_threshold_and_streaming_keeps_its_own(
+    query_tau: float | None,
+) -> None:
+    import math
+
+    base = _base("llama")
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
+    spy = ThresholdSpy()
+    spy.allocator = alloc
+    s = MegaContextSession(
+        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, query_tau_expand=query_tau
+    )
+    s.ingest(_ids(6 * K))
+    streaming = len(spy.seen)
+    s.ingest(_ids(K // 2, seed=5))
+    s.refocus_pending()
+    assert streaming > 0 and set(spy.seen[:streaming]) == {-math.inf}
+    assert set(spy.seen[streaming:]) == {-math.inf if query_tau is None else query_tau}
+    assert alloc.tau_expand == -math.inf
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="query_tau_expand must be a finite number"):
+            _session_with(base, query_tau_expand=bad)
+
+
+def test_a_settle_threshold_opens_only_what_stands_out() -> None:
+    """From the coarsest cover a budget-filling settle spends every free slot, on gists its scorer rates low too; with
+    ``query_tau_expand`` it walks down to the needle alone and leaves the rest of the budget unused."""
+    import math
+
+    from mchar.core.entries import Entry
+    from mchar.core.policies import LookaheadPolicy
+
+    base = _base("llama")
+    history = 4 * K * K
+    layouts = {}
+    for tau in (None, 0.0):
+        gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+        tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+        alloc = FocusAllocator(
+            tau_expand=-math.inf, tau_collapse=math.inf, max_edits=4, cooldown=0, protect_tokens=K
+        )
+        settle = LookaheadPolicy(QuestionNeedlePolicy(2, question_at=history + 1))
+        s = MegaContextSession(
+            base,
+            tree,
+            alloc,
+            ZeroPolicy(),
+            64,
+            refocus_every=K,
+            query_rounds=4,
+            query_policy=settle,
+            query_rebuild="coarsest",
+            query_tau_expand=tau,
+        )
+        for c in range(0, history, K):
+            s.ingest(_ids(K, seed=c))
+        s.ingest(_ids(K // 2, seed=99))
+        s.refocus_pending()
+        s.wc.validate(tree)
+        layouts[tau] = s.wc
+    tail = history + K // 2 - K  # the protected tail's first token
+    opened = [e for e in layouts[0.0].entries if e.level == 0 and e.start(K) < tail]
+    assert opened == [Entry(0, 2)]  # the needle alone, raw
+    assert layouts[0.0].cost < layouts[None].cost <= 64  # filling spent slots the threshold leaves free
+
+
 def test_a_query_policy_scores_the_settle_only_and_the_streaming_policy_comes_back() -> None:
     import math
 

@@ -275,6 +275,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
             query_follow=1,
             query_idf_power=3.0,
             query_rebuild="coarsest",
+            query_tau_expand=0.5,
         ),
     )
     # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
@@ -282,6 +283,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     settle = ahead.session("tree_recency")
     query = settle.query_policy.query
     assert (query.follow, query.idf_power, settle.query_rebuild) == (1, 3.0, "coarsest")
+    assert settle.query_tau_expand == 0.5 and lexical.session("tree_recency").query_tau_expand is None
     lex = ahead.session("lexical")
     assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
     assert lex.query_policy.name == "lexical"
@@ -289,6 +291,8 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     assert lexical.session("tree_recency").query_rebuild == "off"
     with pytest.raises(EvalError, match="query_rebuild"):
         SessionSettings(budget=64, block_size=K, depth=2, query_rebuild="fresh").check()
+    with pytest.raises(EvalError, match="query_tau_expand"):
+        SessionSettings(budget=64, block_size=K, depth=2, query_tau_expand=float("nan")).check()
 
 
 def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:

@@ -95,6 +95,7 @@ class MegaContextSession:
         query_cooldown: int | None = None,
         query_policy: Any = None,
         query_rebuild: str = "off",
+        query_tau_expand: float | None = None,
     ) -> None:
         check_mode(position_mode)
         if query_rebuild not in QUERY_REBUILDS:
@@ -105,6 +106,10 @@ class MegaContextSession:
             raise ValueError(f"allocator.query_rounds must be >= 1, got {query_rounds}")
         if query_cooldown is not None and int(query_cooldown) < 0:
             raise ValueError(f"allocator.query_cooldown must be >= 0, got {query_cooldown}")
+        if query_tau_expand is not None and not math.isfinite(float(query_tau_expand)):
+            raise ValueError(
+                f"allocator.query_tau_expand must be a finite number or None, got {query_tau_expand}"
+            )
         self.base, self.tree, self.allocator, self.policy = base, tree, allocator, policy
         self.budget = int(budget)
         self.block_size: int = int(tree.block_size)
@@ -116,6 +121,7 @@ class MegaContextSession:
         self.query_cooldown = None if query_cooldown is None else int(query_cooldown)
         self.query_policy = query_policy
         self.query_rebuild = str(query_rebuild)
+        self.query_tau_expand = None if query_tau_expand is None else float(query_tau_expand)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -314,12 +320,18 @@ class MegaContextSession:
         stream's (``coarsest``: the coarsest cover and the protected tail; ``recent``: that cover with the newest gists
         expanded, as a session starts): what streaming left raw (say, the values of needles worded like the asked one,
         or recent blocks that do not answer the question) must earn its slot again under the settle's scores (one base
-        pass over at most ``budget`` slots, so still constant-cost).
+        pass over at most ``budget`` slots, so still constant-cost). ``query_tau_expand`` (when set) replaces the
+        allocator's expand threshold for these rounds: a budget-filling allocator expands any gist into a free slot,
+        and at the question the free slots go to the needles worded like the asked one; a threshold on the settle's
+        z-scores opens only what stands out and leaves the rest of the budget unused.
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
+        streaming_tau = getattr(self.allocator, "tau_expand", None)
         streaming_policy = self.policy
         if self.query_cooldown is not None and streaming_cooldown is not None:
             self.allocator.cooldown = self.query_cooldown
+        if self.query_tau_expand is not None and streaming_tau is not None:
+            self.allocator.tau_expand = self.query_tau_expand
         if self.query_policy is not None:
             self.policy = self.query_policy
         try:
@@ -342,6 +354,8 @@ class MegaContextSession:
             self.policy = streaming_policy
             if streaming_cooldown is not None:
                 self.allocator.cooldown = streaming_cooldown
+            if streaming_tau is not None:
+                self.allocator.tau_expand = streaming_tau
         return total
 
     # ------------------------------------------------------------------ scoring and decoding

@@ -11,6 +11,7 @@ than silently scoring with random weights.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class SessionSettings:
     query_rebuild: str = (
         "off"  # the settle starts from the stream's WC (off) or a fresh one (recent / coarsest)
     )
+    query_tau_expand: float | None = None  # the settle's expand threshold (None = the allocator's)
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -96,6 +98,8 @@ class SessionSettings:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
         if self.query_follow < 0:
             raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
+        if self.query_tau_expand is not None and not math.isfinite(self.query_tau_expand):
+            raise EvalError(f"query_tau_expand: must be a finite number or None, got {self.query_tau_expand}")
         if self.query_rebuild not in QUERY_REBUILDS:
             raise EvalError(
                 f"query_rebuild: must be one of {', '.join(QUERY_REBUILDS)}, got {self.query_rebuild!r}"
@@ -141,6 +145,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_follow=int(a.query_follow),
         query_idf_power=float(a.query_idf_power),
         query_rebuild=str(a.query_rebuild),
+        query_tau_expand=None if a.query_tau_expand is None else float(a.query_tau_expand),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -263,6 +268,7 @@ class EvalComponents:
             query_cooldown=s.query_cooldown,
             query_policy=self.query_policy(pol),
             query_rebuild=s.query_rebuild,
+            query_tau_expand=s.query_tau_expand,
         )
 
     def query_policy(self, policy: Any) -> Any:
