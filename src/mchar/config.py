@@ -166,7 +166,8 @@ class AllocatorConfig:
     query_rebuild: str = "coarsest"
     # the allocator's expand threshold during those rounds (null = the streaming one: with fill_budget, any gist may
     # take a free slot, and at the question the free slots go to needles worded like the asked one); a number opens
-    # only entries whose settle z-score exceeds it and leaves the rest of the budget unused
+    # only entries whose settle z-score exceeds it and leaves the rest of the budget unused (off: it cost passkeys on
+    # the validation split and left the multi-key needle where it was; docs/FINDINGS.md)
     query_tau_expand: float | None = None
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
