@@ -234,82 +234,58 @@ def test_query_rounds_walk_down_to_the_needle_and_stop_when_settled(rounds: int)
     assert s.stats.refocuses - before == min(rounds, 3)
 
 
-class CooldownSpy:
-    """Scores like recency and records the allocator cooldown each scoring pass ran under."""
+class SettingSpy:
+    """Scores like recency and records one allocator setting (``attr``) each scoring pass ran under."""
 
-    name = "cooldown_spy"
+    name = "setting_spy"
     allows_drop = False
     relative_scores = True
 
-    def __init__(self) -> None:
-        self.allocator, self.seen = None, []
+    def __init__(self, attr: str = "cooldown") -> None:
+        self.allocator, self.seen, self.attr = None, [], attr
 
     def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
-        self.seen.append(self.allocator.cooldown)
+        self.seen.append(getattr(self.allocator, self.attr))
         return torch.linspace(-1.0, 1.0, len(wc))
 
 
-@pytest.mark.parametrize("query_cooldown", [None, 0, 1])
-def test_query_rounds_run_under_the_query_cooldown_and_streaming_keeps_its_own(
-    query_cooldown: int | None,
+@pytest.mark.parametrize(
+    ("attr", "value", "bad", "error"),
+    [
+        ("cooldown", None, -1, "query_cooldown must be >= 0"),
+        ("cooldown", 0, -1, "query_cooldown must be >= 0"),
+        ("cooldown", 1, -1, "query_cooldown must be >= 0"),
+        ("tau_expand", None, float("inf"), "query_tau_expand must be a finite number"),
+        ("tau_expand", 0.5, float("nan"), "query_tau_expand must be a finite number"),
+    ],
+)
+def test_the_settle_runs_under_its_own_allocator_settings_and_streaming_keeps_its_own(
+    attr: str, value: float | None, bad: float, error: str
 ) -> None:
-    """The settle before an answer may ignore the streaming cooldown (it vetoes re-expanding what a refocus just
-    collapsed, and a vetoed round has no edits, ending the settle); streaming refocuses keep it."""
+    """The settle before an answer may replace the streaming cooldown (it vetoes re-expanding what a refocus just
+    collapsed, and a vetoed round has no edits, ending the settle) and expand threshold (``query_cooldown``,
+    ``query_tau_expand``); streaming refocuses keep theirs, and the allocator has them back afterwards."""
     import math
 
     base = _base("llama")
     gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
     tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
     alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
-    spy = CooldownSpy()
+    streaming_value = getattr(alloc, attr)
+    spy = SettingSpy(attr)
     spy.allocator = alloc
     s = MegaContextSession(
-        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, query_cooldown=query_cooldown
+        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, **{f"query_{attr}": value}
     )
     s.ingest(_ids(6 * K))
     streaming = len(spy.seen)
     s.ingest(_ids(K // 2, seed=5))
     s.refocus_pending()
-    assert streaming > 0 and set(spy.seen[:streaming]) == {2}
-    assert set(spy.seen[streaming:]) == {2 if query_cooldown is None else query_cooldown}
-    assert alloc.cooldown == 2
-    with pytest.raises(ValueError, match="query_cooldown must be >= 0"):
-        _session_with(base, query_cooldown=-1)
-
-
-class ThresholdSpy(CooldownSpy):
-    """Scores like recency and records the allocator's expand threshold each scoring pass ran under."""
-
-    def scores(self, wc, tree, context):  # noqa: ANN001, ANN201
-        self.seen.append(self.allocator.tau_expand)
-        return torch.linspace(-1.0, 1.0, len(wc))
-
-
-@pytest.mark.parametrize("query_tau", [None, 0.5])
-def test_the_settle_runs_under_the_query_expand_threshold_and_streaming_keeps_its_own(
-    query_tau: float | None,
-) -> None:
-    import math
-
-    base = _base("llama")
-    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
-    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
-    alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
-    spy = ThresholdSpy()
-    spy.allocator = alloc
-    s = MegaContextSession(
-        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, query_tau_expand=query_tau
-    )
-    s.ingest(_ids(6 * K))
-    streaming = len(spy.seen)
-    s.ingest(_ids(K // 2, seed=5))
-    s.refocus_pending()
-    assert streaming > 0 and set(spy.seen[:streaming]) == {-math.inf}
-    assert set(spy.seen[streaming:]) == {-math.inf if query_tau is None else query_tau}
-    assert alloc.tau_expand == -math.inf
-    for bad in (math.inf, math.nan):
-        with pytest.raises(ValueError, match="query_tau_expand must be a finite number"):
-            _session_with(base, query_tau_expand=bad)
+    assert streaming > 0 and set(spy.seen[:streaming]) == {streaming_value}
+    assert set(spy.seen[streaming:]) == {streaming_value if value is None else value}
+    assert getattr(alloc, attr) == streaming_value
+    with pytest.raises(ValueError, match=error):
+        _session_with(base, **{f"query_{attr}": bad})
 
 
 def test_a_settle_threshold_opens_only_what_stands_out() -> None:
@@ -361,7 +337,7 @@ def test_a_query_policy_scores_the_settle_only_and_the_streaming_policy_comes_ba
     gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
     tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
     alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
-    streaming, query = CooldownSpy(), CooldownSpy()
+    streaming, query = SettingSpy(), SettingSpy()
     streaming.allocator = query.allocator = alloc
     s = MegaContextSession(
         base, tree, alloc, streaming, 48, refocus_every=K, query_rounds=3, query_policy=query
