@@ -66,6 +66,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.lexical_follow=-1"], "lensnet.lexical_follow"),
         (["allocator.query_follow=-1"], "allocator.query_follow"),
         (["allocator.query_idf_power=0"], "allocator.query_idf_power"),
+        (["allocator.query_max_df=0"], "allocator.query_max_df: must be a positive number"),
         (["allocator.query_tau_expand=inf"], "allocator.query_tau_expand: must be a finite number"),
         (["allocator.query_rebuild=fresh"], "allocator.query_rebuild"),
         (["lensnet.lexical_tokens=0"], "lensnet.lexical_prior: needs lensnet.lexical_tokens > 0"),

@@ -157,6 +157,10 @@ class AllocatorConfig:
     # the settle's lexical scorer weighs each query token by IDF to this power: > 1 lets the rarest tokens (a needle's
     # key) outweigh the words every needle shares; the `lexical` policy settles on it too; 1 = plain IDF
     query_idf_power: float = 3.0
+    # the settle's lexical scorer ignores query tokens that more than this many of the tree's blocks hold (the words
+    # every needle shares), so a needle worded like the asked one scores nothing instead of a little and no longer
+    # takes the free slots of a budget-filling settle; null = every token counts
+    query_max_df: int | None = None
     # what the settle starts from: `coarsest` (a fresh WC: the coarsest cover and the protected tail), `recent` (that
     # cover with the newest gists expanded, as a session starts) or `off` (the stream's WC, the ablation): with a fresh
     # WC what streaming left raw (the values of needles worded like the asked one, recent blocks that do not answer
@@ -523,6 +527,7 @@ def check_semantics(cfg: RootConfig) -> None:
         )
     if not a.query_idf_power > 0:
         raise ConfigError(f"allocator.query_idf_power: must be > 0, got {a.query_idf_power}")
+    _positive("allocator.query_max_df", a.query_max_df, allow_none=True)
     _positive("allocator.attention_queries", a.attention_queries, allow_none=True)
     n_layers = cfg.model.local.num_layers
     if (

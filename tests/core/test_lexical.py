@@ -155,3 +155,24 @@ def test_an_idf_power_lets_the_rarest_token_outweigh_words_several_blocks_share(
     assert make_policy("lexical", idf_power=2.0).idf_power == 2.0
     with pytest.raises(ValueError, match="idf_power must be > 0"):
         make_policy("lexical", idf_power=0.0)
+
+
+def test_a_df_cap_silences_the_words_several_blocks_share() -> None:
+    """``max_df``: query tokens more than that many blocks hold count nothing, so a block holding only the shared
+    wording scores like one holding nothing (a distractor needle against the haystack), while the rare key still
+    counts in full; a cap below one is refused."""
+    tree = FakeTree(4, 2, 0)
+    # blocks: [5 6 9 0] [5 6 0 0] [0 0 0 0] [0 0 0 0]: 9 in one block, 5 and 6 in two
+    tree.ingest(torch.tensor([5, 6, 9, 0, 5, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+    index = LexicalIndex()
+    index.update(tree)
+    query, spans = torch.tensor([5, 6, 9]), [(0, 1), (1, 2), (2, 3)]
+    idf1, idf2 = math.log1p(4 / 1), math.log1p(4 / 2)
+    assert index.span_scores(query, spans, max_df=2).tolist() == pytest.approx(
+        [idf1 + 2 * idf2, 2 * idf2, 0.0]
+    )
+    capped = index.span_scores(query, spans, idf_power=3.0, max_df=1).tolist()
+    assert capped == pytest.approx([idf1**3, 0.0, 0.0])  # the shared block now ties the empty one
+    assert make_policy("lexical", max_df=1).max_df == 1
+    with pytest.raises(ValueError, match="max_df must be >= 1"):
+        make_policy("lexical", max_df=0)

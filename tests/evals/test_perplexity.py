@@ -276,6 +276,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
             query_idf_power=3.0,
             query_rebuild="coarsest",
             query_tau_expand=0.5,
+            query_max_df=3,
         ),
     )
     # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
@@ -287,10 +288,15 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     lex = ahead.session("lexical")
     assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
     assert lex.query_policy.name == "lexical"
-    assert (lex.query_policy.follow, lex.query_policy.idf_power) == (1, 3.0)
+    assert (lex.query_policy.follow, lex.query_policy.idf_power, lex.query_policy.max_df) == (1, 3.0, 3)
+    assert (
+        query.max_df == 3 and lex.policy.max_df is None
+    )  # the cap reaches the settle's scorer, not streaming
     assert lexical.session("tree_recency").query_rebuild == "off"
     with pytest.raises(EvalError, match="query_rebuild"):
         SessionSettings(budget=64, block_size=K, depth=2, query_rebuild="fresh").check()
+    with pytest.raises(EvalError, match="query_max_df"):
+        SessionSettings(budget=64, block_size=K, depth=2, query_max_df=0).check()
     with pytest.raises(EvalError, match="query_tau_expand"):
         SessionSettings(budget=64, block_size=K, depth=2, query_tau_expand=float("nan")).check()
 

@@ -56,15 +56,20 @@ class LexicalIndex:
         return arr
 
     def span_scores(
-        self, query: torch.Tensor, spans: Sequence[tuple[int, int]], idf_power: float = 1.0
+        self,
+        query: torch.Tensor,
+        spans: Sequence[tuple[int, int]],
+        idf_power: float = 1.0,
+        max_df: int | None = None,
     ) -> torch.Tensor:
         """For block spans ``[(b0, b1), ...]`` (end exclusive): the summed IDF (raised to ``idf_power``) of the
-        distinct query tokens each holds."""
+        distinct query tokens each holds; ``max_df`` ignores query tokens more than that many blocks hold (the words
+        every needle shares), so their entries score nothing rather than a little."""
         starts = np.asarray([s for s, _ in spans], dtype=np.int64)
         ends = np.asarray([e for _, e in spans], dtype=np.int64)
         out = np.zeros(len(spans), dtype=np.float64)
         for tok in {int(t) for t in query.reshape(-1).tolist()}:
-            if tok not in self._postings:
+            if tok not in self._postings or (max_df is not None and len(self._postings[tok]) > max_df):
                 continue
             post = self._array(tok)
             first = np.searchsorted(post, starts)  # the first posting at or after each span's start

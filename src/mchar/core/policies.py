@@ -216,8 +216,9 @@ class LexicalPolicy(Policy):
     Query = the last ``query_tokens`` token ids (default K); an entry scores the summed inverse document frequency
     (over the tree's blocks) of the distinct query tokens found in its span or in the ``lookback`` blocks before it,
     z-scored across entries (``follow`` > 0: also the ``follow`` blocks after it; ``idf_power`` > 1: each token
-    weighs IDF to that power, so the rarest query tokens outweigh words several blocks share; a settle's
-    ``allocator.query_follow`` / ``allocator.query_idf_power``). Unlike
+    weighs IDF to that power, so the rarest query tokens outweigh words several blocks share; ``max_df``: query
+    tokens more than that many blocks hold count nothing; a settle's ``allocator.query_follow`` /
+    ``allocator.query_idf_power`` / ``allocator.query_max_df``). Unlike
     ``similarity``'s mean embeddings it tells apart needles that share their wording
     and differ in one key. The lookback is there because what answers a match follows it: a needle's key may end one
     block and its value fill the next, which holds none of the question's words. The tree's blocks are indexed
@@ -228,15 +229,23 @@ class LexicalPolicy(Policy):
     relative_scores = True
 
     def __init__(
-        self, query_tokens: int | None = None, lookback: int = 1, follow: int = 0, idf_power: float = 1.0
+        self,
+        query_tokens: int | None = None,
+        lookback: int = 1,
+        follow: int = 0,
+        idf_power: float = 1.0,
+        max_df: int | None = None,
     ) -> None:
         for key, value in (("lookback", lookback), ("follow", follow)):
             if value < 0:
                 raise ValueError(f"lexical: {key} must be >= 0, got {value}")
         if not idf_power > 0:
             raise ValueError(f"lexical: idf_power must be > 0, got {idf_power}")
+        if max_df is not None and max_df < 1:
+            raise ValueError(f"lexical: max_df must be >= 1 or None, got {max_df}")
         self.query_tokens, self.lookback, self.follow = query_tokens, int(lookback), int(follow)
         self.idf_power = float(idf_power)
+        self.max_df = None if max_df is None else int(max_df)
         self._tree: Any = None
         self._index = LexicalIndex()
 
@@ -257,7 +266,7 @@ class LexicalPolicy(Policy):
             self.follow,
         )  # entries end on blocks; a span past the index holds nothing more
         spans = [(max(0, e.start(k) // k - back), e.end(k) // k + ahead) for e in wc.entries]
-        return standardise(self.index(tree).span_scores(query, spans, self.idf_power))
+        return standardise(self.index(tree).span_scores(query, spans, self.idf_power, self.max_df))
 
 
 class RandomPolicy(Policy):

@@ -74,6 +74,7 @@ class SessionSettings:
     query_scorer: str = "similarity"  # the blend's query scorer: ``similarity`` or ``lexical``
     query_follow: int = 0  # blocks after an entry's span a lexical settle scorer also reads
     query_idf_power: float = 1.0  # a lexical settle scorer's IDF exponent
+    query_max_df: int | None = None  # a lexical settle scorer ignores query tokens more blocks than this hold
     query_rebuild: str = (
         "off"  # the settle starts from the stream's WC (off) or a fresh one (recent / coarsest)
     )
@@ -98,6 +99,8 @@ class SessionSettings:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
         if self.query_follow < 0:
             raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
+        if self.query_max_df is not None and self.query_max_df < 1:
+            raise EvalError(f"query_max_df: must be >= 1 or None, got {self.query_max_df}")
         if self.query_tau_expand is not None and not math.isfinite(self.query_tau_expand):
             raise EvalError(f"query_tau_expand: must be a finite number or None, got {self.query_tau_expand}")
         if self.query_rebuild not in QUERY_REBUILDS:
@@ -144,6 +147,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_scorer=str(a.query_scorer),
         query_follow=int(a.query_follow),
         query_idf_power=float(a.query_idf_power),
+        query_max_df=None if a.query_max_df is None else int(a.query_max_df),
         query_rebuild=str(a.query_rebuild),
         query_tau_expand=None if a.query_tau_expand is None else float(a.query_tau_expand),
         plain_baselines=bool(e.plain_baselines),
@@ -288,11 +292,15 @@ class EvalComponents:
         if not w or not QueryBlendPolicy.can_blend(settle):
             return settle if relook else None
         lexical = s.query_scorer == "lexical"
-        sharp = {"follow": s.query_follow, "idf_power": s.query_idf_power} if lexical else {}
+        sharp = (
+            {"follow": s.query_follow, "idf_power": s.query_idf_power, "max_df": s.query_max_df}
+            if lexical
+            else {}
+        )
         query = self.make_policy(s.query_scorer, lookahead=look, **sharp)
         # blending with itself: settle on the scorer's settle-time form, if that differs from its streaming one
         if settle.name == s.query_scorer:
-            new = lexical and (s.query_follow != 0 or s.query_idf_power != 1.0)
+            new = lexical and (s.query_follow != 0 or s.query_idf_power != 1.0 or s.query_max_df is not None)
             return query if relook or new else None
         return QueryBlendPolicy(settle, query, w)
 
