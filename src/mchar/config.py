@@ -159,8 +159,10 @@ class AllocatorConfig:
     query_idf_power: float = 3.0
     # the settle's lexical scorer ignores query tokens that more than this many of the tree's blocks hold (the words
     # every needle shares), so a needle worded like the asked one scores nothing instead of a little and no longer
-    # takes the free slots of a budget-filling settle; null = every token counts
-    query_max_df: int | None = None
+    # takes the free slots of a budget-filling settle; null = every token counts. 4: chosen on the validation split's
+    # tasks (multi-key right of 60, lensnet / lexical / random: null 52 / 52 / 53, 2: 47 / 53 / 47, 3: 54 / 59 / 55,
+    # 4: 54 / 58 / 56, 5: 55 / 54 / 54; passkey 60 / 60 / 60 at 4); docs/FINDINGS.md
+    query_max_df: int | None = 4
     # what the settle starts from: `coarsest` (a fresh WC: the coarsest cover and the protected tail), `recent` (that
     # cover with the newest gists expanded, as a session starts) or `off` (the stream's WC, the ablation): with a fresh
     # WC what streaming left raw (the values of needles worded like the asked one, recent blocks that do not answer
