@@ -40,7 +40,15 @@ def test_ruff_clean() -> None:
         assert out.returncode == 0, f"ruff {' '.join(args)}: {out.stdout[-3000:]}"
 
 
-DOCS = ["README.md", "docs/FINDINGS.md", "docs/ARCHITECTURE.md", "evals/README.md", "sweeps/README.md"]
+DOCS = [
+    "README.md",
+    "docs/FINDINGS.md",
+    "docs/ARCHITECTURE.md",
+    "docs/HISTORY.md",
+    "docs/BENCHMARKS.md",
+    "evals/README.md",
+    "sweeps/README.md",
+]
 REPO_PATH = re.compile(r"`((?:src|scripts|sweeps|reports|conf|evals|docs|tests)/[\w./-]+)`")
 
 
