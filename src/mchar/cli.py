@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EXPERIMENT",
         help="put these experiments' newest runs side by side instead (one column each)",
     )
+    rp.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="EXPERIMENT",
+        help="pool these seed replicates' task outcomes instead (pooled accuracy, McNemar against --reference)",
+    )
+    rp.add_argument(
+        "--reference", default="lensnet", help="the policy --pool pairs every other with (default lensnet)"
+    )
     rp.add_argument("--experiment", default="mchar", help="MLflow experiment name")
     rp.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: the run directory's SQLite store)"
@@ -121,6 +131,28 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             out_dir = Path(args.out_dir)
             print(build_bench_report(out_dir / "bench", out_dir / "bench.md"))
+            return 0
+        if args.compare and args.pool:
+            from mchar.errors import MCharError
+
+            raise MCharError("report: --compare and --pool exclude each other")
+        if args.pool:
+            from mchar.errors import MCharError
+            from mchar.pooled import build_pooled
+
+            if args.run_id:
+                raise MCharError(
+                    "report: --run-id and --pool exclude each other (--pool takes experiment names)"
+                )
+            path = build_pooled(
+                args.pool,
+                args.name or "pooled-" + "-".join(args.pool),
+                reference=args.reference,
+                experiment=args.experiment,
+                tracking_uri=args.tracking_uri,
+                out_dir=args.out_dir,
+            )
+            print(path)
             return 0
         if args.compare:
             from mchar.compare import build_comparison
