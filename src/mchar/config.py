@@ -262,6 +262,10 @@ class LensNetConfig:
     # share of training WCs that are the allocator's own output from LensNet's current scores (DAgger-style
     # on-policy states; drawn after random_fill's choice, so 0.5 + 0.5 = half on-policy, a quarter each other kind)
     on_policy: float = 0.0
+    # share of training WCs that are the question-time settle's for the batch's first window (the coarsest cover
+    # refocused on LensNet's scores plus the allocator.query_* lexical blend, as a session settles before an answer),
+    # so LensNet learns what fills the slots a found needle leaves; 0 = off (the ablation)
+    settle_states: float = 0.0
     # cosine(entry, mean of the newest query_tokens tail embeddings) as a LensNet input feature (0 = off)
     query_tokens: int = 16
     # a linear path from log distance / log width / query similarity to the score, initialised to rank like
@@ -584,6 +588,11 @@ def check_semantics(cfg: RootConfig) -> None:
             f"base_lm.gist_exposure_raw_prob: must be in [0, 1), got {cfg.base_lm.gist_exposure_raw_prob}"
         )
     _share("lensnet.on_policy", cfg.lensnet.on_policy)
+    _share("lensnet.settle_states", cfg.lensnet.settle_states)
+    if cfg.lensnet.settle_states > 0 and cfg.allocator.query_scorer != "lexical":
+        raise ConfigError(
+            "lensnet.settle_states: the training settle scores questions lexically; needs allocator.query_scorer=lexical"
+        )
     _share("lensnet.random_fill", cfg.lensnet.random_fill)
     mix = cfg.lensnet.task_mix_fraction
     if mix is not None and not 0.0 <= mix < 1.0:

@@ -94,19 +94,21 @@ def test_a_new_or_shorter_tree_gets_a_new_index() -> None:
     st.lists(st.lists(st.integers(0, 12), min_size=48, max_size=48), min_size=1, max_size=3),
     st.integers(1, 8),
     st.integers(0, 2),
+    st.sampled_from([1.0, 3.0]),
+    st.one_of(st.none(), st.integers(1, 5)),
 )
 def test_window_lexicon_scores_what_the_trees_index_scores(
-    rows: list[list[int]], q: int, lookback: int
+    rows: list[list[int]], q: int, lookback: int, idf_power: float, max_df: int | None
 ) -> None:
     """LensNet trains on :class:`WindowLexicon` (a batch of windows at once) and is served the tree's incremental
-    index: for the same tokens, query and spans they agree."""
+    index: for the same tokens, query, spans, IDF power and df cap they agree."""
     from mchar.core.lexical import WindowLexicon
 
     k, prefix = 4, 40  # 10 complete blocks; tokens past the prefix are the horizon, never indexed
     ids = torch.tensor(rows)
     n = prefix // k
     spans = [(max(0, b - lookback), e) for b in range(n) for e in range(b + 1, min(n, b + 3) + 1)]
-    lexicon = WindowLexicon.of(ids, k, prefix, q)
+    lexicon = WindowLexicon.of(ids, k, prefix, q, idf_power=idf_power, max_df=max_df)
     starts = torch.tensor([s for s, _ in spans]).expand(len(rows), -1)
     ends = torch.tensor([e for _, e in spans]).expand(len(rows), -1)
     got = lexicon.span_scores(torch.arange(len(rows)), starts, ends)
@@ -115,8 +117,8 @@ def test_window_lexicon_scores_what_the_trees_index_scores(
         tree.ingest(torch.tensor(row[:prefix]))
         index = LexicalIndex()
         index.update(tree)
-        want = index.span_scores(torch.tensor(row[prefix - q : prefix]), spans)
-        assert torch.allclose(got[r], want, atol=1e-5)
+        want = index.span_scores(torch.tensor(row[prefix - q : prefix]), spans, idf_power, max_df)
+        assert torch.allclose(got[r], want, atol=1e-4)
 
 
 def test_follow_gives_a_key_block_the_hits_of_the_block_after_it() -> None:

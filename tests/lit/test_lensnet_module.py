@@ -475,3 +475,30 @@ def test_a_lexical_lensnet_trains_validates_and_allocates_from_token_ids() -> No
     tok = m.base.embed(ids[:, :p])
     with pytest.raises(ValueError, match="token ids"):
         m.allocate("lensnet", 2, tok, m.gists(tok, p), p, np.random.default_rng(0))
+
+
+def test_settle_steps_train_on_the_wc_a_session_settles_on_before_an_answer() -> None:
+    """``settle_states=1``: every training WC is the question-time settle's for the first window (the coarsest cover
+    refocused on LensNet plus the question's lexical score): the blocks holding the question's rare tokens are opened
+    raw, the WC stays within the budget, and the step trains every LensNet parameter and nothing else."""
+    ids = windows(2)
+    rare = torch.arange(250, 250 + K)
+    ids[ids >= 250] = 0
+    m = _module(settle_states=1.0, settle_weight=100.0)
+    prefix = m.prefix(ids)
+    ids[0, 2 * K : 3 * K] = rare  # block 2 holds the key ...
+    ids[0, prefix - K : prefix] = rare  # ... the question (the prefix's last block) asks for it
+    tok = m.base.embed(ids[:, : prefix + H])
+    gists = m.gists(tok, prefix)
+    entries, cand = m.settle_step(tok, gists, prefix, np.random.default_rng(0), ids)
+    raw = {e.index for e in entries if e.level == 0}
+    # the key's block and its reach (one block back, one ahead) tie on the question's tokens: the budget opens some
+    # of them raw and none of the blocks between the key and the question
+    assert raw & {1, 2, 3} and not raw & set(range(4, 12)), [(e.level, e.index) for e in entries]
+    assert sum(K if e.level == 0 else 1 for e in entries) <= 24 and len(cand) == min(6, len(entries))
+    before = snapshot(m)
+    one_step(m, ids, step=3)
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved, (sorted(stuck), sorted(moved))
+    with pytest.raises(ValueError, match="settle_states must be in"):
+        _module(settle_states=1.5)

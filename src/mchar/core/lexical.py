@@ -87,9 +87,18 @@ class WindowLexicon:
     idf: torch.Tensor
 
     @classmethod
-    def of(cls, ids: torch.Tensor, block_size: int, prefix: int, query_tokens: int) -> WindowLexicon:
+    def of(
+        cls,
+        ids: torch.Tensor,
+        block_size: int,
+        prefix: int,
+        query_tokens: int,
+        idf_power: float = 1.0,
+        max_df: int | None = None,
+    ) -> WindowLexicon:
         """Index the ``prefix // block_size`` blocks of each window ``ids [B, T]`` against its query, the last
-        ``query_tokens`` ids before ``prefix`` (the IDF is over the window's blocks, as the index's is over the tree's)."""
+        ``query_tokens`` ids before ``prefix`` (the IDF is over the window's blocks, as the index's is over the tree's;
+        ``idf_power`` / ``max_df`` as in :meth:`LexicalIndex.span_scores`: a settle's sharpened score)."""
         k, n = int(block_size), int(prefix) // int(block_size)
         q = min(int(query_tokens), int(prefix))
         query = ids[:, prefix - q : prefix]  # [B, Q]
@@ -97,7 +106,8 @@ class WindowLexicon:
         present = (blocks[:, :, :, None] == query[:, None, None, :]).any(2)  # [B, N, Q]
         repeat = ((query[:, :, None] == query[:, None, :]).tril(-1)).any(-1)  # an earlier copy in the query
         df = present.sum(1)
-        idf = torch.where((df > 0) & ~repeat, torch.log1p(n / df.clamp_min(1).float()), 0.0)
+        kept = (df > 0) & ~repeat & (df <= (max_df if max_df is not None else n))
+        idf = torch.where(kept, torch.log1p(n / df.clamp_min(1).float()) ** idf_power, 0.0)
         zero = present.new_zeros(ids.shape[0], 1, q, dtype=torch.int32)
         return cls(torch.cat([zero, present.cumsum(1, dtype=torch.int32)], 1), idf)
 

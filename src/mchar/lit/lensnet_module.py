@@ -40,6 +40,7 @@ from mchar.core.entries import Entry
 from mchar.core.lensnet import standardise_rows
 from mchar.core.lexical import WindowLexicon
 from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
+from mchar.core.policies import standardise
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
@@ -117,6 +118,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         protect_tokens: int = 0,
         random_fill: float = 0.0,
         on_policy: float = 0.0,
+        settle_states: float = 0.0,
+        settle_weight: float = 4.0,
+        settle_rounds: int = 4,
+        settle_follow: int = 1,
+        settle_idf_power: float = 3.0,
+        settle_max_df: int | None = 4,
         lookahead: bool = False,
         seed: int = 0,
         utility: str = "sampled",
@@ -138,6 +145,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             raise ValueError(f"lensnet.teacher_temperature must be > 0, got {teacher_temperature}")
         if teacher_gate is not None and not 0.0 <= teacher_gate < 1.0:
             raise ValueError(f"lensnet.teacher_gate must be null or in [0, 1), got {teacher_gate}")
+        if not 0.0 <= settle_states <= 1.0:
+            raise ValueError(f"lensnet.settle_states must be in [0, 1], got {settle_states}")
         if pair_norm not in PAIR_NORMS:
             raise ValueError(f"lensnet.pair_norm must be one of {PAIR_NORMS}, got {pair_norm!r}")
         self.base = base
@@ -210,9 +219,12 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         query_tokens: int,
         lookback: int,
         follow: int = 0,
+        idf_power: float = 1.0,
+        max_df: int | None = None,
     ) -> torch.Tensor:
         """``[R, W]`` the ``lexical`` policy's raw scores of each row's entries (padding 0) in its window ``ids``: each
-        span widened by ``lookback`` blocks before it and ``follow`` after it (within the window's complete blocks)."""
+        span widened by ``lookback`` blocks before it and ``follow`` after it (within the window's complete blocks);
+        ``idf_power`` / ``max_df`` sharpen it as the settle's scorer does."""
         if ids is None:
             raise ValueError("lexical match scores need the windows' token ids (ids=)")
         width = max(len(e) for e in entries_per_row)
@@ -229,7 +241,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             spans[0, i, :n] = np.maximum(starts - lookback, 0)
             ends = np.fromiter((e.end(self.k) for e in ents), np.int64, count=n) // self.k
             spans[1, i, :n] = np.minimum(ends + follow, prefix // self.k)
-        lexicon = WindowLexicon.of(ids, self.k, prefix, query_tokens)
+        lexicon = WindowLexicon.of(ids, self.k, prefix, query_tokens, idf_power, max_df)
         dev = lexicon.cum.device
         bi = torch.as_tensor(list(rows_batch), device=dev)
         starts, ends = torch.from_numpy(spans).to(dev)
@@ -399,6 +411,47 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen, ids=first)[0]
         return self.planner.pick(list(wc.entries), gen)
 
+    def settle_step(
+        self,
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        gen: np.random.Generator,
+        ids: torch.Tensor,
+    ) -> tuple[list[Entry], np.ndarray]:
+        """The WC a session's settle builds before an answer, for the batch's first window, and C of its entries: the
+        coarsest cover refocused on LensNet's current z-scores plus ``settle_weight`` x the question's sharpened
+        lexical z-scores (``allocator.query_*``), budget-filling. There LensNet's own ranking fills the slots the
+        matched needle leaves, with a distractor's value when it ranks high; training on the utilities measured in
+        that state teaches the fill (docs/FINDINGS.md, *LensNet trained on settle states*)."""
+        hp = self.hparams
+        wc = initial_context(self.shape(prefix), self.budget, expand_recent=False)
+        cap = hp.alloc_edits or 1 << 20  # the session's edits per refocus (allocator.n_diff)
+        alloc = FocusAllocator(fill_budget=True, max_edits=cap, cooldown=0, protect_tokens=hp.protect_tokens)
+        first, tok1, gists1 = ids[:1], tok[:1], [g[:1] for g in gists]
+        for _ in range(hp.settle_rounds):
+            own = self.policy_scores("lensnet", [wc], tok1, gists1, prefix, gen, ids=first)[0]
+            ents = list(wc.entries)
+            lex = (
+                self.lexical_scores(
+                    [ents],
+                    [0],
+                    first,
+                    prefix,
+                    self.k,
+                    1,
+                    hp.settle_follow,
+                    hp.settle_idf_power,
+                    hp.settle_max_df,
+                )[0, : len(ents)]
+                .float()
+                .cpu()
+            )
+            scores = standardise(standardise(own) + hp.settle_weight * standardise(lex))
+            if not alloc.refocus(wc, scores):
+                break
+        return self.planner.pick(list(wc.entries), gen)
+
     def step_plan(
         self,
         step: int,
@@ -407,11 +460,19 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         gists: list[torch.Tensor],
         ids: torch.Tensor | None = None,
     ) -> LensPlan:
-        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, else the planner's."""
+        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, the settle's on a settle
+        step, else the planner's."""
         if self.hparams.on_policy > 0:
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
             if gen.random() < self.hparams.on_policy:
                 picked = self.on_policy_step(tok, gists, prefix, gen, ids)
+                return self.planner.plan(*picked, prefix, tok.shape[0])
+        if self.hparams.settle_states > 0:
+            gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 23))
+            if gen.random() < self.hparams.settle_states:
+                if ids is None:
+                    raise ValueError("lensnet.settle_states: a settle step needs the windows' token ids")
+                picked = self.settle_step(tok, gists, prefix, gen, ids)
                 return self.planner.plan(*picked, prefix, tok.shape[0])
         return self.planner.plan(*self.sample_step(step, prefix), prefix, tok.shape[0])
 
