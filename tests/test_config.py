@@ -61,7 +61,10 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.random_fill=1.5"], "lensnet.random_fill"),
         (["lensnet.on_policy=-0.1"], "lensnet.on_policy"),
         (["lensnet.settle_states=1.5"], "lensnet.settle_states: must be in [0, 1]"),
-        (["lensnet.settle_states=0.5", "allocator.query_scorer=similarity"], "needs allocator.query_scorer=lexical"),
+        (
+            ["lensnet.settle_states=0.5", "allocator.query_scorer=similarity"],
+            "needs allocator.query_scorer=lexical",
+        ),
         (["lensnet.query_tokens=-1"], "lensnet.query_tokens"),
         (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["lensnet.lexical_tokens=-1"], "lensnet.lexical_tokens"),
