@@ -106,7 +106,7 @@ def test_bad_pools_stop_before_writing(tmp_path: Path, capsys: pytest.CaptureFix
     for names, name, kwargs, match in (
         (["s0"], "pool", {}, "at least two experiment names"),
         (["s0", "s0"], "pool", {}, "named twice"),
-        (["s0", "s1"], "s1", {}, "is one of the pooled experiments"),
+        (["s0", "s1"], "s1", {}, "is one of the pooled experiments; its own report would be overwritten"),
         (["s0", "typo"], "pool", {}, "no finished runs of experiment 'typo'"),
         (["s0", "other_budget"], "pool", {}, r"allocator.budget differs \(s0: 128, other_budget: 256\)"),
         (["s0", "no_samples"], "pool", {}, "'no_samples' logged no per-example task outcomes"),

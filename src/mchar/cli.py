@@ -132,42 +132,31 @@ def _dispatch(args: argparse.Namespace) -> int:
             out_dir = Path(args.out_dir)
             print(build_bench_report(out_dir / "bench", out_dir / "bench.md"))
             return 0
-        if args.compare and args.pool:
+        chosen = [flag for flag in ("compare", "pool") if getattr(args, flag)]
+        if chosen:
             from mchar.errors import MCharError
 
-            raise MCharError("report: --compare and --pool exclude each other")
-        if args.pool:
-            from mchar.errors import MCharError
-            from mchar.pooled import build_pooled
-
+            if len(chosen) > 1:
+                raise MCharError("report: --compare and --pool exclude each other")
+            flag = chosen[0]
             if args.run_id:
                 raise MCharError(
-                    "report: --run-id and --pool exclude each other (--pool takes experiment names)"
+                    f"report: --run-id and --{flag} exclude each other (--{flag} takes experiment names)"
                 )
-            path = build_pooled(
-                args.pool,
-                args.name or "pooled-" + "-".join(args.pool),
-                reference=args.reference,
+            if flag == "pool":
+                from mchar.pooled import build_pooled as build
+            else:
+                from mchar.compare import build_comparison as build
+            names = getattr(args, flag)
+            default = ("pooled-" if flag == "pool" else "compare-") + "-".join(names)
+            extra = {"reference": args.reference} if flag == "pool" else {}
+            path = build(
+                names,
+                args.name or default,
                 experiment=args.experiment,
                 tracking_uri=args.tracking_uri,
                 out_dir=args.out_dir,
-            )
-            print(path)
-            return 0
-        if args.compare:
-            from mchar.compare import build_comparison
-            from mchar.errors import MCharError
-
-            if args.run_id:
-                raise MCharError(
-                    "report: --run-id and --compare exclude each other (--compare takes experiment names)"
-                )
-            path = build_comparison(
-                args.compare,
-                args.name or "compare-" + "-".join(args.compare),
-                experiment=args.experiment,
-                tracking_uri=args.tracking_uri,
-                out_dir=args.out_dir,
+                **extra,
             )
             print(path)
             return 0

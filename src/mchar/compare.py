@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mchar import plots
-from mchar.errors import MCharError, redact_url
+from mchar.errors import redact_url
 from mchar.evals.gap import GAP_TERMS
 from mchar.report import (
     GISTNET_VS_DROP,
@@ -23,7 +23,7 @@ from mchar.report import (
     SET_HEADINGS,
     TASK,
     RunInfo,
-    check_report_name,
+    check_experiment_names,
     collect,
     command_cell,
     fmt,
@@ -271,16 +271,7 @@ def build_comparison(
 ) -> Path:
     """Write ``<out_dir>/<out_name>.md`` comparing experiments ``names``; returns its path. Every name is looked
     up before anything is written, so a typo never replaces an existing report."""
-    check_report_name(out_name)
-    if len(names) < 2:
-        raise MCharError(f"report --compare: give at least two experiment names (got {len(names)})")
-    if len(set(names)) != len(names):
-        raise MCharError(f"report --compare: an experiment is named twice in {names}")
-    if out_name in names:
-        raise MCharError(
-            f"report --compare: --name {out_name!r} is one of the compared experiments; its own report would be "
-            "overwritten (choose another --name)"
-        )
+    check_experiment_names("--compare", names, out_name, "compared")
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
     runs = {n: collect(client, exp_id, n, None)[0] for n in names}
     evals = {n: ev for n in names if (ev := _newest(runs[n], "eval")) is not None}

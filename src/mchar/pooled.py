@@ -20,7 +20,7 @@ from mchar.errors import MCharError, redact_url
 from mchar.evals.paired_tasks import mcnemar_exact
 from mchar.report import (
     RunInfo,
-    check_report_name,
+    check_experiment_names,
     collect,
     fmt,
     open_store,
@@ -50,18 +50,6 @@ class Tally:
     @property
     def accuracy(self) -> float:
         return self.right / self.examples if self.examples else float("nan")
-
-
-def _check_names(names: list[str], out_name: str) -> None:
-    check_report_name(out_name)
-    if len(names) < 2:
-        raise MCharError(f"report --pool: give at least two experiment names (got {len(names)})")
-    if len(set(names)) != len(names):
-        raise MCharError(f"report --pool: an experiment is named twice in {names}")
-    if out_name in names:
-        raise MCharError(
-            f"report --pool: --name {out_name!r} is one of the pooled experiments; choose another --name"
-        )
 
 
 def _check_setting(evals: dict[str, RunInfo]) -> None:
@@ -140,7 +128,7 @@ def build_pooled(
     """Write ``<out_dir>/<out_name>.md``: the task outcomes of experiments ``names`` (seed replicates of one setting)
     pooled, each policy paired with ``reference``; returns its path. Everything is checked before anything is
     written, so a mistyped name or a mismatched run never replaces an existing report."""
-    _check_names(names, out_name)
+    check_experiment_names("--pool", names, out_name, "pooled")
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
     evals: dict[str, RunInfo] = {}
     for name in names:

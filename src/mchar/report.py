@@ -771,6 +771,21 @@ def command_cell(run: RunInfo) -> str:
     return "`" + run.tags.get("argv", run.tags.get("command", "?")).replace("|", "\\|") + "`"
 
 
+def check_experiment_names(flag: str, names: list[str], out_name: str, role: str) -> None:
+    """The experiments a multi-experiment report (``--compare``, ``--pool``) reads: at least two, each once, and
+    none whose own report ``--name`` would overwrite."""
+    check_report_name(out_name)
+    if len(names) < 2:
+        raise MCharError(f"report {flag}: give at least two experiment names (got {len(names)})")
+    if len(set(names)) != len(names):
+        raise MCharError(f"report {flag}: an experiment is named twice in {names}")
+    if out_name in names:
+        raise MCharError(
+            f"report {flag}: --name {out_name!r} is one of the {role} experiments; its own report would be "
+            "overwritten (choose another --name)"
+        )
+
+
 def write_report(out_dir: Path, name: str, lines: list[str], sources: dict[str, Any]) -> Path:
     """``<out_dir>/<name>.md`` and, beside its figures, ``sources.json`` naming the store and runs it was read from."""
     path = out_dir / f"{name}.md"
