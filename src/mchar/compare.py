@@ -298,15 +298,8 @@ def build_comparison(
     lines += _paired_tasks_section(client, evals, names)
     lines += _side_nets_section(runs, names)
     lines += _sources_section(runs)
+    run_ids = {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()}
+    figures = [f.name for f in (figure, retrieval_figure) if f]
     return write_report(
-        Path(out_dir),
-        out_name,
-        lines,
-        {
-            "tracking_uri": redact_url(uri),
-            "experiment": experiment,
-            "compared": names,
-            "runs": {n: [r.run_id for r in _newest_per_stage(s)] for n, s in runs.items()},
-            "figures": [f.name for f in (figure, retrieval_figure) if f],
-        },
+        Path(out_dir), out_name, lines, uri, experiment, compared=names, runs=run_ids, figures=figures
     )

@@ -226,16 +226,16 @@ def build_pooled(
         ),
         "",
     ]
+    run_ids = {n: r.run_id for n, r in evals.items()}
+    figures = [figure.name] if figure else []
     return write_report(
         Path(out_dir),
         out_name,
         lines,
-        {
-            "tracking_uri": redact_url(uri),
-            "experiment": experiment,
-            "pooled": names,
-            "reference": reference,
-            "runs": {n: r.run_id for n, r in evals.items()},
-            "figures": [figure.name] if figure else [],
-        },
+        uri,
+        experiment,
+        pooled=names,
+        reference=reference,
+        runs=run_ids,
+        figures=figures,
     )

@@ -786,11 +786,15 @@ def check_experiment_names(flag: str, names: list[str], out_name: str, role: str
         )
 
 
-def write_report(out_dir: Path, name: str, lines: list[str], sources: dict[str, Any]) -> Path:
-    """``<out_dir>/<name>.md`` and, beside its figures, ``sources.json`` naming the store and runs it was read from."""
+def write_report(
+    out_dir: Path, name: str, lines: list[str], uri: str, experiment: str, **sources: Any
+) -> Path:
+    """``<out_dir>/<name>.md`` and, beside its figures, ``sources.json`` naming the store (its URI without
+    credentials), the experiment and ``sources`` (the runs it was read from, its figures)."""
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
-    (out_dir / name / "sources.json").write_text(json.dumps(sources, indent=2))
+    record = {"tracking_uri": redact_url(uri), "experiment": experiment, **sources}
+    (out_dir / name / "sources.json").write_text(json.dumps(record, indent=2))
     return path
 
 
@@ -880,15 +884,8 @@ def build_report(
         )
     else:
         lines.append(NOT_RUN)
+    runs = [r.run_id for r in stages]
+    figure_names = [f.name for f in figures]
     return write_report(
-        out_root,
-        name,
-        lines,
-        {
-            "tracking_uri": redact_url(uri),
-            "experiment": experiment,
-            "run_id": scope_id,
-            "runs": [r.run_id for r in stages],
-            "figures": [f.name for f in figures],
-        },
+        out_root, name, lines, uri, experiment, run_id=scope_id, runs=runs, figures=figure_names
     )
