@@ -27,6 +27,8 @@ from mchar.report import (
     collect,
     command_cell,
     fmt,
+    fresh_figure_dir,
+    newest_stage,
     open_store,
     paired_cells,
     run_samples,
@@ -45,10 +47,6 @@ SIDE_NET_METRICS = {
 VAL_PREFIXES = {"final": "code", "final_retrieval": "retrieval"}
 
 
-def _newest(runs: list[RunInfo], stage: str) -> RunInfo | None:
-    return next((r for r in runs if r.stage == stage), None)
-
-
 def _interval(metrics: dict[str, float], stem: str, value_key: str) -> str:
     """``value [low, high]`` from ``<stem>/<value_key>`` and the stem's ``ci_low``/``ci_high`` (or its
     ``delta_nll_ci_*``), ``—`` when the run did not log it."""
@@ -63,7 +61,7 @@ def _interval(metrics: dict[str, float], stem: str, value_key: str) -> str:
 def _experiments_table(runs: dict[str, list[RunInfo]]) -> list[str]:
     rows = []
     for name, stages in runs.items():
-        ev, base = _newest(stages, "eval"), _newest(stages, "base_lm")
+        ev, base = newest_stage(stages, "eval"), newest_stage(stages, "base_lm")
         rows.append(
             [
                 name,
@@ -214,7 +212,7 @@ def _paired_tasks_section(client: Any, evals: dict[str, RunInfo], names: list[st
 def _side_nets_section(runs: dict[str, list[RunInfo]], names: list[str]) -> list[str]:
     rows = []
     for stage, metrics in SIDE_NET_METRICS.items():
-        newest = {n: _newest(runs[n], stage) for n in names}
+        newest = {n: newest_stage(runs[n], stage) for n in names}
         for prefix, vset in VAL_PREFIXES.items():
             for m in metrics:
                 key = f"{prefix}/{m}"
@@ -274,11 +272,8 @@ def build_comparison(
     check_experiment_names("--compare", names, out_name, "compared")
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
     runs = {n: collect(client, exp_id, n, None)[0] for n in names}
-    evals = {n: ev for n in names if (ev := _newest(runs[n], "eval")) is not None}
-    fig_dir = Path(out_dir) / out_name
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for old in fig_dir.glob("*.png"):
-        old.unlink()
+    evals = {n: ev for n in names if (ev := newest_stage(runs[n], "eval")) is not None}
+    fig_dir = fresh_figure_dir(out_dir, out_name)
     command = f"python -m mchar report --compare {' '.join(names)} --name {out_name}"
     lines = [
         f"# mchar comparison: {out_name}",

@@ -23,6 +23,8 @@ from mchar.report import (
     check_experiment_names,
     collect,
     fmt,
+    fresh_figure_dir,
+    newest_stage,
     open_store,
     run_samples,
     table,
@@ -45,11 +47,15 @@ class Tally:
     examples: int = 0
     reference_only: int = 0
     policy_only: int = 0
-    per_run: dict[str, float] = field(default_factory=dict)
+    per_run: dict[str, list[int]] = field(default_factory=dict)  # run -> [right, examples]
 
     @property
     def accuracy(self) -> float:
         return self.right / self.examples if self.examples else float("nan")
+
+    def run_accuracy(self, run: str) -> float | None:
+        right, n = self.per_run.get(run, (0, 0))
+        return right / n if n else None
 
 
 def _check_setting(evals: dict[str, RunInfo]) -> None:
@@ -92,20 +98,18 @@ def pool_outcomes(samples: dict[str, dict[str, Outcomes]], reference: str) -> di
     for name, by_policy in samples.items():
         ref = by_policy[reference]
         for policy, got in by_policy.items():
-            per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0])
             for key, (value, _) in got.items():
                 t = tally[(key[0], policy)]
                 hit = value >= 0.5
                 t.right += hit
                 t.examples += 1
-                per_task[key[0]][0] += hit
-                per_task[key[0]][1] += 1
+                run = t.per_run.setdefault(name, [0, 0])
+                run[0] += hit
+                run[1] += 1
                 if policy != reference and key in ref:
                     ref_hit = ref[key][0] >= 0.5
                     t.reference_only += ref_hit and not hit
                     t.policy_only += hit and not ref_hit
-            for task, (right, n) in per_task.items():
-                tally[(task, policy)].per_run[name] = right / n
     return dict(tally)
 
 
@@ -132,7 +136,7 @@ def build_pooled(
     client, exp_id, uri = open_store(names[0], experiment, tracking_uri)
     evals: dict[str, RunInfo] = {}
     for name in names:
-        run = next((r for r in collect(client, exp_id, name, None)[0] if r.stage == "eval"), None)
+        run = newest_stage(collect(client, exp_id, name, None)[0], "eval")
         if run is None:
             raise MCharError(f"report --pool: experiment {name!r} has no finished eval run")
         evals[name] = run
@@ -150,11 +154,7 @@ def build_pooled(
     _check_disjoint(samples)
     tally = pool_outcomes(samples, reference)
 
-    fig_dir = Path(out_dir) / out_name
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for old in fig_dir.glob("*.png"):
-        old.unlink()
-    figure = _accuracy_plot(tally, fig_dir / "task_accuracy.png")
+    figure = _accuracy_plot(tally, fresh_figure_dir(out_dir, out_name) / "task_accuracy.png")
     command = f"python -m mchar report --pool {' '.join(names)} --name {out_name}"
     if reference != "lensnet":
         command += f" --reference {reference}"
@@ -178,7 +178,7 @@ def build_pooled(
             [
                 key[0],
                 key[1],
-                *[fmt(t.per_run.get(n)) for n in names],
+                *[fmt(t.run_accuracy(n)) for n in names],
                 fmt(t.accuracy),
                 str(t.examples),
                 *paired,

@@ -771,6 +771,21 @@ def command_cell(run: RunInfo) -> str:
     return "`" + run.tags.get("argv", run.tags.get("command", "?")).replace("|", "\\|") + "`"
 
 
+def newest_stage(runs: list[RunInfo], stage: str) -> RunInfo | None:
+    """The newest run of ``stage`` among ``runs`` (newest first, as :func:`collect` returns them)."""
+    return next((r for r in runs if r.stage == stage), None)
+
+
+def fresh_figure_dir(out_dir: str | Path, name: str) -> Path:
+    """``<out_dir>/<name>/``, created, without the PNGs an earlier build of the report left (a figure the new build
+    does not draw must not linger beside it)."""
+    fig_dir = Path(out_dir) / name
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()
+    return fig_dir
+
+
 def check_experiment_names(flag: str, names: list[str], out_name: str, role: str) -> None:
     """The experiments a multi-experiment report (``--compare``, ``--pool``) reads: at least two, each once, and
     none whose own report ``--name`` would overwrite."""
@@ -834,10 +849,7 @@ def build_report(
     scope_id = root.run_id if root else None
     label_sweep_variants(root)
     out_root = Path(out_dir)
-    fig_dir = out_root / name
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for old in fig_dir.glob("*.png"):
-        old.unlink()
+    fig_dir = fresh_figure_dir(out_root, name)
     evals = [r for r in stages if r.stage == "eval"]
     figures: list[Path] = []
     scope = (

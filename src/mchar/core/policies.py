@@ -599,8 +599,15 @@ class QueryBlendPolicy(Policy):
         self.name = policy.name  # type: ignore[misc]
 
     def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
-        own = standardise(self.policy.scores(wc, tree, context))
-        return standardise(own + self.weight * standardise(self.query.scores(wc, tree, context)))
+        return blend_scores(
+            self.policy.scores(wc, tree, context), self.query.scores(wc, tree, context), self.weight
+        )
+
+
+def blend_scores(own: torch.Tensor, query: torch.Tensor, weight: float) -> torch.Tensor:
+    """``own``'s z-scores plus ``weight`` x ``query``'s, standardised again: the settle's blend (a session's
+    :class:`QueryBlendPolicy`, and LensNet's training settle states)."""
+    return standardise(standardise(own) + weight * standardise(query))
 
 
 def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:
@@ -618,6 +625,7 @@ __all__ = [
     "POLICIES",
     "AttentionPolicy",
     "QueryBlendPolicy",
+    "blend_scores",
     "GistsOnlyPolicy",
     "LensNetPolicy",
     "LexicalPolicy",

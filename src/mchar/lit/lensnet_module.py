@@ -40,7 +40,7 @@ from mchar.core.entries import Entry
 from mchar.core.lensnet import standardise_rows
 from mchar.core.lexical import WindowLexicon
 from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
-from mchar.core.policies import standardise
+from mchar.core.policies import blend_scores
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
@@ -447,7 +447,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 .float()
                 .cpu()
             )
-            scores = standardise(standardise(own) + hp.settle_weight * standardise(lex))
+            scores = blend_scores(own, lex, hp.settle_weight)
             if not alloc.refocus(wc, scores):
                 break
         return self.planner.pick(list(wc.entries), gen)
