@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,10 +50,43 @@ def test_plan_rows_equal_the_rows_built_layout_by_layout(step, blocks, k, depth,
     for name in ("batch", "bank_idx", "positions", "mask"):
         got, want = getattr(plan.rows, name), getattr(ref, name)
         assert got.dtype == want.dtype and torch.equal(got, want), name
-    assert plan.cand_index.tolist() == list(cand)
-    assert plan.sign.tolist() == [1.0 if entries[int(i)].level > 0 else -1.0 for i in cand]
+    assert plan.cand_index.tolist() == [list(cand)] * windows
+    assert plan.sign.tolist() == [[1.0 if entries[int(i)].level > 0 else -1.0 for i in cand]] * windows
     moved = plan.to("cpu")
     assert torch.equal(moved.rows.bank_idx, plan.rows.bank_idx)
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.integers(0, 10_000), min_size=1, max_size=3), blocks=st.integers(8, 30))
+def test_a_plan_per_window_holds_each_windows_own_rows_and_candidates(steps, blocks) -> None:
+    """``plan_windows``: window ``w``'s WC and variants are its own layouts (rows ``(1 + j) * B + w``), however the
+    windows' WCs differ in length, and its candidates and signs are its own."""
+    p = _planner()
+    prefix = blocks * p.block_size
+    picks = [p.sample(s, prefix) for s in steps]
+    c = min(len(cand) for _, cand in picks)
+    picks = [(e, cand[:c]) for e, cand in picks]
+    plan = p.plan_windows(picks, prefix)
+    b = len(picks)
+    assert plan.windows == b and plan.n_rows == (1 + c) * b
+    for w, (entries, cand) in enumerate(picks):
+        ref = _reference_rows(p, entries, cand, prefix, 1)
+        own = torch.arange(w, plan.n_rows, b)
+        rows = plan.rows
+        assert (rows.batch[own] == w).all()
+        for name in ("bank_idx", "positions", "mask"):
+            got, want = getattr(rows, name)[own], getattr(ref, name)
+            assert torch.equal(got[:, got.shape[1] - want.shape[1] :], want), name
+            assert not rows.mask[own][:, : got.shape[1] - want.shape[1]].any()
+        assert plan.cand_index[w].tolist() == list(cand) and plan.entries[w] == entries
+        assert plan.sign[w].tolist() == [1.0 if entries[int(i)].level > 0 else -1.0 for i in cand]
+
+
+def test_a_plan_per_window_needs_as_many_candidates_in_every_window() -> None:
+    p = _planner()
+    (e0, c0), (e1, c1) = p.sample(0, 80), p.sample(1, 80)
+    with pytest.raises(ValueError, match="same number of candidates"):
+        p.plan_windows([(e0, c0), (e1, c1[:-1])], 80)
 
 
 def test_a_plan_is_a_pure_function_of_seed_step_and_prefix() -> None:

@@ -228,8 +228,9 @@ def test_unknown_alloc_start_is_refused() -> None:
 
 
 def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
-    """``on_policy=1``: every training WC is what the allocator builds from LensNet's current scores (legal, within
-    the budget), its candidates are drawn from it, and the step still trains every LensNet parameter."""
+    """``on_policy=1``: every window's training WC is what the allocator builds for it from LensNet's current scores
+    (legal, within the budget), its candidates are drawn from it, and the step still trains every LensNet
+    parameter."""
     ids = windows(2)
     m = _module(on_policy=1.0)
     prefix = m.prefix(ids)
@@ -237,10 +238,11 @@ def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
     gists = m.gists(tok, prefix)
     gen = np.random.default_rng(W.step_seed(0, 3, 17))
     gen.random()  # the on/off draw lens_loss makes first
-    entries, cand = m.on_policy_step(tok, gists, prefix, gen)
-    want = m.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, np.random.default_rng(0))[0]
-    assert [(e.level, e.index) for e in entries] == [(e.level, e.index) for e in want.entries]
-    assert want.cost <= 24 and len(cand) == min(6, len(entries)) and (np.diff(cand) > 0).all()
+    plan = m.on_policy_plan(tok, gists, prefix, gen)
+    want = m.allocate("lensnet", 2, tok, gists, prefix, np.random.default_rng(0))
+    for entries, cand, wc in zip(plan.entries, plan.cand, want, strict=True):
+        assert [(e.level, e.index) for e in entries] == [(e.level, e.index) for e in wc.entries]
+        assert wc.cost <= 24 and len(cand) == min(6, len(entries)) and (np.diff(cand) > 0).all()
     before = snapshot(m)
     one_step(m, ids, step=3)
     stuck, moved = changed(m, before)
@@ -365,7 +367,7 @@ def test_mixed_utilities_train_on_the_mean_of_both_measurements() -> None:
         torch.testing.assert_close(mixed, (sampled + expected) / 2)
         scores, _ = m.lens_scores([entries] * 3, range(3), tok, gists, p)
         plan = m.plan_for(entries, cand, p, bank)
-        want = pairwise_bt_loss(scores[:, plan.cand_index], mixed, norm=m.hparams.pair_norm)
+        want = pairwise_bt_loss(scores.gather(1, plan.cand_index), mixed, norm=m.hparams.pair_norm)
         torch.testing.assert_close(m.lens_loss(ids, 0)[0], want)
 
 
@@ -478,24 +480,27 @@ def test_a_lexical_lensnet_trains_validates_and_allocates_from_token_ids() -> No
 
 
 def test_settle_steps_train_on_the_wc_a_session_settles_on_before_an_answer() -> None:
-    """``settle_states=1``: every training WC is the question-time settle's for the first window (the coarsest cover
-    refocused on LensNet plus the question's lexical score): the blocks holding the question's rare tokens are opened
-    raw, the WC stays within the budget, and the step trains every LensNet parameter and nothing else."""
+    """``settle_states=1``: every window's training WC is the question-time settle's for that window (the coarsest
+    cover refocused on LensNet plus the question's lexical score): the blocks holding its question's rare tokens are
+    opened raw, the WC stays within the budget, and the step trains every LensNet parameter and nothing else."""
     ids = windows(2)
     rare = torch.arange(250, 250 + K)
     ids[ids >= 250] = 0
     m = _module(settle_states=1.0, settle_weight=100.0)
     prefix = m.prefix(ids)
-    ids[0, 2 * K : 3 * K] = rare  # block 2 holds the key ...
-    ids[0, prefix - K : prefix] = rare  # ... the question (the prefix's last block) asks for it
+    for w, key in enumerate((2, 7)):
+        ids[w, key * K : (key + 1) * K] = rare  # block ``key`` of window ``w`` holds the key ...
+        ids[w, prefix - K : prefix] = rare  # ... the question (the prefix's last block) asks for it
     tok = m.base.embed(ids[:, : prefix + H])
     gists = m.gists(tok, prefix)
-    entries, cand = m.settle_step(tok, gists, prefix, np.random.default_rng(0), ids)
-    raw = {e.index for e in entries if e.level == 0}
-    # the key's block and its reach (one block back, one ahead) tie on the question's tokens: the budget opens some
-    # of them raw and none of the blocks between the key and the question
-    assert raw & {1, 2, 3} and not raw & set(range(4, 12)), [(e.level, e.index) for e in entries]
-    assert sum(K if e.level == 0 else 1 for e in entries) <= 24 and len(cand) == min(6, len(entries))
+    plan = m.settle_plan(tok, gists, prefix, np.random.default_rng(0), ids)
+    for key, entries, cand in zip((2, 7), plan.entries, plan.cand, strict=True):
+        raw = {e.index for e in entries if e.level == 0}
+        # the key's block and its reach (one block back, one ahead) tie on the question's tokens: the budget opens
+        # some of them raw and none of the blocks between the key's reach and the question
+        reach = {key - 1, key, key + 1}
+        assert raw & reach and not raw & (set(range(1, 12)) - reach), [(e.level, e.index) for e in entries]
+        assert sum(K if e.level == 0 else 1 for e in entries) <= 24 and len(cand) == min(6, len(entries))
     before = snapshot(m)
     one_step(m, ids, step=3)
     stuck, moved = changed(m, before)

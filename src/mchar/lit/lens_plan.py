@@ -40,23 +40,31 @@ def replacement(e: Entry, block_size: int) -> list[Entry]:
 
 @dataclass
 class LensPlan:
-    """One step's WC (``entries``), its candidate indices (``cand``, sorted) and, packed in ONE int64 tensor, the
-    rows of the WC and its variants for each window of the batch (variant-major, windows inner: rows ``0..B-1``
-    the WC, rows ``(1 + j) * B + w`` candidate ``j`` perturbed in window ``w``), the candidates' indices and their
-    utility signs (+1 a gist, whose gain is expanding it; -1 a raw block, whose gain is keeping it raw)."""
+    """One step's WC per window (``entries``), each window's candidate indices (``cand`` ``[B, C]``, sorted) and,
+    packed in ONE int64 tensor, the rows of the WCs and their variants (variant-major, windows inner: rows
+    ``0..B-1`` the WCs, row ``(1 + j) * B + w`` window ``w``'s candidate ``j`` perturbed), the candidates' indices
+    and their utility signs (+1 a gist, whose gain is expanding it; -1 a raw block, whose gain is keeping it raw).
+    Most steps share one WC across the batch (``entries`` then holds the same list B times); on-policy and settle
+    steps give every window its own."""
 
-    entries: list[Entry]
+    entries: list[list[Entry]]
     cand: np.ndarray
-    packed: torch.Tensor  # [batch (R) | bank idx (R*L) | positions (R*L) | mask (R*L) | cand (C) | sign (C)]
+    packed: (
+        torch.Tensor
+    )  # [batch (R) | bank idx (R*L) | positions (R*L) | mask (R*L) | cand (B*C) | sign (B*C)]
     n_rows: int
     width: int
+
+    @property
+    def windows(self) -> int:
+        return len(self.entries)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> LensPlan:
         """On ``device``: one copy."""
         return replace(self, packed=self.packed.to(device, non_blocking=non_blocking))
 
     def _parts(self) -> list[torch.Tensor]:
-        r, n, c = self.n_rows, self.n_rows * self.width, len(self.cand)
+        r, n, c = self.n_rows, self.n_rows * self.width, self.cand.size
         return list(self.packed.split([r, n, n, n, c, c]))
 
     @property
@@ -67,11 +75,24 @@ class LensPlan:
 
     @property
     def cand_index(self) -> torch.Tensor:
-        return self._parts()[4]
+        """``[B, C]`` each window's candidate entry indices (gather LensNet's scores with it)."""
+        return self._parts()[4].view(self.cand.shape)
 
     @property
     def sign(self) -> torch.Tensor:
-        return self._parts()[5].float()
+        """``[B, C]`` each candidate's utility sign."""
+        return self._parts()[5].view(self.cand.shape).float()
+
+
+def _packed_plan(
+    entries: list[list[Entry]], cand: np.ndarray, grid: np.ndarray, mask: np.ndarray, sign: np.ndarray
+) -> LensPlan:
+    """A plan from its per-window WCs and candidates ``[B, C]``, its rows' (bank index, position) ``grid [2, R, L]``
+    (variant-major, windows inner) and ``mask [R, L]``, and the candidates' signs ``[B, C]``."""
+    b = len(entries)
+    batch = np.tile(np.arange(b, dtype=np.int64), grid.shape[1] // b)
+    packed = np.concatenate([batch, grid.reshape(-1), mask.reshape(-1), cand.reshape(-1), sign.reshape(-1)])
+    return LensPlan(entries, cand, torch.from_numpy(packed), len(batch), grid.shape[2])
 
 
 @dataclass(frozen=True)
@@ -111,9 +132,12 @@ class LensPlanner:
             )
         return self.pick(list(wc.entries), gen)
 
-    def pick(self, entries: list[Entry], gen: np.random.Generator) -> tuple[list[Entry], np.ndarray]:
-        """``entries`` and C of their indices (sorted), the ones whose utilities a step measures."""
-        c = min(self.candidates, len(entries))
+    def pick(
+        self, entries: list[Entry], gen: np.random.Generator, most: int | None = None
+    ) -> tuple[list[Entry], np.ndarray]:
+        """``entries`` and C of their indices (sorted), the ones whose utilities a step measures: ``candidates``,
+        or ``most`` if fewer, or all of them if fewer still."""
+        c = min(self.candidates, len(entries), most or len(entries))
         return entries, np.sort(gen.choice(len(entries), size=c, replace=False))
 
     def plan(self, entries: list[Entry], cand: np.ndarray, prefix: int, windows: int = 1) -> LensPlan:
@@ -152,11 +176,34 @@ class LensPlanner:
         mask = np.arange(width)[None, :] >= (width - row_len)[:, None]  # each row's slots: its right end
         grid = np.zeros((2, c + 1, width), dtype=np.int64)
         grid[0][mask], grid[1][mask] = bank[src], pos[src]
-        batch = np.tile(np.arange(windows, dtype=np.int64), c + 1)
         grid, mask = np.repeat(grid, windows, axis=1), np.repeat(mask, windows, axis=0)
         sign = np.where(np.fromiter((entries[i].level for i in ci), np.int64, count=c) > 0, 1, -1)
-        packed = np.concatenate([batch, grid.reshape(-1), mask.reshape(-1), ci, sign])
-        return LensPlan(entries, cand, torch.from_numpy(packed), len(batch), width)
+        tiled_cand, tiled_sign = np.tile(ci, (windows, 1)), np.tile(sign, (windows, 1))
+        return _packed_plan([entries] * windows, tiled_cand, grid, mask, tiled_sign)
+
+    def plan_windows(self, picks: list[tuple[list[Entry], np.ndarray]], prefix: int) -> LensPlan:
+        """The plan of one WC and candidate set per window (``picks[w]`` for window ``w``; every window the same
+        number of candidates): each window's rows as :meth:`plan` builds them, interleaved variant-major and
+        left-padded to the widest."""
+        sizes = {len(c) for _, c in picks}
+        if len(sizes) != 1:
+            raise ValueError(f"every window needs the same number of candidates, got {sorted(sizes)}")
+        own = [self.plan(entries, cand, prefix) for entries, cand in picks]
+        b, c, width = len(own), sizes.pop(), max(p.width for p in own)
+        grid = np.zeros((2, c + 1, b, width), dtype=np.int64)
+        mask = np.zeros((c + 1, b, width), dtype=bool)
+        for w, p in enumerate(own):
+            rows = p.rows
+            grid[0, :, w, width - p.width :] = rows.bank_idx.numpy()
+            grid[1, :, w, width - p.width :] = rows.positions.numpy()
+            mask[:, w, width - p.width :] = rows.mask.numpy()
+        return _packed_plan(
+            [p.entries[0] for p in own],
+            np.stack([p.cand[0] for p in own]),
+            grid.reshape(2, (c + 1) * b, width),
+            mask.reshape((c + 1) * b, width),
+            np.stack([p.sign[0].long().numpy() for p in own]),
+        )
 
     def __call__(self, step: int, ids: torch.Tensor) -> LensPlan:
         """The plan of training step ``step`` for a batch of windows ``ids``."""

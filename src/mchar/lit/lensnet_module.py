@@ -1,7 +1,8 @@
 """LensNet training on measured counterfactual utilities (GistNet fixed).
 
 Per step: every window of the batch gets the same budget-respecting WC (``initial_context`` at the budget plus a
-few random legal edits, seeded by the step); C candidate entries are perturbed one at a time (a gist expanded
+few random legal edits, seeded by the step; on-policy and settle steps give each window the WC the allocator or the
+settle builds for it); C candidate entries are perturbed one at a time (a gist expanded
 into its children, a raw block collapsed into its LOD1 gist); the base scores the H horizon tokens for the base WC
 and every variant of every window in ONE forward (rows stacked along the batch, left-padded, masked).
 
@@ -331,8 +332,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             per_row = W.variant_cross_entropy(teacher, logits)
             if gate is not None:
                 per_row = torch.where(gate[batch], per_row, W.token_nll(logits, targets[batch]))
-        loss = per_row.view(1 + len(plan.cand), b, -1).transpose(0, 1)  # [B, 1+C, H]
-        utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[:, None]
+        loss = per_row.view(-1, b, per_row.shape[-1]).transpose(0, 1)  # [B, 1+C, H]
+        utils = (loss[:, :1] - loss[:, 1:]) * plan.sign[..., None]
         return utils if per_token else utils.mean(-1)
 
     @property
@@ -396,61 +397,72 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         every training step's; draw 0 is the one a single-draw validation takes)."""
         return self.sample_step(-1 - batch_idx - 1000 * draw, prefix, kind=kind)
 
-    def on_policy_step(
+    def on_policy_plan(
         self,
         tok: torch.Tensor,
         gists: list[torch.Tensor],
         prefix: int,
         gen: np.random.Generator,
         ids: torch.Tensor | None = None,
-    ) -> tuple[list[Entry], np.ndarray]:
-        """The WC the allocator builds from LensNet's *current* scores for the batch's first window, and C of its
-        entries: training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where
-        its allocations actually go, not only on random WCs it never produces."""
-        first = None if ids is None else ids[:1]
-        wc = self.allocate("lensnet", 1, tok[:1], [g[:1] for g in gists], prefix, gen, ids=first)[0]
-        return self.planner.pick(list(wc.entries), gen)
+    ) -> LensPlan:
+        """Every window's WC as the allocator builds it from LensNet's *current* scores, and C of its entries:
+        training states drawn from the learner's own policy (DAgger-style), so LensNet is corrected where its
+        allocations actually go, not only on random WCs it never produces."""
+        wcs = self.allocate("lensnet", tok.shape[0], tok, gists, prefix, gen, ids=ids)
+        return self.own_plan([list(wc.entries) for wc in wcs], prefix, gen)
 
-    def settle_step(
+    def settle_plan(
         self,
         tok: torch.Tensor,
         gists: list[torch.Tensor],
         prefix: int,
         gen: np.random.Generator,
         ids: torch.Tensor,
-    ) -> tuple[list[Entry], np.ndarray]:
-        """The WC a session's settle builds before an answer, for the batch's first window, and C of its entries: the
-        coarsest cover refocused on LensNet's current z-scores plus ``settle_weight`` x the question's sharpened
-        lexical z-scores (``allocator.query_*``), budget-filling. There LensNet's own ranking fills the slots the
-        matched needle leaves, with a distractor's value when it ranks high; training on the utilities measured in
-        that state teaches the fill (docs/FINDINGS.md, *LensNet trained on settle states*)."""
+    ) -> LensPlan:
+        """Every window's WC as a session's settle builds it before an answer, and C of its entries: the coarsest
+        cover refocused on LensNet's current z-scores plus ``settle_weight`` x the question's sharpened lexical
+        z-scores (``allocator.query_*``), budget-filling. There LensNet's own ranking fills the slots the matched
+        needle leaves, with a distractor's value when it ranks high; training on the utilities measured in that
+        state teaches the fill (docs/FINDINGS.md, *LensNet trained on settle states*)."""
         hp = self.hparams
-        wc = initial_context(self.shape(prefix), self.budget, expand_recent=False)
+        n = tok.shape[0]
+        wcs = [initial_context(self.shape(prefix), self.budget, expand_recent=False) for _ in range(n)]
         cap = hp.alloc_edits or 1 << 20  # the session's edits per refocus (allocator.n_diff)
-        alloc = FocusAllocator(fill_budget=True, max_edits=cap, cooldown=0, protect_tokens=hp.protect_tokens)
-        first, tok1, gists1 = ids[:1], tok[:1], [g[:1] for g in gists]
+        allocs = [
+            FocusAllocator(fill_budget=True, max_edits=cap, cooldown=0, protect_tokens=hp.protect_tokens)
+            for _ in range(n)
+        ]
+        settling = list(range(n))
         for _ in range(hp.settle_rounds):
-            own = self.policy_scores("lensnet", [wc], tok1, gists1, prefix, gen, ids=first)[0]
-            ents = list(wc.entries)
-            lex = (
-                self.lexical_scores(
-                    [ents],
-                    [0],
-                    first,
-                    prefix,
-                    self.k,
-                    1,
-                    hp.settle_follow,
-                    hp.settle_idf_power,
-                    hp.settle_max_df,
-                )[0, : len(ents)]
-                .float()
-                .cpu()
+            ents = [list(wcs[i].entries) for i in settling]
+            own = self.policy_scores(
+                "lensnet",
+                [wcs[i] for i in settling],
+                tok[settling],
+                [g[settling] for g in gists],
+                prefix,
+                gen,
+                ids=ids[settling],
             )
-            scores = blend_scores(own, lex, hp.settle_weight)
-            if not alloc.refocus(wc, scores):
+            follow, power, max_df = hp.settle_follow, hp.settle_idf_power, hp.settle_max_df
+            lex = self.lexical_scores(
+                ents, range(len(ents)), ids[settling], prefix, self.k, 1, follow, power, max_df
+            )
+            lex = lex.float().cpu()
+            moved = [
+                i
+                for j, i in enumerate(settling)
+                if allocs[i].refocus(wcs[i], blend_scores(own[j], lex[j, : len(ents[j])], hp.settle_weight))
+            ]
+            if not moved:
                 break
-        return self.planner.pick(list(wc.entries), gen)
+            settling = moved
+        return self.own_plan([list(wc.entries) for wc in wcs], prefix, gen)
+
+    def own_plan(self, per_window: list[list[Entry]], prefix: int, gen: np.random.Generator) -> LensPlan:
+        """The plan of one WC per window, each with C of its own entries as candidates (as many in every window)."""
+        most = min(len(e) for e in per_window)
+        return self.planner.plan_windows([self.planner.pick(e, gen, most) for e in per_window], prefix)
 
     def step_plan(
         self,
@@ -460,20 +472,18 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         gists: list[torch.Tensor],
         ids: torch.Tensor | None = None,
     ) -> LensPlan:
-        """The plan step ``step`` trains on: the allocator's own WC on an on-policy step, the settle's on a settle
-        step, else the planner's."""
+        """The plan step ``step`` trains on: the allocator's own WCs on an on-policy step, the settle's on a settle
+        step, else the planner's (one WC for the batch)."""
         if self.hparams.on_policy > 0:
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 17))
             if gen.random() < self.hparams.on_policy:
-                picked = self.on_policy_step(tok, gists, prefix, gen, ids)
-                return self.planner.plan(*picked, prefix, tok.shape[0])
+                return self.on_policy_plan(tok, gists, prefix, gen, ids)
         if self.hparams.settle_states > 0:
             gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 23))
             if gen.random() < self.hparams.settle_states:
                 if ids is None:
                     raise ValueError("lensnet.settle_states: a settle step needs the windows' token ids")
-                picked = self.settle_step(tok, gists, prefix, gen, ids)
-                return self.planner.plan(*picked, prefix, tok.shape[0])
+                return self.settle_plan(tok, gists, prefix, gen, ids)
         return self.planner.plan(*self.sample_step(step, prefix), prefix, tok.shape[0])
 
     def lens_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -487,10 +497,9 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         teacher = self.teacher(ids, prefix) if self.hparams.utility != "sampled" else None
         utils = self.training_target(self.variant_logits(bank, plan), plan, targets, teacher)
         t0 = self._tick("utilities", t0)
-        b = ids.shape[0]
-        scores, _ = self.lens_scores([plan.entries] * b, range(b), tok, gists, prefix, ids)
+        scores, _ = self.lens_scores(plan.entries, range(ids.shape[0]), tok, gists, prefix, ids)
         t0 = self._tick("lens_forward", t0)
-        cs = scores[:, plan.cand_index]
+        cs = scores.gather(1, plan.cand_index)
         if self.hparams.loss == "regression":
             loss = regression_loss(cs, utils)
         else:
@@ -636,12 +645,11 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             plan = self.plan_for(entries, cand, prefix, bank)
             logits = self.variant_logits(bank, plan)
             scores, _ = self.lens_scores([entries] * n, range(n), tok, gists, prefix, ids)
-            cand_t = plan.cand_index
-            cs = scores[:, cand_t]
+            cs = scores.gather(1, plan.cand_index)
             wc = WorkingContext(self.k, self.depth, 1 << 30, prefix, entries=entries)
             ref_scores = {
                 p: torch.stack(self.policy_scores(p, [wc] * n, tok, gists, prefix, gen, ids=ids))[
-                    :, cand_t.cpu()
+                    :, torch.as_tensor(cand)
                 ]
                 for p in RANK_REFERENCES
             }
