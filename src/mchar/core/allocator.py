@@ -266,7 +266,12 @@ class FocusAllocator:
 
     def _churns(self, expand: _Cand, cols: list[_Cand], pay: _Cand | None) -> bool:
         """With ``group_score="parent"`` the expanded group keeps ``expand.score``; if that is the lowest keep-score
-        left, the next block's arrival collapses it again (fit_to_budget takes the lowest): skip such expands."""
+        left, the next block's arrival collapses it again (fit_to_budget takes the lowest): skip such expands.
+
+        The guard applies even with room for the expand and the next block. Streaming never has that room (a
+        budget-filling WC is full), but a question's settle does, and there the guard leaves those slots empty;
+        letting them fill costs ``lensnet`` multi-key needles, whose own ranking fills them with distractors' values
+        (docs/FINDINGS.md, *The churn guard at the settle*)."""
         if self.group_score != "parent":
             return False
         rest = [c.score for c in cols if c is not pay]
