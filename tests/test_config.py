@@ -69,6 +69,8 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.recency_prior=-0.5"], "lensnet.recency_prior"),
         (["lensnet.lexical_tokens=-1"], "lensnet.lexical_tokens"),
         (["lensnet.lexical_follow=-1"], "lensnet.lexical_follow"),
+        (["lensnet.lexical_idf_power=0"], "lensnet.lexical_idf_power"),
+        (["lensnet.lexical_max_df=0"], "lensnet.lexical_max_df"),
         (["allocator.query_follow=-1"], "allocator.query_follow"),
         (["allocator.query_idf_power=0"], "allocator.query_idf_power"),
         (["allocator.query_max_df=0"], "allocator.query_max_df: must be a positive number"),

@@ -282,6 +282,11 @@ class LensNetConfig:
     # ... and the lexical_follow blocks after it (a needle's key block then also holds its value block's hits; 1 cost
     # the quickstart LensNet 0.085 code / 0.072 retrieval ΔNLL on heldout_large's validation documents, paired)
     lexical_follow: int = 0
+    # that feature's IDF power and df cap (query tokens more than lexical_max_df of the blocks hold count nothing; null
+    # = all count), as the settle sharpens its own lexical scorer (allocator.query_idf_power / query_max_df): 1 / null
+    # weigh the words every needle shares a little, so a distractor's value looks asked for too
+    lexical_idf_power: float = 1.0
+    lexical_max_df: int | None = None
     # the prior path's initial weight on that feature (needs lexical_tokens > 0 and recency_prior > 0; 0 = off): 1
     # lowered the quickstart LensNet's ΔNLL on the 120+120 validation documents of heldout_large by 0.097 on code and
     # 0.074 on retrieval documents (paired; 0 = feature only: 0.023 / 0.060; 3: 0.042 / 0.095)
@@ -610,6 +615,10 @@ def check_semantics(cfg: RootConfig) -> None:
     for key in ("lexical_tokens", "lexical_lookback", "lexical_follow"):
         if getattr(lc, key) < 0:
             raise ConfigError(f"lensnet.{key}: must be >= 0, got {getattr(lc, key)}")
+    if lc.lexical_idf_power <= 0:
+        raise ConfigError(f"lensnet.lexical_idf_power: must be > 0, got {lc.lexical_idf_power}")
+    if lc.lexical_max_df is not None and lc.lexical_max_df < 1:
+        raise ConfigError(f"lensnet.lexical_max_df: must be >= 1 or null, got {lc.lexical_max_df}")
     for key, needs in (("similarity_prior", "query_tokens"), ("lexical_prior", "lexical_tokens")):
         if getattr(lc, key) and not (getattr(lc, needs) > 0 and lc.recency_prior > 0):
             raise ConfigError(f"lensnet.{key}: needs lensnet.{needs} > 0 and lensnet.recency_prior > 0")

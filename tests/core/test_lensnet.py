@@ -190,5 +190,12 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
         1,
         1,
     )
+    assert (back.lexical_idf_power, back.lexical_max_df) == (1.0, None)
+    sharp = LensNet(D, **kw, lexical_idf_power=3.0, lexical_max_df=4)
+    sharp.save_pretrained(tmp_path / "y")
+    back = from_pretrained(tmp_path / "y")
+    assert (back.lexical_idf_power, back.lexical_max_df) == (3.0, 4)
+    with pytest.raises(ValueError, match="lexical_max_df"):
+        LensNet(D, **kw, lexical_max_df=0)
     with pytest.raises(ValueError, match="lexical_prior"):
         LensNet(D, recency_prior=0.5, lexical_prior=1.0)

@@ -249,9 +249,12 @@ def test_on_policy_steps_train_on_the_allocators_own_wc() -> None:
     assert not stuck and not moved, (sorted(stuck), sorted(moved))
 
 
-@pytest.mark.parametrize(("lexical_tokens", "follow"), [(0, 0), (K, 0), (K, 1)])
+@pytest.mark.parametrize(
+    ("lexical_tokens", "follow", "sharpen"),
+    [(0, 0, {}), (K, 0, {}), (K, 1, {}), (K, 1, {"idf_power": 3.0, "max_df": 2})],
+)
 def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it(
-    lexical_tokens: int, follow: int
+    lexical_tokens: int, follow: int, sharpen: dict
 ) -> None:
     """Train/serve parity: for the same WC over the same tokens, the ``lensnet`` policy (tree-built entry vectors,
     distances, tail; the tree's incremental lexical index) gives the scores the training module's batched features
@@ -267,6 +270,7 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it(
         lexical_tokens=lexical_tokens,
         lexical_prior=2.0 if lexical_tokens else 0.0,
         lexical_follow=follow,
+        **{f"lexical_{k}": v for k, v in sharpen.items()},
     )
     m = LensNetModule(tiny_base(), tiny_gistnet(), lens, block_size=K, depth=DEPTH, budget=24, horizon=H)
     ids = windows(1, seed=5)
@@ -285,7 +289,7 @@ def test_the_session_policy_feeds_lensnet_exactly_what_training_fed_it(
             got = policy.scores(wc, tree)
             assert torch.allclose(got, standardise(want[0]), atol=1e-4), (seed, got, standardise(want[0]))
             if lexical_tokens:  # the feature is live: some entries hold the query's tokens, some do not
-                lex = m.lexical_scores([list(wc.entries)], [0], ids, prefix, K, 1, follow)[0]
+                lex = m.lexical_scores([list(wc.entries)], [0], ids, prefix, K, 1, follow, **sharpen)[0]
                 assert lex.max() > 0 and lex.min() == 0
                 assert torch.allclose(policy.lexical.scores(wc, tree), standardise(lex), atol=1e-5)
 

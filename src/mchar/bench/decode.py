@@ -44,6 +44,8 @@ class _Timed(nn.Module):
         self.lexical_tokens = getattr(inner, "lexical_tokens", 0)  # LensNetPolicy serves what the net reads
         self.lexical_lookback = getattr(inner, "lexical_lookback", 1)
         self.lexical_follow = getattr(inner, "lexical_follow", 0)
+        self.lexical_idf_power = getattr(inner, "lexical_idf_power", 1.0)
+        self.lexical_max_df = getattr(inner, "lexical_max_df", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync(self.device)

@@ -69,6 +69,8 @@ class LensNet(nn.Module):
         lexical_prior: float = 0.0,
         lexical_lookback: int = 1,
         lexical_follow: int = 0,
+        lexical_idf_power: float = 1.0,
+        lexical_max_df: int | None = None,
     ) -> None:
         super().__init__()
         if query_tokens < 0:
@@ -81,6 +83,10 @@ class LensNet(nn.Module):
             )
         if min(lexical_tokens, lexical_lookback, lexical_follow) < 0:
             raise ValueError("lensnet.lexical_tokens, lexical_lookback and lexical_follow must be >= 0")
+        if lexical_idf_power <= 0 or (lexical_max_df is not None and lexical_max_df < 1):
+            raise ValueError(
+                "lensnet.lexical_idf_power must be > 0 and lensnet.lexical_max_df >= 1 (or null)"
+            )
         if lexical_prior and not (lexical_tokens and recency_prior > 0):
             raise ValueError(
                 "lensnet.lexical_prior needs lensnet.lexical_tokens > 0 and lensnet.recency_prior > 0"
@@ -91,6 +97,8 @@ class LensNet(nn.Module):
         self.similarity_prior = float(similarity_prior)
         self.lexical_tokens, self.lexical_lookback = int(lexical_tokens), int(lexical_lookback)
         self.lexical_follow = int(lexical_follow)
+        self.lexical_idf_power = float(lexical_idf_power)
+        self.lexical_max_df = None if lexical_max_df is None else int(lexical_max_df)
         self.lexical_prior = float(lexical_prior)
         self.entry_proj = nn.Linear(d_model, width)
         self.tail_proj = nn.Linear(d_model, width)
@@ -131,6 +139,8 @@ class LensNet(nn.Module):
             "lexical_prior": self.lexical_prior,
             "lexical_lookback": self.lexical_lookback,
             "lexical_follow": self.lexical_follow,
+            "lexical_idf_power": self.lexical_idf_power,
+            "lexical_max_df": self.lexical_max_df,
         }
 
     @classmethod

@@ -341,7 +341,7 @@ class LensNetPolicy(Policy):
     a shift and scale, while the allocator's ``tau_expand``/``tau_collapse`` are absolute. Without this a LensNet
     whose scores happen to sit below ``-tau_collapse`` collapses everything and leaves most of the budget unused.
     A LensNet that reads lexical match scores (``lexical_tokens > 0``) gets them from its own :class:`LexicalPolicy`
-    (the tree's incremental index), with the query length, lookback and follow it was trained with.
+    (the tree's incremental index), with the query length, lookback, follow, IDF power and df cap it was trained with.
     """
 
     name = "lensnet"
@@ -358,6 +358,8 @@ class LensNetPolicy(Policy):
                 lexical_tokens,
                 lookback=int(getattr(lensnet, "lexical_lookback", 1)),
                 follow=int(getattr(lensnet, "lexical_follow", 0)),
+                idf_power=float(getattr(lensnet, "lexical_idf_power", 1.0)),
+                max_df=getattr(lensnet, "lexical_max_df", None),
             )
             if lexical_tokens
             else None

@@ -274,6 +274,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                 lexical_tokens,
                 net.lexical_lookback,
                 getattr(net, "lexical_follow", 0),
+                getattr(net, "lexical_idf_power", 1.0),
+                getattr(net, "lexical_max_df", None),
             )
         return self.lensnet(emb, lv, wd, dist, tail, mask, **extra), mask
 

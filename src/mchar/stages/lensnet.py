@@ -68,6 +68,8 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         lexical_prior=lc.lexical_prior,
         lexical_lookback=lc.lexical_lookback,
         lexical_follow=lc.lexical_follow,
+        lexical_idf_power=lc.lexical_idf_power,
+        lexical_max_df=lc.lexical_max_df,
     )
 
 
