@@ -175,6 +175,11 @@ class AllocatorConfig:
     # only entries whose settle z-score exceeds it and leaves the rest of the budget unused (off: it cost passkeys on
     # the validation split and left the multi-key needle where it was; docs/FINDINGS.md)
     query_tau_expand: float | None = None
+    # the allocator's churn guard during those rounds (group_score=parent: skip an expand that would be the lowest
+    # keep-score); false = skip it where the expand and the next block both fit, filling the settle's free slots
+    # (the ablation: on the validation tasks it lifted lexical / tree_recency and cost lensnet multi-key needles,
+    # docs/FINDINGS.md, *The churn guard at the settle*)
+    query_churn_guard: bool = True
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)

@@ -105,6 +105,25 @@ def test_parent_group_score_skips_expands_that_would_be_collapsed_next() -> None
         assert sum(e.kind == "expand" for e in edits) == expands, mode
 
 
+def test_the_churn_guard_set_aside_fills_the_room_the_next_block_leaves() -> None:
+    """The churn guard skips an expand whose group would be the lowest keep-score; set aside (``guard_with_room =
+    False``, a settle's ablation) it still does so where the next block's arrival must collapse something, and opens
+    such gists where the expand and the next block both fit."""
+    # K=4, depth 1, 24 tokens: LOD1 gists over blocks 0-3 (scores 1, 1, -1, -1), raw blocks 4-5 (keep-scores 1);
+    # cost 12. An expand costs 3 and the next block 4 more.
+    entries = [Entry(1, 0), Entry(1, 1), Entry(1, 2), Entry(1, 3), Entry(0, 4), Entry(0, 5)]
+    scores = dict(zip(entries, [1.0, 1.0, -1.0, -1.0, 1.0, 1.0], strict=True))
+    # budget 40: room for every expand and the next block; 20: room for one (12 + 3 + 4 <= 20), then the second
+    # would be the lowest keep-score when the next block arrives (15 + 3 + 4 > 20)
+    for guard, budget, expands in ((True, 40, 0), (False, 40, 4), (False, 20, 1)):
+        wc = WorkingContext(4, 1, budget, 24, entries=entries)
+        alloc = FocusAllocator(tau_expand=-1e9, tau_collapse=1e9, cooldown=0, group_score="parent")
+        alloc.guard_with_room = guard
+        edits = alloc.refocus(wc, scores)
+        assert [e.kind for e in edits] == ["expand"] * expands, (guard, budget)
+        assert wc.cost == 12 + 3 * expands
+
+
 def test_cooldown_blocks_flip_back() -> None:
     wc = WorkingContext(4, 1, 40, 16, entries=[Entry(1, j) for j in range(4)])
     alloc = FocusAllocator(tau_expand=0.1, tau_collapse=0.1, cooldown=2)

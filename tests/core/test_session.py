@@ -288,6 +288,28 @@ def test_the_settle_runs_under_its_own_allocator_settings_and_streaming_keeps_it
         _session_with(base, **{f"query_{attr}": bad})
 
 
+def test_the_settle_may_set_the_churn_guard_aside_and_streaming_keeps_it() -> None:
+    """``query_churn_guard=False``: the settle's rounds run with the allocator's churn guard set aside where there is
+    room (``guard_with_room``), streaming refocuses with it, and the allocator has it back afterwards."""
+    import math
+
+    base = _base("llama")
+    gist = GistNet(base.hidden_size, K, max_level=2, out_scale=base.embedding_rms).eval()
+    tree = MegaContextTree.in_memory(K, 2, base.hidden_size, base.embed, gist)
+    alloc = FocusAllocator(tau_expand=-math.inf, tau_collapse=math.inf, cooldown=2, protect_tokens=K)
+    spy = SettingSpy("guard_with_room")
+    spy.allocator = alloc
+    s = MegaContextSession(
+        base, tree, alloc, spy, 48, refocus_every=K, query_rounds=3, query_churn_guard=False
+    )
+    s.ingest(_ids(6 * K))
+    streaming = len(spy.seen)
+    s.ingest(_ids(K // 2, seed=5))
+    s.refocus_pending()
+    assert streaming > 0 and set(spy.seen[:streaming]) == {True}
+    assert set(spy.seen[streaming:]) == {False} and alloc.guard_with_room is True
+
+
 def test_a_settle_threshold_opens_only_what_stands_out() -> None:
     """From the coarsest cover a budget-filling settle spends every free slot, on gists its scorer rates low too; with
     ``query_tau_expand`` it walks down to the needle alone and leaves the rest of the budget unused."""

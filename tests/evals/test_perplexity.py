@@ -277,6 +277,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
             query_rebuild="coarsest",
             query_tau_expand=0.5,
             query_max_df=3,
+            query_churn_guard=False,
         ),
     )
     # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
@@ -285,6 +286,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     query = settle.query_policy.query
     assert (query.follow, query.idf_power, settle.query_rebuild) == (1, 3.0, "coarsest")
     assert settle.query_tau_expand == 0.5 and lexical.session("tree_recency").query_tau_expand is None
+    assert settle.query_churn_guard is False and lexical.session("tree_recency").query_churn_guard is True
     lex = ahead.session("lexical")
     assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
     assert lex.query_policy.name == "lexical"

@@ -168,6 +168,8 @@ class FocusAllocator:
         self._born: dict[Entry, tuple[int, str]] = {}
         self._last_scores: dict[Entry, float] = {}
         self._expanded_at: dict[Entry, float] = {}  # gist -> the score it was expanded with ("parent")
+        # False: the churn guard stands aside where the expand and the next block both fit (a settle's ablation)
+        self.guard_with_room = True
 
     def reset(self) -> None:
         """Forget cooldowns, scores and telemetry (new document)."""
@@ -264,15 +266,19 @@ class FocusAllocator:
             return 0.0
         return max(known) if self.group_score == "max" else sum(known) / len(known)
 
-    def _churns(self, expand: _Cand, cols: list[_Cand], pay: _Cand | None) -> bool:
+    def _churns(self, wc: WorkingContext, expand: _Cand, cols: list[_Cand], pay: _Cand | None) -> bool:
         """With ``group_score="parent"`` the expanded group keeps ``expand.score``; if that is the lowest keep-score
         left, the next block's arrival collapses it again (fit_to_budget takes the lowest): skip such expands.
 
         The guard applies even with room for the expand and the next block. Streaming never has that room (a
         budget-filling WC is full), but a question's settle does, and there the guard leaves those slots empty;
         letting them fill costs ``lensnet`` multi-key needles, whose own ranking fills them with distractors' values
-        (docs/FINDINGS.md, *The churn guard at the settle*)."""
+        (docs/FINDINGS.md, *The churn guard at the settle*); ``guard_with_room = False`` (the session sets it during a
+        settle from ``allocator.query_churn_guard``) lets them fill."""
         if self.group_score != "parent":
+            return False
+        k = wc.block_size
+        if not self.guard_with_room and pay is None and wc.cost + (k - 1) + k <= wc.budget:
             return False
         rest = [c.score for c in cols if c is not pay]
         return bool(rest) and expand.score <= min(rest)
@@ -336,7 +342,7 @@ class FocusAllocator:
                         skip.add(best_e.entry)
                         continue
                     pay = self._pick(room, -1.0)
-                if self._churns(best_e, cols, pay):
+                if self._churns(wc, best_e, cols, pay):
                     skip.add(best_e.entry)
                     continue
                 if pay is not None:

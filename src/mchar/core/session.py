@@ -96,6 +96,7 @@ class MegaContextSession:
         query_policy: Any = None,
         query_rebuild: str = "off",
         query_tau_expand: float | None = None,
+        query_churn_guard: bool = True,
     ) -> None:
         check_mode(position_mode)
         if query_rebuild not in QUERY_REBUILDS:
@@ -122,6 +123,7 @@ class MegaContextSession:
         self.query_policy = query_policy
         self.query_rebuild = str(query_rebuild)
         self.query_tau_expand = None if query_tau_expand is None else float(query_tau_expand)
+        self.query_churn_guard = bool(query_churn_guard)
         self.stats = SessionStats()
         self._wc: Any = _initial_context(allocator, policy, tree, self.budget)
         self._since_refocus = 0
@@ -323,11 +325,16 @@ class MegaContextSession:
         pass over at most ``budget`` slots, so still constant-cost). ``query_tau_expand`` (when set) replaces the
         allocator's expand threshold for these rounds: a budget-filling allocator expands any gist into a free slot,
         and at the question the free slots go to the needles worded like the asked one; a threshold on the settle's
-        z-scores opens only what stands out and leaves the rest of the budget unused.
+        z-scores opens only what stands out and leaves the rest of the budget unused. ``query_churn_guard=False``
+        lets a parent-scored allocator fill the slots its churn guard keeps free where nothing will be collapsed
+        before the answer (the ablation of docs/FINDINGS.md, *The churn guard at the settle*).
         """
         streaming_cooldown = getattr(self.allocator, "cooldown", None)
         streaming_tau = getattr(self.allocator, "tau_expand", None)
         streaming_policy = self.policy
+        streaming_guard = getattr(self.allocator, "guard_with_room", None)
+        if streaming_guard is not None:
+            self.allocator.guard_with_room = self.query_churn_guard
         if self.query_cooldown is not None and streaming_cooldown is not None:
             self.allocator.cooldown = self.query_cooldown
         if self.query_tau_expand is not None and streaming_tau is not None:
@@ -352,6 +359,8 @@ class MegaContextSession:
                 total += edits
         finally:
             self.policy = streaming_policy
+            if streaming_guard is not None:
+                self.allocator.guard_with_room = streaming_guard
             if streaming_cooldown is not None:
                 self.allocator.cooldown = streaming_cooldown
             if streaming_tau is not None:

@@ -79,6 +79,7 @@ class SessionSettings:
         "off"  # the settle starts from the stream's WC (off) or a fresh one (recent / coarsest)
     )
     query_tau_expand: float | None = None  # the settle's expand threshold (None = the allocator's)
+    query_churn_guard: bool = True  # False: the settle fills the slots the allocator's churn guard keeps free
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -150,6 +151,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_max_df=None if a.query_max_df is None else int(a.query_max_df),
         query_rebuild=str(a.query_rebuild),
         query_tau_expand=None if a.query_tau_expand is None else float(a.query_tau_expand),
+        query_churn_guard=bool(a.query_churn_guard),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -273,6 +275,7 @@ class EvalComponents:
             query_policy=self.query_policy(pol),
             query_rebuild=s.query_rebuild,
             query_tau_expand=s.query_tau_expand,
+            query_churn_guard=s.query_churn_guard,
         )
 
     def query_policy(self, policy: Any) -> Any:
