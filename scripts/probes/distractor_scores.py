@@ -14,7 +14,6 @@ Usage: .venv/bin/python scripts/probes/distractor_scores.py LENGTH DATA_RUN [len
 (the quickstart's base and GistNet; exports under ``artifacts/lensnet/``.)
 """
 
-import json
 import re
 import statistics
 import sys
@@ -22,30 +21,23 @@ from pathlib import Path
 
 import torch
 
-from mchar.compose import compose_config
 from mchar.core.entries import Entry
 from mchar.core.policies import PolicyContext
 from mchar.core.working_context import WorkingContext
-from mchar.evals.components import load_components, settings_from_config
 from mchar.evals.perplexity import stream_ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _task_sessions import quickstart_components, task_examples  # noqa: E402
 
 NEEDLE = re.compile(r"# The special magic number for (\S+) is: (\d+)\.")
 
 torch.set_grad_enabled(False)
 length, data_run = int(sys.argv[1]), sys.argv[2]
 lensnets = sys.argv[3:] or ["quickstart"]
-root = Path(__file__).resolve().parents[2]
-cfg = compose_config(["+experiment=quickstart"])
-path = root / f"runs/{data_run}/eval/task_data/niah_multikey_{length}.jsonl"
-examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+examples = task_examples(data_run, "niah_multikey", length)
 
 for name in lensnets:
-    comp = load_components(
-        root / "artifacts/base_lm" / cfg.model.name,
-        settings_from_config(cfg),
-        gistnet=root / "artifacts/gistnet/quickstart",
-        lensnet=root / "artifacts/lensnet" / name,
-    )
+    comp = quickstart_components(name)
     tok = comp.base.tokenizer
 
     def n_tokens(text: str, tok=tok) -> int:  # noqa: ANN001

@@ -9,10 +9,11 @@ miss is the asked needle not being raw or a distractor's value sitting raw besid
 
 Usage: .venv/bin/python scripts/probes/multikey_layout.py LENGTH DATA_RUN [policy ...]
    e.g. .venv/bin/python scripts/probes/multikey_layout.py 512 s40_settle_w4 lensnet random
-(the quickstart's nets; ``DATA_RUN``: a run whose ``runs/<run>/eval/task_data/niah_multikey_<LENGTH>.jsonl`` exists.)
+(the quickstart's nets; ``DATA_RUN``: a run whose ``runs/<run>/eval/task_data/niah_multikey_<LENGTH>.jsonl`` exists;
+``LENSNET=<export>`` another LensNet, ``OVR="key=value ..."`` config overrides, e.g. ``allocator.query_churn_guard=false``.)
 """
 
-import json
+import os
 import re
 import statistics
 import sys
@@ -20,26 +21,19 @@ from pathlib import Path
 
 import torch
 
-from mchar.compose import compose_config
-from mchar.evals.components import load_components, settings_from_config
 from mchar.evals.perplexity import stream_ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _task_sessions import quickstart_components, task_examples  # noqa: E402
 
 NEEDLE = re.compile(r"# The special magic number for (\S+) is: (\d+)\.")
 
 torch.set_grad_enabled(False)
 length, data_run = int(sys.argv[1]), sys.argv[2]
 names = sys.argv[3:] or ["lensnet", "random"]
-root = Path(__file__).resolve().parents[2]
-cfg = compose_config(["+experiment=quickstart"])
-comp = load_components(
-    root / "artifacts/base_lm" / cfg.model.name,
-    settings_from_config(cfg),
-    gistnet=root / "artifacts/gistnet/quickstart",
-    lensnet=root / "artifacts/lensnet/quickstart",
-)
+comp = quickstart_components(os.environ.get("LENSNET", "quickstart"))
 tok = comp.base.tokenizer
-path = root / f"runs/{data_run}/eval/task_data/niah_multikey_{length}.jsonl"
-examples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+examples = task_examples(data_run, "niah_multikey", length)
 
 
 def n_tokens(text: str) -> int:

@@ -11,7 +11,6 @@ Usage, after the quickstart: .venv/bin/python scripts/probes/needle_rank.py [len
 GISTNET=<name> (default: quickstart) the GistNet export, DATA=<run> (default: quickstart) whose task data to read.
 """
 
-import json
 import os
 import statistics
 import sys
@@ -19,26 +18,19 @@ from pathlib import Path
 
 import torch
 
-from mchar.compose import compose_config
 from mchar.core.policies import PolicyContext
-from mchar.evals.components import load_components, settings_from_config
 from mchar.evals.perplexity import stream_ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _task_sessions import quickstart_components, task_examples  # noqa: E402
 
 torch.set_grad_enabled(False)
 length = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
 lensnets = sys.argv[2:] or ["quickstart"]
-root = Path(__file__).resolve().parents[2]
-cfg = compose_config(["+experiment=quickstart"])
-data = root / f"runs/{os.environ.get('DATA', 'quickstart')}/eval/task_data/passkey_{length}.jsonl"
-examples = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+examples = task_examples(os.environ.get("DATA", "quickstart"), "passkey", length)
 
 for name in lensnets:
-    comp = load_components(
-        root / "artifacts/base_lm/quickstart_lm",
-        settings_from_config(cfg),
-        gistnet=root / "artifacts/gistnet" / os.environ.get("GISTNET", "quickstart"),
-        lensnet=root / "artifacts/lensnet" / name,
-    )
+    comp = quickstart_components(name)
     tokenizer = comp.base.tokenizer
     ranks, z_scores = [], []
     for ex in examples:
