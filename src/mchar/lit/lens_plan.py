@@ -49,9 +49,8 @@ class LensPlan:
 
     entries: list[list[Entry]]
     cand: np.ndarray
-    packed: (
-        torch.Tensor
-    )  # [batch (R) | bank idx (R*L) | positions (R*L) | mask (R*L) | cand (B*C) | sign (B*C)]
+    # [batch (R) | bank idx (R*L) | positions (R*L) | mask (R*L) | cand (B*C) | sign (B*C)]
+    packed: torch.Tensor
     n_rows: int
     width: int
 
