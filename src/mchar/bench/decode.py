@@ -19,6 +19,7 @@ import argparse
 import resource
 import statistics
 import time
+from dataclasses import astuple
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from mchar.bench.common import at_least, device_option, emit, sync
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import make_gistnet
 from mchar.core.lensnet import LensNet
+from mchar.core.lexical import LexicalInput
 from mchar.core.policies import LensNetPolicy
 from mchar.core.session import MegaContextSession
 from mchar.core.tree import MegaContextTree
@@ -41,11 +43,9 @@ class _Timed(nn.Module):
         super().__init__()
         self.inner, self.device, self.seconds = inner, device, 0.0
         self.tail_tokens = getattr(inner, "tail_tokens", None)
-        self.lexical_tokens = getattr(inner, "lexical_tokens", 0)  # LensNetPolicy serves what the net reads
-        self.lexical_lookback = getattr(inner, "lexical_lookback", 1)
-        self.lexical_follow = getattr(inner, "lexical_follow", 0)
-        self.lexical_idf_power = getattr(inner, "lexical_idf_power", 1.0)
-        self.lexical_max_df = getattr(inner, "lexical_max_df", None)
+        lex = LexicalInput.of(inner)  # LensNetPolicy serves what the net reads
+        for attr, value in zip(LexicalInput.ATTRS, astuple(lex), strict=True):
+            setattr(self, attr, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync(self.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -121,4 +121,24 @@ class WindowLexicon:
         return ((hi > lo).float() * self.idf[rows_batch][:, None, :]).sum(-1)
 
 
-__all__ = ["LexicalIndex", "WindowLexicon"]
+@dataclass(frozen=True)
+class LexicalInput:
+    """The lexical match score a LensNet reads as an input: the newest ``tokens`` ids as the query (0 = no such
+    input), each span widened by ``lookback`` / ``follow`` blocks, IDF to ``idf_power``, tokens more than ``max_df``
+    blocks hold ignored. Training, sessions and wrappers read it from the net's ``lexical_*`` attributes alone."""
+
+    tokens: int = 0
+    lookback: int = 1
+    follow: int = 0
+    idf_power: float = 1.0
+    max_df: int | None = None
+
+    ATTRS = ("lexical_tokens", "lexical_lookback", "lexical_follow", "lexical_idf_power", "lexical_max_df")
+
+    @classmethod
+    def of(cls, net: Any) -> LexicalInput:
+        """What ``net`` reads (these defaults where it has no such attribute, e.g. a LensNet exported before)."""
+        return cls(*(getattr(net, a, f.default) for a, f in zip(cls.ATTRS, fields(cls), strict=True)))
+
+
+__all__ = ["LexicalIndex", "LexicalInput", "WindowLexicon"]

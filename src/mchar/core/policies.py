@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mchar.core.allocator import initial_context
 from mchar.core.entries import Entry
-from mchar.core.lexical import LexicalIndex
+from mchar.core.lexical import LexicalIndex, LexicalInput
 from mchar.core.lookahead import lookahead_view, max_by_owner
 from mchar.core.positions import check_mode, gist_position
 from mchar.core.working_context import BudgetExceeded, WorkingContext, coarsest_cover
@@ -352,16 +352,10 @@ class LensNetPolicy(Policy):
             raise ValueError("lensnet policy: needs a callable LensNet (lensnet=...)")
         self.lensnet = lensnet
         self.tail_tokens = tail_tokens
-        lexical_tokens = int(getattr(lensnet, "lexical_tokens", 0) or 0)
+        lex = LexicalInput.of(lensnet)
         self.lexical = (
-            LexicalPolicy(
-                lexical_tokens,
-                lookback=int(getattr(lensnet, "lexical_lookback", 1)),
-                follow=int(getattr(lensnet, "lexical_follow", 0)),
-                idf_power=float(getattr(lensnet, "lexical_idf_power", 1.0)),
-                max_df=getattr(lensnet, "lexical_max_df", None),
-            )
-            if lexical_tokens
+            LexicalPolicy(lex.tokens, lex.lookback, lex.follow, idf_power=lex.idf_power, max_df=lex.max_df)
+            if lex.tokens
             else None
         )
 

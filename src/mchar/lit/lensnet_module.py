@@ -39,7 +39,7 @@ from mchar.config import LENSNET_PAIR_NORMS, LENSNET_UTILITIES
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
 from mchar.core.lensnet import standardise_rows
-from mchar.core.lexical import WindowLexicon
+from mchar.core.lexical import LexicalInput, WindowLexicon
 from mchar.core.lookahead import CONTENT_POLICIES, lookahead_view, max_by_owner
 from mchar.core.policies import blend_scores
 from mchar.core.working_context import WorkingContext
@@ -264,18 +264,18 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         bi = torch.as_tensor(list(rows_batch), device=tok.device)
         tail = tok[bi, prefix - tail_n : prefix] if tail_n else None
         extra = {}
-        if lexical_tokens := getattr(self.lensnet, "lexical_tokens", 0):
-            net = self.lensnet
+        lex = LexicalInput.of(self.lensnet)
+        if lex.tokens:
             extra["lexical"] = self.lexical_scores(
                 entries_per_row,
                 rows_batch,
                 ids,
                 prefix,
-                lexical_tokens,
-                net.lexical_lookback,
-                getattr(net, "lexical_follow", 0),
-                getattr(net, "lexical_idf_power", 1.0),
-                getattr(net, "lexical_max_df", None),
+                lex.tokens,
+                lex.lookback,
+                lex.follow,
+                lex.idf_power,
+                lex.max_df,
             )
         return self.lensnet(emb, lv, wd, dist, tail, mask, **extra), mask
 
