@@ -213,7 +213,15 @@ class GistNetConfig:
     raw_prob: float = 0.25  # share of raw blocks in the random training layouts
     # share of raw blocks in the validation mix (``dnll``): fixed apart from raw_prob, so ablations stay comparable
     val_raw_prob: float = 0.25
-    keep_raw_blocks: int = 1  # newest blocks of the prefix that always stay raw
+    # newest blocks of the prefix that always stay raw in the training layouts: > 1 trains gists behind a raw present,
+    # as a session holds them (on the quickstart's base 12 lets LOD2 gists and a session's cover carry far needles:
+    # docs/FINDINGS.md, *Gists trained behind raw blocks*)
+    keep_raw_blocks: int = 1
+    # each training layout keeps a number of newest blocks raw drawn from keep_raw_blocks..keep_raw_max (null = always
+    # keep_raw_blocks): gists trained both behind a raw present and next to the horizon
+    keep_raw_max: int | None = None
+    # the same for the validation layouts: fixed apart from keep_raw_blocks, so ablations stay comparable
+    val_keep_raw_blocks: int = 1
     # share of training steps on a session-like WC at allocator.budget (recency-first cover + random edits: gists
     # behind a raw present) instead of a random mix of levels; 0 = off
     session_share: float = 0.0
@@ -580,8 +588,16 @@ def check_semantics(cfg: RootConfig) -> None:
     _choice("e2e.schedule", cfg.e2e.schedule, ("alternate", "joint"))
     _share("gistnet.raw_prob", g.raw_prob)
     _share("gistnet.val_raw_prob", g.val_raw_prob)
-    if g.keep_raw_blocks < 0:
-        raise ConfigError(f"gistnet.keep_raw_blocks: must be >= 0, got {g.keep_raw_blocks}")
+    for key, n in (
+        ("gistnet.keep_raw_blocks", g.keep_raw_blocks),
+        ("gistnet.val_keep_raw_blocks", g.val_keep_raw_blocks),
+    ):
+        if n < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {n}")
+    if g.keep_raw_max is not None and g.keep_raw_max < g.keep_raw_blocks:
+        raise ConfigError(
+            f"gistnet.keep_raw_max: must be null or >= gistnet.keep_raw_blocks ({g.keep_raw_blocks}), got {g.keep_raw_max}"
+        )
     _share("gistnet.session_share", g.session_share)
     if g.session_edits < 0:
         raise ConfigError(f"gistnet.session_edits: must be >= 0, got {g.session_edits}")

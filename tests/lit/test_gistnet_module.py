@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import takewhile
+
 import lightning as L
 import numpy as np
 import pytest
@@ -163,6 +165,49 @@ def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
     assert torch.equal(a["dnll"], b["dnll"])
     assert not torch.equal(a["dnll"], c["dnll"])
     assert torch.equal(a["dnll_lod1"], c["dnll_lod1"])  # single-level layouts do not use the mix at all
+
+
+def test_validation_layouts_do_not_follow_the_training_raw_tail() -> None:
+    """``keep_raw_blocks`` shapes training layouts only; validation keeps ``val_keep_raw_blocks`` raw."""
+    torch.manual_seed(0)
+    base, gist = tiny_base(), tiny_gistnet()
+    kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4)
+    ids = windows(2)
+    a = GistNetModule(base, gist, **kw).evaluate_batch(ids, 0)
+    b = GistNetModule(base, gist, keep_raw_blocks=6, keep_raw_max=8, **kw).evaluate_batch(ids, 0)
+    c = GistNetModule(base, gist, val_keep_raw_blocks=6, **kw).evaluate_batch(ids, 0)
+    for name in ("dnll", "dnll_lod1", "drop_dnll_lod1", "dnll_lod2"):
+        assert torch.equal(a[name], b[name])
+    assert not torch.equal(a["dnll_lod1"], c["dnll_lod1"])
+
+
+def raw_tail(entries: list[Entry]) -> int:
+    """How many newest entries are raw blocks."""
+    return sum(1 for _ in takewhile(lambda e: not e.level, reversed(entries)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(low=st.integers(0, 8), span=st.integers(0, 8), step=st.integers(0, 10_000))
+def test_training_layouts_keep_a_drawn_raw_tail(low: int, span: int, step: int) -> None:
+    """With ``keep_raw_max`` every training layout keeps between ``keep_raw_blocks`` and ``keep_raw_max`` newest blocks
+    raw (and tiles the prefix); without it the stream is the fixed-tail one, unchanged."""
+    p = T - H
+    n_blocks = p // K
+    m = _module(keep_raw_blocks=low, keep_raw_max=low + span, raw_prob=0.0)
+    ents = m.train_layout(step, p)
+    W.check_tiling(ents, K, p)
+    tail = raw_tail(ents)
+    # at raw_prob 0 every block before the kept tail is under a gist: the tail is exactly the drawn keep
+    assert min(low, n_blocks) <= tail <= min(low + span, n_blocks)
+    fixed = _module(keep_raw_blocks=low, raw_prob=0.0).train_layout(step, p)
+    gen = np.random.default_rng(W.step_seed(0, step, 3))
+    assert fixed == W.random_layout(p, K, DEPTH, gen, low, 0.0)
+
+
+def test_drawn_raw_tails_cover_the_range() -> None:
+    p = T - H
+    m = _module(keep_raw_blocks=1, keep_raw_max=p // K, raw_prob=0.0)
+    assert {raw_tail(m.train_layout(step, p)) for step in range(400)} == set(range(1, p // K + 1))
 
 
 @settings(max_examples=60, deadline=None)

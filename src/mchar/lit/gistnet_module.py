@@ -173,6 +173,8 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         raw_prob: float = 0.25,
         val_raw_prob: float = 0.25,
         keep_raw_blocks: int = 1,
+        keep_raw_max: int | None = None,
+        val_keep_raw_blocks: int = 1,
         budget: int | None = None,
         session_share: float = 0.0,
         session_edits: int = 3,
@@ -232,15 +234,19 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         return [(i, b, p) for i in range(n)]
 
     def train_layout(self, step: int, prefix: int) -> list:
-        """A random aligned mix of levels, or with probability ``session_share`` a session-like WC at the budget."""
+        """A random aligned mix of levels behind ``keep_raw_blocks`` raw ones (with ``keep_raw_max``, a number drawn
+        from that range each step), or with probability ``session_share`` a session-like WC at the budget."""
         hp = self.hparams
         gen = np.random.default_rng(W.step_seed(hp.seed, step, 3))
+        keep = hp.keep_raw_blocks
+        if hp.keep_raw_max is not None:
+            keep = int(gen.integers(hp.keep_raw_blocks, hp.keep_raw_max + 1))
         return W.training_layout(
             prefix,
             self.k,
             self.depth,
             gen,
-            hp.keep_raw_blocks,
+            keep,
             hp.raw_prob,
             hp.session_share,
             hp.budget,
@@ -294,14 +300,14 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 5))
         layouts: list[tuple[str, list, bool]] = []
         mixed = W.random_layout(
-            prefix, self.k, self.depth, gen, self.hparams.keep_raw_blocks, self.hparams.val_raw_prob
+            prefix, self.k, self.depth, gen, self.hparams.val_keep_raw_blocks, self.hparams.val_raw_prob
         )
         layouts += [("dnll", mixed, False), ("drop_dnll", mixed, True)]
         for lv in range(1, self.depth + 1):
-            ents = W.level_layout(prefix, self.k, lv, self.hparams.keep_raw_blocks)
+            ents = W.level_layout(prefix, self.k, lv, self.hparams.val_keep_raw_blocks)
             if any(e.level == lv for e in ents):
                 layouts += [(f"dnll_lod{lv}", ents, False), (f"drop_dnll_lod{lv}", ents, True)]
-            n_nodes = (prefix // self.k - self.hparams.keep_raw_blocks) // self.k ** (lv - 1)
+            n_nodes = (prefix // self.k - self.hparams.val_keep_raw_blocks) // self.k ** (lv - 1)
             if n_nodes > 0:
                 span = W.single_span_layout(prefix, self.k, lv, int(gen.integers(0, n_nodes)))
                 layouts += [(f"span{lv}", span, False), (f"spandrop{lv}", span, True)]

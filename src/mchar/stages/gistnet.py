@@ -295,6 +295,8 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         raw_prob=g.raw_prob,
         val_raw_prob=g.val_raw_prob,
         keep_raw_blocks=g.keep_raw_blocks,
+        keep_raw_max=g.keep_raw_max,
+        val_keep_raw_blocks=g.val_keep_raw_blocks,
         budget=cfg.allocator.budget,
         session_share=g.session_share,
         session_edits=g.session_edits,
