@@ -52,6 +52,7 @@ def test_experiment_required_files_exist() -> None:
         (["data.split=[0.5,0.2]"], "data.split"),
         (["gistnet.pooling=max"], "gistnet.pooling"),
         (["gistnet.session_share=1.5"], "gistnet.session_share"),
+        (["allocator.query_recency=-1"], "allocator.query_recency: must be >= 0"),
         (["gistnet.val_keep_raw_blocks=-1"], "gistnet.val_keep_raw_blocks: must be >= 0"),
         (["gistnet.keep_raw_blocks=4", "gistnet.keep_raw_max=2"], "gistnet.keep_raw_max"),
         (["gistnet.session_edits=-1"], "gistnet.session_edits"),

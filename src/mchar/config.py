@@ -180,6 +180,10 @@ class AllocatorConfig:
     # (the ablation: on the validation tasks it lifted lexical / tree_recency and cost lensnet multi-key needles,
     # docs/FINDINGS.md, *The churn guard at the settle*)
     query_churn_guard: bool = True
+    # weight of the recency ramp's z-scores (newest first) in the settle's blend of every blending policy but
+    # tree_recency (whose own scores are that ramp): the free slots left after the question's matches go to the
+    # question's surroundings, as tree_recency's settle gives them; 0 = the policy's own order (the default)
+    query_recency: float = 0.0
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),
     # summed over its slots or, with `attention_per_slot`, averaged (a gist's one slot against a block's K)
@@ -541,6 +545,8 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"allocator.query_cooldown: must be >= 0 or null, got {a.query_cooldown}")
     if not a.query_similarity >= 0:
         raise ConfigError(f"allocator.query_similarity: must be >= 0, got {a.query_similarity}")
+    if not a.query_recency >= 0:
+        raise ConfigError(f"allocator.query_recency: must be >= 0, got {a.query_recency}")
     _choice("allocator.query_scorer", a.query_scorer, QUERY_SCORERS)
     if a.query_follow < 0:
         raise ConfigError(f"allocator.query_follow: must be >= 0, got {a.query_follow}")

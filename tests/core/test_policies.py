@@ -104,6 +104,25 @@ def test_query_blend_adds_weighted_z_scores_and_refuses_what_cannot_blend() -> N
         QueryBlendPolicy(make_policy("gists_only"), sim, 1.0)
     with pytest.raises(ValueError, match="weight must be >= 0"):
         QueryBlendPolicy(recent, sim, -1.0)
+    with pytest.raises(ValueError, match="recency must be >= 0"):
+        QueryBlendPolicy(recent, sim, 1.0, recency=-0.5)
+
+
+def test_query_blend_recency_term_fills_newest_first() -> None:
+    """``recency``: + r * z(recency ramp) inside the blend; a large r orders the entries newest first."""
+    tree = FakeTree(4, 1, 40)
+    tree.ids[8:12] = tree.ids[36:40]  # block 2 repeats the tail query
+    tree._build()
+    wc = initial_context(tree, 10 + 3, expand_recent=False)
+    sim = make_policy("similarity")
+    own, q = make_policy("random", seed=3).scores(wc, tree), sim.scores(wc, tree)
+    ramp = make_policy("tree_recency").scores(wc, tree)
+    for r in (0.0, 0.7, 2.0):
+        blend = QueryBlendPolicy(make_policy("random", seed=3), sim, 1.0, recency=r).scores(wc, tree)
+        expect = standardise(standardise(own) + standardise(q) + r * standardise(ramp))
+        assert torch.allclose(blend, expect, atol=1e-6)
+    flat = QueryBlendPolicy(make_policy("random", seed=3), sim, 0.0, recency=1e3).scores(wc, tree)
+    assert torch.equal(flat.argsort(), ramp.argsort())
 
 
 def test_random_is_seeded() -> None:

@@ -278,6 +278,7 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
             query_tau_expand=0.5,
             query_max_df=3,
             query_churn_guard=False,
+            query_recency=0.5,
         ),
     )
     # allocator.query_follow / query_idf_power: the settle's lexical scorer reads a block ahead and sharpens its IDF;
@@ -287,6 +288,9 @@ def test_query_similarity_blends_the_settle_of_relative_score_policies_only(base
     assert (query.follow, query.idf_power, settle.query_rebuild) == (1, 3.0, "coarsest")
     assert settle.query_tau_expand == 0.5 and lexical.session("tree_recency").query_tau_expand is None
     assert settle.query_churn_guard is False and lexical.session("tree_recency").query_churn_guard is True
+    # query_recency: the ramp joins the settle's blend of a policy with an order of its own, never tree_recency's
+    assert settle.query_policy.recency == 0.0 and ahead.session("random").query_policy.recency == 0.5
+    assert lexical.session("random").query_policy.recency == 0.0
     lex = ahead.session("lexical")
     assert (lex.policy.follow, lex.policy.idf_power) == (0, 1.0)
     assert lex.query_policy.name == "lexical"

@@ -583,27 +583,37 @@ class QueryBlendPolicy(Policy):
         """Whether ``policy`` ranks by relative scores (truncation baselines rebuild instead of scoring)."""
         return bool(policy.relative_scores) and not policy.allows_drop
 
-    def __init__(self, policy: Policy, query: Policy, weight: float) -> None:
+    def __init__(self, policy: Policy, query: Policy, weight: float, recency: float = 0.0) -> None:
         for p in (policy, query):
             if not self.can_blend(p):
                 raise ValueError(
                     f"query blend: {p.name!r} does not rank by relative scores; it cannot be blended"
                 )
-        if not float(weight) >= 0:
-            raise ValueError(f"query blend: weight must be >= 0, got {weight}")
-        self.policy, self.query, self.weight = policy, query, float(weight)
+        for key, value in (("weight", weight), ("recency", recency)):
+            if not float(value) >= 0:
+                raise ValueError(f"query blend: {key} must be >= 0, got {value}")
+        self.policy, self.query, self.weight, self.recency = policy, query, float(weight), float(recency)
         self.name = policy.name  # type: ignore[misc]
 
     def scores(self, wc: WorkingContext, tree: Any, context: PolicyContext | None = None) -> torch.Tensor:
-        return blend_scores(
-            self.policy.scores(wc, tree, context), self.query.scores(wc, tree, context), self.weight
-        )
+        own, query = self.policy.scores(wc, tree, context), self.query.scores(wc, tree, context)
+        ramp = _recency_ramp(wc) if self.recency else None
+        return blend_scores(own, query, self.weight, ramp, self.recency)
 
 
-def blend_scores(own: torch.Tensor, query: torch.Tensor, weight: float) -> torch.Tensor:
-    """``own``'s z-scores plus ``weight`` x ``query``'s, standardised again: the settle's blend (a session's
-    :class:`QueryBlendPolicy`, and LensNet's training settle states)."""
-    return standardise(standardise(own) + weight * standardise(query))
+def blend_scores(
+    own: torch.Tensor,
+    query: torch.Tensor,
+    weight: float,
+    ramp: torch.Tensor | None = None,
+    recency: float = 0.0,
+) -> torch.Tensor:
+    """``own``'s z-scores plus ``weight`` x ``query``'s (plus ``recency`` x the recency ramp's), standardised again:
+    the settle's blend (a session's :class:`QueryBlendPolicy`, and LensNet's training settle states)."""
+    mixed = standardise(own) + weight * standardise(query)
+    if ramp is not None and recency:
+        mixed = mixed + recency * standardise(ramp.to(mixed))
+    return standardise(mixed)
 
 
 def make_policy(name: str, lookahead: bool = False, **kw: Any) -> Policy:

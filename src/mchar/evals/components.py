@@ -80,6 +80,9 @@ class SessionSettings:
     )
     query_tau_expand: float | None = None  # the settle's expand threshold (None = the allocator's)
     query_churn_guard: bool = True  # False: the settle fills the slots the allocator's churn guard keeps free
+    query_recency: float = (
+        0.0  # weight of the recency ramp's z-scores in the settle's blend (tree_recency aside)
+    )
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
@@ -98,6 +101,8 @@ class SessionSettings:
             raise EvalError(f"query_cooldown: must be >= 0, got {self.query_cooldown}")
         if not self.query_similarity >= 0:
             raise EvalError(f"query_similarity: must be >= 0, got {self.query_similarity}")
+        if not self.query_recency >= 0:
+            raise EvalError(f"query_recency: must be >= 0, got {self.query_recency}")
         if self.query_follow < 0:
             raise EvalError(f"query_follow: must be >= 0, got {self.query_follow}")
         if self.query_max_df is not None and self.query_max_df < 1:
@@ -152,6 +157,7 @@ def settings_from_config(cfg: Any) -> SessionSettings:
         query_rebuild=str(a.query_rebuild),
         query_tau_expand=None if a.query_tau_expand is None else float(a.query_tau_expand),
         query_churn_guard=bool(a.query_churn_guard),
+        query_recency=float(a.query_recency),
         plain_baselines=bool(e.plain_baselines),
     )
 
@@ -282,8 +288,9 @@ class EvalComponents:
         """The settle's scores for ``policy`` (None = its streaming scores): blended with query similarity when
         ``query_similarity`` > 0 (scored by ``query_scorer``; when lexical, reading ``query_follow`` blocks ahead with IDF
         to the power ``query_idf_power``, and the ``lexical`` policy then settles on that scorer alone) and the policy
-        ranks by relative scores (truncation and fixed-cover baselines settle as they stream), and with
-        ``query_lookahead`` when it differs from the streaming lookahead."""
+        ranks by relative scores (truncation and fixed-cover baselines settle as they stream), plus ``query_recency``
+        x the recency ramp (not for ``tree_recency``, whose own scores are that ramp, nor ``lexical``, whose settle
+        already fills newest first), and with ``query_lookahead`` when it differs from the streaming lookahead."""
         from mchar.core.lookahead import CONTENT_POLICIES
         from mchar.core.policies import QueryBlendPolicy
 
@@ -305,7 +312,8 @@ class EvalComponents:
         if settle.name == s.query_scorer:
             new = lexical and (s.query_follow != 0 or s.query_idf_power != 1.0 or s.query_max_df is not None)
             return query if relook or new else None
-        return QueryBlendPolicy(settle, query, w)
+        recency = 0.0 if settle.name == "tree_recency" else s.query_recency
+        return QueryBlendPolicy(settle, query, w, recency)
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, for results JSON and tags."""
