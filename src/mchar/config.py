@@ -181,8 +181,8 @@ class AllocatorConfig:
     # docs/FINDINGS.md, *The churn guard at the settle*)
     query_churn_guard: bool = True
     # weight of the recency ramp's z-scores (newest first) in the settle's blend of every blending policy but
-    # tree_recency (whose own scores are that ramp): the free slots left after the question's matches go to the
-    # question's surroundings, as tree_recency's settle gives them; 0 = the policy's own order (the default)
+    # tree_recency (whose own scores are that ramp) and lexical (whose settle fills newest first already): the free
+    # slots left after the question's matches go to its surroundings; 0 = the policy's own order (the default)
     query_recency: float = 0.0
     # the `attention` policy (H2O / SnapKV at entry granularity): the mass an entry receives from the newest
     # `attention_queries` tokens (null = K), over every layer or only `attention_layer` (negative = from the top),

@@ -80,9 +80,8 @@ class SessionSettings:
     )
     query_tau_expand: float | None = None  # the settle's expand threshold (None = the allocator's)
     query_churn_guard: bool = True  # False: the settle fills the slots the allocator's churn guard keeps free
-    query_recency: float = (
-        0.0  # weight of the recency ramp's z-scores in the settle's blend (tree_recency aside)
-    )
+    # weight of the recency ramp's z-scores in the settle's blend (tree_recency and lexical aside)
+    query_recency: float = 0.0
     # with an e2e adapter: score the readers of raw tokens only (full context, recency, sink_recent) on the base
     # without it, i.e. the frozen LM as it ships against MegaContext with its adapter (default: one adapted model)
     plain_baselines: bool = False
