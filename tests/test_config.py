@@ -55,6 +55,8 @@ def test_experiment_required_files_exist() -> None:
         (["allocator.query_recency=-1"], "allocator.query_recency: must be >= 0"),
         (["gistnet.val_keep_raw_blocks=-1"], "gistnet.val_keep_raw_blocks: must be >= 0"),
         (["gistnet.keep_raw_blocks=4", "gistnet.keep_raw_max=2"], "gistnet.keep_raw_max"),
+        (["gistnet.upper_weight=-0.5"], "gistnet.upper_weight: must be >= 0"),
+        (["gistnet.upper_keep_raw_blocks=-1"], "gistnet.upper_keep_raw_blocks: must be >= 0"),
         (["gistnet.session_edits=-1"], "gistnet.session_edits"),
         (["base_lm.gist_exposure_session_share=2"], "base_lm.gist_exposure_session_share"),
         (["base_lm.gist_exposure_summary=median"], "base_lm.gist_exposure_summary"),

@@ -226,6 +226,11 @@ class GistNetConfig:
     keep_raw_max: int | None = None
     # the same for the validation layouts: fixed apart from keep_raw_blocks, so ablations stay comparable
     val_keep_raw_blocks: int = 1
+    # weight of a second loss per step on an upper level (LOD2+) alone behind upper_keep_raw_blocks raw blocks, its
+    # gists built from level-1 gists without gradient: trains the upper levels where a session keeps them without
+    # moving the level-1 net (with shared: false; a shared net still moves); 0 = off
+    upper_weight: float = 0.0
+    upper_keep_raw_blocks: int = 12
     # share of training steps on a session-like WC at allocator.budget (recency-first cover + random edits: gists
     # behind a raw present) instead of a random mix of levels; 0 = off
     session_share: float = 0.0
@@ -597,6 +602,7 @@ def check_semantics(cfg: RootConfig) -> None:
     for key, n in (
         ("gistnet.keep_raw_blocks", g.keep_raw_blocks),
         ("gistnet.val_keep_raw_blocks", g.val_keep_raw_blocks),
+        ("gistnet.upper_keep_raw_blocks", g.upper_keep_raw_blocks),
     ):
         if n < 0:
             raise ConfigError(f"{key}: must be >= 0, got {n}")
@@ -604,6 +610,8 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(
             f"gistnet.keep_raw_max: must be null or >= gistnet.keep_raw_blocks ({g.keep_raw_blocks}), got {g.keep_raw_max}"
         )
+    if g.upper_weight < 0:
+        raise ConfigError(f"gistnet.upper_weight: must be >= 0 (0 = off), got {g.upper_weight}")
     _share("gistnet.session_share", g.session_share)
     if g.session_edits < 0:
         raise ConfigError(f"gistnet.session_edits: must be >= 0, got {g.session_edits}")

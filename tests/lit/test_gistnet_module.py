@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mchar.core.entries import Entry
-from mchar.core.gistnet import from_pretrained
+from mchar.core.gistnet import GistNet, from_pretrained
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.gistnet_module import GistNetModule
@@ -246,3 +246,65 @@ def test_session_share_trains_on_session_wcs_and_validation_scores_the_cover() -
     assert not stuck and not moved
     with pytest.raises(ValueError, match="session_share"):
         _module(session_share=0.5)
+
+
+def _per_level_gistnet() -> GistNet:
+    torch.manual_seed(1)
+    return GistNet(32, K, n_layers=1, n_heads=4, width=32, max_level=DEPTH, shared=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(keep=st.integers(0, (T - H) // K), step=st.integers(0, 10_000))
+def test_upper_layouts_hold_one_upper_level_behind_the_raw_tail(keep: int, step: int) -> None:
+    """The upper term's layout tiles the prefix with level-2 nodes and raw blocks only, keeps at least ``keep`` newest
+    blocks raw, and exists exactly when a level-2 node fits before them."""
+    p = T - H
+    ents = _module(upper_keep_raw_blocks=keep).upper_layout(step, p)
+    fits = p // K - keep >= K
+    assert (ents is not None) == fits
+    if ents is not None:
+        W.check_tiling(ents, K, p)
+        levels = {e.level for e in ents}
+        assert 2 in levels and levels <= {0, 2}
+        assert raw_tail(ents) >= keep
+
+
+def test_upper_term_trains_the_upper_net_alone() -> None:
+    """With one net per level, the upper term's gradient reaches the level-2 net and never the level-1 net."""
+    torch.manual_seed(0)
+    m = GistNetModule(
+        tiny_base(),
+        _per_level_gistnet(),
+        block_size=K,
+        depth=DEPTH,
+        horizon=H,
+        max_steps=4,
+        upper_keep_raw_blocks=4,
+    )
+    ids = windows(2)
+    p = m.prefix(ids)
+    targets = ids[:, p : p + H]
+    teacher = W.teacher_logits(m.base, ids, p, H)
+    tok, gists, _ = m.bank(ids, p)
+    m.upper_loss(tok, gists, p, 0, teacher, targets).backward()
+    grads = {n: q.grad for n, q in m.gistnet.named_parameters()}
+    assert all(g is None for n, g in grads.items() if n.startswith("nets.0."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("nets.1."))
+
+
+def test_upper_weight_adds_its_weighted_term_and_zero_changes_nothing() -> None:
+    torch.manual_seed(0)
+    base, gist = tiny_base(), _per_level_gistnet()
+    kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4, upper_keep_raw_blocks=4)
+    ids = windows(2)
+    off, logs_off = GistNetModule(base, gist, **kw).compute_loss(ids, 3)
+    on, logs_on = GistNetModule(base, gist, upper_weight=0.5, **kw).compute_loss(ids, 3)
+    assert "upper_loss" not in logs_off
+    assert torch.allclose(on - off, 0.5 * logs_on["upper_loss"], atol=1e-6)
+    assert float(logs_on["upper_loss"]) > 0
+    # one optimisation step moves every trainable parameter and no frozen one
+    m = GistNetModule(base, gist, upper_weight=0.5, **kw)
+    before = snapshot(m)
+    one_step(m, ids)
+    stuck, moved = changed(m, before)
+    assert not stuck and not moved

@@ -29,6 +29,7 @@ import torchmetrics
 from torch import nn
 
 from mchar.core.allocator import initial_context
+from mchar.core.entries import Entry
 from mchar.lit import windows as W
 from mchar.lit.base_lm import warmup_cosine
 from mchar.lit.clipping import ShardedNormClipping
@@ -175,6 +176,8 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         keep_raw_blocks: int = 1,
         keep_raw_max: int | None = None,
         val_keep_raw_blocks: int = 1,
+        upper_weight: float = 0.0,
+        upper_keep_raw_blocks: int = 12,
         budget: int | None = None,
         session_share: float = 0.0,
         session_edits: int = 3,
@@ -253,6 +256,40 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             hp.session_edits,
         )
 
+    def upper_layout(self, step: int, prefix: int) -> list[Entry] | None:
+        """One upper level (2..depth, drawn per step among those with a node that fits) behind
+        ``upper_keep_raw_blocks`` raw blocks, raw elsewhere: where a session's far gists sit (None if none fits)."""
+        keep = self.hparams.upper_keep_raw_blocks
+        layouts = [W.level_layout(prefix, self.k, lv, keep) for lv in range(2, self.depth + 1)]
+        fitting = [ents for lv, ents in enumerate(layouts, start=2) if any(e.level == lv for e in ents)]
+        if not fitting:
+            return None
+        gen = np.random.default_rng(W.step_seed(self.hparams.seed, step, 7))
+        return fitting[int(gen.integers(0, len(fitting)))]
+
+    def upper_loss(
+        self,
+        tok: torch.Tensor,
+        gists: list[torch.Tensor],
+        prefix: int,
+        step: int,
+        teacher: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The substitutability loss of :meth:`upper_layout`, its gists built from level-1 gists without gradient:
+        it trains the upper levels' parameters alone (with ``gistnet.shared`` false, the LOD2+ nets), so the level-1
+        net keeps learning only where the main layouts put it, next to the horizon."""
+        entries = self.upper_layout(step, prefix)
+        if entries is None:
+            return None
+        level1 = gists[0].detach()
+        upper = W.build_gists(self.gist_fn, level1, self.k, self.depth, first_level=2)
+        bank = W.source_bank(tok, [level1, *upper])
+        student = self.student_logits(
+            bank, self.same_layout(tok.shape[0], entries, prefix, tok.shape[1]), prefix
+        )
+        return substitutability_loss(self.hparams.loss, teacher, student, targets)[0]
+
     def compute_loss(self, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training loss (used by ``training_step`` and by the plain-loop benchmark alike)."""
         ids = ids.to(self.device)
@@ -270,6 +307,11 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             c = contrastive_term(gists[0], self.hparams.contrastive_margin)
             loss = loss + self.hparams.contrastive_weight * c
             logs["contrastive"] = c.detach()
+        if self.hparams.upper_weight > 0 and self.depth >= 2:
+            u = self.upper_loss(tok, gists, prefix, step, teacher, targets)
+            if u is not None:
+                loss = loss + self.hparams.upper_weight * u
+                logs["upper_loss"] = u.detach()
         with torch.no_grad():
             logs["dnll"] = logs["nll"] - W.token_nll(teacher, targets).mean()
         logs["loss"] = loss.detach()

@@ -139,16 +139,19 @@ def bank_offsets(num_tokens: int, prefix: int, block_size: int, depth: int) -> l
 # ---------------------------------------------------------------------------------------------- gists
 
 
-def build_gists(gist_fn: GistFn, tok_emb: torch.Tensor, block_size: int, depth: int) -> list[torch.Tensor]:
+def build_gists(
+    gist_fn: GistFn, tok_emb: torch.Tensor, block_size: int, depth: int, first_level: int = 1
+) -> list[torch.Tensor]:
     """Every gist of the prefix ``tok_emb [B, P, d]``: level l = gist_fn over K level-(l-1) vectors.
 
-    Level 2 is computed from the level-1 gists just made (with grad), as the tree does.
+    Level 2 is computed from the level-1 gists just made (with grad), as the tree does. With ``first_level`` L > 1,
+    ``tok_emb`` holds the level-(L-1) vectors and levels L..``depth`` are returned.
     """
     b, p, d = tok_emb.shape
     k = block_size
     out: list[torch.Tensor] = []
     children = tok_emb
-    for level in range(1, depth + 1):
+    for level in range(first_level, depth + 1):
         n = children.shape[1] // k
         if n == 0:
             out.append(tok_emb.new_zeros(b, 0, d))

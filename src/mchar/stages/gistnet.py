@@ -297,6 +297,8 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         keep_raw_blocks=g.keep_raw_blocks,
         keep_raw_max=g.keep_raw_max,
         val_keep_raw_blocks=g.val_keep_raw_blocks,
+        upper_weight=g.upper_weight,
+        upper_keep_raw_blocks=g.upper_keep_raw_blocks,
         budget=cfg.allocator.budget,
         session_share=g.session_share,
         session_edits=g.session_edits,
