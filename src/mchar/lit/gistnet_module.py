@@ -307,7 +307,7 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             c = contrastive_term(gists[0], self.hparams.contrastive_margin)
             loss = loss + self.hparams.contrastive_weight * c
             logs["contrastive"] = c.detach()
-        if self.hparams.upper_weight > 0 and self.depth >= 2:
+        if self.hparams.upper_weight > 0:
             u = self.upper_loss(tok, gists, prefix, step, teacher, targets)
             if u is not None:
                 loss = loss + self.hparams.upper_weight * u
