@@ -15,9 +15,9 @@ def tiny_base() -> FrozenBaseLM:
     return FrozenBaseLM(tiny_causal_lm("llama", vocab_size=256, hidden_size=32))
 
 
-def tiny_gistnet() -> GistNet:
+def tiny_gistnet(shared: bool = True) -> GistNet:
     torch.manual_seed(1)
-    return GistNet(32, K, n_layers=1, n_heads=4, width=32, max_level=DEPTH)
+    return GistNet(32, K, n_layers=1, n_heads=4, width=32, max_level=DEPTH, shared=shared)
 
 
 def tiny_lensnet() -> LensNet:

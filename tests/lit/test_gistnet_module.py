@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mchar.core.entries import Entry
-from mchar.core.gistnet import GistNet, from_pretrained
+from mchar.core.gistnet import from_pretrained
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
 from mchar.lit.gistnet_module import GistNetModule
@@ -248,11 +248,6 @@ def test_session_share_trains_on_session_wcs_and_validation_scores_the_cover() -
         _module(session_share=0.5)
 
 
-def _per_level_gistnet() -> GistNet:
-    torch.manual_seed(1)
-    return GistNet(32, K, n_layers=1, n_heads=4, width=32, max_level=DEPTH, shared=False)
-
-
 @settings(max_examples=30, deadline=None)
 @given(keep=st.integers(0, (T - H) // K), step=st.integers(0, 10_000))
 def test_upper_layouts_hold_one_upper_level_behind_the_raw_tail(keep: int, step: int) -> None:
@@ -274,7 +269,7 @@ def test_upper_term_trains_the_upper_net_alone() -> None:
     torch.manual_seed(0)
     m = GistNetModule(
         tiny_base(),
-        _per_level_gistnet(),
+        tiny_gistnet(shared=False),
         block_size=K,
         depth=DEPTH,
         horizon=H,
@@ -294,7 +289,7 @@ def test_upper_term_trains_the_upper_net_alone() -> None:
 
 def test_upper_weight_adds_its_weighted_term_and_zero_changes_nothing() -> None:
     torch.manual_seed(0)
-    base, gist = tiny_base(), _per_level_gistnet()
+    base, gist = tiny_base(), tiny_gistnet(shared=False)
     kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4, upper_keep_raw_blocks=4)
     ids = windows(2)
     off, logs_off = GistNetModule(base, gist, **kw).compute_loss(ids, 3)
