@@ -83,8 +83,8 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
         callbacks=ctx.callbacks,
     )
     trainer.fit(Toy(), train_dataloaders=data, val_dataloaders=data)
-    ctx.tracker.log_metrics(run_id, {"final/delta_nll": target})
-    return {"metrics": {"final/delta_nll": target}}
+    ctx.tracker.log_metrics(run_id, {"final/delta_nll": target, "final/doubled": 2 * target})
+    return {"metrics": {"final/delta_nll": target}}  # final/doubled only in MLflow (the fallback)
 
 
 def toy_export_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
@@ -400,6 +400,29 @@ def test_shipped_specs_validate(spec_path: Path) -> None:
     spec = load_spec(spec_path)
     validate(spec, [])  # every swept value composes into a valid config, before any trial would run
     assert spec.search_space
+
+
+def test_a_list_of_metrics_is_averaged_into_one_objective(toy: Path) -> None:
+    from mchar.errors import MCharError
+    from mchar.sweep import run_sweep
+
+    spec = write_spec(toy, "mean", space="allocator.budget: {type: int, values: [64, 128]}")
+    spec.write_text(
+        spec.read_text().replace("metric: final/delta_nll", "metric: [final/delta_nll, final/doubled]")
+    )
+    study = run_sweep(spec)
+    assert sorted(t.value for t in study.trials) == pytest.approx([1.5 * toy_value(b, 2) for b in (64, 128)])
+    for bad in ("metric: []", "metric: [final/delta_nll, 3]"):
+        path = write_spec(toy, "badmetric", space="allocator.budget: {type: int, values: [64]}")
+        path.write_text(path.read_text().replace("metric: final/delta_nll", bad))
+        with pytest.raises(MCharError, match="`metric` must be a metric key or a non-empty list"):
+            run_sweep(path)
+    missing = write_spec(toy, "missing", space="allocator.budget: {type: int, values: [64]}")
+    missing.write_text(
+        missing.read_text().replace("metric: final/delta_nll", "metric: [final/delta_nll, final/nope]")
+    )
+    study = run_sweep(missing)  # a key no stage logs fails the trial, not the sweep
+    assert "final/nope" in study.trials[0].user_attrs["fail_reason"]
 
 
 def test_a_study_is_only_continued_under_the_same_spec(toy: Path) -> None:

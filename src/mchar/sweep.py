@@ -11,7 +11,8 @@ Spec (YAML)::
     storage: sqlite:///runs/optuna.db      # any RDB URL (postgresql://..., mysql://...)
     direction: minimize
     metric: ppl/{allocator.policy}/delta_nll   # key of the stage's returned ``metrics`` dict (falls back to
-    metric_stage: eval                         #   the stage run's MLflow metrics); {dotted.key} = config value
+    metric_stage: eval                         #   the stage run's MLflow metrics); {dotted.key} = config value;
+                                               #   a list of keys: the objective is their mean
     monitor: val/delta_nll                 # Lightning metric the pruning callback watches (optional)
     n_trials: 54                           # total for the study: a rerun only runs what is missing
     sampler: {type: grid}                  # grid | tpe (seed, n_startup_trials) | random (seed)
@@ -144,7 +145,7 @@ class SweepSpec:
     search_space: dict[str, Dimension]
     storage: str = "sqlite:///runs/optuna.db"
     direction: str = "minimize"
-    metric: str = "final/delta_nll"
+    metric: str | list[str] = "final/delta_nll"
     metric_stage: str | None = None
     monitor: str | None = None
     n_trials: int | None = None
@@ -162,6 +163,16 @@ class SweepSpec:
     keep_files: str = "all"
 
     @property
+    def metric_keys(self) -> list[str]:
+        """The metric keys whose mean is the objective (one for most studies)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def metric_label(self) -> str:
+        keys = self.metric_keys
+        return keys[0] if len(keys) == 1 else f"mean({', '.join(keys)})"
+
+    @property
     def is_grid(self) -> bool:
         return self.sampler.get("type") == "grid"
 
@@ -173,6 +184,15 @@ class SweepSpec:
         for values in self.grid().values():
             n *= len(values)
         return n
+
+
+def _parse_metric(value: Any) -> str | list[str]:
+    """One metric key, or a list of keys averaged into one objective (e.g. a score on two held-out sets)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(k, str) and k for k in value):
+        return value[0] if len(value) == 1 else [str(k) for k in value]
+    raise SweepError(f"`metric` must be a metric key or a non-empty list of keys, got {value!r}")
 
 
 def _as_kind(value: Any, what: str) -> dict[str, Any]:
@@ -244,7 +264,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             search_space={str(k): _parse_dim(str(k), v) for k, v in space.items()},
             storage=str(raw.get("storage") or "sqlite:///runs/optuna.db"),
             direction=str(raw.get("direction", "minimize")),
-            metric=str(raw.get("metric", "final/delta_nll")),
+            metric=_parse_metric(raw.get("metric", "final/delta_nll")),
             metric_stage=raw.get("metric_stage"),
             monitor=raw.get("monitor"),
             n_trials=raw.get("n_trials"),
@@ -374,7 +394,8 @@ def validate(spec: SweepSpec, extra: list[str]) -> Any:
         raise SweepError(
             f"sweep: {spec.path}: metric_stage {stage!r} is not among the trial's stages {list(base.stages)}"
         )
-    fill(spec.metric, {**flat, **{k: "x" for k in spec.search_space}}, f"sweep: {spec.path}: metric")
+    for key in spec.metric_keys:
+        fill(key, {**flat, **{k: "x" for k in spec.search_space}}, f"sweep: {spec.path}: metric")
     return base
 
 
@@ -611,7 +632,7 @@ class StudyRun:
             for k, v in {
                 "study_name": spec.study_name,
                 "direction": spec.direction,
-                "metric": spec.metric,
+                "metric": spec.metric_label,
                 "sampler": spec.sampler["type"],
                 "pruner": spec.pruner["type"],
                 "search_space": ",".join(spec.search_space),
@@ -771,8 +792,9 @@ class Objective:
         trial.set_user_attr(FILES_ATTR, trial_files(cfg, trial_dir, EXPORTING_STAGES, *own))
         try:
             ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker, scope=scope)
-            metric = fill(self.spec.metric, flatten(cfg), "metric")
-            value = extract_metric(ctx, tracker, self.stage, metric)
+            keys = [fill(k, flatten(cfg), "metric") for k in self.spec.metric_keys]
+            value = sum(extract_metric(ctx, tracker, self.stage, k) for k in keys) / len(keys)
+            metric = keys[0] if len(keys) == 1 else f"mean({', '.join(keys)})"
         except optuna.TrialPruned:
             tracker.set_tags(tracker.parent_id, {"optuna.state": "PRUNED"})
             print(f"{label}: pruned", file=sys.stderr, flush=True)
@@ -913,7 +935,7 @@ def _summary(study: Any, spec: SweepSpec) -> None:
     counts = ", ".join(f"{s.name.lower()} {states.count(s)}" for s in TrialState if states.count(s))
     best = ""
     with contextlib.suppress(ValueError):
-        best = f"; best {spec.metric} = {study.best_value:.6g} with {study.best_params}"
+        best = f"; best {spec.metric_label} = {study.best_value:.6g} with {study.best_params}"
     print(f"[sweep {spec.study_name}] {counts}{best}", file=sys.stderr, flush=True)
 
 
