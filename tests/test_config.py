@@ -76,6 +76,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.lexical_follow=-1"], "lensnet.lexical_follow"),
         (["lensnet.lexical_idf_power=0"], "lensnet.lexical_idf_power"),
         (["lensnet.lexical_max_df=0"], "lensnet.lexical_max_df"),
+        (["lensnet.raw_embedding=cls"], "lensnet.raw_embedding"),
         (["allocator.query_follow=-1"], "allocator.query_follow"),
         (["allocator.query_idf_power=0"], "allocator.query_idf_power"),
         (["allocator.query_max_df=0"], "allocator.query_max_df: must be a positive number"),

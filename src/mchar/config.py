@@ -313,6 +313,9 @@ class LensNetConfig:
     # lowered the quickstart LensNet's ΔNLL on the 120+120 validation documents of heldout_large by 0.097 on code and
     # 0.074 on retrieval documents (paired; 0 = feature only: 0.023 / 0.060; 3: 0.042 / 0.095)
     lexical_prior: float = 1.0
+    # what LensNet reads for a raw block: the mean of its K token embeddings, or its LOD1 gist (the learned summary
+    # keeps the order and identity of the tokens a mean loses; docs/FINDINGS.md, *Raw blocks seen through their gists*)
+    raw_embedding: str = "mean"
     # train on this exported GistNet instead of this run's (e.g. LensNet ablations over the quickstart's fixed
     # GistNet under their own names; the eval of the same run then uses it too); "" = this run's gistnet export
     gistnet_dir: str = ""
@@ -654,6 +657,8 @@ def check_semantics(cfg: RootConfig) -> None:
         raise ConfigError(f"lensnet.lexical_idf_power: must be > 0, got {lc.lexical_idf_power}")
     if lc.lexical_max_df is not None and lc.lexical_max_df < 1:
         raise ConfigError(f"lensnet.lexical_max_df: must be >= 1 or null, got {lc.lexical_max_df}")
+    if lc.raw_embedding not in ("mean", "gist"):
+        raise ConfigError(f"lensnet.raw_embedding: must be mean or gist, got {lc.raw_embedding!r}")
     for key, needs in (("similarity_prior", "query_tokens"), ("lexical_prior", "lexical_tokens")):
         if getattr(lc, key) and not (getattr(lc, needs) > 0 and lc.recency_prior > 0):
             raise ConfigError(f"lensnet.{key}: needs lensnet.{needs} > 0 and lensnet.recency_prior > 0")

@@ -197,5 +197,11 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
     assert (back.lexical_idf_power, back.lexical_max_df) == (3.0, 4)
     with pytest.raises(ValueError, match="lexical_max_df"):
         LensNet(D, **kw, lexical_max_df=0)
+    gist_reader = LensNet(D, **kw, raw_embedding="gist")
+    gist_reader.save_pretrained(tmp_path / "z")
+    assert from_pretrained(tmp_path / "z").raw_embedding == "gist"
+    assert back.raw_embedding == "mean"
+    with pytest.raises(ValueError, match="raw_embedding"):
+        LensNet(D, **kw, raw_embedding="cls")
     with pytest.raises(ValueError, match="lexical_prior"):
         LensNet(D, recency_prior=0.5, lexical_prior=1.0)

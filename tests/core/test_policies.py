@@ -259,6 +259,44 @@ def test_policies_work_on_the_real_tree() -> None:
     assert wc.num_tokens == 79 and wc.cost <= 30 and wc.entries[-1] == Entry(0, 18)
 
 
+def test_a_gist_reading_lensnet_sees_each_raw_block_as_its_lod1_gist() -> None:
+    """``raw_embedding="gist"``: the policy hands LensNet a raw block's stored LOD1 gist instead of its token mean."""
+    from mchar.core.lensnet import LensNet
+    from mchar.core.policies import entry_vectors
+    from mchar.core.tree import MegaContextTree
+
+    table = torch.randn(50, 8)
+    tree = MegaContextTree.in_memory(
+        4, 2, 8, embed_fn=lambda ids: table[ids], gist_fn=lambda c, level: c.mean(1) * 3 + level
+    )
+    tree.ingest(torch.randint(0, 50, (70,)))
+    wc = initial_context(tree, 30)
+    raw = [i for i, e in enumerate(wc.entries) if e.level == 0]
+    assert raw and len(raw) < len(wc)
+    means, gists = entry_vectors(wc, tree), entry_vectors(wc, tree, "gist")
+    for i, e in enumerate(wc.entries):
+        own = tree.entry_embeddings([e.parent(4) if e.level == 0 else e]).reshape(-1).float()
+        assert torch.allclose(gists[i], own)
+        if e.level == 0:
+            assert torch.allclose(means[i], table[tree.tokens(e.start(4), e.end(4))].mean(0))
+            assert not torch.allclose(gists[i], means[i])
+        else:
+            assert torch.allclose(means[i], gists[i])
+    seen = {}
+    net = LensNet(
+        d_model=8, width=16, n_layers=1, n_heads=2, max_level=2, tail_tokens=4, raw_embedding="gist"
+    )
+    forward = net.forward
+
+    def spy(entry_embeds, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["e"] = entry_embeds
+        return forward(entry_embeds, *args, **kwargs)
+
+    net.forward = spy  # type: ignore[method-assign]
+    make_policy("lensnet", lensnet=net).scores(wc, tree)
+    assert torch.allclose(seen["e"].float(), gists)
+
+
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_attention_scores_are_the_attention_each_entry_receives(base_lm, per_slot: bool) -> None:  # noqa: ANN001
     k = 4

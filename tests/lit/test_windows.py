@@ -1,4 +1,4 @@
-"""Held-out batches split between DDP ranks: every window once, single-process batch indices, equal counts."""
+"""Held-out batches split between DDP ranks, variant gains, and LensNet's entry features (raw blocks as means or gists)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,26 @@ def test_variant_cross_entropy_gains_are_the_kl_gains(windows: int, variants: in
     logp = torch.log_softmax(teacher, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(ce, token_kl(teacher[batch], student) + entropy[batch], atol=1e-5, rtol=1e-5)
+
+
+def test_entry_features_read_raw_blocks_as_their_mean_or_their_lod1_gist() -> None:
+    from mchar.core.entries import Entry
+    from mchar.lit.windows import entry_features
+
+    k, prefix, d = 4, 32, 6
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randn(2, prefix + 8, d, generator=g)
+    gists = [torch.randn(2, prefix // k, d, generator=g), torch.randn(2, prefix // k**2, d, generator=g)]
+    rows = [[Entry(2, 0), Entry(1, 4), Entry(1, 5), Entry(0, 6), Entry(0, 7)], [Entry(0, 0), Entry(2, 1)]]
+    mean = entry_features(rows, [1, 0], tok, gists, k, prefix)
+    gist = entry_features(rows, [1, 0], tok, gists, k, prefix, raw="gist")
+    for part_m, part_g in zip(mean[1:], gist[1:], strict=True):
+        assert torch.equal(part_m, part_g)  # levels, widths, distances, mask: the same either way
+    for r, (b, ents) in enumerate(zip([1, 0], rows, strict=True)):
+        for j, e in enumerate(ents):
+            if e.level == 0:
+                assert torch.allclose(mean[0][r, j], tok[b, e.index * k : (e.index + 1) * k].mean(0))
+                assert torch.allclose(gist[0][r, j], gists[0][b, e.index])
+            else:
+                assert torch.equal(mean[0][r, j], gists[e.level - 1][b, e.index])
+                assert torch.equal(gist[0][r, j], mean[0][r, j])

@@ -29,7 +29,9 @@ Why it looks like this:
 * Output: one **unsquashed** signed score per entry (no tanh: the allocator only compares and thresholds, and
   a ranking loss does not need a bounded range). Padded entries score 0.
 * Entry embedding convention (see :func:`entry_embedding`): a raw block is the mean of its K token
-  embeddings; a gist is its own vector. Callers (the ``lensnet`` policy) build the inputs with it.
+  embeddings (``raw_embedding="mean"``) or its own LOD1 gist (``"gist"``: the learned summary carries the order and
+  identity of its tokens, which a mean loses); a gist is its own vector. Callers (the ``lensnet`` policy) build the
+  inputs with it.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ from mchar.core.gistnet import Block, _rms_normalise, load_module, save_module
 _FEATURE_SCALE = math.log(2.0**20)
 
 
+RAW_EMBEDDINGS = ("mean", "gist")
+
+
 def entry_embedding(level: int, vectors: torch.Tensor) -> torch.Tensor:
-    """LensNet's view of one entry: mean of the K token embeddings for a raw block, the gist itself otherwise."""
+    """LensNet's view of one entry: mean of the K token embeddings for a raw block, the gist itself otherwise
+    (with ``raw_embedding="gist"`` the caller passes a raw block's LOD1 gist as a level-1 vector)."""
     return vectors.mean(dim=0) if level == 0 else vectors.reshape(-1)
 
 
@@ -71,8 +77,12 @@ class LensNet(nn.Module):
         lexical_follow: int = 0,
         lexical_idf_power: float = 1.0,
         lexical_max_df: int | None = None,
+        raw_embedding: str = "mean",
     ) -> None:
         super().__init__()
+        if raw_embedding not in RAW_EMBEDDINGS:
+            raise ValueError(f"lensnet.raw_embedding must be one of {RAW_EMBEDDINGS}, got {raw_embedding!r}")
+        self.raw_embedding = raw_embedding
         if query_tokens < 0:
             raise ValueError(f"lensnet.query_tokens must be >= 0, got {query_tokens}")
         if recency_prior < 0:
@@ -141,6 +151,7 @@ class LensNet(nn.Module):
             "lexical_follow": self.lexical_follow,
             "lexical_idf_power": self.lexical_idf_power,
             "lexical_max_df": self.lexical_max_df,
+            "raw_embedding": self.raw_embedding,
         }
 
     @classmethod

@@ -38,12 +38,15 @@ class PolicyContext:
     position_mode: str = "centre"
 
 
-def entry_vectors(wc: WorkingContext, tree: Any) -> torch.Tensor:
-    """One vector per WC entry [n, d]: the gist itself, or the mean of a raw block's K token embeddings
-    (LensNet's convention, see ``mchar.core.lensnet.entry_embedding``)."""
+def entry_vectors(wc: WorkingContext, tree: Any, raw: str = "mean") -> torch.Tensor:
+    """One vector per WC entry [n, d]: the gist itself, and for a raw block the mean of its K token embeddings
+    or (``raw="gist"``) its LOD1 gist (LensNet's convention, see ``mchar.core.lensnet.entry_embedding``)."""
     entries = list(wc.entries)
     if not entries:
         return torch.zeros(0, int(getattr(tree, "dim", 1)))
+    if raw == "gist":
+        k = wc.block_size
+        return tree.entry_embeddings([e.parent(k) if e.level == 0 else e for e in entries]).float()
     rows = tree.entry_embeddings(entries)
     rows = rows.reshape(-1, rows.shape[-1]).float()
     k = wc.block_size
@@ -364,7 +367,7 @@ class LensNetPolicy(Policy):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(entry_embeds [n,d], levels [n], widths [n], distances [n], tail_embeds [t,d]) as LensNet expects."""
         k = wc.block_size
-        vecs = entry_vectors(wc, tree)
+        vecs = entry_vectors(wc, tree, getattr(self.lensnet, "raw_embedding", "mean"))
         levels = torch.as_tensor(wc.levels(), dtype=torch.long)
         widths = torch.as_tensor(wc.widths(), dtype=torch.long)
         ends = torch.as_tensor(wc.starts(), dtype=torch.long) + widths

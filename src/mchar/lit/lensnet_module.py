@@ -259,7 +259,10 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LensNet's scores ``[R, W]`` and mask of each row's WC; ``ids`` (the windows' token ids) are needed by a
         LensNet that reads lexical match scores."""
-        emb, lv, wd, dist, mask = W.entry_features(entries_per_row, rows_batch, tok, gists, self.k, prefix)
+        raw = getattr(self.lensnet, "raw_embedding", "mean")
+        emb, lv, wd, dist, mask = W.entry_features(
+            entries_per_row, rows_batch, tok, gists, self.k, prefix, raw
+        )
         tail_n = min(getattr(self.lensnet, "tail_tokens", 0), prefix)
         bi = torch.as_tensor(list(rows_batch), device=tok.device)
         tail = tok[bi, prefix - tail_n : prefix] if tail_n else None

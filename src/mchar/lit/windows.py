@@ -454,15 +454,20 @@ def entry_features(
     gists: Sequence[torch.Tensor],
     block_size: int,
     prefix: int,
+    raw: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LensNet inputs for WCs (one per row, padded right): embeds, levels, widths, distances, mask.
 
     Entry embedding convention of :func:`mchar.core.lensnet.entry_embedding`: raw block = mean of its K token
-    embeddings, gist = its vector. Built with one gather from a bank of block means + gists.
+    embeddings (``raw="mean"``) or its LOD1 gist (``raw="gist"``), gist = its vector. Built with one gather from a
+    bank of block vectors + gists.
     """
     k = block_size
     b, _, d = tok_emb.shape
-    block_means = tok_emb[:, :prefix].reshape(b, prefix // k, k, d).mean(2)
+    if raw == "gist":
+        block_means = gists[0].to(tok_emb.dtype)
+    else:
+        block_means = tok_emb[:, :prefix].reshape(b, prefix // k, k, d).mean(2)
     bank = torch.cat([block_means, *[g.to(tok_emb.dtype) for g in gists]], dim=1)
     offs = [0, prefix // k]
     for g in gists[:-1]:

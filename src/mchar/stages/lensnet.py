@@ -70,6 +70,7 @@ def build_lensnet(ctx: RunContext, base: Any) -> Any:
         lexical_follow=lc.lexical_follow,
         lexical_idf_power=lc.lexical_idf_power,
         lexical_max_df=lc.lexical_max_df,
+        raw_embedding=lc.raw_embedding,
     )
 
 
