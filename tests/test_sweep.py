@@ -46,6 +46,7 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
                         "budget": budget,
                         "depth": depth,
                         "policy": policy,
+                        "seed": cfg.seed,
                         "pid": os.getpid(),
                         "stage_dir": str(ctx.stage_dir("eval")),
                     }
@@ -423,6 +424,19 @@ def test_a_list_of_metrics_is_averaged_into_one_objective(toy: Path) -> None:
     )
     study = run_sweep(missing)  # a key no stage logs fails the trial, not the sweep
     assert "final/nope" in study.trials[0].user_attrs["fail_reason"]
+
+
+def test_overrides_may_follow_the_options(toy: Path) -> None:
+    """``sweep SPEC --n-trials N OVERRIDE`` (the README's order) runs N trials with the override applied."""
+    from mchar.cli import main
+
+    spec = write_spec(toy, "order", space="allocator.budget: {type: int, values: [64, 128]}")
+    assert main(["sweep", str(spec), "--n-trials", "1", "seed=7"]) == 0
+    (trial,) = toy_log(toy)
+    assert trial["budget"] in (64, 128) and trial["seed"] == 7
+    with pytest.raises(SystemExit):
+        main(["sweep", str(spec), "--n-trials", "1", "--bogus"])
+    assert len(toy_log(toy)) == 1
 
 
 def test_a_study_is_only_continued_under_the_same_spec(toy: Path) -> None:

@@ -230,8 +230,20 @@ def _core_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may also follow the options (``sweep SPEC --n-trials 4 seed=1``): argparse leaves positionals after
+    an option unparsed, so they are appended to the command's overrides; anything else is still an error."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from mchar.errors import MCharError
 
     try:
