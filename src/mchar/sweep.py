@@ -169,8 +169,7 @@ class SweepSpec:
 
     @property
     def metric_label(self) -> str:
-        keys = self.metric_keys
-        return keys[0] if len(keys) == 1 else f"mean({', '.join(keys)})"
+        return objective_label(self.metric_keys)
 
     @property
     def is_grid(self) -> bool:
@@ -184,6 +183,11 @@ class SweepSpec:
         for values in self.grid().values():
             n *= len(values)
         return n
+
+
+def objective_label(keys: list[str]) -> str:
+    """How an objective is named in logs and the study run: its key, or ``mean(a, b)``."""
+    return keys[0] if len(keys) == 1 else f"mean({', '.join(keys)})"
 
 
 def _parse_metric(value: Any) -> str | list[str]:
@@ -794,7 +798,7 @@ class Objective:
             ctx = run_pipeline(cfg, command="sweep", callbacks=callbacks, tracker=tracker, scope=scope)
             keys = [fill(k, flatten(cfg), "metric") for k in self.spec.metric_keys]
             value = sum(extract_metric(ctx, tracker, self.stage, k) for k in keys) / len(keys)
-            metric = keys[0] if len(keys) == 1 else f"mean({', '.join(keys)})"
+            metric = objective_label(keys)
         except optuna.TrialPruned:
             tracker.set_tags(tracker.parent_id, {"optuna.state": "PRUNED"})
             print(f"{label}: pruned", file=sys.stderr, flush=True)

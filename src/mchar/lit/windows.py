@@ -465,10 +465,10 @@ def entry_features(
     k = block_size
     b, _, d = tok_emb.shape
     if raw == "gist":
-        block_means = gists[0].to(tok_emb.dtype)
+        blocks = gists[0].to(tok_emb.dtype)
     else:
-        block_means = tok_emb[:, :prefix].reshape(b, prefix // k, k, d).mean(2)
-    bank = torch.cat([block_means, *[g.to(tok_emb.dtype) for g in gists]], dim=1)
+        blocks = tok_emb[:, :prefix].reshape(b, prefix // k, k, d).mean(2)
+    bank = torch.cat([blocks, *[g.to(tok_emb.dtype) for g in gists]], dim=1)
     offs = [0, prefix // k]
     for g in gists[:-1]:
         offs.append(offs[-1] + g.shape[1])
