@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,19 @@ def test_print_config_shows_resolved_values() -> None:
 def test_names_that_become_folders_must_be_plain(override: str) -> None:
     with pytest.raises(ConfigError, match=r"must be a plain name"):
         compose_config(["+experiment=smoke", override])
+
+
+def test_a_broken_yaml_file_under_conf_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", conf)
+    group = conf / "lensnet" / "default.yaml"
+    group.write_text(group.read_text() + "width: 96\n")  # a key given twice
+    monkeypatch.setenv("MCHAR_CONF_DIR", str(conf))
+    with pytest.raises(ConfigError) as info:
+        compose_config(["+experiment=smoke"])
+    message = str(info.value)
+    assert "duplicate key" in message and "lensnet/default.yaml" in message and "\n" not in message

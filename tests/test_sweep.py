@@ -55,6 +55,11 @@ def toy_stage(ctx: Any, run_id: str | None) -> dict[str, Any]:
             )
     if policy == "oracle":
         raise RuntimeError("toy stage cannot run the oracle")
+    edit = os.environ.get("MCHAR_TOY_EDIT_CONF")
+    if edit:  # someone adds a key to a config group while the sweep runs
+        group = Path(edit) / "lensnet" / "default.yaml"
+        if "a_key_the_schema_lacks" not in group.read_text():
+            group.write_text(group.read_text() + "a_key_the_schema_lacks: 1\n")
     if os.environ.get("MCHAR_TOY_SLEEP_BUDGET") == str(budget):
         time.sleep(120)
     target = toy_value(budget, depth)
@@ -522,3 +527,43 @@ def _study_names(tmp: Path) -> list[str]:
     import optuna
 
     return [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp}/optuna.db")]
+
+
+def test_edits_to_conf_while_a_sweep_runs_change_none_of_its_trials(
+    toy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every trial composes from the copy of ``conf/`` taken at start; the copy is logged with the study run, and a
+    resumed study whose config groups changed says so."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from mchar.compose import compose_config
+    from mchar.errors import MCharError
+    from mchar.sweep import run_sweep
+
+    conf = toy / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    monkeypatch.setenv("MCHAR_CONF_DIR", str(conf))
+    monkeypatch.setenv("MCHAR_TOY_EDIT_CONF", str(conf))
+    spec = write_spec(toy, "frozen", space="allocator.budget: {type: int, values: [64, 128]}")
+    study = run_sweep(spec)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert len(toy_log(toy)) == 2
+    assert os.environ["MCHAR_CONF_DIR"] == str(conf)
+    with pytest.raises(MCharError, match="a_key_the_schema_lacks"):  # the edit was real: composing now fails
+        compose_config(["+experiment=smoke"])
+    client = MlflowClient(f"sqlite:///{toy}/mlflow.db")
+    (study_run,) = client.search_runs(
+        [client.get_experiment_by_name("mchar").experiment_id], "tags.`mchar.role` = 'study'"
+    )
+    (logged,) = [a for a in client.list_artifacts(study_run.info.run_id, "sweep") if a.is_dir]
+    snapshot = Path(client.download_artifacts(study_run.info.run_id, logged.path, str(toy / "dl")))
+    assert "a_key_the_schema_lacks" not in (snapshot / "lensnet" / "default.yaml").read_text()
+    default = conf / "lensnet" / "default.yaml"
+    default.write_text(default.read_text().replace("a_key_the_schema_lacks: 1\n", "") + "# a comment\n")
+    monkeypatch.delenv("MCHAR_TOY_EDIT_CONF")
+    capsys.readouterr()
+    run_sweep(spec)  # nothing left to run, but the study's config groups are not the ones it started with
+    assert "conf/ changed since this study started" in capsys.readouterr().err
+    assert len(toy_log(toy)) == 2

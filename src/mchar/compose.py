@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from mchar.config import ConfigError, RootConfig, check_semantics
@@ -14,6 +19,35 @@ def conf_dir() -> Path:
     if env:
         return Path(env).resolve()
     return (Path(__file__).resolve().parents[2] / "conf").resolve()
+
+
+def conf_fingerprint(directory: Path | None = None) -> str:
+    """Hash of every file under ``conf/`` (paths and bytes): whether two runs composed from the same config groups."""
+    root = directory or conf_dir()
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def frozen_conf() -> Iterator[Path]:
+    """Compose from a copy of ``conf/`` taken now until the block ends ($MCHAR_CONF_DIR points at it).
+
+    A sweep runs for hours and composes every trial afresh: an edit to ``conf/`` meanwhile (a new key the schema
+    loaded at start lacks, a changed default) would fail or silently change every later trial."""
+    with tempfile.TemporaryDirectory(prefix="mchar-conf-") as tmp:
+        snapshot = Path(tmp) / "conf"
+        shutil.copytree(conf_dir(), snapshot)
+        before = os.environ.get("MCHAR_CONF_DIR")
+        os.environ["MCHAR_CONF_DIR"] = str(snapshot)
+        try:
+            yield snapshot
+        finally:
+            if before is None:
+                os.environ.pop("MCHAR_CONF_DIR", None)
+            else:
+                os.environ["MCHAR_CONF_DIR"] = before
 
 
 def available_experiments() -> list[str]:
@@ -42,6 +76,14 @@ def _one_line(err: BaseException) -> str:
     return first
 
 
+def _yaml_line(err: BaseException) -> str:
+    """A broken YAML file under ``conf/``: what is wrong, where (PyYAML's message spans several lines)."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" ({mark.name}, line {mark.line + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _did_you_mean(overrides: list[str]) -> str:
     """For an override whose key the schema lacks (a typo): the closest real keys."""
     import difflib
@@ -66,6 +108,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     overrides = list(overrides or [])
     _check_experiment(overrides)
@@ -75,8 +118,8 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
         obj = OmegaConf.to_object(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        line = _one_line(err)
+    except (HydraException, OmegaConfBaseException, YAMLError) as err:  # YAML: a broken file under conf/
+        line = _yaml_line(err) if isinstance(err, YAMLError) else _one_line(err)
         if "is not in struct" in line:  # a dict-valued field (trainer.extra): new keys need Hydra's "+"
             line += " (a new key needs a leading +: +KEY=VALUE)"
         elif "not in '" in line:  # a key the schema lacks: a typo

@@ -33,6 +33,7 @@ each trial would overwrite the exports of the experiment it starts from. The sam
 the trials train the base with swept ``base_lm.*`` / ``model.*`` / ``data.*`` values (a later trial would reuse
 the first one's base).
 
+Every trial composes from one copy of ``conf/`` taken when the command starts (edits meanwhile change no trial).
 Resuming: the same command continues the study (``load_if_exists``). A trial left RUNNING by a dead local
 worker (host + pid + process start time in its user attrs) is marked FAIL and its parameters are re-queued
 once; completed trials and grid points are never re-run. Across machines, Optuna heartbeats
@@ -644,6 +645,11 @@ class StudyRun:
                 self.client.log_param(self.run_id, k, str(v)[:6000])
             self.client.log_text(self.run_id, spec.path.read_text(), "sweep/spec.yaml")
 
+    def log_conf(self, conf: Path, fingerprint: str) -> None:
+        """The config groups every trial of this run composes from, as ``sweep/conf-<fingerprint>/``."""
+        if self.client is not None and self.run_id is not None:
+            self.client.log_artifacts(self.run_id, str(conf), f"sweep/conf-{fingerprint}")
+
     def close_orphans(self, study_name: str, numbers: list[int]) -> None:
         """Mark the MLflow runs of interrupted trials (and their stage runs) KILLED instead of RUNNING forever."""
         if self.client is None or not numbers:
@@ -868,15 +874,45 @@ def check_same_spec(study: Any, spec: SweepSpec, extra: list[str]) -> None:
 def run_sweep(
     spec_path: str | Path, n_trials: int | None = None, extra_overrides: list[str] | None = None
 ) -> Any:
-    """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns the study."""
+    """Create or resume the study and run trials until it holds ``n_trials`` finished ones; returns the study.
+
+    Every trial composes from one copy of ``conf/`` taken at start (:func:`mchar.compose.frozen_conf`), so editing
+    the config groups while a sweep runs changes none of its trials."""
+    from mchar.compose import frozen_conf
+
+    spec = load_spec(spec_path)
+    with frozen_conf() as conf:
+        return _run_study(spec, conf, n_trials, list(extra_overrides or []))
+
+
+CONF_ATTR = "mchar.conf_fingerprint"
+
+
+def check_same_conf(study: Any, spec: SweepSpec, conf: Path) -> str:
+    """Record the study's ``conf/`` fingerprint; warn (not refuse) when a resumed study's config groups changed:
+    its later trials then compose other defaults than its earlier ones."""
+    from mchar.compose import conf_fingerprint
+
+    fp = conf_fingerprint(conf)
+    known = study.user_attrs.get(CONF_ATTR)
+    if known is not None and known != fp:
+        print(
+            f"[sweep {spec.study_name}] warning: conf/ changed since this study started (conf {known}, now {fp}); "
+            "the trials run from now compose the new defaults (MLflow: the study run's sweep/conf-* artifacts)",
+            file=sys.stderr,
+            flush=True,
+        )
+    study.set_user_attr(CONF_ATTR, fp)
+    return fp
+
+
+def _run_study(spec: SweepSpec, conf: Path, n_trials: int | None, extra: list[str]) -> Any:
     import logging
 
     import optuna
 
     from mchar.compose import flatten
 
-    spec = load_spec(spec_path)
-    extra = list(extra_overrides or [])
     base = validate(spec, extra)
     check_inputs(spec, base)
     total = n_trials or spec.n_trials or (spec.grid_size() if spec.is_grid else 20)
@@ -894,8 +930,10 @@ def run_sweep(
         load_if_exists=True,
     )
     check_same_spec(study, spec, extra)
+    conf_fp = check_same_conf(study, spec, conf)
     enqueue_points(study, spec.enqueue)
     study_run = StudyRun(spec, base, study)
+    study_run.log_conf(conf, conf_fp)
     recovered = recover_dead_trials(study, spec.max_retry)
     if recovered:
         print(f"[sweep {spec.study_name}] re-queued interrupted trial(s) {recovered}", file=sys.stderr)
