@@ -107,6 +107,7 @@ def test_experiment_required_files_exist() -> None:
         (["seed=-1"], "seed: must be in [0, 2**32)"),
         (["eval.device=gpu"], "eval.device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
         (["data.split_seed=4294967296"], "data.split_seed"),
+        (["data.val_seed=-1"], "data.val_seed"),
         (["gistnet.lr=0"], "gistnet.lr"),
         (["e2e.lr=-1e-4"], "e2e.lr"),
         (["lensnet.max_steps=-1"], "lensnet.max_steps: must be >= 0"),

@@ -511,3 +511,24 @@ def test_settle_steps_train_on_the_wc_a_session_settles_on_before_an_answer() ->
     assert not stuck and not moved, (sorted(stuck), sorted(moved))
     with pytest.raises(ValueError, match="settle_states must be in"):
         _module(settle_states=1.5)
+
+
+def test_validation_draws_follow_val_seed_not_the_training_seed() -> None:
+    """Two training seeds rank the same validation WCs and candidates (``val_seed``), so their Spearmans are paired;
+    training steps still follow the seed, and another ``val_seed`` draws other validation WCs."""
+    a = _module(random_fill=0.5, seed=0)
+    b = _module(random_fill=0.5, seed=1)
+    c = _module(random_fill=0.5, seed=0, val_seed=1)
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    ids = windows(2)
+    prefix = W.prefix_len(ids.shape[1], H, K)
+    ra, rb, rc = (m.evaluate_batch(ids, 0) for m in (a, b, c))
+    for name in ("spearman_recent", "spearman_fill", "spearman/recency", "alloc_nll/random"):
+        torch.testing.assert_close(ra[name], rb[name], equal_nan=True)
+    draws = [
+        [m.validation_wc(0, prefix, kind, d) for kind in ("recent", "fill") for d in range(2)] for m in (a, c)
+    ]
+    assert any(x[0] != y[0] or not np.array_equal(x[1], y[1]) for x, y in zip(*draws, strict=True))
+    steps = [[m.sample_step(s, prefix) for s in range(4)] for m in (a, b)]
+    assert any(x[0] != y[0] or not np.array_equal(x[1], y[1]) for x, y in zip(*steps, strict=True))

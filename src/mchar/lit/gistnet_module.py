@@ -182,6 +182,7 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         session_share: float = 0.0,
         session_edits: int = 3,
         seed: int = 0,
+        val_seed: int = 0,
         val_sets: Sequence[str] = ("val",),
     ) -> None:
         super().__init__()
@@ -339,7 +340,8 @@ class GistNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         t_nll = W.token_nll(teacher, targets).mean(1)
         tok, _, bank = self.bank(ids, prefix)
         t_len = tok.shape[1]
-        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 5))
+        # validation layouts are drawn from ``val_seed``, not the training seed: seed replicates validate alike
+        gen = np.random.default_rng(W.step_seed(self.hparams.val_seed, batch_idx, 5))
         layouts: list[tuple[str, list, bool]] = []
         mixed = W.random_layout(
             prefix, self.k, self.depth, gen, self.hparams.val_keep_raw_blocks, self.hparams.val_raw_prob

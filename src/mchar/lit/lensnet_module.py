@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -127,6 +128,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         settle_max_df: int | None = 4,
         lookahead: bool = False,
         seed: int = 0,
+        val_seed: int = 0,
         utility: str = "sampled",
         pair_norm: str = "batch",
         val_wc_draws: int = 1,
@@ -159,6 +161,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         self.save_hyperparameters(ignore=["base", "gistnet", "lensnet"])
         self.k, self.depth, self.horizon, self.budget = block_size, depth, horizon, budget
         self.planner = LensPlanner.of(self.hparams)
+        # validation WCs, candidates and reference draws come from ``val_seed``: seed replicates rank the same ones
+        self.val_planner = replace(self.planner, seed=val_seed)
         names = ["spearman", "lens_loss", "teacher_nll"] + [f"alloc_nll/{p}" for p in ALLOC_POLICIES]
         names += [f"{m}_{kind}" for m in ("spearman", "lens_loss") for kind in ("recent", "fill")]
         names += [f"spearman/{p}" for p in RANK_REFERENCES] + ["utility_split_half"]
@@ -399,8 +403,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         self, batch_idx: int, prefix: int, kind: str, draw: int = 0
     ) -> tuple[list[Entry], np.ndarray]:
         """The ``draw``-th validation WC of ``kind`` and its candidates for a held-out batch (seeds apart from
-        every training step's; draw 0 is the one a single-draw validation takes)."""
-        return self.sample_step(-1 - batch_idx - 1000 * draw, prefix, kind=kind)
+        every training step's, and from ``val_seed``; draw 0 is the one a single-draw validation takes)."""
+        return self.val_planner.sample(-1 - batch_idx - 1000 * draw, prefix, kind)
 
     def on_policy_plan(
         self,
@@ -632,7 +636,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         # Two references put LensNet's Spearman in scale: the hand-made scorers' agreement with the same utilities,
         # and the utilities' odd/even split-half agreement (how much of a window's ranking the horizon's tokens
         # agree on; a ranking that only some tokens show is noise no scorer can predict).
-        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 19))
+        gen = np.random.default_rng(W.step_seed(self.hparams.val_seed, batch_idx, 19))
         # Both utility measurements (sampled, expected: suffix "" and "_expected") from the same variant forward.
         suffixes = {u: "" if u == "sampled" else f"_{u}" for u in MEASUREMENTS}
         refs: dict[str, list[torch.Tensor]] = {
@@ -685,7 +689,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             out[f"utility_split_half{x}"] = torch.cat(halves[x])
         out |= {name: torch.cat(v) for name, v in (refs | by_kind).items()}
         out["lens_loss"] = torch.cat([out[f"lens_loss_{k}"] for k in kinds]).mean().reshape(1)
-        gen = np.random.default_rng(W.step_seed(self.hparams.seed, batch_idx, 13))
+        gen = np.random.default_rng(W.step_seed(self.hparams.val_seed, batch_idx, 13))
         offs = W.bank_offsets(prefix + self.horizon, prefix, self.k, self.depth)
         spec = []
         for p in policies:

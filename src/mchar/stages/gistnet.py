@@ -61,13 +61,15 @@ def retrieval_windows(
     n: int,
     split: str | None = None,
     length: int | None = None,
+    seed: int | None = None,
     **overrides: Any,
 ) -> torch.Tensor:
     """``n`` held-out synthetic retrieval windows of ``length`` tokens (default ``data.window``): haystack and needles
     from the ``split`` files (default: val, else test; never trained on).
 
     Built like the training mix (``data.mix_episodes``, ``data.mix_answer_tail``: the last answer that many tokens
-    before the end), so metrics can be read where distant context decides the loss, not only on plain code.
+    before the end), so metrics can be read where distant context decides the loss, not only on plain code. Drawn
+    from ``seed`` (default the run's): the side nets' validation passes ``data.val_seed``.
     """
     import torch
 
@@ -79,7 +81,12 @@ def retrieval_windows(
     files = splits[split] if split else splits["val"] or splits["test"]
     if n <= 0 or not files:
         return torch.zeros(0, length, dtype=torch.long)
-    kwargs: dict[str, Any] = dict(stride=None, num_workers=0, seed=ctx.cfg.seed + 7919, task_mix_fraction=0.5)
+    kwargs: dict[str, Any] = dict(
+        stride=None,
+        num_workers=0,
+        seed=(ctx.cfg.seed if seed is None else seed) + 7919,
+        task_mix_fraction=0.5,
+    )
     kwargs |= dict(window=length, mix_answer_tail=d.mix_answer_tail) | overrides
     dm = window_module(ctx, tokenizer, {"train": files}, **kwargs)
     dm.setup("fit")
@@ -275,7 +282,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
     cfg, g = ctx.cfg, ctx.cfg.gistnet
     base = load_base(ctx)
     train, val = load_windows(ctx, base, g.val_windows)
-    rv = retrieval_windows(ctx, base.tokenizer, g.val_retrieval_windows)
+    rv = retrieval_windows(ctx, base.tokenizer, g.val_retrieval_windows, seed=cfg.data.val_seed)
     steps = cfg.trainer.max_steps or g.max_steps
     module = GistNetModule(
         base,
@@ -303,6 +310,7 @@ def run(ctx: RunContext, run_id: str | None) -> dict[str, Any]:
         session_share=g.session_share,
         session_edits=g.session_edits,
         seed=cfg.seed,
+        val_seed=cfg.data.val_seed,
         val_sets=val_sets(rv),
     )
     trainer, metrics = fit(

@@ -109,6 +109,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         alloc_edits=cfg.allocator.n_diff,
         protect_tokens=cfg.allocator.protect_recent,
         seed=cfg.seed,
+        val_seed=cfg.data.val_seed,
     )
 
 
@@ -122,7 +123,7 @@ def lensnet_windows(ctx: RunContext, base: Any) -> tuple[torch.Tensor, torch.Ten
     return (
         train,
         val,
-        retrieval_windows(ctx, base.tokenizer, lc.val_retrieval_windows, **data),
+        retrieval_windows(ctx, base.tokenizer, lc.val_retrieval_windows, seed=ctx.cfg.data.val_seed, **data),
     )  # a fixed held-out mix
 
 
