@@ -10,6 +10,11 @@ both ``runs/<name>/eval/results.json``; refuses runs whose full-context NLLs dif
 Prints, per document set (code, retrieval), the other run's ΔNLL and NLL(other) − NLL(reference) with its 95 % t
 interval (positive = the reference run better); ``--against`` pairs the other run's policy with those policies of the
 reference run instead (a retrained LensNet against the baselines it must beat, on the same documents).
+
+A comma-separated list in place of a name (``REF_S0,REF_S1,REF_S2 OTHER_S0,OTHER_S1,OTHER_S2``: seed replicates
+evaluated on the same documents) stands for the mean over those runs of every document's NLL: the seed-averaged
+comparison, its interval over documents (it holds the seeds fixed; each pair of runs alone shows the spread over
+seeds).
 """
 
 from __future__ import annotations
@@ -24,11 +29,41 @@ from mchar.evals.perplexity import paired_difference
 SETS = {"code": lambda r: r, "retrieval": lambda r: r.get("retrieval")}
 
 
-def load(name: str, runs: Path) -> dict[str, Any]:
+def load_one(name: str, runs: Path) -> dict[str, Any]:
     path = runs / name / "eval" / "results.json"
     if not path.is_file():
         raise SystemExit(f"paired_runs: no {path} (run the evaluation under name={name} first)")
     return json.loads(path.read_text())
+
+
+def load(names: str, runs: Path) -> dict[str, Any]:
+    """One run's results, or (``A,B,...``) every policy's per-document NLL and ΔNLL averaged over those runs."""
+    parts = [load_one(n, runs) for n in names.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    merged = mean_of(parts, names, "code") or {}
+    merged["retrieval"] = mean_of([r.get("retrieval") for r in parts], names, "retrieval")
+    return merged
+
+
+def mean_of(results: list[dict[str, Any] | None], names: str, label: str) -> dict[str, Any] | None:
+    if any(not r for r in results):
+        return None
+    full = results[0]["full"]
+    if any(r["full"]["per_document"] != full["per_document"] for r in results):
+        raise SystemExit(f"paired_runs: the runs {names} scored different {label} documents")
+    shared = set.intersection(*(set(r["policies"]) for r in results))
+    policies = {
+        p: {
+            "delta_nll": sum(r["policies"][p]["delta_nll"] for r in results) / len(results),
+            "per_document": [
+                sum(v) / len(v)
+                for v in zip(*(r["policies"][p]["per_document"] for r in results), strict=True)
+            ],
+        }
+        for p in shared
+    }
+    return {"full": full, "policies": policies}
 
 
 def main() -> None:
