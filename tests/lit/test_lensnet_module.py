@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from mchar.compose import compose_config
 from mchar.core.lensnet import LensNet
+from mchar.errors import MCharError
 from mchar.lit import windows as W
 from mchar.lit.lens_plan import perturb
 from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss
@@ -532,3 +534,39 @@ def test_validation_draws_follow_val_seed_not_the_training_seed() -> None:
     assert any(x[0] != y[0] or not np.array_equal(x[1], y[1]) for x, y in zip(*draws, strict=True))
     steps = [[m.sample_step(s, prefix) for s in range(4)] for m in (a, b)]
     assert any(x[0] != y[0] or not np.array_equal(x[1], y[1]) for x, y in zip(*steps, strict=True))
+
+
+def test_the_prior_path_learns_at_its_own_rate() -> None:
+    """``prior_lr_scale``: the linear prior path is its own optimizer group at that multiple of ``lr`` (Adam's first
+    step moves each weight by about its group's rate), every other LensNet weight as before."""
+
+    def first_step(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        m = LensNetModule(
+            tiny_base(),
+            tiny_gistnet(),
+            featured_lensnet(),
+            block_size=K,
+            depth=DEPTH,
+            budget=24,
+            horizon=H,
+            candidates=6,
+            max_steps=4,
+            warmup_steps=0,
+            prior_lr_scale=scale,
+        )
+        groups = m.configure_optimizers()["optimizer"].param_groups
+        names = ["lensnet", "lensnet_prior"] if scale != 1 else ["lensnet"]
+        assert [g["name"] for g in groups] == names
+        assert groups[-1]["lr"] == pytest.approx(scale * groups[0]["lr"])
+        before = snapshot(m)
+        one_step(m, windows(4), step=0)
+        prior = (m.lensnet.prior.weight - before["lensnet.prior.weight"]).abs().max()
+        rest = (m.lensnet.score[-1].weight - before["lensnet.score.2.weight"]).abs().max()
+        return prior, rest
+
+    prior1, rest1 = first_step(1.0)
+    prior10, rest10 = first_step(10.0)
+    assert prior10 > 5 * prior1 > 0
+    torch.testing.assert_close(rest10, rest1)
+    with pytest.raises(MCharError, match="lensnet.prior_lr_scale"):
+        compose_config(["+experiment=smoke", "lensnet.prior_lr_scale=0"])

@@ -124,7 +124,7 @@ class E2EModule(LensNetModule):
                 }
             )
         if hp.train_lensnet:
-            groups.append({"params": list(self.lensnet.parameters()), "lr": hp.lr, "name": "lensnet"})
+            groups += self.lensnet_groups(hp.lr)
         return groups
 
     def configure_optimizers(self) -> Any:

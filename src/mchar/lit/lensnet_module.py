@@ -129,6 +129,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         lookahead: bool = False,
         seed: int = 0,
         val_seed: int = 0,
+        prior_lr_scale: float = 1.0,
         utility: str = "sampled",
         pair_norm: str = "batch",
         val_wc_draws: int = 1,
@@ -712,8 +713,26 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.lensnet.parameters() if p.requires_grad]
 
+    def lensnet_groups(self, lr: float) -> list[dict[str, Any]]:
+        """LensNet's parameters as optimizer groups: the linear prior path at ``prior_lr_scale`` x ``lr`` (so a short
+        fit can move the recency / lexical balance it was initialised with), the rest at ``lr``; at scale 1 one group
+        (the optimizer state of checkpoints from before the setting keeps its shape)."""
+        prior = self.lensnet.prior
+        split = prior is not None and self.hparams.prior_lr_scale != 1.0
+        own = {id(p) for p in prior.parameters()} if split else set()
+        rest = [p for p in self.lensnet.parameters() if p.requires_grad and id(p) not in own]
+        groups = [{"params": rest, "lr": lr, "name": "lensnet"}]
+        if own:
+            prior_params = [p for p in prior.parameters() if p.requires_grad]
+            groups.append(
+                {"params": prior_params, "lr": lr * self.hparams.prior_lr_scale, "name": "lensnet_prior"}
+            )
+        return groups
+
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.trainable(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            self.lensnet_groups(self.hparams.lr), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.max_steps)
         )

@@ -91,6 +91,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         teacher_gate=lc.teacher_gate,
         lr=lc.lr,
         weight_decay=lc.weight_decay,
+        prior_lr_scale=lc.prior_lr_scale,
         max_steps=steps,
         warmup_steps=lc.warmup_steps,
         random_edits=lc.random_edits,
