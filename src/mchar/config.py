@@ -666,8 +666,10 @@ def check_semantics(cfg: RootConfig) -> None:
     if lc.lexical_max_df is not None and lc.lexical_max_df < 1:
         raise ConfigError(f"lensnet.lexical_max_df: must be >= 1 or null, got {lc.lexical_max_df}")
     _positive("lensnet.prior_lr_scale", lc.prior_lr_scale)
-    if lc.raw_embedding not in ("mean", "gist"):
-        raise ConfigError(f"lensnet.raw_embedding: must be mean or gist, got {lc.raw_embedding!r}")
+    if lc.raw_embedding not in LENSNET_RAW_EMBEDDINGS:
+        raise ConfigError(
+            f"lensnet.raw_embedding: must be one of {', '.join(LENSNET_RAW_EMBEDDINGS)}, got {lc.raw_embedding!r}"
+        )
     for key, needs in (("similarity_prior", "query_tokens"), ("lexical_prior", "lexical_tokens")):
         if getattr(lc, key) and not (getattr(lc, needs) > 0 and lc.recency_prior > 0):
             raise ConfigError(f"lensnet.{key}: needs lensnet.{needs} > 0 and lensnet.recency_prior > 0")
@@ -782,6 +784,10 @@ def check_semantics(cfg: RootConfig) -> None:
 # how its pair loss is normalised; the LensNet module checks the same lists
 LENSNET_UTILITIES = ("sampled", "expected", "mixed")
 LENSNET_PAIR_NORMS = ("batch", "window")
+LENSNET_RAW_EMBEDDINGS = (
+    "mean",
+    "gist",
+)  # mirrors mchar.core.lensnet.RAW_EMBEDDINGS (config stays torch-free)
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # what lightning.Trainer(precision=...) accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT), so a
 # typo stops here and not in the first fit, after the corpus and tokenizer work (config.py imports no Lightning)

@@ -203,5 +203,11 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
     assert back.raw_embedding == "mean"
     with pytest.raises(ValueError, match="raw_embedding"):
         LensNet(D, **kw, raw_embedding="cls")
+    from mchar import config
+    from mchar.core.lensnet import RAW_EMBEDDINGS
+
+    assert (
+        RAW_EMBEDDINGS == config.LENSNET_RAW_EMBEDDINGS
+    )  # the config check allows exactly what LensNet reads
     with pytest.raises(ValueError, match="lexical_prior"):
         LensNet(D, recency_prior=0.5, lexical_prior=1.0)
