@@ -153,15 +153,18 @@ def test_left_padding_does_not_change_logits() -> None:
     assert torch.allclose(alone[0], mixed[0], atol=1e-5)
 
 
-def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
-    """``raw_prob`` shapes training layouts only; the validation mix uses ``val_raw_prob`` (comparable ablations)."""
+def validations(*settings: dict) -> list[dict[str, torch.Tensor]]:
+    """The validation metrics of one batch under each of ``settings``, every module over the same base and GistNet."""
     torch.manual_seed(0)
     base, gist = tiny_base(), tiny_gistnet()
     kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4)
     ids = windows(2)
-    a = GistNetModule(base, gist, raw_prob=0.0, **kw).evaluate_batch(ids, 0)
-    b = GistNetModule(base, gist, raw_prob=0.9, **kw).evaluate_batch(ids, 0)
-    c = GistNetModule(base, gist, raw_prob=0.0, val_raw_prob=0.9, **kw).evaluate_batch(ids, 0)
+    return [GistNetModule(base, gist, **kw, **extra).evaluate_batch(ids, 0) for extra in settings]
+
+
+def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
+    """``raw_prob`` shapes training layouts only; the validation mix uses ``val_raw_prob`` (comparable ablations)."""
+    a, b, c = validations({"raw_prob": 0.0}, {"raw_prob": 0.9}, {"raw_prob": 0.0, "val_raw_prob": 0.9})
     assert torch.equal(a["dnll"], b["dnll"])
     assert not torch.equal(a["dnll"], c["dnll"])
     assert torch.equal(a["dnll_lod1"], c["dnll_lod1"])  # single-level layouts do not use the mix at all
@@ -169,13 +172,7 @@ def test_validation_mix_does_not_follow_the_training_raw_prob() -> None:
 
 def test_validation_layouts_do_not_follow_the_training_raw_tail() -> None:
     """``keep_raw_blocks`` shapes training layouts only; validation keeps ``val_keep_raw_blocks`` raw."""
-    torch.manual_seed(0)
-    base, gist = tiny_base(), tiny_gistnet()
-    kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4)
-    ids = windows(2)
-    a = GistNetModule(base, gist, **kw).evaluate_batch(ids, 0)
-    b = GistNetModule(base, gist, keep_raw_blocks=6, keep_raw_max=8, **kw).evaluate_batch(ids, 0)
-    c = GistNetModule(base, gist, val_keep_raw_blocks=6, **kw).evaluate_batch(ids, 0)
+    a, b, c = validations({}, {"keep_raw_blocks": 6, "keep_raw_max": 8}, {"val_keep_raw_blocks": 6})
     for name in ("dnll", "dnll_lod1", "drop_dnll_lod1", "dnll_lod2"):
         assert torch.equal(a[name], b[name])
     assert not torch.equal(a["dnll_lod1"], c["dnll_lod1"])
@@ -307,12 +304,6 @@ def test_upper_weight_adds_its_weighted_term_and_zero_changes_nothing() -> None:
 
 def test_validation_layouts_follow_val_seed_not_the_training_seed() -> None:
     """Seed replicates validate on the same mixed layouts (``val_seed``); another ``val_seed`` draws others."""
-    torch.manual_seed(0)
-    base, gist = tiny_base(), tiny_gistnet()
-    kw = dict(block_size=K, depth=DEPTH, horizon=H, max_steps=4)
-    ids = windows(2)
-    a = GistNetModule(base, gist, seed=0, **kw).evaluate_batch(ids, 0)
-    b = GistNetModule(base, gist, seed=5, **kw).evaluate_batch(ids, 0)
-    c = GistNetModule(base, gist, seed=0, val_seed=5, **kw).evaluate_batch(ids, 0)
+    a, b, c = validations({"seed": 0}, {"seed": 5}, {"seed": 0, "val_seed": 5})
     assert torch.equal(a["dnll"], b["dnll"])
     assert not torch.equal(a["dnll"], c["dnll"])

@@ -27,11 +27,11 @@ from tests.lit.helpers import (
 )
 
 
-def _module(**kw) -> LensNetModule:
+def _module(lensnet: LensNet | None = None, **kw) -> LensNetModule:
     return LensNetModule(
         tiny_base(),
         tiny_gistnet(),
-        tiny_lensnet(),
+        lensnet or tiny_lensnet(),
         block_size=K,
         depth=DEPTH,
         budget=24,
@@ -541,19 +541,7 @@ def test_the_prior_path_learns_at_its_own_rate() -> None:
     step moves each weight by about its group's rate), every other LensNet weight as before."""
 
     def first_step(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        m = LensNetModule(
-            tiny_base(),
-            tiny_gistnet(),
-            featured_lensnet(),
-            block_size=K,
-            depth=DEPTH,
-            budget=24,
-            horizon=H,
-            candidates=6,
-            max_steps=4,
-            warmup_steps=0,
-            prior_lr_scale=scale,
-        )
+        m = _module(featured_lensnet(), warmup_steps=0, prior_lr_scale=scale)
         groups = m.configure_optimizers()["optimizer"].param_groups
         names = ["lensnet", "lensnet_prior"] if scale != 1 else ["lensnet"]
         assert [g["name"] for g in groups] == names
