@@ -211,3 +211,35 @@ def test_lexical_prior_lifts_the_entry_that_holds_the_query_tokens(tmp_path) -> 
     )  # the config check allows exactly what LensNet reads
     with pytest.raises(ValueError, match="lexical_prior"):
         LensNet(D, recency_prior=0.5, lexical_prior=1.0)
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_z_scores_and_round_trips(tmp_path) -> None:
+    """Per-WC z-scored members averaged (a LensNet is defined up to shift and scale); batched rows with padding
+    score as each row alone; the export reloads by its kind; members reading other inputs are refused."""
+    from mchar.core.lensnet import LensNetEnsemble, standardise_rows
+
+    torch.manual_seed(1)
+    a, b = _net(), LensNet(D, width=32, n_layers=1, n_heads=4, max_level=2, tail_tokens=8).eval()
+    ens = LensNetEnsemble([a, b]).eval()
+    e, lv, wd, ds, tail = _inputs()
+    want = (
+        standardise_rows(a(e, lv, wd, ds, tail)[None]) + standardise_rows(b(e, lv, wd, ds, tail)[None])
+    ) / 2
+    torch.testing.assert_close(ens(e, lv, wd, ds, tail), want[0])
+    e2, lv2, wd2, ds2, tail2 = _inputs(w=4, seed=1)
+    pad = lambda x, y: torch.stack([x, torch.cat([y, torch.zeros_like(x[: len(x) - len(y)])])])  # noqa: E731
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    rows = ens(pad(e, e2), pad(lv, lv2), pad(wd, wd2), pad(ds, ds2), torch.stack([tail, tail2]), mask=mask)
+    torch.testing.assert_close(rows[0], ens(e, lv, wd, ds, tail))
+    torch.testing.assert_close(rows[1, :4], ens(e2, lv2, wd2, ds2, tail2))
+    assert torch.equal(rows[1, 4:], torch.zeros(2))
+    ens.save_pretrained(tmp_path / "ens")
+    back = from_pretrained(tmp_path / "ens")
+    assert isinstance(back, LensNetEnsemble) and len(back.members) == 2
+    torch.testing.assert_close(back.eval()(e, lv, wd, ds, tail), ens(e, lv, wd, ds, tail))
+    a.save_pretrained(tmp_path / "one")
+    assert type(from_pretrained(tmp_path / "one")) is LensNet
+    assert (ens.raw_embedding, ens.tail_tokens, ens.d_model) == ("mean", 8, D)
+    other = LensNet(D, width=32, n_layers=1, n_heads=4, max_level=2, tail_tokens=16)
+    with pytest.raises(ValueError, match="members read different inputs .tail_tokens"):
+        LensNetEnsemble([a, other])

@@ -329,3 +329,34 @@ def test_query_lookahead_applies_to_the_settle_only(base_dir: Path) -> None:
     assert isinstance(s.policy, LookaheadPolicy) and not isinstance(s.query_policy, LookaheadPolicy)
     same = load_components(base_dir, settings(lookahead=True, query_lookahead=True))
     assert same.session("similarity").query_policy is None  # the settle scores as it streams
+
+
+def test_an_exported_lensnet_ensemble_streams_as_the_lensnet_policy(
+    base_dir: Path, docs: list[torch.Tensor], tmp_path: Path
+) -> None:
+    """``scripts/lensnet_ensemble.py`` writes seed replicates as one export; ``eval.lensnet_dir`` loads it like one
+    LensNet and the ``lensnet`` policy streams with it; members that read other inputs write nothing."""
+    import subprocess
+    import sys
+
+    from mchar.core.lensnet import LensNet, LensNetEnsemble
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "lensnet_ensemble.py"
+    for i, tail in enumerate((8, 8, 16)):
+        torch.manual_seed(i)
+        LensNet(32, width=16, n_layers=1, n_heads=4, tail_tokens=tail, recency_prior=0.5).save_pretrained(
+            tmp_path / f"m{i}"
+        )
+    run = [sys.executable, str(script)]
+    subprocess.run([*run, str(tmp_path / "ens"), str(tmp_path / "m0"), str(tmp_path / "m1")], check=True)
+    bad = subprocess.run(
+        [*run, str(tmp_path / "bad"), str(tmp_path / "m0"), str(tmp_path / "m2")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "tail_tokens" in bad.stderr and not (tmp_path / "bad").exists()
+    settings = SessionSettings(budget=32, block_size=K, depth=2, protect_tokens=K)
+    comp = load_components(base_dir, settings, lensnet=tmp_path / "ens")
+    assert isinstance(comp.lensnet, LensNetEnsemble) and len(comp.lensnet.members) == 2
+    res = evaluate_policy(lambda: comp.session("lensnet"), docs[:1], FINAL, 32, map_document=0)
+    assert np.isfinite(res.nll)

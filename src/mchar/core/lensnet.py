@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mchar.core.gistnet import Block, _rms_normalise, load_module, save_module
+from mchar.core.gistnet import Block, _rms_normalise, load_module, read_export_config, save_module
 
 _FEATURE_SCALE = math.log(2.0**20)
 
@@ -238,6 +238,65 @@ class LensNet(nn.Module):
         return scores[0] if squeeze else scores
 
 
+# What a LensNet reads: every member of an ensemble must read the same (one set of inputs feeds them all).
+INPUT_SETTINGS = (
+    "d_model",
+    "max_level",
+    "tail_tokens",
+    "query_tokens",
+    "lexical_tokens",
+    "lexical_lookback",
+    "lexical_follow",
+    "lexical_idf_power",
+    "lexical_max_df",
+    "raw_embedding",
+)
+
+
+class LensNetEnsemble(nn.Module):
+    """Several LensNets (e.g. seed replicates) scoring as one: the mean of their per-WC z-scored scores.
+
+    Why: LensNets trained alike under other seeds stream held-out documents 0.14-0.19 nats apart on code
+    (docs/FINDINGS.md); averaging their rankings removes the part of that spread that is one net's luck, at the cost of
+    one more tiny forward per member. A Bradley–Terry LensNet is defined up to shift and scale, so members are z-scored
+    per WC before they are averaged. The members must read the same inputs (:data:`INPUT_SETTINGS`), which the
+    ensemble exposes as its own, so a policy feeds it exactly as it feeds one LensNet."""
+
+    kind = "lensnet_ensemble"
+
+    def __init__(self, members: list[LensNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("lensnet ensemble: needs at least one member")
+        for name in INPUT_SETTINGS:
+            values = {repr(getattr(m, name)) for m in members}
+            if len(values) > 1:
+                raise ValueError(
+                    f"lensnet ensemble: members read different inputs ({name}: {sorted(values)})"
+                )
+            setattr(self, name, getattr(members[0], name))
+        self.members = nn.ModuleList(members)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "members": [m.config_dict() for m in self.members]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LensNetEnsemble:
+        return cls([LensNet.from_config(m) for m in config["members"]])
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_module(self, self.config_dict(), directory)
+
+    def forward(self, *args: Any, mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Same arguments and shape as :meth:`LensNet.forward`."""
+        outs = [m(*args, mask=mask, **kwargs) for m in self.members]
+        squeeze = outs[0].dim() == 1
+        rows = None if mask is None else (mask.unsqueeze(0) if squeeze else mask)
+        z = [standardise_rows(o.unsqueeze(0) if squeeze else o, rows) for o in outs]
+        mean = torch.stack(z).mean(0)
+        return mean[0] if squeeze else mean
+
+
 def standardise_rows(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, W]`` z-scored per row over its real entries (``mask``); a constant row becomes 0, padding 0."""
     m = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(torch.bool)
@@ -268,7 +327,12 @@ def query_similarity(
     return torch.nn.functional.cosine_similarity(entry_embeds, query.unsqueeze(1), dim=-1)
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> LensNet:
+def from_pretrained(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> LensNet | LensNetEnsemble:
+    """One exported LensNet or ensemble, by the ``kind`` its ``config.json`` names."""
+    if read_export_config(directory).get("kind") == LensNetEnsemble.kind:
+        return load_module(directory, LensNetEnsemble.from_config).to(map_location)
     return LensNet.from_pretrained(directory, map_location)
 
 

@@ -402,13 +402,13 @@ def load_lensnet(
     path: str | Path | None, base: Any, settings: SessionSettings
 ) -> tuple[torch.nn.Module | None, str]:
     """(net or None, source)."""
-    from mchar.core.lensnet import LensNet
+    from mchar.core.lensnet import from_pretrained as load_export
 
     if not path:
         return None, "none"
     p = check_export(path, "LensNet")
     try:
-        net = LensNet.from_pretrained(p, map_location=base.device)
+        net = load_export(p, map_location=base.device)
     except ValueError as err:
         raise EvalError(f"lensnet: {err}") from None
     if net.d_model != base.hidden_size:
