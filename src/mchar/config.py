@@ -87,7 +87,8 @@ class DataConfig:
     split_seed: int = 0
     # what the side nets validate on (held-out synthetic retrieval windows, LensNet's validation WCs and candidates):
     # fixed apart from ``seed`` too, so seed replicates are compared on the same held-out draws (tied to ``seed``, the
-    # draw moved LensNet's Spearman more than any setting did: docs/FINDINGS.md, *LensNet's size and learning rate*)
+    # draw moved LensNet's Spearman more than any setting did: docs/FINDINGS.md, *Seed replicates on the same held-out
+    # draws*)
     val_seed: int = 0
     max_files: int | None = None
     window: int = 512
@@ -784,10 +785,8 @@ def check_semantics(cfg: RootConfig) -> None:
 # how its pair loss is normalised; the LensNet module checks the same lists
 LENSNET_UTILITIES = ("sampled", "expected", "mixed")
 LENSNET_PAIR_NORMS = ("batch", "window")
-LENSNET_RAW_EMBEDDINGS = (
-    "mean",
-    "gist",
-)  # mirrors mchar.core.lensnet.RAW_EMBEDDINGS (config stays torch-free)
+# mirrors mchar.core.lensnet.RAW_EMBEDDINGS (config stays torch-free; a test pins the two together)
+LENSNET_RAW_EMBEDDINGS = ("mean", "gist")
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # what lightning.Trainer(precision=...) accepts (lightning.fabric.plugins.precision.precision._PRECISION_INPUT), so a
 # typo stops here and not in the first fit, after the corpus and tokenizer work (config.py imports no Lightning)

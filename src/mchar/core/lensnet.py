@@ -256,9 +256,9 @@ INPUT_SETTINGS = (
 class LensNetEnsemble(nn.Module):
     """Several LensNets (e.g. seed replicates) scoring as one: the mean of their per-WC z-scored scores.
 
-    Why: LensNets trained alike under other seeds stream held-out documents 0.14-0.19 nats apart on code
-    (docs/FINDINGS.md); averaging their rankings removes the part of that spread that is one net's luck, at the cost of
-    one more tiny forward per member. A Bradley–Terry LensNet is defined up to shift and scale, so members are z-scored
+    Why: LensNets trained alike under other seeds stream held-out documents 0.14-0.19 nats apart on code; an ensemble
+    asks whether averaging their rankings removes one net's luck, at one more forward per member (measured on the
+    quickstart's four seeds: it streams a little worse than its average member, docs/FINDINGS.md). A Bradley–Terry LensNet is defined up to shift and scale, so members are z-scored
     per WC before they are averaged. The members must read the same inputs (:data:`INPUT_SETTINGS`), which the
     ensemble exposes as its own, so a policy feeds it exactly as it feeds one LensNet."""
 
