@@ -710,24 +710,16 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                     metrics[f"{prefix}/alloc_gain/{p}"] = metrics[f"{prefix}/alloc_nll/{p}"] - lens
         return metrics
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.lensnet.parameters() if p.requires_grad]
-
     def lensnet_groups(self, lr: float) -> list[dict[str, Any]]:
         """LensNet's parameters as optimizer groups: the linear prior path at ``prior_lr_scale`` x ``lr`` (so a short
         fit can move the recency / lexical balance it was initialised with), the rest at ``lr``; at scale 1 one group
         (the optimizer state of checkpoints from before the setting keeps its shape)."""
         prior = self.lensnet.prior
-        split = prior is not None and self.hparams.prior_lr_scale != 1.0
-        own = {id(p) for p in prior.parameters()} if split else set()
-        rest = [p for p in self.lensnet.parameters() if p.requires_grad and id(p) not in own]
+        scale = self.hparams.prior_lr_scale
+        own = [p for p in prior.parameters() if p.requires_grad] if prior is not None and scale != 1.0 else []
+        rest = [p for p in self.lensnet.parameters() if p.requires_grad and all(p is not q for q in own)]
         groups = [{"params": rest, "lr": lr, "name": "lensnet"}]
-        if own:
-            prior_params = [p for p in prior.parameters() if p.requires_grad]
-            groups.append(
-                {"params": prior_params, "lr": lr * self.hparams.prior_lr_scale, "name": "lensnet_prior"}
-            )
-        return groups
+        return groups + ([{"params": own, "lr": lr * scale, "name": "lensnet_prior"}] if own else [])
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(
