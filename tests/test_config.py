@@ -98,6 +98,7 @@ def test_experiment_required_files_exist() -> None:
         (["lensnet.ema_decay=1.0"], "lensnet.ema_decay: must be null or in (0, 1)"),
         (["gistnet.ema_decay=0"], "gistnet.ema_decay: must be null or in (0, 1)"),
         (["lensnet.pair_norm=pair"], "lensnet.pair_norm"),
+        (["lensnet.pair_weight=uniform"], "lensnet.pair_weight"),
         (["lensnet.mix_answer_tail=-1"], "lensnet.mix_answer_tail"),
         (["lensnet.task_mix_fraction=1.0"], "lensnet.task_mix_fraction"),
         (["data.task_mix_fraction=1.0"], "data.task_mix_fraction"),

@@ -275,6 +275,9 @@ class LensNetConfig:
     teacher_gate: float | None = None
     # Bradley-Terry pair weights normalised over the batch (windows with large utilities dominate) or per window
     pair_norm: str = "batch"
+    # Bradley-Terry pair weights: |u_i - u_j| (gap: large gains decide) or 1 for every ordered pair (rank: what
+    # validation's Spearman counts)
+    pair_weight: str = "gap"
     candidates: int = 16
     warmup_steps: int = 10
     # validate and export an exponential moving average of LensNet's weights with this decay (null = the last step's
@@ -601,6 +604,7 @@ def check_semantics(cfg: RootConfig) -> None:
     if cfg.lensnet.teacher_gate is not None and not 0.0 <= cfg.lensnet.teacher_gate < 1.0:
         raise ConfigError(f"lensnet.teacher_gate: must be null or in [0, 1), got {cfg.lensnet.teacher_gate}")
     _choice("lensnet.pair_norm", cfg.lensnet.pair_norm, LENSNET_PAIR_NORMS)
+    _choice("lensnet.pair_weight", cfg.lensnet.pair_weight, LENSNET_PAIR_WEIGHTS)
     for key, decay in (
         ("gistnet.ema_decay", cfg.gistnet.ema_decay),
         ("lensnet.ema_decay", cfg.lensnet.ema_decay),
@@ -785,6 +789,7 @@ def check_semantics(cfg: RootConfig) -> None:
 # how its pair loss is normalised; the LensNet module checks the same lists
 LENSNET_UTILITIES = ("sampled", "expected", "mixed")
 LENSNET_PAIR_NORMS = ("batch", "window")
+LENSNET_PAIR_WEIGHTS = ("gap", "rank")
 # mirrors mchar.core.lensnet.RAW_EMBEDDINGS (config stays torch-free; a test pins the two together)
 LENSNET_RAW_EMBEDDINGS = ("mean", "gist")
 EVAL_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

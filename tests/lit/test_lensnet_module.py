@@ -73,6 +73,29 @@ def test_bt_loss_per_window_weighs_every_window_alike() -> None:
     assert abs(float(pairwise_bt_loss(s, tied, norm="window")) - want) < 1e-5
 
 
+def test_bt_loss_rank_weights_count_every_ordered_pair_alike() -> None:
+    """``weight="rank"``: every pair with u_i > u_j weighs 1, so the loss depends on the utilities' order only
+    (a monotone transform of one window's utilities leaves it unchanged; under ``"gap"`` it does not)."""
+    g = torch.Generator().manual_seed(2)
+    s, u = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    num = den = 0.0
+    for b in range(3):
+        for i in range(5):
+            for j in range(5):
+                if u[b, i] > u[b, j]:
+                    num += float(torch.nn.functional.softplus(-(s[b, i] - s[b, j])))
+                    den += 1.0
+    assert abs(float(pairwise_bt_loss(s, u, weight="rank")) - num / den) < 1e-5
+    warped = u.clone()
+    warped[0] = torch.exp(3 * warped[0])  # same order, other gaps
+    for norm in ("batch", "window"):
+        same = pairwise_bt_loss(s, warped, norm=norm, weight="rank") - pairwise_bt_loss(
+            s, u, norm=norm, weight="rank"
+        )
+        assert abs(float(same)) < 1e-6
+    assert abs(float(pairwise_bt_loss(s, warped) - pairwise_bt_loss(s, u))) > 1e-3
+
+
 def _step_with_forward_count(m: LensNetModule, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """One training step's loss and how many base forwards it ran."""
     calls = []
@@ -400,6 +423,8 @@ def test_unknown_utility_is_refused() -> None:
         _module(utility="oracle")
     with pytest.raises(ValueError, match="lensnet.pair_norm"):
         _module(pair_norm="pair")
+    with pytest.raises(ValueError, match="lensnet.pair_weight"):
+        _module(pair_weight="uniform")
     with pytest.raises(ValueError, match="lensnet.teacher_temperature"):
         _module(utility="expected", teacher_temperature=0.0)
     with pytest.raises(ValueError, match="lensnet.teacher_gate"):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
-from mchar.config import LENSNET_PAIR_NORMS, LENSNET_UTILITIES
+from mchar.config import LENSNET_PAIR_NORMS, LENSNET_PAIR_WEIGHTS, LENSNET_UTILITIES
 from mchar.core.allocator import FocusAllocator, initial_context
 from mchar.core.entries import Entry
 from mchar.core.lensnet import standardise_rows
@@ -54,7 +54,7 @@ from mchar.lit.trainer import is_logging_step
 ALLOC_POLICIES = ("lensnet", "recency", "sink_recent", "similarity", "lexical", "random", "gists_only")
 # hand-made scorers whose rank agreement with the measured utilities validation reports next to LensNet's
 RANK_REFERENCES = ("recency", "similarity", "lexical")
-UTILITIES, PAIR_NORMS = LENSNET_UTILITIES, LENSNET_PAIR_NORMS
+UTILITIES, PAIR_NORMS, PAIR_WEIGHTS = LENSNET_UTILITIES, LENSNET_PAIR_NORMS, LENSNET_PAIR_WEIGHTS
 MEASUREMENTS = ("sampled", "expected")  # what validation ranks against; ``mixed`` is their mean
 
 
@@ -64,16 +64,22 @@ def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tens
 
 
 def pairwise_bt_loss(
-    scores: torch.Tensor, utils: torch.Tensor, mask: torch.Tensor | None = None, norm: str = "batch"
+    scores: torch.Tensor,
+    utils: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    norm: str = "batch",
+    weight: str = "gap",
 ) -> torch.Tensor:
-    """Bradley–Terry over all pairs (i better than j), weighted by |u_i - u_j|; ``[B, C]`` inputs.
+    """Bradley–Terry over all pairs (i better than j); ``[B, C]`` inputs.
 
-    ``norm="batch"`` divides by the batch's total weight, so windows whose utilities are large (a retrieval needle:
-    nats) outweigh those where they are small (code: hundredths); ``"window"`` normalises each window's pairs on
-    their own and averages the windows, so every window's ranking counts the same."""
+    ``weight="gap"`` weights a pair by |u_i - u_j| (large gains decide); ``"rank"`` weights every ordered pair 1, the
+    smooth surrogate of the rank agreement validation reports (a near-tie's order is a coin flip, so it adds noise,
+    not bias). ``norm="batch"`` divides by the batch's total weight, so windows whose utilities are large (a
+    retrieval needle: nats) outweigh those where they are small (code: hundredths); ``"window"`` normalises each
+    window's pairs on their own and averages the windows, so every window's ranking counts the same."""
     du = utils[:, :, None] - utils[:, None, :]
     ds = scores[:, :, None] - scores[:, None, :]
-    w = du.clamp_min(0.0)
+    w = du.clamp_min(0.0) if weight == "gap" else (du > 0).to(du.dtype)
     if mask is not None:
         w = w * (mask[:, :, None] & mask[:, None, :])
     if norm == "window":
@@ -132,6 +138,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         prior_lr_scale: float = 1.0,
         utility: str = "sampled",
         pair_norm: str = "batch",
+        pair_weight: str = "gap",
         val_wc_draws: int = 1,
         teacher_temperature: float = 1.0,
         teacher_gate: float | None = None,
@@ -153,6 +160,8 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
             raise ValueError(f"lensnet.settle_states must be in [0, 1], got {settle_states}")
         if pair_norm not in PAIR_NORMS:
             raise ValueError(f"lensnet.pair_norm must be one of {PAIR_NORMS}, got {pair_norm!r}")
+        if pair_weight not in PAIR_WEIGHTS:
+            raise ValueError(f"lensnet.pair_weight must be one of {PAIR_WEIGHTS}, got {pair_weight!r}")
         self.base = base
         self.base.requires_grad_(False)
         self.gistnet = gistnet
@@ -513,7 +522,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
         if self.hparams.loss == "regression":
             loss = regression_loss(cs, utils)
         else:
-            loss = pairwise_bt_loss(cs, utils, norm=self.hparams.pair_norm)
+            loss = pairwise_bt_loss(cs, utils, norm=self.hparams.pair_norm, weight=self.hparams.pair_weight)
         self._tick("loss", t0)
         return loss, {
             "lens_loss": loss.detach(),
@@ -683,6 +692,7 @@ class LensNetModule(MultiSetValidation, FrozenBaseCheckpointMixin, ShardedNormCl
                     cs,
                     self.training_target(logits, plan, targets, teacher, measured),
                     norm=self.hparams.pair_norm,
+                    weight=self.hparams.pair_weight,
                 ).reshape(1)
             )
         for x in suffixes.values():

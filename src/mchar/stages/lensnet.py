@@ -86,6 +86,7 @@ def lens_training_kwargs(cfg: Any, steps: int) -> dict[str, Any]:
         loss=lc.loss,
         utility=lc.utility,
         pair_norm=lc.pair_norm,
+        pair_weight=lc.pair_weight,
         val_wc_draws=lc.val_wc_draws,
         teacher_temperature=lc.teacher_temperature,
         teacher_gate=lc.teacher_gate,
