@@ -26,7 +26,7 @@ import torch
 
 from mchar.core.working_context import WorkingContext
 from mchar.lit import windows as W
-from mchar.lit.lensnet_module import per_window_spearman
+from mchar.lit.lensnet_module import per_window_spearman, stake_agreement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _utility_rows import held_out_lens_module  # noqa: E402
@@ -36,6 +36,7 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: i
     cfg, module, val, retrieval = held_out_lens_module("quickstart", lensnet_name, n_windows)
     k = cfg.tree.block_size
     found: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
+    stakes: dict[tuple[str, str, str, str], list[torch.Tensor]] = {}
     with torch.no_grad():
         for set_name, data in (("code", val), ("retrieval", retrieval)):
             for bi, ids in enumerate(W.chunk_windows(data, 4)):
@@ -64,11 +65,14 @@ def main(lensnet_name: str = "quickstart", n_windows: int = 16, wcs_per_batch: i
                     features["gists_first"] = (level * 1e6 + end).expand(n, -1)
                     for measure, u in utilities.items():
                         for name, f in features.items():
-                            rho = per_window_spearman(f.float(), u.cpu())
-                            found.setdefault((set_name, measure, kind, name), []).append(rho)
-    print("windows      utilities  WCs     feature      Spearman")
-    for (set_name, measure, kind, name), rhos in sorted(found.items()):
-        print(f"{set_name:12s} {measure:10s} {kind:7s} {name:12s} {float(torch.cat(rhos).nanmean()):.3f}")
+                            key = (set_name, measure, kind, name)
+                            found.setdefault(key, []).append(per_window_spearman(f.float(), u.cpu()))
+                            stakes.setdefault(key, []).append(stake_agreement(f.float(), u.cpu()))
+    print("windows      utilities  WCs     feature      Spearman  stake agreement")
+    for key, rhos in sorted(found.items()):
+        set_name, measure, kind, name = key
+        rho, stake = float(torch.cat(rhos).nanmean()), float(torch.cat(stakes[key]).nanmean())
+        print(f"{set_name:12s} {measure:10s} {kind:7s} {name:12s} {rho:8.3f}  {stake:.3f}")
 
 
 if __name__ == "__main__":

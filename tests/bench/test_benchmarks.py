@@ -117,3 +117,27 @@ def test_repeats_alternate_the_order_of_the_sides() -> None:
     )
     assert "".join(calls) == "pllppllp"
     assert rates == {"plain": [1.0] * 4, "lightning": [2.0] * 4}
+
+
+def test_decode_times_an_ensemble_of_lensnets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--lens-members N`` streams through a :class:`~mchar.core.lensnet.LensNetEnsemble` of N LensNets (what an
+    exported ensemble costs per refocus), recorded in the config."""
+    from mchar.bench import decode
+    from mchar.core.lensnet import LensNetEnsemble
+
+    sizes: list[int] = []
+
+    def forward(self: LensNetEnsemble, *a: object, **kw: object) -> torch.Tensor:
+        sizes.append(len(self.members))
+        return LensNetEnsemble.forward(self, *a, **kw)
+
+    monkeypatch.setattr(decode, "LensNetEnsemble", type("Counted", (LensNetEnsemble,), {"forward": forward}))
+    args = TINY["decode"].replace("--mults 1,4", "--mults 1").split() + ["--no-full", "--lens-members", "3"]
+    out = tmp_path / "decode.json"
+    assert cli_main(["bench", "--out", str(out), "decode", *args]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["lens_members"] == 3
+    assert res["rows"][0]["mc"]["seconds"]["lensnet_forward"] > 0 and res["rows"][0]["full"] is None
+    assert sizes and set(sizes) == {3}  # every refocus scored by the three members

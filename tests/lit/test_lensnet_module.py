@@ -11,7 +11,7 @@ from mchar.core.lensnet import LensNet
 from mchar.errors import MCharError
 from mchar.lit import windows as W
 from mchar.lit.lens_plan import perturb
-from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss
+from mchar.lit.lensnet_module import LensNetModule, pairwise_bt_loss, stake_agreement
 from tests.lit.helpers import (
     DEPTH,
     H,
@@ -94,6 +94,29 @@ def test_bt_loss_rank_weights_count_every_ordered_pair_alike() -> None:
         )
         assert abs(float(same)) < 1e-6
     assert abs(float(pairwise_bt_loss(s, warped) - pairwise_bt_loss(s, u))) > 1e-3
+
+
+def test_stake_agreement_is_the_gap_weighted_share_of_pairs_ordered_right() -> None:
+    g = torch.Generator().manual_seed(3)
+    s, u = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    s[0, 1] = s[0, 2]  # a score tie counts half
+    got = stake_agreement(s, u)
+    for b in range(4):
+        num = den = 0.0
+        for i in range(6):
+            for j in range(6):
+                if u[b, i] > u[b, j]:
+                    gap = float(u[b, i] - u[b, j])
+                    right = 1.0 if s[b, i] > s[b, j] else 0.5 if s[b, i] == s[b, j] else 0.0
+                    num, den = num + gap * right, den + gap
+        assert float(got[b]) == pytest.approx(num / den, abs=1e-6)
+    assert torch.allclose(stake_agreement(u, u), torch.ones(4))
+    assert torch.allclose(stake_agreement(-u, u), torch.zeros(4))
+    assert torch.allclose(stake_agreement(torch.zeros_like(u), u), torch.full((4,), 0.5))
+    assert torch.allclose(
+        stake_agreement(torch.exp(2 * s), u), stake_agreement(s, u)
+    )  # the scores' order only
+    assert torch.isnan(stake_agreement(s[:1], torch.ones(1, 6))).all()  # no gap, nothing at stake
 
 
 def _step_with_forward_count(m: LensNetModule, ids: torch.Tensor) -> tuple[torch.Tensor, int]:

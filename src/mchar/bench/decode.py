@@ -29,7 +29,7 @@ from mchar.base.adapter import FrozenBaseLM, tiny_causal_lm
 from mchar.bench.common import at_least, device_option, emit, sync
 from mchar.core.allocator import FocusAllocator
 from mchar.core.gistnet import make_gistnet
-from mchar.core.lensnet import LensNet
+from mchar.core.lensnet import LensNet, LensNetEnsemble
 from mchar.core.lexical import LexicalInput
 from mchar.core.policies import LensNetPolicy
 from mchar.core.session import MegaContextSession
@@ -112,7 +112,7 @@ class _McSide:
             .eval(),
             device,
         )
-        self.lens = _Timed(
+        members = [
             LensNet(  # the default LensNet's inputs: query similarity, the recency prior, the lexical score
                 base.hidden_size,
                 width=args.lens_width,
@@ -123,10 +123,10 @@ class _McSide:
                 lexical_tokens=args.block_size,
                 lexical_prior=1.0,
             )
-            .to(device)
-            .eval(),
-            device,
-        )
+            for _ in range(args.lens_members)
+        ]
+        lens = members[0] if len(members) == 1 else LensNetEnsemble(members)
+        self.lens = _Timed(lens.to(device).eval(), device)
         self.policy = _TimedPolicy(LensNetPolicy(self.lens))
         gist = self.gist
         tree = MegaContextTree.in_memory(
@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gistnet", default="transformer", choices=["transformer", "mean"])
     p.add_argument("--gist-width", type=at_least(1), default=64)
     p.add_argument("--lens-width", type=at_least(1), default=64)
+    p.add_argument(
+        "--lens-members",
+        type=at_least(1),
+        default=1,
+        help="LensNets scoring as one ensemble (scripts/lensnet_ensemble.py's export); 1 = a single LensNet",
+    )
     p.add_argument("--prefill-chunk", type=at_least(1), default=1024)
     p.add_argument("--no-full", action="store_true", help="skip the full-context side")
     p.add_argument("--seed", type=at_least(0), default=0)

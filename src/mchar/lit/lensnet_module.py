@@ -63,6 +63,21 @@ def per_window_spearman(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tens
     return spearman_corrcoef(scores.T.float(), utils.T.float()).reshape(-1)
 
 
+def stake_agreement(scores: torch.Tensor, utils: torch.Tensor) -> torch.Tensor:
+    """Each row's share of the utility at stake that ``scores`` order correctly: over the pairs of ``[B, C]``
+    candidates, sum |u_i - u_j| where the scores order them as the utilities do (a score tie counts half), divided
+    by sum |u_i - u_j|; ``[B]``, 0.5 = chance, nan for a row without a gap. Where Spearman counts every pair alike,
+    so near-ties (a far code block's hundredths, noise) weigh as much as a needle, this weighs a pair by what
+    ordering it wrongly costs: the Bradley-Terry training loss's own weighting, as an accuracy."""
+    du = utils[:, :, None] - utils[:, None, :]
+    ds = scores[:, :, None] - scores[:, None, :]
+    gap = du.clamp_min(0.0).double()
+    right = (ds > 0).double() + 0.5 * (ds == 0).double()
+    total = gap.sum((1, 2))
+    share = (gap * right).sum((1, 2)) / total
+    return torch.where(total > 0, share, torch.full_like(share, float("nan"))).float()
+
+
 def pairwise_bt_loss(
     scores: torch.Tensor,
     utils: torch.Tensor,
