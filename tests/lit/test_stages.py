@@ -68,6 +68,31 @@ def test_stages_export_and_log_to_mlflow(smoke_run) -> None:
         assert key in lm, key
     assert "train/loss" in gm and runs["gistnet"].data.tags["mchar.gistnet_dir"] == g["artifact_dir"]
     assert runs["gistnet"].info.status == "FINISHED" and runs["lensnet"].info.status == "FINISHED"
+    # what validation read (the smoke asks GistNet for 8 + 4 held-out windows, LensNet for 4 + 2)
+    for stage, code, retrieval in (("gistnet", 8, 4), ("lensnet", 4, 2)):
+        tags = runs[stage].data.tags
+        assert 1 <= int(tags["mchar.val_windows"]) <= code
+        assert 1 <= int(tags["mchar.val_retrieval_windows"]) <= retrieval
+
+
+def test_fewer_held_out_windows_than_requested_are_warned(
+    smoke_run, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mchar.stages.gistnet import load_base, load_windows, retrieval_windows
+
+    _, ctx = smoke_run
+    base = load_base(ctx)
+    with caplog.at_level("WARNING", logger="mchar.stages.gistnet"):
+        _, val = load_windows(ctx, base, 10_000)
+        rv = retrieval_windows(ctx, base.tokenizer, 10_000)
+    said = caplog.text
+    assert f"held-out code windows: 10000 requested, the held-out files hold {val.shape[0]} complete" in said
+    assert f"held-out retrieval windows: 10000 requested, the val files give {rv.shape[0]} of" in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mchar.stages.gistnet"):
+        load_windows(ctx, base, 1)
+        retrieval_windows(ctx, base.tokenizer, 1)
+    assert "requested" not in caplog.text
 
 
 def test_val_every_logs_a_trend_on_both_validation_sets(smoke_run) -> None:

@@ -6,6 +6,7 @@ for training, val split for the final metrics), the fit with resumption, and ran
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     import torch
 
     from mchar.pipeline import RunContext
+
+log = logging.getLogger(__name__)
 
 
 def load_base(ctx: RunContext) -> Any:
@@ -52,6 +55,13 @@ def load_windows(
         raise ValueError(f"data: no complete {d.window}-token training windows (lower data.window)")
     if val.shape[0] == 0:  # tiny corpora: fall back to the test split, never to train
         val = full("test")
+    if val.shape[0] < n_val:
+        log.warning(
+            "held-out code windows: %d requested, the held-out files hold %d complete %d-token windows",
+            n_val,
+            val.shape[0],
+            d.window,
+        )
     return train, val[:n_val]
 
 
@@ -93,6 +103,14 @@ def retrieval_windows(
     ds = dm.datasets["train"]
     first = dm.stats["train"]["windows"]  # synthetic windows follow the natural ones
     rows = [torch.as_tensor(ds[i]["input_ids"]) for i in range(first, min(len(ds), first + n))]
+    if len(rows) < n:  # one synthetic window per natural one at most (task_mix_fraction 0.5)
+        log.warning(
+            "held-out retrieval windows: %d requested, the %s files give %d of %d tokens",
+            n,
+            split or ("val" if splits["val"] else "test"),
+            len(rows),
+            length,
+        )
     return torch.stack(rows).long() if rows else torch.zeros(0, length, dtype=torch.long)
 
 
@@ -146,6 +164,11 @@ def fit(
     stage_dir = ctx.stage_dir(stage)
     steps = cfg.trainer.max_steps or steps
     sets = val_sets(retrieval_val)
+    if run_id is not None:  # what validation read, which the config's request may exceed
+        counts = {"mchar.val_windows": val.shape[0]}
+        if retrieval_val is not None:
+            counts["mchar.val_retrieval_windows"] = retrieval_val.shape[0]
+        ctx.tracker.set_tags(run_id, {k: str(int(v)) for k, v in counts.items()})
     if tuple(module.val_sets) != sets:
         raise ValueError(f"{stage}: module validates {module.val_sets}, the data gives {sets}")
     extra = [retrieval_val] if len(sets) > 1 else None
