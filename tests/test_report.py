@@ -74,6 +74,8 @@ def populate(uri: str, tmp: Path) -> dict[str, Any]:
                 client.log_metric(rid, "val/dnll_lod1", lod1, step=step)
                 client.log_metric(rid, "val/drop_dnll_lod1", drop, step=step)
             client.log_metric(rid, "val_retrieval/dnll_lod1", 0.4, step=100)  # validated once: no trend
+            client.set_tag(rid, "mchar.val_windows", "11")
+            client.set_tag(rid, "mchar.val_retrieval_windows", "12")
             client.set_terminated(rid)
             ids["gistnet"] = rid
         rid = _stage_run(client, exp, parent, "eval", {"b": budget})
@@ -166,6 +168,7 @@ def test_report_from_real_store(tmp_path: Path) -> None:
     assert "17.25" in md and "0.625" in md and "0.3141" in md and "1.414" in md  # headline metrics
     assert "**lensnet**: _not run_" in md
     assert "| final/delta_nll | 0.3141 | 0.0777 |" in md  # both validation sets side by side
+    assert "| metric | held-out code windows (11) | held-out retrieval windows (12) |" in md  # what each read
     assert "| final/drop_delta_nll | 1.414 | — |" in md
     assert ids["base_lm"] in md and ids["gistnet"] in md and all(r in md for r in ids["eval"].values())
     assert "python -m mchar fit +experiment=quickstart allocator.budget=128" in md

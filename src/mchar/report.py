@@ -219,6 +219,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _counted(label: str, count: str | None) -> str:
+    """A validation set's column header with how many windows it read (runs tagged since stop 49)."""
+    return f"{label} ({count})" if count else label
+
+
 def _headline(stages: list[RunInfo]) -> list[str]:
     lines = ["## Headline metrics", ""]
     for stage in HEADLINE:
@@ -230,7 +235,11 @@ def _headline(stages: list[RunInfo]) -> list[str]:
         retr = {k[16:]: v for k, v in run.metrics.items() if k.startswith("final_retrieval/")}
         lines += [f"**{stage}** (run `{run.run_id}`{_of_variant(run)})", ""]
         if retr:  # side nets validated twice: held-out code windows and held-out retrieval windows
-            header = ["metric", "held-out code windows", "held-out retrieval windows"]
+            header = [
+                "metric",
+                _counted("held-out code windows", run.tags.get("mchar.val_windows")),
+                _counted("held-out retrieval windows", run.tags.get("mchar.val_retrieval_windows")),
+            ]
             rows = [
                 [f"final/{k}", fmt(plain.get(k)), fmt(retr.get(k))] for k in sorted(set(plain) | set(retr))
             ]
