@@ -50,6 +50,19 @@ def session_snapshots(comp, policy: str, window: torch.Tensor, k: int) -> dict[i
     return out
 
 
+def scorer_scores(
+    module, ids: torch.Tensor, entries: list, cand: np.ndarray, gen: np.random.Generator
+) -> dict[str, torch.Tensor]:
+    """``{scorer: [1, C]}``: each scorer's scores of the candidates ``cand`` of one WC of one window ``ids``."""
+    prefix, _, tok, gists, _ = module.window_state(ids)
+    wc = WorkingContext(module.k, module.depth, 1 << 30, prefix, entries=entries)
+    picked = torch.as_tensor(cand)
+    scores = {"lensnet": module.lens_scores([entries], [0], tok, gists, prefix, ids)[0][:, picked]}
+    for p in SCORERS[1:]:
+        scores[p] = torch.stack(module.policy_scores(p, [wc], tok, gists, prefix, gen, ids=ids))[:, picked]
+    return scores
+
+
 def measure(
     module, ids: torch.Tensor, entries: list, gen: np.random.Generator
 ) -> dict[str, dict[str, float]]:
@@ -59,11 +72,7 @@ def measure(
     plan = module.plan_for(entries, cand, prefix, bank)
     logits = module.variant_logits(bank, plan)
     teacher = module.teacher(ids, prefix)
-    wc = WorkingContext(module.k, module.depth, 1 << 30, prefix, entries=entries)
-    picked = torch.as_tensor(cand)
-    scores = {"lensnet": module.lens_scores([entries], [0], tok, gists, prefix, ids)[0][:, picked]}
-    for p in SCORERS[1:]:
-        scores[p] = torch.stack(module.policy_scores(p, [wc], tok, gists, prefix, gen, ids=ids))[:, picked]
+    scores = scorer_scores(module, ids, entries, cand, gen)
     out: dict[str, dict[str, float]] = {}
     for measure_name, t in (("sampled", None), ("expected", teacher)):
         per_token = module.utilities_from(logits, plan, targets, t, True)
