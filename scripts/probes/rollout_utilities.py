@@ -43,12 +43,15 @@ def session_at(comp, policy: str, window: torch.Tensor, cursor: int):
     return session
 
 
-def rollout_nll(comp, policy: str, window: torch.Tensor, cursor: int, force: int | None) -> torch.Tensor:
+def rollout_nll(
+    comp, policy: str, window: torch.Tensor, cursor: int, force: int | None
+) -> tuple[torch.Tensor, list]:
     """Per-token NLL ``[HORIZON]`` of the tokens after ``cursor``, scored by a session whose WC at the cursor had
-    entry ``force`` one step finer (None: as the policy left it), the budget one block larger either way."""
+    entry ``force`` one step finer (None: as the policy left it), the budget one block larger either way; and the
+    WC's entries at the cursor before the edit."""
     session = session_at(comp, policy, window, cursor)
-    k = session.block_size
-    session.budget += k
+    entries = list(session.wc.entries)
+    session.budget += session.block_size
     wc = session.wc.copy(budget=session.budget)
     if force is not None:
         if wc[force].level > 0:
@@ -56,7 +59,7 @@ def rollout_nll(comp, policy: str, window: torch.Tensor, cursor: int, force: int
         else:
             wc.collapse(force)
     session.wc = wc
-    return -stream_score(session, window[cursor : cursor + HORIZON])
+    return -stream_score(session, window[cursor : cursor + HORIZON]), entries
 
 
 def main(
@@ -71,22 +74,22 @@ def main(
             window = data[w]
             for c in CURSORS:
                 gen = np.random.default_rng([w, c, 11])
-                entries = list(session_at(comp, policy, window, c).wc.entries)
+                base, entries = rollout_nll(comp, policy, window, c, None)
                 legal = [
                     i for i, e in enumerate(entries) if e.start(module.k) < c - module.k
                 ]  # the newest block stays raw: the session protects it
                 cand = np.sort(gen.choice(legal, size=min(candidates, len(legal)), replace=False))
-                base = rollout_nll(comp, policy, window, c, None)
                 gains = []
                 for i in cand:
-                    var = rollout_nll(comp, policy, window, c, int(i))
+                    var, _ = rollout_nll(comp, policy, window, c, int(i))
                     gains.append((base - var) if entries[int(i)].level > 0 else (var - base))
                 per_token = torch.stack(gains).unsqueeze(0)  # [1, C, H]
                 rollout = per_token.mean(-1)
                 ids = window[: c + module.horizon].unsqueeze(0)
-                prefix, targets, _, _, bank = module.window_state(ids)
+                state = module.window_state(ids)
+                prefix, targets, _, _, bank = state
                 static = module.measure_utilities(bank, entries, cand, prefix, targets)
-                scores = scorer_scores(module, ids, entries, cand, gen)
+                scores = scorer_scores(module, state, ids, entries, cand, gen)
                 half = per_window_spearman(per_token[..., 0::2].mean(-1), per_token[..., 1::2].mean(-1))
                 row = {
                     "split_half": float(half[0]),

@@ -51,10 +51,11 @@ def session_snapshots(comp, policy: str, window: torch.Tensor, k: int) -> dict[i
 
 
 def scorer_scores(
-    module, ids: torch.Tensor, entries: list, cand: np.ndarray, gen: np.random.Generator
+    module, state: tuple, ids: torch.Tensor, entries: list, cand: np.ndarray, gen: np.random.Generator
 ) -> dict[str, torch.Tensor]:
-    """``{scorer: [1, C]}``: each scorer's scores of the candidates ``cand`` of one WC of one window ``ids``."""
-    prefix, _, tok, gists, _ = module.window_state(ids)
+    """``{scorer: [1, C]}``: each scorer's scores of the candidates ``cand`` of one WC of one window ``ids``
+    (``state``: the window's ``module.window_state(ids)``)."""
+    prefix, _, tok, gists, _ = state
     wc = WorkingContext(module.k, module.depth, 1 << 30, prefix, entries=entries)
     picked = torch.as_tensor(cand)
     scores = {"lensnet": module.lens_scores([entries], [0], tok, gists, prefix, ids)[0][:, picked]}
@@ -67,12 +68,13 @@ def measure(
     module, ids: torch.Tensor, entries: list, gen: np.random.Generator
 ) -> dict[str, dict[str, float]]:
     """Each scorer's Spearman / stake agreement against one WC's sampled and expected utilities (one window)."""
-    prefix, targets, tok, gists, bank = module.window_state(ids)
+    state = module.window_state(ids)
+    prefix, targets, _, _, bank = state
     entries, cand = module.planner.pick(entries, gen)
     plan = module.plan_for(entries, cand, prefix, bank)
     logits = module.variant_logits(bank, plan)
     teacher = module.teacher(ids, prefix)
-    scores = scorer_scores(module, ids, entries, cand, gen)
+    scores = scorer_scores(module, state, ids, entries, cand, gen)
     out: dict[str, dict[str, float]] = {}
     for measure_name, t in (("sampled", None), ("expected", teacher)):
         per_token = module.utilities_from(logits, plan, targets, t, True)
