@@ -88,7 +88,8 @@ def retrieval_windows(
     d = ctx.cfg.data
     length = length or d.window
     splits = corpus_splits(ctx)
-    files = splits[split] if split else splits["val"] or splits["test"]
+    split = split or ("val" if splits["val"] else "test")
+    files = splits[split]
     if n <= 0 or not files:
         return torch.zeros(0, length, dtype=torch.long)
     kwargs: dict[str, Any] = dict(
@@ -107,7 +108,7 @@ def retrieval_windows(
         log.warning(
             "held-out retrieval windows: %d requested, the %s files give %d of %d tokens",
             n,
-            split or ("val" if splits["val"] else "test"),
+            split,
             len(rows),
             length,
         )
@@ -165,10 +166,10 @@ def fit(
     steps = cfg.trainer.max_steps or steps
     sets = val_sets(retrieval_val)
     if run_id is not None:  # what validation read, which the config's request may exceed
-        counts = {"mchar.val_windows": val.shape[0]}
+        counts = {"mchar.val_windows": str(val.shape[0])}
         if retrieval_val is not None:
-            counts["mchar.val_retrieval_windows"] = retrieval_val.shape[0]
-        ctx.tracker.set_tags(run_id, {k: str(int(v)) for k, v in counts.items()})
+            counts["mchar.val_retrieval_windows"] = str(retrieval_val.shape[0])
+        ctx.tracker.set_tags(run_id, counts)
     if tuple(module.val_sets) != sets:
         raise ValueError(f"{stage}: module validates {module.val_sets}, the data gives {sets}")
     extra = [retrieval_val] if len(sets) > 1 else None
